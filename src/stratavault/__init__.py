@@ -1,0 +1,3 @@
+"""Stratavault: backup and replication for virtualized infrastructure."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,104 @@
+"""The ``Storage`` protocol: a flat store of named, immutable objects.
+
+Object names are relative, ``/``-separated paths whose parts match
+``[A-Za-z0-9][A-Za-z0-9._-]*`` (so no ``..``, no absolute names, no empty parts):
+``config``, ``keys/<id>``, ``data/<xx>/<id>``, ``index/<id>``, ``snapshots/<id>``,
+``locks/<id>``. Every backend and wrapper implements the same contract; the
+conformance suite in ``tests/storage/`` checks it against each of them.
+
+Calls may come from several threads at once; every implementation is thread-safe.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from stratavault.errors import StorageError
+
+__all__ = ["ObjectInfo", "Storage", "StorageProperties", "check_name"]
+
+_NAME_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a valid object name, else raise :class:`StorageError`."""
+    parts = name.split("/")
+    if not name or not all(_NAME_PART.match(part) for part in parts):
+        raise StorageError(f"invalid object name {name!r}")
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One stored object: its name and size in bytes."""
+
+    name: str
+    size_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class StorageProperties:
+    """What a backend guarantees beyond the base contract.
+
+    ``conditional_create``: ``put(..., overwrite=False)`` is atomic against a
+    concurrent writer of the same name (exactly one wins). ``durable``: data
+    survives a crash of this machine once ``put`` returned.
+    ``location``: a human-readable place for messages ("/srv/repo", "s3://b/p").
+    """
+
+    location: str
+    conditional_create: bool = True
+    durable: bool = True
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """A backend: named immutable objects, read-after-write consistent."""
+
+    @property
+    def properties(self) -> StorageProperties:
+        """What this backend guarantees, and where it is."""
+        ...
+
+    def put(self, name: str, data: bytes | memoryview, *, overwrite: bool = False) -> None:
+        """Store ``data`` under ``name``, atomically: readers see all of it or nothing.
+
+        If ``name`` exists and ``overwrite`` is false, raise ``ObjectExistsError`` and
+        leave the stored object unchanged. When ``put`` returns, ``get`` from any
+        thread returns the new data. A failed ``put`` leaves no partial object
+        (``StorageFullError`` when space ran out). Idempotent when retried with the
+        same data and ``overwrite=True``.
+        """
+        ...
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Return ``length`` bytes of object ``name`` from ``offset`` (to the end if None).
+
+        The range is clipped at the object's end, so a short result means the object
+        is shorter than asked for; callers that need exact sizes check. Raise
+        ``ObjectNotFoundError`` when there is no such object.
+        """
+        ...
+
+    def stat(self, name: str) -> ObjectInfo:
+        """Return name and size of ``name``; ``ObjectNotFoundError`` if missing."""
+        ...
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """Yield every object whose name starts with ``prefix``, in no given order.
+
+        Objects put before the call starts are listed; objects put or deleted
+        while the iteration runs may or may not be.
+        """
+        ...
+
+    def delete(self, name: str) -> None:
+        """Remove object ``name``; ``ObjectNotFoundError`` if it does not exist."""
+        ...
+
+    def close(self) -> None:
+        """Release connections and handles; the storage is not used afterwards."""
+        ...
