@@ -1,0 +1,143 @@
+"""What a backup is: the snapshot document and how snapshots are selected."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from stratavault.errors import IntegrityError, SnapshotNotFoundError, UnsupportedFormatError
+from stratavault.types import ChunkId
+
+__all__ = ["FileError", "Snapshot", "SnapshotSummary", "latest", "select_snapshots"]
+
+SNAPSHOT_VERSION = 1
+
+
+@dataclass(slots=True)
+class FileError:
+    """A path that could not be backed up completely, and why."""
+
+    path: str
+    error: str
+
+
+@dataclass(slots=True)
+class SnapshotSummary:
+    """Counters of one backup run."""
+
+    files_new: int = 0
+    files_changed: int = 0
+    files_unmodified: int = 0
+    dirs: int = 0
+    entries: int = 0
+    bytes_processed: int = 0
+    bytes_read: int = 0
+    chunks_added: int = 0
+    bytes_added_stored: int = 0
+    duration_s: float = 0.0
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """One backup point of one source; immutable once saved."""
+
+    time: dt.datetime
+    host: str
+    paths: list[str]
+    tree: ChunkId
+    kind: str = "files"
+    user: str = ""
+    tags: list[str] = field(default_factory=list)
+    parent: str | None = None
+    errors: list[FileError] = field(default_factory=list)
+    summary: SnapshotSummary = field(default_factory=SnapshotSummary)
+    program_version: str = ""
+    id: str = ""
+    """Repository id of the saved snapshot ("" until saved)."""
+
+    @property
+    def incomplete(self) -> bool:
+        """True when some files could not be read; they are listed in ``errors``."""
+        return bool(self.errors)
+
+    @property
+    def short_id(self) -> str:
+        """The first 8 hex digits of the id."""
+        return self.id[:8]
+
+    def to_document(self) -> dict[str, Any]:
+        """Return the JSON document stored in the repository."""
+        return {
+            "v": SNAPSHOT_VERSION,
+            "time": self.time.isoformat(),
+            "host": self.host,
+            "user": self.user,
+            "paths": list(self.paths),
+            "tags": list(self.tags),
+            "kind": self.kind,
+            "tree": self.tree.hex(),
+            "parent": self.parent,
+            "incomplete": self.incomplete,
+            "errors": [{"path": e.path, "error": e.error} for e in self.errors],
+            "summary": {k: getattr(self.summary, k) for k in SnapshotSummary.__slots__},
+            "program_version": self.program_version,
+        }
+
+    @classmethod
+    def from_document(cls, snapshot_id: str, doc: dict[str, Any]) -> Snapshot:
+        """Build a snapshot from its stored document; errors name the snapshot."""
+        if doc.get("v") != SNAPSHOT_VERSION:
+            raise UnsupportedFormatError(
+                f"snapshot {snapshot_id[:8]}: format version {doc.get('v')!r} is unknown"
+            )
+        try:
+            summary = SnapshotSummary(**doc.get("summary", {}))
+            return cls(
+                id=snapshot_id,
+                time=dt.datetime.fromisoformat(doc["time"]),
+                host=str(doc["host"]),
+                user=str(doc.get("user", "")),
+                paths=[str(p) for p in doc["paths"]],
+                tags=[str(t) for t in doc.get("tags", [])],
+                kind=str(doc.get("kind", "files")),
+                tree=ChunkId(bytes.fromhex(doc["tree"])),
+                parent=doc.get("parent"),
+                errors=[FileError(str(e["path"]), str(e["error"])) for e in doc.get("errors", [])],
+                summary=summary,
+                program_version=str(doc.get("program_version", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IntegrityError(f"snapshot {snapshot_id[:8]}: malformed document: {exc}") from exc
+
+
+def select_snapshots(
+    snapshots: Iterable[Snapshot],
+    *,
+    hosts: Sequence[str] = (),
+    tags: Sequence[str] = (),
+    paths: Sequence[str] = (),
+) -> list[Snapshot]:
+    """Return the snapshots matching every given filter, oldest first.
+
+    ``tags`` entries may be comma-separated groups: a snapshot matches a group if it
+    has all of its tags, and matches ``tags`` if it matches any group (restic's rule).
+    """
+    groups = [set(t.split(",")) for t in tags]
+    out = [
+        s
+        for s in snapshots
+        if (not hosts or s.host in hosts)
+        and (not groups or any(g <= set(s.tags) for g in groups))
+        and (not paths or sorted(paths) == sorted(s.paths))
+    ]
+    return sorted(out, key=lambda s: (s.time, s.id))
+
+
+def latest(snapshots: Iterable[Snapshot]) -> Snapshot:
+    """Return the newest snapshot, or raise ``SnapshotNotFoundError``."""
+    ordered = sorted(snapshots, key=lambda s: (s.time, s.id))
+    if not ordered:
+        raise SnapshotNotFoundError("no snapshot matches")
+    return ordered[-1]

@@ -1,0 +1,133 @@
+"""File trees: one serialized listing per directory, stored as a TREE blob.
+
+A tree is a JSON document ``{"v": 1, "nodes": [...]}`` with nodes sorted by
+name. Names are ``str`` made from the file system's bytes with
+``surrogateescape``, so any name survives; they are encoded as UTF-8 with
+``surrogateescape`` too. Binary values (xattrs) are base64. The encoding is
+canonical: the same directory state always gives the same bytes, so an
+unchanged directory yields the same tree id and is stored once.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from stratavault.errors import IntegrityError, UnsupportedFormatError
+from stratavault.types import ChunkId
+
+__all__ = ["ContentRun", "Node", "NodeType", "decode_tree", "encode_tree"]
+
+TREE_VERSION = 1
+
+
+class NodeType:
+    """The kinds of file system entry a node can describe."""
+
+    FILE = "file"
+    DIR = "dir"
+    SYMLINK = "symlink"
+    FIFO = "fifo"
+    CHARDEV = "chardev"
+    BLOCKDEV = "blockdev"
+    SOCKET = "socket"
+
+    ALL = frozenset({FILE, DIR, SYMLINK, FIFO, CHARDEV, BLOCKDEV, SOCKET})
+
+
+ContentRun = tuple[ChunkId | None, int]
+"""A piece of file content: ``(chunk id, length)``, or ``(None, length)`` for a hole."""
+
+
+@dataclass(slots=True)
+class Node:
+    """One entry of a directory as it was at backup time."""
+
+    name: str
+    type: str
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    user: str = ""
+    group: str = ""
+    size: int = 0
+    mtime_ns: int = 0
+    atime_ns: int = 0
+    ctime_ns: int = 0
+    inode: int = 0
+    dev: int = 0
+    nlink: int = 1
+    rdev: int = 0
+    link_target: str | None = None
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    content: list[ContentRun] = field(default_factory=list)
+    subtree: ChunkId | None = None
+    error: str | None = None
+    """Set when the entry could not be read completely; its content is then partial."""
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the canonical JSON form (defaults omitted)."""
+        out: dict[str, Any] = {"name": self.name, "type": self.type, "mode": self.mode}
+        for key in ("uid", "gid", "user", "group", "size", "mtime_ns", "atime_ns", "ctime_ns"):
+            out[key] = getattr(self, key)
+        out["inode"], out["dev"], out["nlink"] = self.inode, self.dev, self.nlink
+        if self.rdev:
+            out["rdev"] = self.rdev
+        if self.link_target is not None:
+            out["link_target"] = self.link_target
+        if self.xattrs:
+            out["xattrs"] = {k: base64.b64encode(v).decode() for k, v in sorted(self.xattrs.items())}
+        if self.type == NodeType.FILE:
+            out["content"] = [[cid.hex() if cid else None, n] for cid, n in self.content]
+        if self.subtree is not None:
+            out["subtree"] = self.subtree.hex()
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Node:
+        """Build a node from its JSON form; raise ``IntegrityError`` on malformed input."""
+        try:
+            node = cls(name=doc["name"], type=doc["type"], mode=int(doc["mode"]))
+            for key in ("uid", "gid", "size", "mtime_ns", "atime_ns", "ctime_ns", "inode", "dev"):
+                setattr(node, key, int(doc.get(key, 0)))
+            node.user, node.group = str(doc.get("user", "")), str(doc.get("group", ""))
+            node.nlink, node.rdev = int(doc.get("nlink", 1)), int(doc.get("rdev", 0))
+            node.link_target = doc.get("link_target")
+            node.xattrs = {k: base64.b64decode(v) for k, v in doc.get("xattrs", {}).items()}
+            node.content = [
+                (ChunkId(bytes.fromhex(cid)) if cid else None, int(n))
+                for cid, n in doc.get("content", [])
+            ]
+            sub = doc.get("subtree")
+            node.subtree = ChunkId(bytes.fromhex(sub)) if sub else None
+            node.error = doc.get("error")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IntegrityError(f"malformed tree node {doc!r:.80}: {exc}") from exc
+        if node.type not in NodeType.ALL:
+            raise IntegrityError(f"tree node {node.name!r} has unknown type {node.type!r}")
+        return node
+
+
+def encode_tree(nodes: list[Node]) -> bytes:
+    """Serialize a directory listing canonically (nodes sorted by name)."""
+    ordered = sorted(nodes, key=lambda n: n.name.encode("utf-8", "surrogateescape"))
+    doc = {"v": TREE_VERSION, "nodes": [n.to_json() for n in ordered]}
+    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+    return text.encode("utf-8", "surrogateescape")
+
+
+def decode_tree(data: bytes, *, where: str = "tree") -> list[Node]:
+    """Parse a serialized directory listing; ``where`` names it in errors."""
+    try:
+        doc = json.loads(data.decode("utf-8", "surrogateescape"))
+    except ValueError as exc:
+        raise IntegrityError(f"{where}: not a valid tree: {exc}") from exc
+    if not isinstance(doc, dict) or not isinstance(doc.get("nodes"), list):
+        raise IntegrityError(f"{where}: not a valid tree")
+    if doc.get("v") != TREE_VERSION:
+        raise UnsupportedFormatError(f"{where}: tree format version {doc.get('v')!r} is unknown")
+    return [Node.from_json(n) for n in doc["nodes"]]
