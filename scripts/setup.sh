@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Set up a development machine (Debian 12, run as root) and run the demo.
+#
+#   ./scripts/setup.sh            install what is missing, build .venv, run scripts/demo.sh
+#   ./scripts/setup.sh --no-demo  the same without the demo
+#
+# Idempotent: Debian packages are checked with dpkg and installed only when missing
+# (one `apt-get update` at most); the venv is rebuilt only when requirements.lock or
+# pyproject.toml changed since the last successful run (stamp in .venv/).
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+RUN_DEMO=1
+for arg in "$@"; do
+    case "$arg" in
+        --no-demo) RUN_DEMO=0 ;;
+        -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+        *) echo "setup.sh: unknown option '$arg'" >&2; exit 2 ;;
+    esac
+done
+
+log() { printf '==> %s\n' "$*"; }
+
+# Tools this project and its tests use; later issues need most of them, one set-up for all.
+DEB_PACKAGES=(
+    python3 python3-venv python3-dev gcc git make attr acl
+    restic borgbackup time
+    qemu-system-x86 qemu-utils qemu-block-extra libnbd-bin nbdkit python3-libnbd
+    busybox-static cpio e2fsprogs dosfstools mtools ntfs-3g xfsprogs fdisk debootstrap
+    chromium chromium-driver
+)
+
+install_debian_packages() {
+    local missing=() pkg
+    for pkg in "${DEB_PACKAGES[@]}"; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+    done
+    if [ ${#missing[@]} -eq 0 ]; then
+        log "Debian packages: all ${#DEB_PACKAGES[@]} present"
+        return
+    fi
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "setup.sh: missing Debian packages (${missing[*]}); run as root to install them" >&2
+        exit 1
+    fi
+    log "Debian packages: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+}
+
+pick_python() {
+    # pyenv's python3 when PATH gives it, else Debian's.
+    local py
+    py=$(command -v python3 || true)
+    if [ -z "$py" ]; then py=/usr/bin/python3; fi
+    echo "$py"
+}
+
+build_venv() {
+    local stamp=.venv/.setup-stamp want py
+    want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+    if [ -x .venv/bin/python ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] \
+        && .venv/bin/python -c 'import stratavault' 2>/dev/null; then
+        log "venv: .venv is up to date"
+        return
+    fi
+    if [ ! -x .venv/bin/python ]; then
+        py=$(pick_python)
+        log "venv: creating .venv with $py ($("$py" -V 2>&1))"
+        "$py" -m venv .venv
+    fi
+    log "venv: installing requirements.lock (hash-checked)"
+    .venv/bin/python -m pip install -q --disable-pip-version-check \
+        --require-hashes -r requirements.lock
+    log "venv: installing the project (editable)"
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+    echo "$want" >"$stamp"
+}
+
+install_debian_packages
+build_venv
+log "set-up done in $ROOT ($(.venv/bin/python -V))"
+if [ "$RUN_DEMO" -eq 1 ]; then
+    log "running scripts/demo.sh"
+    bash scripts/demo.sh
+fi
