@@ -1,0 +1,25 @@
+"""The public face of stratavault.storage."""
+
+from __future__ import annotations
+
+import stratavault.storage as storage
+
+
+def test_exported_members() -> None:
+    assert sorted(storage.__all__) == [
+        "AppendOnlyStorage",
+        "FaultyStorage",
+        "LocalStorage",
+        "MemoryStorage",
+        "ObjectInfo",
+        "RateLimitedStorage",
+        "ReadOnlyStorage",
+        "RetryingStorage",
+        "Storage",
+        "StorageProperties",
+        "StorageWrapper",
+        "check_name",
+        "open_storage",
+    ]
+    for name in storage.__all__:
+        assert getattr(storage, name).__doc__
