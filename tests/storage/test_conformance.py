@@ -277,3 +277,5 @@ def test_memoryview_input(store: Storage) -> None:
     assert store.get("a") == b"payload"
     store.put("b", memoryview(os.urandom(64)).cast("I"))  # non-byte format: raw bytes count
     assert store.stat("b").size_bytes == 64
+    store.put("c", memoryview(b"a-b-c-")[::2])  # not contiguous
+    assert store.get("c") == b"abc"

@@ -101,6 +101,7 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
+@pytest.mark.infra("root, to mount a size-limited tmpfs")
 def test_full_filesystem(tiny_fs: Path) -> None:
     store = LocalStorage(tiny_fs / "repo")
     blob = os.urandom(200 << 10)

@@ -7,6 +7,8 @@ Object names are relative, ``/``-separated paths whose parts match
 conformance suite in ``tests/storage/`` checks it against each of them.
 
 Calls may come from several threads at once; every implementation is thread-safe.
+Every method that takes a name raises ``StorageError`` for an invalid one
+(``check_name``).
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ class Storage(Protocol):
 
         The range is clipped at the object's end, so a short result means the object
         is shorter than asked for; callers that need exact sizes check. Raise
-        ``ObjectNotFoundError`` when there is no such object.
+        ``ObjectNotFoundError`` when there is no such object, ``StorageError`` when
+        ``offset`` or ``length`` is negative.
         """
         ...
 

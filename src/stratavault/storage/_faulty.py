@@ -22,7 +22,7 @@ import threading
 from collections.abc import Iterator
 
 from stratavault.errors import StorageFullError, TransientStorageError
-from stratavault.storage._base import ObjectInfo, Storage
+from stratavault.storage._base import ObjectInfo, Storage, check_name
 from stratavault.storage._wrapper import StorageWrapper
 
 __all__ = ["FaultyStorage"]
@@ -54,7 +54,7 @@ class FaultyStorage(StorageWrapper):
     def put(self, name: str, data: bytes | memoryview, *, overwrite: bool = False) -> None:
         """Store ``data``, unless the space budget or an injected error says otherwise."""
         size = memoryview(data).nbytes
-        after = self._fail_when(f"put {name}")
+        after = self._fail_when(f"put {name}", name)
         with self._lock:
             full = self.fail_puts_after is not None and self.bytes_put + size > self.fail_puts_after
             self.faults += full
@@ -70,7 +70,7 @@ class FaultyStorage(StorageWrapper):
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         """Read a range, maybe failing, truncated or corrupted."""
-        after = self._fail_when(f"get {name}")
+        after = self._fail_when(f"get {name}", name)
         data = self.inner.get(name, offset, length)
         if after:
             raise TransientStorageError(f"get {name} - injected failure after the read")
@@ -88,7 +88,7 @@ class FaultyStorage(StorageWrapper):
 
     def stat(self, name: str) -> ObjectInfo:
         """Name and size, maybe failing."""
-        after = self._fail_when(f"stat {name}")
+        after = self._fail_when(f"stat {name}", name)
         info = self.inner.stat(name)
         if after:
             raise TransientStorageError(f"stat {name} - injected failure after the stat")
@@ -106,13 +106,15 @@ class FaultyStorage(StorageWrapper):
 
     def delete(self, name: str) -> None:
         """Remove ``name``, maybe failing before or after."""
-        after = self._fail_when(f"delete {name}")
+        after = self._fail_when(f"delete {name}", name)
         self.inner.delete(name)
         if after:
             raise TransientStorageError(f"delete {name} - injected failure after the delete")
 
-    def _fail_when(self, what: str) -> bool:
+    def _fail_when(self, what: str, name: str | None = None) -> bool:
         """Draw the fault for one call: raise now, or return True to fail after it."""
+        if name is not None:
+            check_name(name)  # a bad name is a caller's bug, never a transient fault
         with self._lock:
             if self.error_rate <= 0 or self._rng.random() >= self.error_rate:
                 return False

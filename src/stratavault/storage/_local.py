@@ -147,7 +147,8 @@ class LocalStorage:
     def _write_temp(tmp: Path, data: bytes | memoryview) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         try:
-            view = memoryview(data).cast("B")
+            view = memoryview(data)
+            view = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
             while view:
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
