@@ -1,1 +1,10 @@
-"""Layer package; see DESIGN.md."""
+"""The repository: an encrypted, deduplicated chunk store on a storage backend.
+
+The on-backend format is described byte by byte in ``docs/format.md``.
+"""
+
+from stratavault.repo._crypto import KdfParams
+from stratavault.repo._keys import KeyInfo
+from stratavault.repo._repository import ChunkInfo, Repository, RepoStats, default_cache_dir
+
+__all__ = ["ChunkInfo", "KdfParams", "KeyInfo", "RepoStats", "Repository", "default_cache_dir"]

@@ -1,0 +1,232 @@
+"""The client's chunk index (bounded memory per chunk) and index objects on the backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+from stratavault.errors import IntegrityError, UnsupportedFormatError
+from stratavault.repo import _formats as F
+from stratavault.repo._dtypes import HEADER_ENTRY, INDEX_ENTRY
+from stratavault.repo._packs import pack_name
+
+__all__ = ["ChunkIndex", "Entry", "decode_index_object", "encode_index_object"]
+
+MERGE_EVERY = 50_000
+"""Entries added this session are merged into a sorted run after this many."""
+
+Array = npt.NDArray[np.void]
+_CACHE_VERSION = 1
+
+
+class Entry(NamedTuple):
+    """Where one chunk is stored."""
+
+    pack: int
+    kind: int
+    offset: int
+    stored: int
+    raw: int
+
+
+def _sorted(entries: Array) -> Array:
+    order = np.argsort(entries["id"], kind="stable")
+    return entries[order]
+
+
+class ChunkIndex:
+    """Chunk id -> location, in sorted numpy runs plus a small dict of fresh entries.
+
+    Each entry costs 49 bytes in a run. Runs are merged LSM-style (a run is merged
+    into the previous one when that one is at most twice its size), so a lookup
+    does a few binary searches. Not thread-safe: the repository serializes access.
+    """
+
+    def __init__(self) -> None:
+        self.packs: list[str] = []
+        self._pack_numbers: dict[str, int] = {}
+        self._runs: list[Array] = []
+        self._pending: dict[bytes, Entry] = {}
+
+    def __len__(self) -> int:
+        return sum(len(run) for run in self._runs) + len(self._pending)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the sorted runs (mapped or in memory)."""
+        return sum(run.nbytes for run in self._runs)
+
+    def pack_number(self, name: str) -> int:
+        """Number of pack ``name`` in :attr:`packs`, adding it if new."""
+        number = self._pack_numbers.get(name)
+        if number is None:
+            number = self._pack_numbers[name] = len(self.packs)
+            self.packs.append(name)
+        return number
+
+    def knows_pack(self, name: str) -> bool:
+        """Whether pack ``name`` has entries in this index."""
+        return name in self._pack_numbers
+
+    def add(self, chunk_id: bytes, entry: Entry) -> None:
+        """Record one chunk location (kept in a dict until the next merge)."""
+        self._pending[chunk_id] = entry
+        if len(self._pending) >= MERGE_EVERY:
+            self.merge_pending()
+
+    def add_entries(self, entries: Array) -> None:
+        """Add an INDEX_ENTRY array whose ``pack`` column uses this index's numbers."""
+        if len(entries):
+            self._push_run(_sorted(entries))
+
+    def add_pack(self, name: str, header: Array) -> None:
+        """Add the HEADER_ENTRY records of pack ``name``."""
+        entries = np.zeros(len(header), dtype=INDEX_ENTRY)
+        for field in HEADER_ENTRY.names or ():
+            entries[field] = header[field]
+        entries["pack"] = self.pack_number(name)
+        self.add_entries(entries)
+
+    def merge_pending(self) -> None:
+        """Turn the dict of fresh entries into a sorted run."""
+        if not self._pending:
+            return
+        entries = np.zeros(len(self._pending), dtype=INDEX_ENTRY)
+        entries["id"] = list(self._pending.keys())
+        values = np.array(list(self._pending.values()), dtype=np.uint32)
+        for column, field in enumerate(Entry._fields):
+            entries[field] = values[:, column]
+        self._pending.clear()
+        self._push_run(_sorted(entries))
+
+    def _push_run(self, run: Array) -> None:
+        self._runs.append(run)
+        while len(self._runs) >= 2 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
+            last = self._runs.pop()
+            prev = self._runs.pop()
+            self._runs.append(_sorted(np.concatenate([prev, last])))
+
+    def lookup(self, chunk_id: bytes) -> Entry | None:
+        """Location of ``chunk_id``, or None."""
+        found = self._pending.get(chunk_id)
+        if found is not None:
+            return found
+        stripped = chunk_id.rstrip(b"\0")  # numpy shows S32 values without trailing NULs
+        for run in reversed(self._runs):
+            ids = run["id"]
+            pos = int(np.searchsorted(ids, chunk_id))
+            if pos < len(ids) and ids[pos] == stripped:
+                rec = run[pos]
+                return Entry(
+                    int(rec["pack"]),
+                    int(rec["kind"]),
+                    int(rec["offset"]),
+                    int(rec["stored"]),
+                    int(rec["raw"]),
+                )
+        return None
+
+    def __contains__(self, chunk_id: bytes) -> bool:
+        return self.lookup(chunk_id) is not None
+
+    def merged(self) -> Array:
+        """All entries as one sorted array (merges everything)."""
+        self.merge_pending()
+        while len(self._runs) > 1:
+            last = self._runs.pop()
+            prev = self._runs.pop()
+            self._runs.append(_sorted(np.concatenate([prev, last])))
+        return self._runs[0] if self._runs else np.zeros(0, dtype=INDEX_ENTRY)
+
+    def totals(self) -> tuple[int, int, int]:
+        """Number of chunks, their raw bytes, number of packs with chunks."""
+        arr = self.merged()
+        return len(arr), int(arr["raw"].sum(dtype=np.uint64)), len(np.unique(arr["pack"]))
+
+    # --- local cache ----------------------------------------------------------------------------
+
+    def save(self, directory: Path, index_objects: Iterable[str]) -> None:
+        """Write the cache (``index.npy`` + ``index.json``) atomically into ``directory``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        arr = self.merged()
+        tmp = directory / f"index.npy.{os.getpid()}.tmp"
+        with tmp.open("wb") as fh:
+            np.save(fh, arr, allow_pickle=False)
+        os.replace(tmp, directory / "index.npy")
+        meta: dict[str, Any] = {
+            "version": _CACHE_VERSION,
+            "index_objects": sorted(index_objects),
+            "packs": self.packs,
+        }
+        tmp = directory / f"index.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(meta))
+        os.replace(tmp, directory / "index.json")
+
+    @classmethod
+    def load(cls, directory: Path) -> tuple[ChunkIndex, set[str]] | None:
+        """Load a cache written by :meth:`save` (memory-mapped), or None if absent/unusable."""
+        try:
+            meta = json.loads((directory / "index.json").read_text())
+            if meta.get("version") != _CACHE_VERSION:
+                return None
+            arr = np.load(directory / "index.npy", mmap_mode="r", allow_pickle=False)
+            if arr.dtype != INDEX_ENTRY or (
+                len(arr) and int(arr["pack"].max()) >= len(meta["packs"])
+            ):
+                return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        index = cls()
+        for name in meta["packs"]:
+            index.pack_number(name)
+        if len(arr):
+            index._runs.append(arr)
+        return index, set(meta["index_objects"])
+
+
+def encode_index_object(packs: list[tuple[str, Array]]) -> bytes:
+    """Plaintext of an index object listing ``(pack name, HEADER_ENTRY array)`` pairs."""
+    parts = [F.INDEX_PREFIX_STRUCT.pack(F.INDEX_MAGIC, F.INDEX_VERSION, len(packs))]
+    total = sum(len(h) for _, h in packs)
+    entries = np.zeros(total, dtype=INDEX_ENTRY)
+    pos = 0
+    for number, (name, header) in enumerate(packs):
+        parts.append(bytes.fromhex(name.rsplit("/", 1)[-1]))
+        part = entries[pos : pos + len(header)]
+        for field in HEADER_ENTRY.names or ():
+            part[field] = header[field]
+        part["pack"] = number
+        pos += len(header)
+    parts.append(F.COUNT.pack(total))
+    parts.append(entries.tobytes())
+    return b"".join(parts)
+
+
+def decode_index_object(name: str, plain: bytes) -> tuple[list[str], Array]:
+    """Pack names and INDEX_ENTRY array (``pack`` numbers the returned names)."""
+    try:
+        magic, version, npacks = F.INDEX_PREFIX_STRUCT.unpack_from(plain)
+        if magic != F.INDEX_MAGIC:
+            raise ValueError(f"bad magic {magic!r}")
+        if version > F.INDEX_VERSION:
+            raise UnsupportedFormatError(f"reading index object {name} - version {version}")
+        pos = F.INDEX_PREFIX_STRUCT.size
+        packs = [plain[pos + 32 * i : pos + 32 * (i + 1)].hex() for i in range(npacks)]
+        pos += 32 * npacks
+        (count,) = F.COUNT.unpack_from(plain, pos)
+        pos += F.COUNT.size
+        if len(plain) - pos != count * INDEX_ENTRY.itemsize:
+            raise ValueError(f"{count} entries do not fit")
+        entries = np.frombuffer(plain, dtype=INDEX_ENTRY, offset=pos).copy()
+        if count and int(entries["pack"].max()) >= npacks:
+            raise ValueError("entry names a pack outside the table")
+    except (ValueError, IndexError, struct.error) as exc:
+        raise IntegrityError(f"reading index object {name} - malformed: {exc}") from exc
+    return [pack_name(h) for h in packs], entries

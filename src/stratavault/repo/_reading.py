@@ -1,0 +1,102 @@
+"""Reading and verifying blobs, pack headers and encrypted documents."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from stratavault.errors import DataDamagedError, IntegrityError
+from stratavault.repo import _formats as F
+from stratavault.repo._crypto import (
+    AuthenticationFailed,
+    MasterKeys,
+    blob_ad,
+    content_hash,
+    decompress,
+)
+from stratavault.repo._index import Entry
+from stratavault.repo._packs import parse_pack_tail
+from stratavault.storage import Storage
+
+__all__ = ["open_blob", "open_document", "read_pack_blobs", "read_pack_header"]
+
+MERGE_GAP_BYTES = 1 << 20
+"""Blobs of one pack closer than this are read with one ranged get."""
+MAX_RANGE_BYTES = 32 << 20
+
+
+def open_blob(
+    keys: MasterKeys, pack: str, chunk_id: bytes, entry: Entry, blob: bytes | memoryview
+) -> bytes:
+    """Authenticate, decrypt and decompress one blob; IntegrityError naming pack and chunk."""
+    where = f"reading chunk {chunk_id.hex()} in pack {pack} at offset {entry.offset}"
+    if len(blob) != entry.stored:
+        raise IntegrityError(f"{where} - truncated: {len(blob)} of {entry.stored} bytes")
+    try:
+        data = decompress(keys.unseal(blob, blob_ad(entry.kind, chunk_id)), entry.raw)
+    except AuthenticationFailed as exc:
+        raise IntegrityError(f"{where} - authentication failed (corrupt or swapped)") from exc
+    except ValueError as exc:
+        raise IntegrityError(f"{where} - {exc}") from exc
+    if len(data) != entry.raw:
+        raise IntegrityError(f"{where} - {len(data)} bytes, the index says {entry.raw}")
+    return data
+
+
+def _ranges(entries: list[tuple[bytes, Entry]]) -> Iterator[list[tuple[bytes, Entry]]]:
+    group: list[tuple[bytes, Entry]] = []
+    for item in sorted(entries, key=lambda item: item[1].offset):
+        if group:
+            start = group[0][1].offset
+            end = group[-1][1].offset + group[-1][1].stored
+            entry = item[1]
+            if (
+                entry.offset - end > MERGE_GAP_BYTES
+                or entry.offset + entry.stored - start > MAX_RANGE_BYTES
+            ):
+                yield group
+                group = []
+        group.append(item)
+    if group:
+        yield group
+
+
+def read_pack_blobs(
+    storage: Storage, keys: MasterKeys, pack: str, entries: list[tuple[bytes, Entry]]
+) -> Iterator[tuple[bytes, bytes]]:
+    """Yield ``(chunk id, plaintext)`` for ``entries`` of one pack, merging nearby reads."""
+    for group in _ranges(entries):
+        start = group[0][1].offset
+        end = max(e.offset + e.stored for _, e in group)
+        data = memoryview(storage.get(pack, start, end - start))
+        for chunk_id, entry in group:
+            blob = data[entry.offset - start : entry.offset - start + entry.stored]
+            yield chunk_id, open_blob(keys, pack, chunk_id, entry, blob)
+
+
+def open_document(storage: Storage, keys: MasterKeys, name: str, ad: bytes) -> bytes:
+    """Read an encrypted, content-named document (index object, snapshot) and verify it."""
+    stored = storage.get(name)
+    if content_hash(stored) != name.rsplit("/", 1)[-1]:
+        raise IntegrityError(f"reading {name} - content hash does not match the name")
+    try:
+        return decompress(keys.unseal(stored, ad))
+    except AuthenticationFailed as exc:
+        raise IntegrityError(f"reading {name} - authentication failed") from exc
+    except ValueError as exc:
+        raise IntegrityError(f"reading {name} - {exc}") from exc
+
+
+def read_pack_header(storage: Storage, keys: MasterKeys, name: str, size: int) -> Any | None:
+    """Header entries of pack ``name`` read from its tail, or None if the pack is damaged."""
+    want = min(size, F.PACK_TAIL_READ_BYTES)
+    try:
+        for _ in range(2):
+            tail = storage.get(name, size - want, want)
+            result = parse_pack_tail(keys, name, tail, size)
+            if not isinstance(result, int):
+                return result
+            want = result
+    except DataDamagedError:
+        return None
+    return None

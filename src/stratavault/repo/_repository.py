@@ -1,0 +1,482 @@
+"""The repository: chunks in packs, index objects, snapshots, keys and locks on a Storage."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from stratavault.errors import (
+    ChunkNotFoundError,
+    IntegrityError,
+    ObjectExistsError,
+    ObjectNotFoundError,
+    RepositoryExistsError,
+    RepositoryNotFoundError,
+    UnsupportedFormatError,
+)
+from stratavault.repo import _formats as F
+from stratavault.repo import _keyring, _reading, _snapshots
+from stratavault.repo._crypto import KdfParams, MasterKeys, blob_ad, compress, content_hash
+from stratavault.repo._index import ChunkIndex, Entry, decode_index_object, encode_index_object
+from stratavault.repo._keys import KeyInfo
+from stratavault.repo._locks import Locker
+from stratavault.repo._packs import OpenPack, SealedPack
+from stratavault.repo._uploader import Uploader
+from stratavault.storage import Storage
+from stratavault.types import BlobKind, ChunkId
+
+__all__ = ["ChunkInfo", "RepoStats", "Repository", "default_cache_dir"]
+
+Clock = Callable[[], float]
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/stratavault`` or ``~/.cache/stratavault``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "stratavault"
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkInfo:
+    """Where and how a chunk is stored."""
+
+    pack: str
+    offset: int
+    stored_bytes: int
+    raw_bytes: int
+    kind: BlobKind
+
+
+@dataclass(frozen=True, slots=True)
+class RepoStats:
+    """Totals of a repository."""
+
+    packs: int
+    pack_bytes: int
+    chunks: int
+    raw_bytes: int
+    snapshots: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Options:
+    pack_target_bytes: int = F.PACK_TARGET_BYTES
+    index_every_packs: int = F.INDEX_EVERY_PACKS
+    uploader_threads: int = 2
+    upload_queue: int = 2
+    lock_refresh_s: float = F.LOCK_REFRESH_S
+
+
+class Repository:
+    """An encrypted, deduplicated chunk store on a :class:`Storage` (see docs/format.md).
+
+    Thread-safe for chunk operations. Use as a context manager, or call :meth:`close`.
+    Extra keyword-only options (for tests and tuning): ``clock``, ``pack_target_bytes``,
+    ``index_every_packs``, ``uploader_threads``, ``upload_queue``, ``lock_refresh_s``.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        config: dict[str, Any],
+        keys: MasterKeys,
+        key_name: str,
+        cache_dir: Path | None,
+        clock: Clock,
+        options: _Options,
+    ) -> None:
+        self.storage = storage
+        self.config = config
+        self.id: str = config["id"]
+        self._keys = keys
+        self._key_name = key_name
+        self._cache_dir = cache_dir / self.id if cache_dir is not None else None
+        self._clock = clock
+        self._opt = options
+        self._lock = threading.Lock()
+        self._index = ChunkIndex()
+        self._index_objects: set[str] = set()
+        self._inflight: dict[bytes, tuple[OpenPack, Entry]] = {}
+        self._open_pack: OpenPack | None = None
+        self._next_pack = 0
+        self._unindexed: list[tuple[str, Any]] = []
+        self._error: BaseException | None = None
+        self._closed = False
+        self._uploader = Uploader(
+            storage, keys, self._pack_done, self._pack_failed,
+            threads=options.uploader_threads, queue_size=options.upload_queue,
+        )  # fmt: skip
+        self._locker = Locker(storage, keys, clock, options.lock_refresh_s)
+        self._sync_index()
+
+    # --- creating and opening -------------------------------------------------------------------
+
+    @classmethod
+    def init(
+        cls,
+        storage: Storage,
+        passphrase: bytes,
+        *,
+        cache_dir: Path | None,
+        kdf: KdfParams | None = None,
+        clock: Clock = time.time,
+        **options: Any,
+    ) -> Repository:
+        """Create a new repository on ``storage``; RepositoryExistsError if one is there."""
+        try:
+            storage.stat(F.CONFIG_NAME)
+        except ObjectNotFoundError:
+            pass
+        else:
+            raise RepositoryExistsError(
+                f"creating repository at {storage.properties.location} - a config already exists"
+            )
+        now = clock()
+        config: dict[str, Any] = {
+            "version": F.FORMAT_VERSION,
+            "id": os.urandom(32).hex(),
+            "created": dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="seconds"),
+            "chunker": {
+                "files": {"algorithm": "fastcdc", "min": 256 << 10, "avg": 1 << 20, "max": 4 << 20},
+                "disks": {"algorithm": "fixed", "size": 4 << 20},
+            },
+            "defaults": {"compression": "zstd", "level": 3, "pack_bytes": F.PACK_TARGET_BYTES},
+        }
+        keys = MasterKeys.generate()
+        key_name = _keyring.write_slot(storage, keys, passphrase, config["id"], kdf, now)
+        try:
+            storage.put(F.CONFIG_NAME, json.dumps(config, indent=1).encode())
+        except ObjectExistsError as exc:
+            raise RepositoryExistsError(
+                f"creating repository at {storage.properties.location} - created concurrently"
+            ) from exc
+        return cls(storage, config, keys, key_name, cache_dir, clock, _Options(**options))
+
+    @classmethod
+    def open(
+        cls,
+        storage: Storage,
+        passphrase: bytes,
+        *,
+        cache_dir: Path | None,
+        clock: Clock = time.time,
+        **options: Any,
+    ) -> Repository:
+        """Open the repository on ``storage`` with any key slot ``passphrase`` unlocks."""
+        config = read_config(storage)
+        keys, key_name = _keyring.unlock(storage, passphrase, config["id"])
+        return cls(storage, config, keys, key_name, cache_dir, clock, _Options(**options))
+
+    # --- chunks ---------------------------------------------------------------------------------
+
+    def chunk_id(self, data: bytes | memoryview) -> ChunkId:
+        """Keyed BLAKE3 of ``data``: the id under which it is stored."""
+        return self._keys.chunk_id(data)
+
+    def has_chunk(self, chunk_id: ChunkId) -> bool:
+        """Whether the chunk is stored (or on its way into a pack in this session)."""
+        with self._lock:
+            return chunk_id in self._inflight or chunk_id in self._index
+
+    def add_chunk(
+        self,
+        chunk_id: ChunkId,
+        data: bytes | memoryview,
+        kind: BlobKind = BlobKind.DATA,
+        *,
+        level: int = 3,
+    ) -> int:
+        """Store a chunk unless present; return stored bytes added (0 for a duplicate).
+
+        Compression and encryption run in the caller's thread; full packs are
+        uploaded in the background. An earlier failed upload is raised here.
+        """
+        self._raise_failure()
+        if self.has_chunk(chunk_id):
+            return 0
+        blob = self._keys.seal(compress(data, level), blob_ad(kind, chunk_id))
+        full: OpenPack | None = None
+        with self._lock:
+            if chunk_id in self._inflight or chunk_id in self._index:
+                return 0
+            pack = self._open_pack
+            if pack is None:
+                pack = self._open_pack = OpenPack(self._next_pack)
+                self._next_pack += 1
+            offset = pack.append(chunk_id, int(kind), blob, len(data))
+            self._inflight[chunk_id] = (pack, Entry(-1, int(kind), offset, len(blob), len(data)))
+            if pack.size >= self._opt.pack_target_bytes:
+                full, self._open_pack = pack, None
+        if full is not None:
+            self._uploader.submit(full)
+        return len(blob)
+
+    def _locate(self, chunk_id: bytes) -> tuple[str, Entry, bytes | None]:
+        with self._lock:
+            found = self._inflight.get(chunk_id)
+            if found is not None:
+                pack, entry = found
+                return f"(pack in memory #{pack.number})", entry, pack.blob(chunk_id)
+            indexed = self._index.lookup(chunk_id)
+            if indexed is None:
+                raise ChunkNotFoundError(
+                    f"reading chunk {chunk_id.hex()} - not in the index of repository {self.id[:8]}"
+                )
+            return self._index.packs[indexed.pack], indexed, None
+
+    def chunk_info(self, chunk_id: ChunkId) -> ChunkInfo:
+        """Pack name, offset, stored and raw length and kind of a chunk."""
+        pack, entry, _ = self._locate(chunk_id)
+        return ChunkInfo(pack, entry.offset, entry.stored, entry.raw, BlobKind(entry.kind))
+
+    def read_chunk(self, chunk_id: ChunkId) -> bytes:
+        """The plaintext of a chunk, verified; ChunkNotFoundError / IntegrityError."""
+        pack, entry, blob = self._locate(chunk_id)
+        if blob is None:
+            blob = self.storage.get(pack, entry.offset, entry.stored)
+        return _reading.open_blob(self._keys, pack, chunk_id, entry, blob)
+
+    def read_chunks(self, chunk_ids: Iterable[ChunkId]) -> Iterator[tuple[ChunkId, bytes]]:
+        """Yield each distinct chunk once, grouped by pack, with ranged reads of adjacent blobs."""
+        located: dict[str, list[tuple[bytes, Entry]]] = {}
+        memory: list[ChunkId] = []
+        for wanted in dict.fromkeys(chunk_ids):
+            pack, entry, blob = self._locate(wanted)
+            if blob is not None:
+                memory.append(wanted)
+            else:
+                located.setdefault(pack, []).append((wanted, entry))
+        for wanted in memory:
+            yield wanted, self.read_chunk(wanted)
+        for pack, entries in located.items():
+            for found, data in _reading.read_pack_blobs(self.storage, self._keys, pack, entries):
+                yield ChunkId(found), data
+
+    # --- packs and index objects ----------------------------------------------------------------
+
+    def _pack_done(self, sealed: SealedPack) -> None:
+        with self._lock:
+            self._index.add_pack(sealed.name, sealed.entries)
+            for chunk_id in sealed.entries["id"]:
+                self._inflight.pop(bytes(chunk_id).ljust(32, b"\0"), None)
+            self._unindexed.append((sealed.name, sealed.entries))
+            batch: list[tuple[str, Any]] = []
+            if len(self._unindexed) >= self._opt.index_every_packs:
+                batch, self._unindexed = self._unindexed, []
+        if batch:
+            try:
+                self._write_index(batch)
+            except BaseException as exc:
+                with self._lock:
+                    self._error = self._error or exc
+
+    def _pack_failed(self, pack: OpenPack, exc: BaseException) -> None:
+        with self._lock:
+            for chunk_id in pack.ids:
+                self._inflight.pop(chunk_id, None)
+            self._error = self._error or exc
+
+    def _raise_failure(self) -> None:
+        error = self._error
+        if error is not None:
+            raise error
+
+    def _write_index(self, batch: list[tuple[str, Any]]) -> None:
+        stored = self._keys.seal(compress(encode_index_object(batch), 3), F.AD_INDEX)
+        name = F.INDEX_PREFIX + content_hash(stored)
+        with suppress(ObjectExistsError):
+            self.storage.put(name, stored)
+        with self._lock:
+            self._index_objects.add(name)
+
+    def _read_index_object(self, name: str) -> tuple[list[str], Any]:
+        plain = _reading.open_document(self.storage, self._keys, name, F.AD_INDEX)
+        return decode_index_object(name, plain)
+
+    def _sync_index(self) -> None:
+        """Load the cached chunk index and bring it up to date with ``index/``."""
+        names = {obj.name for obj in self.storage.list(F.INDEX_PREFIX)}
+        cached = ChunkIndex.load(self._cache_dir) if self._cache_dir is not None else None
+        index, covered = (
+            cached if cached is not None and cached[1] <= names else (ChunkIndex(), set())
+        )
+        missing = sorted(names - covered)
+        for name in missing:
+            packs, entries = self._read_index_object(name)
+            numbers = [index.pack_number(p) for p in packs]
+            entries["pack"] = [numbers[n] for n in entries["pack"]]
+            index.add_entries(entries)
+        with self._lock:
+            self._index, self._index_objects = index, names
+        if missing or covered != names:
+            self._save_cache()
+
+    def _save_cache(self) -> None:
+        if self._cache_dir is None:
+            return
+        with self._lock:
+            if self._unindexed or self._inflight:
+                return  # the cache must equal what the covered index objects say
+            self._index.save(self._cache_dir, self._index_objects)
+
+    def flush(self) -> None:
+        """Seal the open pack, wait for uploads, and write index objects for them."""
+        self._raise_failure()
+        with self._lock:
+            pack, self._open_pack = self._open_pack, None
+        if pack is not None and pack.blobs:
+            self._uploader.submit(pack)
+        self._uploader.wait()
+        self._raise_failure()
+        with self._lock:
+            batch, self._unindexed = self._unindexed, []
+        if batch:
+            self._write_index(batch)
+        self._save_cache()
+
+    def recover_unindexed_packs(self) -> int:
+        """Index packs that no index object mentions (left by a crash); return their count."""
+        self.flush()
+        with self._lock:
+            known = set(self._index.packs)
+        found: list[tuple[str, Any]] = []
+        for obj in self.storage.list(F.DATA_PREFIX):
+            if obj.name in known:
+                continue
+            entries = _reading.read_pack_header(self.storage, self._keys, obj.name, obj.size_bytes)
+            if entries is not None:
+                found.append((obj.name, entries))
+        for start in range(0, len(found), self._opt.index_every_packs):
+            batch = found[start : start + self._opt.index_every_packs]
+            with self._lock:
+                for name, entries in batch:
+                    self._index.add_pack(name, entries)
+            self._write_index(batch)
+        self._save_cache()
+        return len(found)
+
+    # --- snapshots ------------------------------------------------------------------------------
+
+    def save_snapshot(self, document: dict[str, Any]) -> str:
+        """Flush, then store ``document``; return the snapshot id (hex)."""
+        self.flush()
+        return _snapshots.save(self.storage, self._keys, document)
+
+    def load_snapshot(self, snapshot_id: str) -> dict[str, Any]:
+        """The document of snapshot ``snapshot_id``; SnapshotNotFoundError if absent."""
+        return _snapshots.load(self.storage, self._keys, snapshot_id)
+
+    def list_snapshots(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every snapshot as ``(id, document)``, in no given order."""
+        return _snapshots.list_all(self.storage, self._keys)
+
+    def resolve_snapshot_id(self, prefix: str) -> str:
+        """The full id of the one snapshot whose id starts with ``prefix``."""
+        return _snapshots.resolve(self.storage, prefix)
+
+    def remove_snapshot(self, snapshot_id: str) -> None:
+        """Delete a snapshot object (its chunks stay until garbage collection)."""
+        _snapshots.remove(self.storage, snapshot_id)
+
+    # --- locks ----------------------------------------------------------------------------------
+
+    def lock(self, *, exclusive: bool = False) -> AbstractContextManager[None]:
+        """A shared (backup) or exclusive (maintenance) lock, refreshed while held."""
+        return self._locker.hold(exclusive=exclusive)
+
+    def break_stale_locks(self) -> int:
+        """Remove locks of dead processes on this host and locks not refreshed for 30 min."""
+        return self._locker.break_locks(stale_only=True)
+
+    def break_locks(self) -> int:
+        """Remove every lock."""
+        return self._locker.break_locks(stale_only=False)
+
+    # --- statistics, keys, closing --------------------------------------------------------------
+
+    def stats(self) -> RepoStats:
+        """Packs and their bytes (as listed), chunks and raw bytes (indexed), snapshots."""
+        packs = pack_bytes = 0
+        for obj in self.storage.list(F.DATA_PREFIX):
+            packs += 1
+            pack_bytes += obj.size_bytes
+        with self._lock:
+            chunks, raw_bytes, _ = self._index.totals()
+        snapshots = sum(1 for _ in self.storage.list(F.SNAPSHOTS_PREFIX))
+        return RepoStats(packs, pack_bytes, chunks, raw_bytes, snapshots)
+
+    def list_keys(self) -> list[KeyInfo]:
+        """Every key slot; ``current`` marks the one this repository was opened with."""
+        return _keyring.list_slots(self.storage, self._key_name)
+
+    def add_key(self, passphrase: bytes, *, kdf: KdfParams | None = None) -> str:
+        """Add a key slot for ``passphrase``; return its id."""
+        name = _keyring.write_slot(
+            self.storage, self._keys, passphrase, self.id, kdf, self._clock()
+        )
+        return name.removeprefix(F.KEYS_PREFIX)
+
+    def remove_key(self, key_id: str) -> None:
+        """Remove a key slot; refuses the slot in use and the last slot."""
+        _keyring.remove_slot(self.storage, key_id, self._key_name)
+
+    def change_passphrase(self, new_passphrase: bytes, *, kdf: KdfParams | None = None) -> str:
+        """Add a slot for ``new_passphrase``, then remove the current one; return the new id."""
+        old = self._key_name
+        new_id = self.add_key(new_passphrase, kdf=kdf)
+        self._key_name = F.KEYS_PREFIX + new_id
+        _keyring.remove_slot(self.storage, old.removeprefix(F.KEYS_PREFIX), self._key_name)
+        return new_id
+
+    def close(self) -> None:
+        """Flush (unless an upload failed), stop the uploader threads, save the cache."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._error is None:
+                self.flush()
+        finally:
+            self._uploader.close()
+
+    def __enter__(self) -> Repository:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def read_config(storage: Storage) -> dict[str, Any]:
+    """The public config object; RepositoryNotFoundError / UnsupportedFormatError."""
+    where = storage.properties.location
+    try:
+        raw = storage.get(F.CONFIG_NAME)
+    except ObjectNotFoundError as exc:
+        raise RepositoryNotFoundError(f"opening repository at {where} - no config object") from exc
+    try:
+        config: dict[str, Any] = json.loads(raw)
+        version = config["version"]
+        if not isinstance(version, int) or not isinstance(config["id"], str):
+            raise ValueError("version or id has the wrong type")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise IntegrityError(f"reading config of repository at {where} - malformed: {exc}") from exc
+    if version > F.FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            f"opening repository at {where} - format version {version} is newer than "
+            f"{F.FORMAT_VERSION}, the newest this program knows; upgrade stratavault"
+        )
+    return config
