@@ -27,8 +27,8 @@ def save(storage: Storage, keys: MasterKeys, document: dict[str, Any]) -> str:
     return snapshot_id
 
 
-def _check_id(snapshot_id: str) -> None:
-    if not _HEX.match(snapshot_id):
+def _check_id(snapshot_id: str, *, prefix: bool = False) -> None:
+    if not (_HEX.match(snapshot_id) or (prefix and not snapshot_id)):
         raise UsageError(f"snapshot id {snapshot_id!r} is not hexadecimal")
 
 
@@ -61,7 +61,7 @@ def list_all(storage: Storage, keys: MasterKeys) -> Iterator[tuple[str, dict[str
 def resolve(storage: Storage, prefix: str) -> str:
     """Unique prefix -> full id."""
     prefix = prefix.lower()
-    _check_id(prefix)
+    _check_id(prefix, prefix=True)
     matches = [i for i in ids(storage) if i.startswith(prefix)]
     if not matches:
         raise SnapshotNotFoundError(f"finding snapshot {prefix} - no snapshot id starts with it")
