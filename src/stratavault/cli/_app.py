@@ -1,0 +1,119 @@
+"""The ``stratavault`` command: parse, dispatch to one module per command, map errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+from stratavault import __version__
+from stratavault.cli import (
+    _cmd_backup,
+    _cmd_cat,
+    _cmd_diff,
+    _cmd_init,
+    _cmd_key,
+    _cmd_ls,
+    _cmd_restore,
+    _cmd_snapshots,
+    _cmd_stats,
+    _cmd_unlock,
+)
+from stratavault.cli._context import GlobalOptions
+from stratavault.errors import EXIT_CODES, Interrupted, StratavaultError
+
+__all__ = ["main"]
+
+COMMANDS: tuple[ModuleType, ...] = (
+    _cmd_init,
+    _cmd_backup,
+    _cmd_snapshots,
+    _cmd_ls,
+    _cmd_restore,
+    _cmd_diff,
+    _cmd_stats,
+    _cmd_cat,
+    _cmd_key,
+    _cmd_unlock,
+)
+
+
+def _global_parser(*, suppress: bool) -> argparse.ArgumentParser:
+    """Options accepted before and after the command name (restic style)."""
+    default = argparse.SUPPRESS if suppress else None
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("global options")
+    g.add_argument("-r", "--repo", dest="repository", metavar="REPO", default=default,
+                   help="repository location (or STRATAVAULT_REPOSITORY)")
+    g.add_argument("--password-file", type=Path, default=default,
+                   help="read the passphrase from this file (or STRATAVAULT_PASSWORD_FILE)")
+    g.add_argument("--password-command", default=default,
+                   help="run this to get the passphrase (or STRATAVAULT_PASSWORD_COMMAND)")
+    g.add_argument("--cache-dir", type=Path, default=default, help="local cache folder")
+    g.add_argument("--no-cache", action="store_true", default=default or False,
+                   help="do not use a local cache")
+    g.add_argument("--json", action="store_true", default=default or False,
+                   help="machine-readable output")
+    g.add_argument("-q", "--quiet", action="store_true", default=default or False,
+                   help="print nothing but errors")
+    g.add_argument("--limit-upload", dest="limit_upload_kib", type=int, metavar="KiB/s",
+                   default=default, help="limit upload bandwidth")
+    g.add_argument("--limit-download", dest="limit_download_kib", type=int, metavar="KiB/s",
+                   default=default, help="limit download bandwidth")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser with every command."""
+    epilog = "exit codes:\n" + "\n".join(f"  {k:>3}  {v}" for k, v in EXIT_CODES.items())
+    parser = argparse.ArgumentParser(
+        prog="stratavault",
+        description="Backup and replication for virtualized infrastructure.",
+        parents=[_global_parser(suppress=False)],
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"stratavault {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = _global_parser(suppress=True)
+    for module in COMMANDS:
+        module.register(sub, common)
+    return parser
+
+
+def _options(ns: argparse.Namespace) -> GlobalOptions:
+    return GlobalOptions(
+        repository=ns.repository,
+        password_file=ns.password_file,
+        password_command=ns.password_command,
+        cache_dir=ns.cache_dir,
+        no_cache=ns.no_cache,
+        json=ns.json,
+        quiet=ns.quiet,
+        limit_upload_kib=ns.limit_upload_kib,
+        limit_download_kib=ns.limit_download_kib,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code (documented in ``--help``)."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        code: int = ns.run(ns, _options(ns))
+    except Interrupted as exc:
+        print(f"stratavault: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("stratavault: interrupted", file=sys.stderr)
+        return Interrupted.exit_code
+    except StratavaultError as exc:
+        print(f"stratavault: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except BrokenPipeError:
+        return 1
+    return code

@@ -1,0 +1,51 @@
+"""``stratavault ls SNAPSHOT[:PATH]``: list the entries of a snapshot."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import stat
+
+from stratavault.cli._context import GlobalOptions, open_repo
+from stratavault.cli._output import Output
+from stratavault.jobs import list_entries, split_snapshot_ref
+from stratavault.snapshot import Node, find_snapshot
+
+_TYPE_CHAR = {"dir": "d", "symlink": "l", "fifo": "p", "chardev": "c", "blockdev": "b",
+              "socket": "s", "file": "-"}
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+    """Add the command to the parser."""
+    p = sub.add_parser("ls", parents=[common], help="list files in a snapshot")
+    p.add_argument("snapshot", metavar="SNAPSHOT[:PATH]", help="'latest' or an id, with a path")
+    p.add_argument("-l", "--long", action="store_true", help="mode, owner, size and time")
+    p.add_argument("--no-recursive", action="store_true", help="only the folder's own entries")
+    p.set_defaults(run=run)
+
+
+def node_json(path: str, node: Node) -> dict[str, object]:
+    """An entry as printed by ``--json``."""
+    return {"path": path, "name": node.name, "type": node.type, "mode": node.mode,
+            "uid": node.uid, "gid": node.gid, "user": node.user, "group": node.group,
+            "size": node.size, "mtime_ns": node.mtime_ns, "link_target": node.link_target}
+
+
+def _long(path: str, node: Node) -> str:
+    mode = _TYPE_CHAR.get(node.type, "?") + stat.filemode(node.mode)[1:]
+    when = dt.datetime.fromtimestamp(node.mtime_ns / 1e9).strftime("%Y-%m-%d %H:%M:%S")
+    owner = f"{node.user or node.uid}/{node.group or node.gid}"
+    link = f" -> {node.link_target}" if node.link_target else ""
+    return f"{mode} {owner:>15} {node.size:>12} {when} {path}{link}"
+
+
+def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
+    """Print the entries below the path, parents first."""
+    out = Output(json_mode=options.json, quiet=options.quiet)
+    ref, path = split_snapshot_ref(ns.snapshot)
+    with open_repo(options) as repo:
+        snap = find_snapshot(repo, ref)
+        for entry_path, node in list_entries(repo, snap, path, recursive=not ns.no_recursive):
+            out.data(node_json(entry_path, node))
+            out.text(_long(entry_path, node) if ns.long else entry_path)
+    return 0

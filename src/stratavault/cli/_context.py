@@ -1,0 +1,137 @@
+"""What every command needs: global options, the passphrase, an open repository."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from stratavault.errors import NoPassphraseError, PassphraseError, UsageError
+from stratavault.repo import KdfParams, Repository, default_cache_dir
+from stratavault.storage import RateLimitedStorage, Storage, open_storage
+
+__all__ = ["GlobalOptions", "open_repo", "read_new_passphrase", "read_passphrase", "storage_for"]
+
+ENV_REPOSITORY = "STRATAVAULT_REPOSITORY"
+ENV_PASSWORD_FILE = "STRATAVAULT_PASSWORD_FILE"
+ENV_PASSWORD_COMMAND = "STRATAVAULT_PASSWORD_COMMAND"
+ENV_CACHE_DIR = "STRATAVAULT_CACHE_DIR"
+ENV_FAST_KDF = "STRATAVAULT_INSECURE_FAST_KDF"
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalOptions:
+    """Options shared by every command."""
+
+    repository: str | None = None
+    password_file: Path | None = None
+    password_command: str | None = None
+    cache_dir: Path | None = None
+    no_cache: bool = False
+    json: bool = False
+    quiet: bool = False
+    limit_upload_kib: int | None = None
+    limit_download_kib: int | None = None
+
+    @property
+    def repository_location(self) -> str:
+        """The repository to use; ``UsageError`` when none is given."""
+        location = self.repository or os.environ.get(ENV_REPOSITORY)
+        if not location:
+            raise UsageError(f"no repository given: use -r/--repo or set {ENV_REPOSITORY}")
+        return location
+
+    @property
+    def effective_cache_dir(self) -> Path | None:
+        """Where the local index cache lives, or ``None`` when disabled."""
+        if self.no_cache:
+            return None
+        if self.cache_dir:
+            return self.cache_dir
+        env = os.environ.get(ENV_CACHE_DIR)
+        return Path(env) if env else default_cache_dir()
+
+
+def _from_command(command: str) -> bytes:
+    result = subprocess.run(command, shell=True, capture_output=True, check=False)
+    if result.returncode != 0:
+        raise NoPassphraseError(
+            f"password command {command!r} failed with exit code {result.returncode}"
+        )
+    return result.stdout.rstrip(b"\r\n")
+
+
+def _from_file(path: Path) -> bytes:
+    try:
+        return path.read_bytes().rstrip(b"\r\n")
+    except OSError as exc:
+        raise NoPassphraseError(f"reading password file {path}: {exc.strerror}") from exc
+
+
+def read_passphrase(options: GlobalOptions, *, prompt: str = "repository passphrase: ") -> bytes:
+    """The passphrase from option, environment or terminal; never from the command line."""
+    if options.password_file:
+        return _from_file(options.password_file)
+    if options.password_command:
+        return _from_command(options.password_command)
+    if env_file := os.environ.get(ENV_PASSWORD_FILE):
+        return _from_file(Path(env_file))
+    if env_cmd := os.environ.get(ENV_PASSWORD_COMMAND):
+        return _from_command(env_cmd)
+    if sys.stdin.isatty():
+        return getpass.getpass(prompt).encode()
+    raise NoPassphraseError(
+        f"no passphrase: use --password-file, --password-command, {ENV_PASSWORD_FILE} "
+        f"or {ENV_PASSWORD_COMMAND}, or run on a terminal"
+    )
+
+
+def read_new_passphrase(new_password_file: Path | None, options: GlobalOptions) -> bytes:
+    """A new passphrase: from ``--new-password-file``, the usual sources, or asked twice."""
+    if new_password_file:
+        secret = _from_file(new_password_file)
+    elif sys.stdin.isatty() and not (options.password_file or options.password_command):
+        secret = getpass.getpass("new passphrase: ").encode()
+        if getpass.getpass("repeat new passphrase: ").encode() != secret:
+            raise PassphraseError("the two passphrases differ")
+    else:
+        secret = read_passphrase(options)
+    if not secret:
+        raise UsageError("an empty passphrase is not allowed")
+    return secret
+
+
+def kdf_params() -> KdfParams | None:
+    """Cheap key derivation for tests only (``STRATAVAULT_INSECURE_FAST_KDF=1``)."""
+    return KdfParams.fast() if os.environ.get(ENV_FAST_KDF) == "1" else None
+
+
+def storage_for(options: GlobalOptions) -> Storage:
+    """The backend of the repository, with the bandwidth limits applied."""
+    storage = open_storage(options.repository_location)
+    if options.limit_upload_kib or options.limit_download_kib:
+        storage = RateLimitedStorage(
+            storage,
+            upload_bytes_per_s=(options.limit_upload_kib or 0) * 1024 or None,
+            download_bytes_per_s=(options.limit_download_kib or 0) * 1024 or None,
+        )
+    return storage
+
+
+@contextmanager
+def open_repo(options: GlobalOptions) -> Iterator[Repository]:
+    """Open the repository named by the options with the user's passphrase."""
+    storage = storage_for(options)
+    try:
+        repo = Repository.open(
+            storage, read_passphrase(options), cache_dir=options.effective_cache_dir
+        )
+        with repo:
+            yield repo
+    finally:
+        storage.close()

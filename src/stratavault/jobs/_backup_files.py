@@ -1,0 +1,331 @@
+"""Use case: back up directory trees into a snapshot (the paper's in-guest mechanism).
+
+The walk runs in the calling thread and builds directory trees bottom-up; file
+content is read, chunked, hashed, compressed and encrypted by a pool of worker
+threads (the native libraries release the GIL). A directory's tree is written once
+its files are done; directories finish in post-order, so a parent always sees its
+children's tree ids. Memory stays bounded: at most ``max_pending_files`` files are
+in flight, and each worker holds a few read buffers.
+
+The snapshot holds the absolute paths: its root tree is ``/``, with the folders
+leading to each backed-up path (their metadata taken from the real folders).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import os
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from stratavault import __version__
+from stratavault.errors import Interrupted, SourceError
+from stratavault.jobs._file_chunks import FileChunkResult, chunk_file
+from stratavault.jobs._parent_trees import ParentTrees
+from stratavault.jobs._progress import Cancellation, NullProgress, Progress, ProgressState, now
+from stratavault.repo import Repository
+from stratavault.snapshot import (
+    FileError,
+    Node,
+    NodeType,
+    Snapshot,
+    SnapshotSummary,
+    latest,
+    load_snapshots,
+    save_snapshot,
+    save_tree,
+    select_snapshots,
+)
+from stratavault.sources import FileStamp, FsEntry, entry_from_path, same_file_stat, walk
+
+__all__ = ["BackupFilesOptions", "backup_files"]
+
+
+@dataclass(frozen=True, slots=True)
+class BackupFilesOptions:
+    """What to back up and how."""
+
+    paths: tuple[Path, ...]
+    excludes: tuple[str, ...] = ()
+    exclude_files: tuple[Path, ...] = ()
+    one_file_system: bool = False
+    tags: tuple[str, ...] = ()
+    host: str = field(default_factory=socket.gethostname)
+    parent: str | None = None
+    """Snapshot id to compare against; ``None`` picks the latest of the same host and paths."""
+    force_read: bool = False
+    """Read every file even if it looks unchanged since the parent snapshot."""
+    compression_level: int = 3
+    workers: int = 0
+    """Worker threads (0: two per core, at least four)."""
+    max_pending_files: int = 256
+
+
+def node_from_entry(entry: FsEntry) -> Node:
+    """A tree node with the metadata of a walked entry (content comes later)."""
+    return Node(
+        name=entry.name, type=str(entry.type), mode=entry.mode, uid=entry.uid, gid=entry.gid,
+        user=entry.user, group=entry.group, size=entry.size if entry.type == "file" else 0,
+        mtime_ns=entry.mtime_ns, atime_ns=entry.atime_ns, ctime_ns=entry.ctime_ns,
+        inode=entry.inode, dev=entry.dev, nlink=entry.nlink, rdev=entry.rdev,
+        link_target=entry.link_target, xattrs=dict(entry.xattrs),
+    )
+
+
+@dataclass(slots=True)
+class _Dir:
+    """A directory being built: its node in the parent, its children, files in flight."""
+
+    path: PurePosixPath
+    node: Node
+    children: list[Node] = field(default_factory=list)
+    pending: list[Future[FileChunkResult]] = field(default_factory=list)
+
+
+class _Run:
+    """State of one backup run."""
+
+    def __init__(
+        self, repo: Repository, options: BackupFilesOptions, parent: Snapshot | None,
+        progress: Progress, cancel: Cancellation,
+    ) -> None:
+        self.repo, self.options, self.progress, self.cancel = repo, options, progress, cancel
+        self.parents = ParentTrees(repo, parent.tree if parent else None)
+        workers = options.workers or max(4, 2 * (os.cpu_count() or 1))
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="backup")
+        self.slots = threading.BoundedSemaphore(options.max_pending_files)
+        self.lock = threading.Lock()
+        self.closing: deque[_Dir] = deque()
+        self.stack: list[_Dir] = []
+        self.errors: list[FileError] = []
+        self.summary = SnapshotSummary()
+        self.state = ProgressState(phase="backup", started=now())
+        self.links: dict[tuple[int, int], Future[FileChunkResult]] = {}
+
+    def error(self, path: object, message: str) -> None:
+        """Record a path that could not be backed up completely."""
+        with self.lock:
+            self.errors.append(FileError(str(path), message))
+            self.state.errors += 1
+        self.progress.warn(f"{path}: {message}")
+
+    def on_walk_error(self, path: Path, exc: OSError) -> None:
+        """The walker could not read an entry."""
+        self.error(path, f"cannot read: {exc.strerror or exc}")
+
+    # -- files ---------------------------------------------------------------
+    def add_file(self, entry: FsEntry, node: Node, container: _Dir) -> None:
+        """Reuse the parent's content for an unchanged file, else schedule a read."""
+        old = self.parents.lookup(PurePosixPath(entry.parent), entry.name)
+        self.summary.bytes_processed += entry.size
+        if old is not None and self._unchanged(old, entry):
+            node.content = list(old.content)
+            self.summary.files_unmodified += 1
+            with self.lock:
+                self.state.files_done += 1
+                self.state.bytes_done += entry.size
+            return
+        if old is None:
+            self.summary.files_new += 1
+        else:
+            self.summary.files_changed += 1
+        key = (entry.dev, entry.inode)
+        future = self.links.get(key) if entry.nlink > 1 else None
+        if future is None:
+            self.slots.acquire()
+            future = self.pool.submit(self._read, entry)
+            future.add_done_callback(lambda _f: self.slots.release())
+            if entry.nlink > 1:
+                self.links[key] = future
+        future.add_done_callback(lambda f: self._file_done(f, node, entry.path))
+        container.pending.append(future)
+
+    def _unchanged(self, old: Node, entry: FsEntry) -> bool:
+        return (
+            old.type == NodeType.FILE
+            and old.error is None
+            and not self.options.force_read
+            and same_file_stat(FileStamp(old.size, old.mtime_ns, old.ctime_ns, old.inode),
+                               entry.stamp)
+            and all(cid is None or self.repo.has_chunk(cid) for cid, _ in old.content)
+        )
+
+    def _read(self, entry: FsEntry) -> FileChunkResult:
+        self.cancel.check()
+        return chunk_file(self.repo, entry, level=self.options.compression_level,
+                          cancel=self.cancel, on_bytes=self._count_bytes)
+
+    def _count_bytes(self, n: int) -> None:
+        with self.lock:
+            self.state.bytes_done += n
+
+    def _file_done(self, future: Future[FileChunkResult], node: Node, path: Path) -> None:
+        if future.cancelled() or isinstance(future.exception(), Interrupted):
+            return
+        exc = future.exception()
+        if exc is not None:
+            node.error = str(exc)
+            self.error(path, str(exc))
+            return
+        result = future.result()
+        node.content = result.content
+        if result.changed:
+            node.error = "file changed while it was read"
+            self.error(path, node.error)
+        with self.lock:
+            self.summary.bytes_read += result.bytes_read
+            self.summary.chunks_added += result.chunks_added
+            self.summary.bytes_added_stored += result.bytes_stored
+            self.state.files_done += 1
+
+    # -- directories -------------------------------------------------------
+    def add_entry(self, entry: FsEntry, container: _Dir) -> None:
+        """Attach a walked entry to its directory; open a new directory for a dir."""
+        node = node_from_entry(entry)
+        self.summary.entries += 1
+        container.children.append(node)
+        if entry.type == NodeType.DIR:
+            self.stack.append(_Dir(PurePosixPath(entry.path), node))
+        elif entry.type == NodeType.FILE:
+            self.add_file(entry, node, container)
+        self.state.current = str(entry.path)
+        self.progress.update(self.state)
+
+    def close_until(self, parent: PurePosixPath | None) -> None:
+        """Close walked directories that are not ``parent`` or an ancestor of it."""
+        while self.stack and self.stack[-1].path != parent:
+            done = self.stack.pop()
+            self.parents.forget(done.path)
+            self.closing.append(done)
+        self.finish_closed(block=len(self.closing) > 4 * self.options.max_pending_files)
+
+    def finish_closed(self, *, block: bool) -> None:
+        """Write the trees of closed directories whose files are all done, in order."""
+        while self.closing:
+            head = self.closing[0]
+            if not block and not all(f.done() for f in head.pending):
+                return
+            for f in head.pending:
+                f.exception()  # waits; the callback recorded any error
+            self.cancel.check()
+            self.closing.popleft()
+            head.node.subtree = save_tree(self.repo, head.children)
+            self.summary.dirs += 1
+
+
+def _ancestors(paths: list[PurePosixPath]) -> list[PurePosixPath]:
+    """Every folder above the given paths, the root first."""
+    found = {a for p in paths for a in p.parents}
+    return sorted(found, key=lambda p: (len(p.parts), str(p)))
+
+
+def _walk_roots(run: _Run, roots: list[PurePosixPath], dirs: dict[PurePosixPath, _Dir]) -> None:
+    opts = run.options
+    for root in roots:
+        for entry in walk([Path(root)], excludes=opts.excludes, exclude_files=opts.exclude_files,
+                          one_file_system=opts.one_file_system, on_error=run.on_walk_error):
+            run.cancel.check()
+            parent = PurePosixPath(entry.parent)
+            if entry.depth == 0:
+                run.close_until(None)
+                container = dirs[parent]
+            else:
+                run.close_until(parent)
+                container = run.stack[-1]
+            run.add_entry(entry, container)
+        run.close_until(None)
+    run.finish_closed(block=True)
+
+
+def _build_ancestors(run: _Run, roots: list[PurePosixPath]) -> dict[PurePosixPath, _Dir]:
+    dirs: dict[PurePosixPath, _Dir] = {}
+    for path in _ancestors(roots):
+        try:
+            node = node_from_entry(entry_from_path(Path(path)))
+        except OSError as exc:
+            raise SourceError(f"backup: cannot read folder {path}: {exc.strerror}") from exc
+        dirs[path] = _Dir(path, node)
+        if path != path.parent:
+            dirs[path.parent].children.append(node)
+    return dirs
+
+
+def _finish_ancestors(run: _Run, dirs: dict[PurePosixPath, _Dir]) -> Node:
+    for path in sorted(dirs, key=lambda p: -len(p.parts)):
+        d = dirs[path]
+        for f in d.pending:
+            f.exception()
+        d.node.subtree = save_tree(run.repo, d.children)
+    return dirs[PurePosixPath("/")].node
+
+
+def _pick_parent(repo: Repository, options: BackupFilesOptions, paths: list[str]) -> Snapshot | None:
+    snaps = load_snapshots(repo)
+    if options.parent:
+        sid = repo.resolve_snapshot_id(options.parent)
+        return next(s for s in snaps if s.id == sid)
+    same = select_snapshots(snaps, hosts=[options.host], paths=paths)
+    return latest(same) if same else None
+
+
+def _absolute_roots(paths: tuple[Path, ...]) -> list[PurePosixPath]:
+    roots = []
+    for p in paths:
+        absolute = PurePosixPath(os.path.normpath(os.path.abspath(p)))
+        if not os.path.lexists(absolute):
+            raise SourceError(f"backup: path {p} does not exist")
+        roots.append(absolute)
+    roots = sorted(set(roots))
+    # A path inside another given path is already covered.
+    return [r for r in roots if not any(o != r and o in r.parents for o in roots)]
+
+
+def backup_files(
+    repo: Repository,
+    options: BackupFilesOptions,
+    *,
+    progress: Progress | None = None,
+    cancel: Cancellation | None = None,
+    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+) -> Snapshot:
+    """Back up ``options.paths`` and save a snapshot; return it.
+
+    Unreadable files are listed in ``snapshot.errors`` (the snapshot is incomplete).
+    On cancellation the data written so far is indexed, so the next backup reuses it,
+    and ``Interrupted`` is raised; no snapshot is written.
+    """
+    progress = progress or NullProgress()
+    cancel = cancel or Cancellation()
+    roots = _absolute_roots(options.paths)
+    started, t0 = clock(), now()
+    with repo.lock(exclusive=False):
+        repo.recover_unindexed_packs()
+        paths = [str(r) for r in roots]
+        parent = _pick_parent(repo, options, paths)
+        run = _Run(repo, options, parent, progress, cancel)
+        try:
+            dirs = _build_ancestors(run, roots)
+            _walk_roots(run, roots, dirs)
+            root = _finish_ancestors(run, dirs)
+        except BaseException:
+            cancel.cancel()
+            run.pool.shutdown(wait=True, cancel_futures=True)
+            repo.flush()
+            raise
+        run.pool.shutdown(wait=True)
+        run.summary.duration_s = round(now() - t0, 3)
+        assert root.subtree is not None
+        snapshot = Snapshot(
+            time=started, host=options.host, user=getpass.getuser(), paths=paths,
+            tree=root.subtree, tags=list(options.tags), parent=parent.id if parent else None,
+            errors=run.errors, summary=run.summary, program_version=__version__,
+        )
+        save_snapshot(repo, snapshot)
+    progress.done(run.state)
+    return snapshot

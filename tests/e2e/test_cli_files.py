@@ -1,0 +1,127 @@
+"""End to end: init, backup, change, backup, restore and compare byte and metadata."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from tests.e2e.conftest import Cli
+from tests.e2e.fstree import NON_UTF8, allocated_bytes, build_sample_tree, describe
+
+
+def _restore_root(target: Path, source: Path) -> Path:
+    return target / source.relative_to("/")
+
+
+def test_backup_change_backup_restore_roundtrip(cli: Cli, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    build_sample_tree(src)
+    assert cli("init").code == 0
+    first = cli("backup", "files", src, "--tag", "one", "--json")
+    assert first.code == 0, first.err
+    summary1 = first.json_lines()[-1]
+    state1 = describe(src)
+
+    (src / "docs" / "a.txt").write_text("changed content\n")
+    (src / "new-file").write_bytes(os.urandom(70_000))
+    shutil.rmtree(src / "many")
+    second = cli("backup", "files", src, "--json")
+    assert second.code == 0, second.err
+    summary2 = second.json_lines()[-1]
+    assert summary2["files_unmodified"] >= 5
+    assert summary2["files_new"] == 1 and summary2["files_changed"] == 1
+    # Only the changed and new data travels the second time.
+    assert summary2["bytes_added_stored"] < 200_000 < summary1["bytes_added_stored"]
+
+    snaps = cli("snapshots", "--json").json()
+    assert isinstance(snaps, list) and len(snaps) == 2
+    assert snaps[1]["parent"] == snaps[0]["id"]
+
+    for snap, state in ((snaps[0]["id"], state1), (snaps[1]["id"], describe(src))):
+        target = tmp_path / f"restore-{snap[:8]}"
+        result = cli("restore", snap, "--target", target, "--verify")
+        assert result.code == 0, result.err
+        assert describe(_restore_root(target, src)) == state
+    restored_sparse = _restore_root(tmp_path / f"restore-{snaps[1]['id'][:8]}", src) / "sparse.img"
+    assert allocated_bytes(restored_sparse) < 4 << 20  # holes came back as holes
+
+
+def test_restore_subpath_include_exclude(cli: Cli, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    build_sample_tree(src)
+    cli("init")
+    assert cli("backup", "files", src, "-q").code == 0
+    target = tmp_path / "sub"
+    assert cli("restore", f"latest:{src}/docs", "--target", target).code == 0
+    assert (target / "a.txt").read_text() == "hello world\n" * 100
+    assert (target / "deep" / "er" / "b.bin").exists()
+    only = tmp_path / "only"
+    assert cli("restore", "latest", "--target", only, "--include", "*.txt").code == 0
+    found = {p.name for p in only.rglob("*") if p.is_file()}
+    assert found == {"a.txt", os.fsdecode(NON_UTF8)}
+    assert not any(p.name.endswith(".bin") for p in only.rglob("*"))
+    excl = tmp_path / "excl"
+    assert cli("restore", "latest", "--target", excl, "--exclude", "many").code == 0
+    assert not list(excl.rglob("many"))
+    assert list(excl.rglob("big.bin"))
+
+
+def test_listing_commands_and_json(cli: Cli, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    build_sample_tree(src)
+    cli("init")
+    cli("backup", "files", src, "-q")
+    (src / "added.txt").write_text("x")
+    cli("backup", "files", src, "-q")
+    entries = cli("ls", f"latest:{src}", "--json").json_lines()
+    paths = {e["path"] for e in entries}
+    assert f"{src}/docs/a.txt" in paths and f"{src}/link-rel" in paths
+    long = cli("ls", "latest", "-l")
+    assert "-> docs/a.txt" in long.out
+    snaps = cli("snapshots", "--json").json()
+    assert isinstance(snaps, list)
+    diff = cli("diff", snaps[0]["id"], snaps[1]["id"], "--json").json_lines()
+    changes = [d for d in diff if d["message_type"] == "change"]
+    assert [(c["modifier"], c["path"]) for c in changes] == [("+", f"{src}/added.txt")]
+    stats = cli("stats", "latest", "--json").json()
+    assert isinstance(stats, dict) and stats["snapshots"] == 2
+    assert stats["snapshot"]["files"] >= 40
+    cat = cli("cat", "snapshot", snaps[0]["id"][:10])
+    assert snaps[0]["tree"] in cat.out
+    config = cli("cat", "config")
+    assert '"version"' in config.out or "version" in config.out
+
+
+def test_incomplete_snapshot_exit_code(cli: Cli, tmp_path: Path) -> None:
+    """Run as an unprivileged user that cannot read one folder: exit 4, the rest saved."""
+    base = Path(tempfile.mkdtemp(prefix="sv-incomplete-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        src = base / "src"
+        (src / "locked").mkdir(parents=True)
+        (src / "ok.txt").write_text("fine")
+        (src / "locked" / "secret").write_text("unreadable to others")
+        os.chmod(src / "locked", 0o700)
+        user = Cli(base, cli._capsys)
+        user.env["STRATAVAULT_REPOSITORY"] = str(base / "repo")
+        assert user("init").code == 0
+        for dirpath, _dirs, files in os.walk(base):
+            if dirpath.startswith(str(src)):
+                continue
+            shutil.chown(dirpath, user="nobody")
+            for f in files:
+                shutil.chown(os.path.join(dirpath, f), user="nobody")
+        result = user.subprocess("backup", "files", src, "--json", as_user="nobody")
+        assert result.code == 4, result.err
+        summary = result.json_lines()[-1]
+        assert summary["incomplete"] is True
+        assert any(e["path"].endswith("locked") for e in summary["errors"])
+        listing = user("ls", "latest", "--json").json_lines()
+        assert any(e["path"].endswith("ok.txt") for e in listing)
+    finally:
+        shutil.rmtree(base)
