@@ -1,0 +1,217 @@
+"""What the walker reports about one file system entry, and the metadata restore needs.
+
+Names and symlink targets are ``str`` made from the file system's bytes with
+``surrogateescape`` (what ``os.scandir`` returns), so names that are not UTF-8
+survive; ``os.fsencode`` gives the original bytes back. This is the same
+convention the snapshot file tree uses.
+"""
+
+from __future__ import annotations
+
+import enum
+import grp
+import os
+import pwd
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+__all__ = [
+    "EntryMetadata",
+    "EntryType",
+    "FileStamp",
+    "FsEntry",
+    "OwnerNames",
+    "same_file_stat",
+]
+
+
+class EntryType(enum.StrEnum):
+    """The kinds of file system entry (values match the snapshot's node types)."""
+
+    FILE = "file"
+    DIR = "dir"
+    SYMLINK = "symlink"
+    FIFO = "fifo"
+    CHARDEV = "chardev"
+    BLOCKDEV = "blockdev"
+    SOCKET = "socket"
+
+    @classmethod
+    def from_mode(cls, st_mode: int) -> EntryType:
+        """Return the type encoded in an ``st_mode``."""
+        return _TYPE_BY_FMT[stat.S_IFMT(st_mode)]
+
+
+_TYPE_BY_FMT = {
+    stat.S_IFREG: EntryType.FILE,
+    stat.S_IFDIR: EntryType.DIR,
+    stat.S_IFLNK: EntryType.SYMLINK,
+    stat.S_IFIFO: EntryType.FIFO,
+    stat.S_IFCHR: EntryType.CHARDEV,
+    stat.S_IFBLK: EntryType.BLOCKDEV,
+    stat.S_IFSOCK: EntryType.SOCKET,
+}
+
+
+class EntryMetadata(Protocol):
+    """What restore needs to know about an entry besides its content.
+
+    Both :class:`FsEntry` and the snapshot's tree node satisfy this protocol.
+    ``mode`` may be a full ``st_mode`` or only its permission bits; only
+    ``stat.S_IMODE(mode)`` is used. ``user``/``group`` are ``""`` when unknown.
+    """
+
+    @property
+    def type(self) -> str:
+        """One of the :class:`EntryType` values."""
+
+    @property
+    def mode(self) -> int:
+        """Permission bits (setuid, setgid and sticky included)."""
+
+    @property
+    def uid(self) -> int:
+        """Numeric owner."""
+
+    @property
+    def gid(self) -> int:
+        """Numeric group."""
+
+    @property
+    def user(self) -> str:
+        """Owner name, or ``""``."""
+
+    @property
+    def group(self) -> str:
+        """Group name, or ``""``."""
+
+    @property
+    def size(self) -> int:
+        """Size in bytes (regular files)."""
+
+    @property
+    def mtime_ns(self) -> int:
+        """Modification time in nanoseconds since the epoch."""
+
+    @property
+    def atime_ns(self) -> int:
+        """Access time in nanoseconds since the epoch."""
+
+    @property
+    def rdev(self) -> int:
+        """Device number of character and block devices."""
+
+    @property
+    def link_target(self) -> str | None:
+        """Target of a symbolic link (``str`` with surrogateescape)."""
+
+    @property
+    def xattrs(self) -> Mapping[str, bytes]:
+        """Extended attributes by name (POSIX ACLs are ``system.posix_acl_*``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FileStamp:
+    """The stat fields that tell whether a file's content may have changed."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+
+    @classmethod
+    def from_stat(cls, st: os.stat_result) -> FileStamp:
+        """Take the stamp of a ``stat`` result."""
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+def same_file_stat(
+    old: FileStamp, new: FileStamp, *, ignore_inode: bool = False, ignore_ctime: bool = False
+) -> bool:
+    """Tell whether a file is unchanged since ``old`` was taken (same size and times).
+
+    The caller pairs the two stamps by path (the entry at the same place in the
+    parent snapshot). ``ignore_inode`` helps on file systems without stable
+    inode numbers (FUSE, some network file systems); ``ignore_ctime`` when files
+    were copied with their mtime kept.
+    """
+    return (
+        old.size == new.size
+        and old.mtime_ns == new.mtime_ns
+        and (ignore_ctime or old.ctime_ns == new.ctime_ns)
+        and (ignore_inode or old.inode == new.inode)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class FsEntry:
+    """One entry found by :func:`walk`, with its ``lstat`` metadata.
+
+    ``parent`` is the path of the directory holding it; for the roots given to
+    :func:`walk` (``depth == 0``) that directory was not walked itself.
+    ``mode`` holds the permission bits only; the kind is in ``type``.
+    """
+
+    path: Path
+    parent: Path
+    name: str
+    depth: int
+    type: EntryType
+    mode: int
+    uid: int
+    gid: int
+    user: str
+    group: str
+    size: int
+    mtime_ns: int
+    atime_ns: int
+    ctime_ns: int
+    inode: int
+    dev: int
+    nlink: int
+    rdev: int
+    link_target: str | None = None
+    xattrs: Mapping[str, bytes] = field(default_factory=dict)
+
+    @property
+    def name_bytes(self) -> bytes:
+        """The entry's name as the file system stores it."""
+        return os.fsencode(self.name)
+
+    @property
+    def stamp(self) -> FileStamp:
+        """The fields :func:`same_file_stat` compares."""
+        return FileStamp(self.size, self.mtime_ns, self.ctime_ns, self.inode)
+
+
+class OwnerNames:
+    """Cached uid/gid to name lookups (``""`` when the id has no name)."""
+
+    def __init__(self) -> None:
+        self._users: dict[int, str] = {}
+        self._groups: dict[int, str] = {}
+
+    def user(self, uid: int) -> str:
+        """Return the name of user ``uid``, or ``""``."""
+        name = self._users.get(uid)
+        if name is None:
+            try:
+                name = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                name = ""
+            self._users[uid] = name
+        return name
+
+    def group(self, gid: int) -> str:
+        """Return the name of group ``gid``, or ``""``."""
+        name = self._groups.get(gid)
+        if name is None:
+            try:
+                name = grp.getgrgid(gid).gr_name
+            except KeyError:
+                name = ""
+            self._groups[gid] = name
+        return name

@@ -1,0 +1,165 @@
+"""The file system walker: entries with full ``lstat`` metadata, depth first."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from stratavault.sources._entry import EntryType, FsEntry, OwnerNames
+from stratavault.sources._exclude import ExcludeMatcher, read_exclude_file
+
+__all__ = ["ErrorHandler", "read_xattrs", "walk"]
+
+ErrorHandler = Callable[[Path, OSError], None]
+"""Called with the path and the error for every entry or directory that cannot be read."""
+
+_NO_XATTR_SUPPORT = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
+# A directory being listed: (its path, depth of its children, device of the root, children left).
+_Frame = tuple[Path, int, int, Iterator[os.DirEntry[str]]]
+
+
+def walk(
+    paths: Sequence[Path],
+    *,
+    excludes: Sequence[str] = (),
+    exclude_files: Sequence[Path] = (),
+    one_file_system: bool = False,
+    on_error: ErrorHandler,
+) -> Iterator[FsEntry]:
+    """Yield every entry below ``paths`` (the roots included), depth first.
+
+    Within a directory, entries come sorted by the bytes of their name, and a
+    directory's contents come right after the directory itself. Symbolic links
+    are never followed. Roots are made absolute without resolving symlinks.
+    An excluded directory is yielded neither itself nor with its contents. With
+    ``one_file_system``, a directory on another device than its root (a mount
+    point) is yielded but not entered. Entries and directories that cannot be
+    read are passed to ``on_error`` and the walk goes on; an unreadable
+    directory is still yielded, as if empty. An exclude file that cannot be
+    read raises ``UsageError`` before anything is yielded.
+    """
+    patterns = list(excludes)
+    for exclude_file in exclude_files:
+        patterns.extend(read_exclude_file(exclude_file))
+    walker = _Walker(ExcludeMatcher(patterns), one_file_system, on_error)
+    for root in paths:
+        yield from walker.walk_root(os.path.abspath(os.fspath(root)))
+
+
+class _Walker:
+    def __init__(self, matcher: ExcludeMatcher, one_file_system: bool, on_error: ErrorHandler):
+        self._matcher = matcher
+        self._one_fs = one_file_system
+        self._on_error = on_error
+        self._names = OwnerNames()
+
+    def walk_root(self, root: str) -> Iterator[FsEntry]:
+        try:
+            st = os.lstat(root)
+        except OSError as exc:
+            self._on_error(Path(root), exc)
+            return
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if self._matcher and self._matcher.excluded(root, is_dir=is_dir):
+            return
+        entry = self._entry(root, Path(os.path.dirname(root)), os.path.basename(root), 0, st)
+        if entry is None:
+            return
+        yield entry
+        if not is_dir:
+            return
+        stack: list[_Frame] = [(entry.path, 1, st.st_dev, self._scan(root))]
+        while stack:
+            parent, depth, dev, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                stack.pop()
+                continue
+            try:
+                st = child.stat(follow_symlinks=False)
+            except OSError as exc:
+                self._on_error(Path(child.path), exc)
+                continue
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if self._matcher and self._matcher.excluded(child.path, is_dir=is_dir):
+                continue
+            entry = self._entry(child.path, parent, child.name, depth, st)
+            if entry is None:
+                continue
+            yield entry
+            if is_dir and not (self._one_fs and st.st_dev != dev):
+                stack.append((entry.path, depth + 1, dev, self._scan(child.path)))
+
+    def _scan(self, path: str) -> Iterator[os.DirEntry[str]]:
+        """Return the entries of directory ``path`` sorted by name bytes."""
+        try:
+            with os.scandir(path) as it:
+                children = list(it)
+        except OSError as exc:
+            self._on_error(Path(path), exc)
+            return iter(())
+        children.sort(key=_name_key)
+        return iter(children)
+
+    def _entry(
+        self, path: str, parent: Path, name: str, depth: int, st: os.stat_result
+    ) -> FsEntry | None:
+        kind = EntryType.from_mode(st.st_mode)
+        target = None
+        if kind is EntryType.SYMLINK:
+            try:
+                target = os.readlink(path)
+            except OSError as exc:
+                self._on_error(Path(path), exc)
+                return None
+        return FsEntry(
+            path=parent / name,
+            parent=parent,
+            name=name,
+            depth=depth,
+            type=kind,
+            mode=stat.S_IMODE(st.st_mode),
+            uid=st.st_uid,
+            gid=st.st_gid,
+            user=self._names.user(st.st_uid),
+            group=self._names.group(st.st_gid),
+            size=st.st_size,
+            mtime_ns=st.st_mtime_ns,
+            atime_ns=st.st_atime_ns,
+            ctime_ns=st.st_ctime_ns,
+            inode=st.st_ino,
+            dev=st.st_dev,
+            nlink=st.st_nlink,
+            rdev=st.st_rdev,
+            link_target=target,
+            xattrs=read_xattrs(path, self._on_error),
+        )
+
+
+def read_xattrs(path: str, on_error: ErrorHandler) -> dict[str, bytes]:
+    """Return all extended attributes of ``path`` itself (symlinks not followed).
+
+    A file system without xattr support gives ``{}``; other failures are passed
+    to ``on_error`` and the attributes read so far are returned.
+    """
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in _NO_XATTR_SUPPORT:
+            on_error(Path(path), exc)
+        return {}
+    values: dict[str, bytes] = {}
+    for name in sorted(names):
+        try:
+            values[name] = os.getxattr(path, name, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:  # removed since it was listed
+                on_error(Path(path), exc)
+    return values
+
+
+def _name_key(entry: os.DirEntry[str]) -> bytes:
+    return os.fsencode(entry.name)
