@@ -1,1 +1,53 @@
-"""Layer package; see DESIGN.md."""
+"""What is backed up, seen from the file system: walking, reading and restoring trees.
+
+- :func:`walk` lists a tree depth first with full ``lstat`` metadata and xattrs,
+  applying exclude patterns (:class:`ExcludeMatcher`).
+- :class:`SparseFileReader` reads a regular file's data regions, skips holes and
+  tells whether the file changed while it was read (:class:`FileChangedError`).
+- :func:`same_file_stat` tells whether a file is unchanged since a parent snapshot.
+- :class:`FsRestorer` writes a tree back below a target without ever writing
+  outside it; file content may arrive in any order from several threads.
+"""
+
+from stratavault.sources._entry import (
+    EntryMetadata,
+    EntryType,
+    FileStamp,
+    FsEntry,
+    OwnerNames,
+    same_file_stat,
+)
+from stratavault.sources._exclude import ExcludeMatcher, read_exclude_file
+from stratavault.sources._read import (
+    DEFAULT_READ_BUFFER_BYTES,
+    FileChangedError,
+    SparseFileReader,
+    read_file_extents,
+)
+from stratavault.sources._restore import ZEROS, FsRestorer, RestoreFile, RestoreIssue
+from stratavault.sources._safe_dirs import RelPath, check_name
+from stratavault.sources._walk import ErrorHandler, read_xattrs, walk
+
+__all__ = [
+    "DEFAULT_READ_BUFFER_BYTES",
+    "ZEROS",
+    "EntryMetadata",
+    "EntryType",
+    "ErrorHandler",
+    "ExcludeMatcher",
+    "FileChangedError",
+    "FileStamp",
+    "FsEntry",
+    "FsRestorer",
+    "OwnerNames",
+    "RelPath",
+    "RestoreFile",
+    "RestoreIssue",
+    "SparseFileReader",
+    "check_name",
+    "read_exclude_file",
+    "read_file_extents",
+    "read_xattrs",
+    "same_file_stat",
+    "walk",
+]
