@@ -8,8 +8,8 @@ import pytest
 
 from stratavault.errors import (
     ChunkNotFoundError,
+    DataDamagedError,
     IntegrityError,
-    KeyFileDamagedError,
     SnapshotNotFoundError,
     StorageFullError,
     UsageError,
@@ -137,8 +137,9 @@ def test_bit_flips_on_read_are_damage_not_a_wrong_passphrase(
 ) -> None:
     repo.close()
     faulty = FaultyStorage(storage, seed=1, corrupt_gets=True)
-    with pytest.raises(KeyFileDamagedError):
+    with pytest.raises(DataDamagedError) as err:  # config or key file, never PassphraseError
         open_repo(faulty, None)
+    assert err.value.exit_code == 12
 
 
 def test_swapped_blobs_detected_through_ad(repo: Repository, storage: MemoryStorage) -> None:

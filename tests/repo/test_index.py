@@ -1,0 +1,173 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+from stratavault.repo import KdfParams, Repository
+from stratavault.repo._index import ChunkIndex, Entry
+from stratavault.storage import LocalStorage, MemoryStorage
+
+from .conftest import PASS, open_repo, random_chunks
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_million_entries_cost_under_100_bytes_each_and_stay_correct() -> None:
+    count = 1_000_000
+    ids = np.frombuffer(os.urandom(32 * count), dtype="S32")
+    index = ChunkIndex()
+    tracemalloc.start()
+    for i in range(0, count, 7):  # some through the session dict and its merges
+        index.add(ids[i].tobytes().ljust(32, b"\0"), Entry(i % 5, 0, i, i + 1, i + 2))
+    from stratavault.repo._dtypes import INDEX_ENTRY
+
+    bulk = np.zeros(count, dtype=INDEX_ENTRY)
+    bulk["id"] = ids
+    bulk["pack"] = np.arange(count) % 5
+    bulk["offset"] = np.arange(count)
+    bulk["stored"] = bulk["offset"] + 1
+    bulk["raw"] = bulk["offset"] + 2
+    keep = np.ones(count, dtype=bool)
+    keep[::7] = False
+    index.add_entries(bulk[keep])
+    del bulk, keep
+    index.merge_pending()
+    current, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(index) == count
+    assert index.nbytes / count < 60
+    assert current / count < 100, current / count
+    for i in [0, 1, 7, 12345, 999_999, *range(500_000, 500_050)]:
+        key = ids[i].tobytes().ljust(32, b"\0")
+        assert index.lookup(key) == Entry(i % 5, 0, i, i + 1, i + 2)
+    assert index.lookup(b"\0" * 32) is None
+    assert index.lookup(os.urandom(32)) is None
+
+
+def test_ids_with_trailing_zero_bytes() -> None:
+    index = ChunkIndex()
+    a, b = b"\1" * 31 + b"\0", b"\1" * 30 + b"\0\0"
+    index.add(a, Entry(0, 0, 1, 1, 1))
+    index.merge_pending()
+    assert index.lookup(a) == Entry(0, 0, 1, 1, 1)
+    assert index.lookup(b) is None
+
+
+def test_cache_written_extended_and_rebuilt(tmp_path: Path) -> None:
+    storage = MemoryStorage()
+    cache = tmp_path / "cache"
+    repo = Repository.init(storage, PASS, cache_dir=cache, kdf=KdfParams.fast())
+    first = random_chunks(5)
+    ids = [repo.chunk_id(c) for c in first]
+    for cid, c in zip(ids, first, strict=True):
+        repo.add_chunk(cid, c)
+    repo.close()
+    assert (cache / repo.id / "index.npy").exists()
+
+    # another client (no cache) adds an index object
+    other = open_repo(storage, None)
+    more = random_chunks(3)
+    more_ids = [other.chunk_id(c) for c in more]
+    for cid, c in zip(more_ids, more, strict=True):
+        other.add_chunk(cid, c)
+    other.close()
+    with open_repo(storage, cache) as again:
+        assert all(again.has_chunk(i) for i in ids + more_ids)
+        assert again.read_chunk(more_ids[0]) == more[0]
+    covered = (cache / repo.id / "index.json").read_text()
+    assert all(o.name in covered for o in storage.list("index/"))
+
+    # an index object disappears (compaction/prune elsewhere): rebuild, forget its chunks
+    gone = next(o.name for o in storage.list("index/"))
+    storage.delete(gone)
+    with open_repo(storage, cache) as rebuilt:
+        known = [rebuilt.has_chunk(i) for i in ids + more_ids]
+    assert known.count(False) in (len(ids), len(more_ids))
+
+
+def test_cache_is_used_without_reading_index_objects(tmp_path: Path) -> None:
+    storage = MemoryStorage()
+    cache = tmp_path / "cache"
+    repo = Repository.init(storage, PASS, cache_dir=cache, kdf=KdfParams.fast())
+    data = b"cached"
+    cid = repo.chunk_id(data)
+    repo.add_chunk(cid, data)
+    repo.close()
+    (name,) = [o.name for o in storage.list("index/")]
+    # replace the index object content with garbage under the same name: only a reader notices
+    storage.put(name, b"garbage", overwrite=True)
+    with open_repo(storage, cache) as again:
+        assert again.read_chunk(cid) == data
+
+
+def test_periodic_index_objects(storage: MemoryStorage) -> None:
+    Repository.init(storage, PASS, cache_dir=None, kdf=KdfParams.fast()).close()
+    repo = open_repo(storage, None, index_every_packs=2)
+    for c in random_chunks(60, 10_000):  # ~9 packs of 64 KiB
+        repo.add_chunk(repo.chunk_id(c), c)
+    deadline = time.monotonic() + 10
+    while len(list(storage.list("index/"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(list(storage.list("index/"))) >= 3  # without flush
+    repo.close()
+
+
+def test_recover_unindexed_packs_after_sigkill(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path / "repo")
+    Repository.init(storage, PASS, cache_dir=None, kdf=KdfParams.fast()).close()
+    child = textwrap.dedent(
+        f"""
+        import os, sys, time
+        from pathlib import Path
+        from stratavault.repo import Repository
+        from stratavault.storage import LocalStorage
+        storage = LocalStorage(Path({str(tmp_path / "repo")!r}))
+        repo = Repository.open(storage, {PASS!r}, cache_dir=None,
+                               pack_target_bytes=65536, index_every_packs=10**6)
+        out = open({str(tmp_path / "ids")!r}, "w")
+        i = 0
+        while len(list(storage.list("data/"))) < 4:
+            data = i.to_bytes(8, "little") * 1250
+            cid = repo.chunk_id(data)
+            repo.add_chunk(cid, data, level=-5)
+            out.write(f"{{i}} {{cid.hex()}}\\n"); out.flush()
+            i += 1
+        print("ready", flush=True)
+        time.sleep(60)
+        """
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list(storage.list("index/")) == []
+    lines = (tmp_path / "ids").read_text().split()
+    written = {bytes.fromhex(h): int(i) for i, h in zip(lines[::2], lines[1::2], strict=True)}
+    with open_repo(storage, None) as repo:
+        assert not any(repo.has_chunk(c) for c in written)  # type: ignore[arg-type]
+        assert repo.recover_unindexed_packs() >= 4
+        assert len(list(storage.list("index/"))) >= 1
+        present = [c for c in written if repo.has_chunk(c)]  # type: ignore[arg-type]
+        assert len(present) >= 4 * 4
+        for cid in present:
+            assert repo.read_chunk(cid) == written[cid].to_bytes(8, "little") * 1250  # type: ignore[arg-type]
+        assert repo.recover_unindexed_packs() == 0
+    with open_repo(storage, None) as again:
+        assert all(again.has_chunk(c) for c in present)  # type: ignore[arg-type]
+
+
+def test_recover_skips_damaged_packs(repo: Repository, storage: MemoryStorage) -> None:
+    storage.put("data/ab/" + "ab" * 32, b"not a pack at all")
+    storage.put("data/cd/" + "cd" * 32, b"")
+    assert repo.recover_unindexed_packs() == 0
