@@ -183,7 +183,8 @@ def test_snapshots(repo: Repository, storage: MemoryStorage) -> None:
     assert repo.load_snapshot(first) == {"n": 1, "tree": cid.hex()}
     assert dict(repo.list_snapshots()) == {first: repo.load_snapshot(first), second: {"n": 2}}
     assert repo.resolve_snapshot_id(first[:10]) == first
-    common = os.path.commonprefix([first, second])
+    same = next(i for i, (x, y) in enumerate(zip(first, second, strict=True)) if x != y)
+    common = first[:same]
     with pytest.raises(UsageError, match="ambiguous"):
         repo.resolve_snapshot_id(common)
     with pytest.raises(SnapshotNotFoundError):

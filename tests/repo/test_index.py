@@ -40,7 +40,7 @@ def test_million_entries_cost_under_100_bytes_each_and_stay_correct() -> None:
     index.add_entries(bulk[keep])
     del bulk, keep
     index.merge_pending()
-    current, peak = tracemalloc.get_traced_memory()
+    current, _peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     assert len(index) == count
     assert index.nbytes / count < 60

@@ -143,5 +143,7 @@ def test_change_passphrase_rewrites_only_the_key_file(
 
 def test_kdf_parameters_are_stored_per_slot(repo: Repository, storage: MemoryStorage) -> None:
     repo.add_key(b"x", kdf=KdfParams(time_cost=2, memory_kib=16, parallelism=1))
-    kdfs = sorted(json.loads(storage.get(n))["body"]["kdf"]["time_cost"] for n in key_names(storage))
+    kdfs = sorted(
+        json.loads(storage.get(n))["body"]["kdf"]["time_cost"] for n in key_names(storage)
+    )
     assert kdfs == [1, 2]
