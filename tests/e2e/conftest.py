@@ -65,8 +65,14 @@ class Cli:
         if as_user:
             prefix = ["setpriv", f"--reuid={as_user}", "--regid=nogroup", "--clear-groups"]
             full_env["HOME"] = "/nonexistent"
-        proc = subprocess.run([*prefix, str(exe), *map(str, args)], env=full_env,
-                              capture_output=True, text=True, timeout=300, check=False)
+        proc = subprocess.run(
+            [*prefix, str(exe), *map(str, args)],
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         return Result(proc.returncode, proc.stdout, proc.stderr)
 
 

@@ -87,8 +87,15 @@ def describe(root: Path, *, dir_mtimes: bool = True) -> dict[str, tuple[object, 
             mtime = st.st_mtime_ns if (dir_mtimes or not stat.S_ISDIR(kind)) else 0
             if stat.S_ISLNK(kind):
                 mtime = st.st_mtime_ns
-            out[rel] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, mtime, content,
-                        _xattrs(full) if not stat.S_ISLNK(kind) else {})
+            out[rel] = (
+                kind,
+                stat.S_IMODE(st.st_mode),
+                st.st_uid,
+                st.st_gid,
+                mtime,
+                content,
+                _xattrs(full) if not stat.S_ISLNK(kind) else {},
+            )
     return out
 
 

@@ -1,4 +1,4 @@
-"""The ``stratavault`` command: parse, dispatch to one module per command, map errors to exit codes."""
+"""The ``stratavault`` command: parse, dispatch to one module per command, map errors."""
 
 from __future__ import annotations
 
@@ -46,23 +46,55 @@ def _global_parser(*, suppress: bool) -> argparse.ArgumentParser:
     default = argparse.SUPPRESS if suppress else None
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("global options")
-    g.add_argument("-r", "--repo", dest="repository", metavar="REPO", default=default,
-                   help="repository location (or STRATAVAULT_REPOSITORY)")
-    g.add_argument("--password-file", type=Path, default=default,
-                   help="read the passphrase from this file (or STRATAVAULT_PASSWORD_FILE)")
-    g.add_argument("--password-command", default=default,
-                   help="run this to get the passphrase (or STRATAVAULT_PASSWORD_COMMAND)")
+    g.add_argument(
+        "-r",
+        "--repo",
+        dest="repository",
+        metavar="REPO",
+        default=default,
+        help="repository location (or STRATAVAULT_REPOSITORY)",
+    )
+    g.add_argument(
+        "--password-file",
+        type=Path,
+        default=default,
+        help="read the passphrase from this file (or STRATAVAULT_PASSWORD_FILE)",
+    )
+    g.add_argument(
+        "--password-command",
+        default=default,
+        help="run this to get the passphrase (or STRATAVAULT_PASSWORD_COMMAND)",
+    )
     g.add_argument("--cache-dir", type=Path, default=default, help="local cache folder")
-    g.add_argument("--no-cache", action="store_true", default=default or False,
-                   help="do not use a local cache")
-    g.add_argument("--json", action="store_true", default=default or False,
-                   help="machine-readable output")
-    g.add_argument("-q", "--quiet", action="store_true", default=default or False,
-                   help="print nothing but errors")
-    g.add_argument("--limit-upload", dest="limit_upload_kib", type=int, metavar="KiB/s",
-                   default=default, help="limit upload bandwidth")
-    g.add_argument("--limit-download", dest="limit_download_kib", type=int, metavar="KiB/s",
-                   default=default, help="limit download bandwidth")
+    g.add_argument(
+        "--no-cache", action="store_true", default=default or False, help="do not use a local cache"
+    )
+    g.add_argument(
+        "--json", action="store_true", default=default or False, help="machine-readable output"
+    )
+    g.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default or False,
+        help="print nothing but errors",
+    )
+    g.add_argument(
+        "--limit-upload",
+        dest="limit_upload_kib",
+        type=int,
+        metavar="KiB/s",
+        default=default,
+        help="limit upload bandwidth",
+    )
+    g.add_argument(
+        "--limit-download",
+        dest="limit_download_kib",
+        type=int,
+        metavar="KiB/s",
+        default=default,
+        help="limit download bandwidth",
+    )
     return p
 
 

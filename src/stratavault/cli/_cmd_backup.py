@@ -12,24 +12,40 @@ from stratavault.errors import IncompleteSnapshotError
 from stratavault.jobs import BackupFilesOptions, Cancellation, backup_files
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     """Add the command to the parser."""
     p = sub.add_parser("backup", parents=[common], help="create a snapshot")
     kinds = p.add_subparsers(dest="backup_kind", metavar="KIND", required=True)
     f = kinds.add_parser("files", parents=[common], help="back up files and folders")
     f.add_argument("paths", nargs="+", type=Path, metavar="PATH")
-    f.add_argument("-e", "--exclude", action="append", default=[], metavar="PATTERN",
-                   help="exclude paths matching PATTERN (gitignore-like globs)")
-    f.add_argument("--exclude-file", action="append", default=[], type=Path, metavar="FILE",
-                   help="read exclude patterns from FILE")
-    f.add_argument("-x", "--one-file-system", action="store_true",
-                   help="do not cross file system boundaries")
+    f.add_argument(
+        "-e",
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="exclude paths matching PATTERN (gitignore-like globs)",
+    )
+    f.add_argument(
+        "--exclude-file",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="FILE",
+        help="read exclude patterns from FILE",
+    )
+    f.add_argument(
+        "-x", "--one-file-system", action="store_true", help="do not cross file system boundaries"
+    )
     f.add_argument("--tag", action="append", default=[], help="tag the snapshot (repeatable)")
     f.add_argument("--host", default=socket.gethostname(), help="host name to record")
     f.add_argument("--parent", help="compare against this snapshot (default: latest of same paths)")
     f.add_argument("--force", action="store_true", help="read all files, even unchanged ones")
-    f.add_argument("--compression", type=int, default=3, metavar="LEVEL",
-                   help="zstd level 1-19 (default 3)")
+    f.add_argument(
+        "--compression", type=int, default=3, metavar="LEVEL", help="zstd level 1-19 (default 3)"
+    )
     f.set_defaults(run=run)
 
 
@@ -37,23 +53,38 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Back up and print the summary; exit 4 when some files could not be read."""
     out = Output(json_mode=options.json, quiet=options.quiet)
     job = BackupFilesOptions(
-        paths=tuple(ns.paths), excludes=tuple(ns.exclude), exclude_files=tuple(ns.exclude_file),
-        one_file_system=ns.one_file_system, tags=tuple(ns.tag), host=ns.host, parent=ns.parent,
-        force_read=ns.force, compression_level=ns.compression,
+        paths=tuple(ns.paths),
+        excludes=tuple(ns.exclude),
+        exclude_files=tuple(ns.exclude_file),
+        one_file_system=ns.one_file_system,
+        tags=tuple(ns.tag),
+        host=ns.host,
+        parent=ns.parent,
+        force_read=ns.force,
+        compression_level=ns.compression,
     )
     progress = make_progress(json_mode=options.json, quiet=options.quiet)
     with open_repo(options) as repo:
         snap = backup_files(repo, job, progress=progress, cancel=Cancellation())
     s = snap.summary
-    out.text(f"Files: {s.files_new} new, {s.files_changed} changed, {s.files_unmodified} unmodified")
+    out.text(
+        f"Files: {s.files_new} new, {s.files_changed} changed, {s.files_unmodified} unmodified"
+    )
     out.text(f"Dirs:  {s.dirs}")
-    out.text(f"Added to the repository: {format_bytes(s.bytes_added_stored)} "
-             f"({s.chunks_added} new chunks)")
-    out.text(f"processed {s.entries} entries, {format_bytes(s.bytes_processed)} "
-             f"in {s.duration_s:.2f}s")
+    out.text(
+        f"Added to the repository: {format_bytes(s.bytes_added_stored)} "
+        f"({s.chunks_added} new chunks)"
+    )
+    out.text(
+        f"processed {s.entries} entries, {format_bytes(s.bytes_processed)} in {s.duration_s:.2f}s"
+    )
     out.text(f"snapshot {snap.short_id} saved" + (" (incomplete)" if snap.incomplete else ""))
-    summary = {"message_type": "summary", "snapshot_id": snap.id, "incomplete": snap.incomplete,
-               "errors": [{"path": e.path, "error": e.error} for e in snap.errors]}
+    summary = {
+        "message_type": "summary",
+        "snapshot_id": snap.id,
+        "incomplete": snap.incomplete,
+        "errors": [{"path": e.path, "error": e.error} for e in snap.errors],
+    }
     summary.update(snap.to_document()["summary"])
     out.data(summary)
     if snap.incomplete:

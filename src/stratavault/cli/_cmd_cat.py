@@ -15,7 +15,9 @@ from stratavault.types import CHUNK_ID_BYTES, ChunkId
 KINDS = ("config", "snapshot", "tree", "blob")
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     """Add the command to the parser."""
     p = sub.add_parser("cat", parents=[common], help="print an object of the repository")
     p.add_argument("kind", choices=KINDS)

@@ -10,7 +10,9 @@ from stratavault.jobs import diff_snapshots
 from stratavault.snapshot import find_snapshot
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     """Add the command to the parser."""
     p = sub.add_parser("diff", parents=[common], help="show differences between two snapshots")
     p.add_argument("first", metavar="SNAPSHOT1")
@@ -32,11 +34,29 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
             elif entry.change == "-":
                 removed += entry.node.size
             out.text(f"{entry.change:<2} {entry.path}")
-            out.data({"message_type": "change", "modifier": entry.change, "path": entry.path,
-                      "type": entry.node.type})
-    out.text(f"\nadded {counts['+']}, removed {counts['-']}, modified {counts['M']}, "
-             f"metadata changed {counts['U']}")
-    out.data({"message_type": "statistics", "added": counts["+"], "removed": counts["-"],
-              "modified": counts["M"], "metadata": counts["U"], "added_bytes": added,
-              "removed_bytes": removed, "source": first.id, "target": second.id})
+            out.data(
+                {
+                    "message_type": "change",
+                    "modifier": entry.change,
+                    "path": entry.path,
+                    "type": entry.node.type,
+                }
+            )
+    out.text(
+        f"\nadded {counts['+']}, removed {counts['-']}, modified {counts['M']}, "
+        f"metadata changed {counts['U']}"
+    )
+    out.data(
+        {
+            "message_type": "statistics",
+            "added": counts["+"],
+            "removed": counts["-"],
+            "modified": counts["M"],
+            "metadata": counts["U"],
+            "added_bytes": added,
+            "removed_bytes": removed,
+            "source": first.id,
+            "target": second.id,
+        }
+    )
     return 0

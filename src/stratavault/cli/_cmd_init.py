@@ -10,7 +10,9 @@ from stratavault.cli._output import Output
 from stratavault.repo import Repository
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     """Add the command to the parser."""
     p = sub.add_parser("init", parents=[common], help="create a new repository")
     p.add_argument("--new-password-file", type=Path, help="passphrase of the first key slot")
@@ -27,8 +29,13 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
             storage, passphrase, cache_dir=options.effective_cache_dir, kdf=kdf_params()
         ) as repo:
             out.text(f"created repository {repo.id} at {storage.properties.location}")
-            out.data({"message_type": "initialized", "id": repo.id,
-                      "repository": storage.properties.location})
+            out.data(
+                {
+                    "message_type": "initialized",
+                    "id": repo.id,
+                    "repository": storage.properties.location,
+                }
+            )
     finally:
         storage.close()
     return 0

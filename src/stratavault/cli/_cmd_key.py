@@ -9,7 +9,9 @@ from stratavault.cli._context import GlobalOptions, kdf_params, open_repo, read_
 from stratavault.cli._output import Output
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     """Add the command to the parser."""
     p = sub.add_parser("key", parents=[common], help="manage passphrase key slots")
     keysub = p.add_subparsers(dest="key_command", metavar="ACTION", required=True)
@@ -41,10 +43,16 @@ def run_list(ns: argparse.Namespace, options: GlobalOptions) -> int:
     out = Output(json_mode=options.json, quiet=options.quiet)
     with open_repo(options) as repo:
         keys = repo.list_keys()
-    out.data([{"id": k.id, "current": k.current, "created": k.created, "host": k.host,
-               "user": k.user} for k in keys])
-    out.table(["", "ID", "Created", "Host", "User"],
-              [("*" if k.current else "", k.id[:16], k.created, k.host, k.user) for k in keys])
+    out.data(
+        [
+            {"id": k.id, "current": k.current, "created": k.created, "host": k.host, "user": k.user}
+            for k in keys
+        ]
+    )
+    out.table(
+        ["", "ID", "Created", "Host", "User"],
+        [("*" if k.current else "", k.id[:16], k.created, k.host, k.user) for k in keys],
+    )
     return 0
 
 

@@ -11,11 +11,20 @@ from stratavault.cli._output import Output
 from stratavault.jobs import list_entries, split_snapshot_ref
 from stratavault.snapshot import Node, find_snapshot
 
-_TYPE_CHAR = {"dir": "d", "symlink": "l", "fifo": "p", "chardev": "c", "blockdev": "b",
-              "socket": "s", "file": "-"}
+_TYPE_CHAR = {
+    "dir": "d",
+    "symlink": "l",
+    "fifo": "p",
+    "chardev": "c",
+    "blockdev": "b",
+    "socket": "s",
+    "file": "-",
+}
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     """Add the command to the parser."""
     p = sub.add_parser("ls", parents=[common], help="list files in a snapshot")
     p.add_argument("snapshot", metavar="SNAPSHOT[:PATH]", help="'latest' or an id, with a path")
@@ -26,9 +35,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
 
 def node_json(path: str, node: Node) -> dict[str, object]:
     """An entry as printed by ``--json``."""
-    return {"path": path, "name": node.name, "type": node.type, "mode": node.mode,
-            "uid": node.uid, "gid": node.gid, "user": node.user, "group": node.group,
-            "size": node.size, "mtime_ns": node.mtime_ns, "link_target": node.link_target}
+    return {
+        "path": path,
+        "name": node.name,
+        "type": node.type,
+        "mode": node.mode,
+        "uid": node.uid,
+        "gid": node.gid,
+        "user": node.user,
+        "group": node.group,
+        "size": node.size,
+        "mtime_ns": node.mtime_ns,
+        "link_target": node.link_target,
+    }
 
 
 def _long(path: str, node: Node) -> str:

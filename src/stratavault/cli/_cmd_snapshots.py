@@ -9,7 +9,9 @@ from stratavault.cli._output import Output, format_bytes
 from stratavault.snapshot import Snapshot, load_snapshots, select_snapshots
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     """Add the command to the parser."""
     p = sub.add_parser("snapshots", parents=[common], help="list snapshots")
     add_filters(p)
@@ -19,10 +21,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
 def add_filters(p: argparse.ArgumentParser) -> None:
     """Options that select snapshots by host, tag and path."""
     p.add_argument("--host", dest="hosts", action="append", default=[], help="only this host")
-    p.add_argument("--tag", dest="tags", action="append", default=[],
-                   help="only snapshots with these tags (a,b = both; repeat = either)")
-    p.add_argument("--path", dest="paths", action="append", default=[],
-                   help="only snapshots of exactly these paths")
+    p.add_argument(
+        "--tag",
+        dest="tags",
+        action="append",
+        default=[],
+        help="only snapshots with these tags (a,b = both; repeat = either)",
+    )
+    p.add_argument(
+        "--path",
+        dest="paths",
+        action="append",
+        default=[],
+        help="only snapshots of exactly these paths",
+    )
 
 
 def snapshot_json(s: Snapshot) -> dict[str, object]:
@@ -39,9 +51,15 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
         snaps = select_snapshots(load_snapshots(repo), hosts=ns.hosts, tags=ns.tags, paths=ns.paths)
     out.data([snapshot_json(s) for s in snaps])
     rows = [
-        (s.short_id, s.time.astimezone().strftime("%Y-%m-%d %H:%M:%S"), s.host, ",".join(s.tags),
-         format_bytes(s.summary.bytes_processed), "incomplete" if s.incomplete else "",
-         " ".join(s.paths))
+        (
+            s.short_id,
+            s.time.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
+            s.host,
+            ",".join(s.tags),
+            format_bytes(s.summary.bytes_processed),
+            "incomplete" if s.incomplete else "",
+            " ".join(s.paths),
+        )
         for s in snaps
     ]
     out.table(["ID", "Time", "Host", "Tags", "Size", "State", "Paths"], rows)

@@ -10,7 +10,9 @@ from stratavault.jobs import snapshot_size
 from stratavault.snapshot import find_snapshot
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     """Add the command to the parser."""
     p = sub.add_parser("stats", parents=[common], help="repository or snapshot sizes")
     p.add_argument("snapshot", nargs="?", help="a snapshot ('latest' or an id)")
@@ -23,8 +25,11 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     with open_repo(options) as repo:
         st = repo.stats()
         doc: dict[str, object] = {
-            "snapshots": st.snapshots, "packs": st.packs, "chunks": st.chunks,
-            "stored_bytes": st.pack_bytes, "raw_bytes": st.raw_bytes,
+            "snapshots": st.snapshots,
+            "packs": st.packs,
+            "chunks": st.chunks,
+            "stored_bytes": st.pack_bytes,
+            "raw_bytes": st.raw_bytes,
             "compression_ratio": round(st.raw_bytes / st.pack_bytes, 3) if st.pack_bytes else None,
         }
         out.text(f"snapshots:        {st.snapshots}")
@@ -34,13 +39,19 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
         if ns.snapshot:
             snap = find_snapshot(repo, ns.snapshot)
             size = snapshot_size(repo, snap)
-            out.text(f"snapshot {snap.short_id}: {size.files} files, {size.dirs} folders, "
-                     f"restore size {format_bytes(size.restore_bytes)}, "
-                     f"{size.unique_chunks} distinct chunks "
-                     f"({format_bytes(size.unique_chunk_bytes)})")
-            doc["snapshot"] = {"id": snap.id, "files": size.files, "dirs": size.dirs,
-                               "restore_bytes": size.restore_bytes,
-                               "unique_chunks": size.unique_chunks,
-                               "unique_chunk_bytes": size.unique_chunk_bytes}
+            out.text(
+                f"snapshot {snap.short_id}: {size.files} files, {size.dirs} folders, "
+                f"restore size {format_bytes(size.restore_bytes)}, "
+                f"{size.unique_chunks} distinct chunks "
+                f"({format_bytes(size.unique_chunk_bytes)})"
+            )
+            doc["snapshot"] = {
+                "id": snap.id,
+                "files": size.files,
+                "dirs": size.dirs,
+                "restore_bytes": size.restore_bytes,
+                "unique_chunks": size.unique_chunks,
+                "unique_chunk_bytes": size.unique_chunk_bytes,
+            }
     out.data(doc)
     return 0

@@ -8,11 +8,14 @@ from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._output import Output
 
 
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+def register(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
+) -> None:
     """Add the command to the parser."""
     p = sub.add_parser("unlock", parents=[common], help="remove stale locks")
-    p.add_argument("--remove-all", action="store_true",
-                   help="remove every lock, also those of live processes")
+    p.add_argument(
+        "--remove-all", action="store_true", help="remove every lock, also those of live processes"
+    )
     p.set_defaults(run=run)
 
 

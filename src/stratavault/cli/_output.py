@@ -8,7 +8,7 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from stratavault.jobs import Progress, ProgressState
+from stratavault.jobs import NullProgress, Progress, ProgressState
 
 __all__ = [
     "JsonProgress",
@@ -27,6 +27,11 @@ def format_bytes(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
+def printable(text: str) -> str:
+    """Show bytes of non-UTF-8 file names as ``\\xNN`` instead of failing to print."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class Output:
     """Where a command writes: text or JSON on stdout, warnings on stderr."""
 
@@ -38,7 +43,7 @@ class Output:
     def text(self, line: str = "") -> None:
         """Print a line for people (not in JSON mode, not when quiet)."""
         if not self.json_mode and not self.quiet:
-            print(line, file=self.stream)
+            print(printable(line), file=self.stream)
 
     def data(self, document: Any) -> None:
         """Print a JSON document (JSON mode only)."""
@@ -55,12 +60,14 @@ class Output:
         print(line.rstrip(), file=self.stream)
         print("-" * len(line.rstrip()), file=self.stream)
         for row in cells:
-            print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(),
-                  file=self.stream)
+            print(
+                "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(),
+                file=self.stream,
+            )
 
     def warn(self, line: str) -> None:
         """A warning on stderr (also when quiet, never in the JSON stream)."""
-        print(f"warning: {line}", file=sys.stderr)
+        print(f"warning: {printable(line)}", file=sys.stderr)
 
 
 class JsonProgress:
@@ -154,7 +161,6 @@ class BarProgress:
 
 def make_progress(*, json_mode: bool, quiet: bool) -> Progress:
     """The progress reporter fitting the output mode and terminal."""
-    from stratavault.jobs import NullProgress
 
     if quiet:
         return NullProgress()

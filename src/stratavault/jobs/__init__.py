@@ -10,6 +10,7 @@ from stratavault.jobs._browse import (
     split_snapshot_ref,
 )
 from stratavault.jobs._progress import Cancellation, NullProgress, Progress, ProgressState
+from stratavault.jobs._restore_files import RestoreOptions, RestoreResult, restore_files
 
 __all__ = [
     "BackupFilesOptions",
@@ -18,10 +19,13 @@ __all__ = [
     "NullProgress",
     "Progress",
     "ProgressState",
+    "RestoreOptions",
+    "RestoreResult",
     "SnapshotSize",
     "backup_files",
     "diff_snapshots",
     "list_entries",
+    "restore_files",
     "snapshot_size",
     "split_snapshot_ref",
 ]

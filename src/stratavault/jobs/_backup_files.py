@@ -42,7 +42,7 @@ from stratavault.snapshot import (
     save_tree,
     select_snapshots,
 )
-from stratavault.sources import FileStamp, FsEntry, entry_from_path, same_file_stat, walk
+from stratavault.sources import FileStamp, FsEntry, same_file_stat, walk
 
 __all__ = ["BackupFilesOptions", "backup_files"]
 
@@ -70,11 +70,23 @@ class BackupFilesOptions:
 def node_from_entry(entry: FsEntry) -> Node:
     """A tree node with the metadata of a walked entry (content comes later)."""
     return Node(
-        name=entry.name, type=str(entry.type), mode=entry.mode, uid=entry.uid, gid=entry.gid,
-        user=entry.user, group=entry.group, size=entry.size if entry.type == "file" else 0,
-        mtime_ns=entry.mtime_ns, atime_ns=entry.atime_ns, ctime_ns=entry.ctime_ns,
-        inode=entry.inode, dev=entry.dev, nlink=entry.nlink, rdev=entry.rdev,
-        link_target=entry.link_target, xattrs=dict(entry.xattrs),
+        name=entry.name,
+        type=str(entry.type),
+        mode=entry.mode,
+        uid=entry.uid,
+        gid=entry.gid,
+        user=entry.user,
+        group=entry.group,
+        size=entry.size if entry.type == "file" else 0,
+        mtime_ns=entry.mtime_ns,
+        atime_ns=entry.atime_ns,
+        ctime_ns=entry.ctime_ns,
+        inode=entry.inode,
+        dev=entry.dev,
+        nlink=entry.nlink,
+        rdev=entry.rdev,
+        link_target=entry.link_target,
+        xattrs=dict(entry.xattrs),
     )
 
 
@@ -92,8 +104,12 @@ class _Run:
     """State of one backup run."""
 
     def __init__(
-        self, repo: Repository, options: BackupFilesOptions, parent: Snapshot | None,
-        progress: Progress, cancel: Cancellation,
+        self,
+        repo: Repository,
+        options: BackupFilesOptions,
+        parent: Snapshot | None,
+        progress: Progress,
+        cancel: Cancellation,
     ) -> None:
         self.repo, self.options, self.progress, self.cancel = repo, options, progress, cancel
         self.parents = ParentTrees(repo, parent.tree if parent else None)
@@ -151,15 +167,21 @@ class _Run:
             old.type == NodeType.FILE
             and old.error is None
             and not self.options.force_read
-            and same_file_stat(FileStamp(old.size, old.mtime_ns, old.ctime_ns, old.inode),
-                               entry.stamp)
+            and same_file_stat(
+                FileStamp(old.size, old.mtime_ns, old.ctime_ns, old.inode), entry.stamp
+            )
             and all(cid is None or self.repo.has_chunk(cid) for cid, _ in old.content)
         )
 
     def _read(self, entry: FsEntry) -> FileChunkResult:
         self.cancel.check()
-        return chunk_file(self.repo, entry, level=self.options.compression_level,
-                          cancel=self.cancel, on_bytes=self._count_bytes)
+        return chunk_file(
+            self.repo,
+            entry,
+            level=self.options.compression_level,
+            cancel=self.cancel,
+            on_bytes=self._count_bytes,
+        )
 
     def _count_bytes(self, n: int) -> None:
         with self.lock:
@@ -228,8 +250,13 @@ def _ancestors(paths: list[PurePosixPath]) -> list[PurePosixPath]:
 def _walk_roots(run: _Run, roots: list[PurePosixPath], dirs: dict[PurePosixPath, _Dir]) -> None:
     opts = run.options
     for root in roots:
-        for entry in walk([Path(root)], excludes=opts.excludes, exclude_files=opts.exclude_files,
-                          one_file_system=opts.one_file_system, on_error=run.on_walk_error):
+        for entry in walk(
+            [Path(root)],
+            excludes=opts.excludes,
+            exclude_files=opts.exclude_files,
+            one_file_system=opts.one_file_system,
+            on_error=run.on_walk_error,
+        ):
             run.cancel.check()
             parent = PurePosixPath(entry.parent)
             if entry.depth == 0:
@@ -246,14 +273,24 @@ def _walk_roots(run: _Run, roots: list[PurePosixPath], dirs: dict[PurePosixPath,
 def _build_ancestors(run: _Run, roots: list[PurePosixPath]) -> dict[PurePosixPath, _Dir]:
     dirs: dict[PurePosixPath, _Dir] = {}
     for path in _ancestors(roots):
-        try:
-            node = node_from_entry(entry_from_path(Path(path)))
-        except OSError as exc:
-            raise SourceError(f"backup: cannot read folder {path}: {exc.strerror}") from exc
+        node = node_from_entry(_entry_of(Path(path)))
         dirs[path] = _Dir(path, node)
         if path != path.parent:
             dirs[path.parent].children.append(node)
     return dirs
+
+
+def _entry_of(path: Path) -> FsEntry:
+    """The metadata of one folder above a backed-up path (its contents are not read)."""
+
+    def fail(where: Path, exc: OSError) -> None:
+        raise SourceError(f"backup: cannot read folder {where}: {exc.strerror or exc}")
+
+    entries = walk([path], on_error=fail)
+    try:
+        return next(iter(entries))
+    finally:
+        entries.close()  # type: ignore[attr-defined]
 
 
 def _finish_ancestors(run: _Run, dirs: dict[PurePosixPath, _Dir]) -> Node:
@@ -265,7 +302,9 @@ def _finish_ancestors(run: _Run, dirs: dict[PurePosixPath, _Dir]) -> Node:
     return dirs[PurePosixPath("/")].node
 
 
-def _pick_parent(repo: Repository, options: BackupFilesOptions, paths: list[str]) -> Snapshot | None:
+def _pick_parent(
+    repo: Repository, options: BackupFilesOptions, paths: list[str]
+) -> Snapshot | None:
     snaps = load_snapshots(repo)
     if options.parent:
         sid = repo.resolve_snapshot_id(options.parent)
@@ -322,9 +361,16 @@ def backup_files(
         run.summary.duration_s = round(now() - t0, 3)
         assert root.subtree is not None
         snapshot = Snapshot(
-            time=started, host=options.host, user=getpass.getuser(), paths=paths,
-            tree=root.subtree, tags=list(options.tags), parent=parent.id if parent else None,
-            errors=run.errors, summary=run.summary, program_version=__version__,
+            time=started,
+            host=options.host,
+            user=getpass.getuser(),
+            paths=paths,
+            tree=root.subtree,
+            tags=list(options.tags),
+            parent=parent.id if parent else None,
+            errors=run.errors,
+            summary=run.summary,
+            program_version=__version__,
         )
         save_snapshot(repo, snapshot)
     progress.done(run.state)

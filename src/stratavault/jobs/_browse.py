@@ -58,7 +58,9 @@ def _all(repo: Repository, change: str, path: str, node: Node) -> Iterator[DiffE
             yield DiffEntry(change, sub_path, sub)
 
 
-def _compare(repo: Repository, a: ChunkId | None, b: ChunkId | None, base: str) -> Iterator[DiffEntry]:
+def _compare(
+    repo: Repository, a: ChunkId | None, b: ChunkId | None, base: str
+) -> Iterator[DiffEntry]:
     if a == b:
         return  # identical subtrees: nothing below differs
     old, new = _children(repo, a), _children(repo, b)
@@ -75,10 +77,17 @@ def _compare(repo: Repository, a: ChunkId | None, b: ChunkId | None, base: str) 
                 continue
             if x.type == NodeType.FILE and x.content != y.content:
                 yield DiffEntry("M", path, y)
-            elif x.type != NodeType.DIR and x.to_json() != y.to_json():
+            elif x.type != NodeType.DIR and _metadata(x) != _metadata(y):
                 yield DiffEntry("U", path, y)
             if x.type == NodeType.DIR:
                 yield from _compare(repo, x.subtree, y.subtree, path)
+
+
+def _metadata(node: Node) -> dict[str, object]:
+    """What counts as a metadata change (access times do not)."""
+    doc = node.to_json()
+    doc.pop("atime_ns", None)
+    return doc
 
 
 def diff_snapshots(repo: Repository, first: Snapshot, second: Snapshot) -> Iterator[DiffEntry]:
