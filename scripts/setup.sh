@@ -53,9 +53,15 @@ install_debian_packages() {
 pick_python() {
     # pyenv's python3 when PATH gives it, else Debian's.
     local py
-    py=$(command -v python3 || true)
-    if [ -z "$py" ]; then py=/usr/bin/python3; fi
-    echo "$py"
+    for py in "$(command -v python3 || true)" /usr/bin/python3; do
+        if [ -n "$py" ] && "$py" -c 'import sys, venv, ensurepip; assert sys.version_info >= (3, 11)' \
+            2>/dev/null; then
+            echo "$py"
+            return
+        fi
+    done
+    echo "setup.sh: no usable python3 >= 3.11 with venv support" >&2
+    exit 1
 }
 
 build_venv() {
