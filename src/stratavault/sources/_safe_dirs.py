@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -79,7 +80,7 @@ class DirFds:
         try:
             fd = os.open(parts[-1], _DIR_FLAGS, dir_fd=parent)
         except OSError as exc:
-            raise _dir_error(parts, exc) from exc
+            raise _dir_error(parent, parts, exc) from exc
         self._cache[parts] = fd
         while len(self._cache) > self._max:
             _, old = self._cache.popitem(last=False)
@@ -92,11 +93,18 @@ class DirFds:
             os.close(self._cache.popitem()[1])
 
 
-def _dir_error(parts: tuple[bytes, ...], exc: OSError) -> RestoreError:
+def _dir_error(parent_fd: int, parts: tuple[bytes, ...], exc: OSError) -> RestoreError:
     where = display(parts)
-    if exc.errno == errno.ELOOP:
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR) and _is_symlink(parent_fd, parts[-1]):
         return UnsafePathError(
             f"opening directory {where!r} in the restore target - it is a symbolic link, "
             "which restore never follows"
         )
     return RestoreError(f"opening directory {where!r} in the restore target - {exc.strerror}")
+
+
+def _is_symlink(dir_fd: int, name: bytes) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
