@@ -1,0 +1,51 @@
+"""The public face of stratavault.sources."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import stratavault.sources as sources
+from stratavault.snapshot import Node
+
+
+def test_exported_members() -> None:
+    assert sorted(sources.__all__) == [
+        "DEFAULT_READ_BUFFER_BYTES",
+        "EntryMetadata",
+        "EntryType",
+        "ErrorHandler",
+        "ExcludeMatcher",
+        "FileChangedError",
+        "FileStamp",
+        "FsEntry",
+        "FsRestorer",
+        "OwnerNames",
+        "RelPath",
+        "RestoreFile",
+        "RestoreIssue",
+        "SparseFileReader",
+        "ZEROS",
+        "check_name",
+        "read_exclude_file",
+        "read_file_extents",
+        "read_xattrs",
+        "same_file_stat",
+        "walk",
+    ]
+    for name in sources.__all__:
+        assert hasattr(sources, name)
+
+
+def test_snapshot_nodes_serve_as_restore_metadata(tmp_path: Path) -> None:
+    """The snapshot's tree node satisfies EntryMetadata, so restore can take it as is."""
+    node = Node(name="f", type="file", mode=0o600, size=2, mtime_ns=10**18, xattrs={"user.a": b"1"})
+    link = Node(name="l", type="symlink", link_target="f")
+    with sources.FsRestorer(tmp_path / "t") as restorer:
+        handle = restorer.create_file([node.name], node)
+        assert handle is not None
+        handle.write_at(0, b"hi")
+        restorer.finish_file(handle)
+        assert restorer.make_entry([link.name], link)
+    assert restorer.issues == []
+    assert (tmp_path / "t" / "f").stat().st_mtime_ns == 10**18
+    assert (tmp_path / "t" / "l").readlink() == Path("f")
