@@ -64,6 +64,12 @@ pick_python() {
     exit 1
 }
 
+pip_quiet() {
+    # This machine's pip configuration names local indexes that may be absent: drop that noise.
+    .venv/bin/python -m pip -q --disable-pip-version-check "$@" 2>&1 \
+        | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
+}
+
 build_venv() {
     local stamp=.venv/.setup-stamp want py
     want=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
@@ -78,10 +84,9 @@ build_venv() {
         "$py" -m venv .venv
     fi
     log "venv: installing requirements.lock (hash-checked)"
-    .venv/bin/python -m pip install -q --disable-pip-version-check \
-        --require-hashes -r requirements.lock
+    pip_quiet install --require-hashes -r requirements.lock
     log "venv: installing the project (editable)"
-    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+    pip_quiet install --no-deps -e .
     echo "$want" >"$stamp"
 }
 
