@@ -31,12 +31,14 @@ class FileChangedError(Exception):
     keep the content (marked as possibly inconsistent) or to read again.
     """
 
-    def __init__(self, path: Path, before: FileStamp, after: FileStamp | None) -> None:
+    def __init__(self, path: Path, before: FileStamp, after: FileStamp) -> None:
         self.path = path
         self.before = before
         self.after = after
-        what = "was truncated" if after is None else f"{before} became {after}"
-        super().__init__(f"reading file {path} - it changed while being read ({what})")
+        super().__init__(
+            f"reading file {path} - it changed while being read "
+            f"(size {before.size} -> {after.size}, mtime_ns {before.mtime_ns} -> {after.mtime_ns})"
+        )
 
 
 class SparseFileReader:
