@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -137,7 +138,7 @@ class BorgTool(Tool):
 
     def env(self) -> dict[str, str]:
         env = super().env()
-        env["BORG_PASSCOMMAND"] = f"cat {self.home / 'password'}"
+        env["BORG_PASSCOMMAND"] = "cat " + shlex.quote(str(self.home / "password"))
         env["BORG_BASE_DIR"] = str(self.home / "borg-base")
         return env
 
