@@ -28,7 +28,14 @@ from stratavault import __version__
 from stratavault.errors import Interrupted, SourceError
 from stratavault.jobs._file_chunks import FileChunkResult, chunk_file
 from stratavault.jobs._parent_trees import ParentTrees
-from stratavault.jobs._progress import Cancellation, NullProgress, Progress, ProgressState, now
+from stratavault.jobs._progress import (
+    Cancellation,
+    NullProgress,
+    Progress,
+    ProgressState,
+    Ticker,
+    now,
+)
 from stratavault.repo import Repository
 from stratavault.snapshot import (
     FileError,
@@ -217,7 +224,6 @@ class _Run:
         elif entry.type == NodeType.FILE:
             self.add_file(entry, node, container)
         self.state.current = str(entry.path)
-        self.progress.update(self.state)
 
     def close_until(self, parent: PurePosixPath | None) -> None:
         """Close walked directories that are not ``parent`` or an ancestor of it."""
@@ -348,30 +354,51 @@ def backup_files(
         paths = [str(r) for r in roots]
         parent = _pick_parent(repo, options, paths)
         run = _Run(repo, options, parent, progress, cancel)
-        try:
-            dirs = _build_ancestors(run, roots)
-            _walk_roots(run, roots, dirs)
-            root = _finish_ancestors(run, dirs)
-        except BaseException:
-            cancel.cancel()
-            run.pool.shutdown(wait=True, cancel_futures=True)
-            repo.flush()
-            raise
+        with Ticker(progress, run.state):
+            snapshot = _run_and_save(run, roots, paths, parent, started, t0)
+    progress.done(run.state)
+    return snapshot
+
+
+def _run_and_save(
+    run: _Run,
+    roots: list[PurePosixPath],
+    paths: list[str],
+    parent: Snapshot | None,
+    started: dt.datetime,
+    t0: float,
+) -> Snapshot:
+    """Walk, wait for the files, write the trees and the snapshot.
+
+    On any failure or Ctrl-C the workers stop, and what was uploaded gets indexed,
+    so the next backup reuses it; no snapshot is written.
+    """
+    try:
+        dirs = _build_ancestors(run, roots)
+        _walk_roots(run, roots, dirs)
+        root = _finish_ancestors(run, dirs)
         run.pool.shutdown(wait=True)
-        run.summary.duration_s = round(now() - t0, 3)
         assert root.subtree is not None
+        run.summary.duration_s = round(now() - t0, 3)
         snapshot = Snapshot(
             time=started,
-            host=options.host,
+            host=run.options.host,
             user=getpass.getuser(),
             paths=paths,
             tree=root.subtree,
-            tags=list(options.tags),
+            tags=list(run.options.tags),
             parent=parent.id if parent else None,
             errors=run.errors,
             summary=run.summary,
             program_version=__version__,
         )
-        save_snapshot(repo, snapshot)
-    progress.done(run.state)
+        run.cancel.check()
+        run.repo.flush()
+        run.cancel.check()
+        save_snapshot(run.repo, snapshot)
+    except BaseException:
+        run.cancel.cancel()
+        run.pool.shutdown(wait=True, cancel_futures=True)
+        run.repo.flush()
+        raise
     return snapshot

@@ -9,7 +9,7 @@ from typing import Protocol
 
 from stratavault.errors import Interrupted
 
-__all__ = ["Cancellation", "NullProgress", "Progress", "ProgressState"]
+__all__ = ["Cancellation", "NullProgress", "Progress", "ProgressState", "Ticker"]
 
 
 @dataclass(slots=True)
@@ -81,3 +81,28 @@ class Cancellation:
 def now() -> float:
     """Monotonic seconds, for durations."""
     return time.monotonic()
+
+
+class Ticker:
+    """Reports ``state`` every ``interval_s`` from a background thread while a job runs.
+
+    Workers only update counters; the ticker is what the outside sees, so a job
+    that waits for uploads still shows progress.
+    """
+
+    def __init__(self, progress: Progress, state: ProgressState, interval_s: float = 0.25) -> None:
+        self._progress, self._state, self._interval_s = progress, state, interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="progress", daemon=True)
+
+    def __enter__(self) -> Ticker:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self._progress.update(self._state)

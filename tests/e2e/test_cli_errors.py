@@ -1,0 +1,164 @@
+"""Exit codes, key slots, interruption and hostile snapshots, through the real command line."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from stratavault.errors import (
+    IncompleteSnapshotError,
+    PassphraseError,
+    RepositoryLockedError,
+    RepositoryNotFoundError,
+)
+from stratavault.jobs import RestoreOptions, restore_files
+from stratavault.repo import KdfParams, Repository
+from stratavault.snapshot import Node, Snapshot, save_snapshot, save_tree
+from stratavault.storage import LocalStorage
+from tests.e2e.conftest import Cli
+
+
+def test_exit_codes_are_distinct() -> None:
+    codes = {c.exit_code for c in (PassphraseError, RepositoryNotFoundError,
+                                   RepositoryLockedError, IncompleteSnapshotError)}
+    assert len(codes) == 4 and 0 not in codes and 1 not in codes
+
+
+def test_wrong_passphrase_and_missing_repository(cli: Cli, tmp_path: Path) -> None:
+    assert cli("init").code == 0
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not the passphrase")
+    result = cli("snapshots", "--password-file", wrong)
+    assert result.code == PassphraseError.exit_code
+    assert "passphrase" in result.err
+    missing = cli("snapshots", "-r", tmp_path / "nowhere")
+    assert missing.code == RepositoryNotFoundError.exit_code
+    assert "nowhere" in missing.err
+    no_pass = cli.subprocess("snapshots", env={"STRATAVAULT_PASSWORD_FILE": ""})
+    assert no_pass.code == PassphraseError.exit_code
+
+
+def test_password_command_and_key_management(cli: Cli, tmp_path: Path) -> None:
+    assert cli("init").code == 0
+    other = tmp_path / "other-pass"
+    other.write_text("second passphrase")
+    assert cli("key", "add", "--new-password-file", other).code == 0
+    keys = cli("key", "list", "--json").json()
+    assert isinstance(keys, list) and len(keys) == 2
+    assert sum(k["current"] for k in keys) == 1
+    via_cmd = cli("snapshots", "--password-command", f"cat {other}")
+    assert via_cmd.code == 0, via_cmd.err
+    # Remove the first slot while using the second.
+    first = next(k["id"] for k in keys if k["current"])
+    removed = cli("key", "remove", first[:12], "--password-file", other)
+    assert removed.code == 0, removed.err
+    assert cli("snapshots").code == PassphraseError.exit_code
+    third = tmp_path / "third"
+    third.write_text("third passphrase")
+    assert cli("key", "passwd", "--password-file", other, "--new-password-file", third).code == 0
+    assert cli("snapshots", "--password-file", other).code == PassphraseError.exit_code
+    assert cli("snapshots", "--password-file", third).code == 0
+
+
+def test_hostile_snapshot_cannot_write_outside_target(tmp_path: Path) -> None:
+    """A snapshot made by a malicious client: names with .., /, and a symlinked parent."""
+    storage = LocalStorage(tmp_path / "repo")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    with Repository.init(storage, b"pw", cache_dir=None, kdf=KdfParams.fast()) as repo:
+        data = b"evil payload"
+        cid = repo.chunk_id(data)
+        repo.add_chunk(cid, data)
+        evil = [
+            Node(name="..", type="file", mode=0o644, size=len(data), content=[(cid, len(data))]),
+            Node(name=f"..{os.sep}..{os.sep}escaped", type="file", mode=0o644, size=len(data),
+                 content=[(cid, len(data))]),
+            Node(name=str(outside / "abs"), type="file", mode=0o644, size=len(data),
+                 content=[(cid, len(data))]),
+            Node(name="d", type="symlink", mode=0o777, link_target=str(outside)),
+        ]
+        inner = save_tree(repo, [Node(name="x", type="file", mode=0o644, size=len(data),
+                                      content=[(cid, len(data))])])
+        evil.append(Node(name="d", type="dir", mode=0o755, subtree=inner))
+        evil.append(Node(name="ok", type="file", mode=0o644, size=len(data),
+                         content=[(cid, len(data))]))
+        import datetime as dt
+
+        snap = Snapshot(time=dt.datetime.now(dt.UTC), host="evil", paths=["/"],
+                        tree=save_tree(repo, evil))
+        save_snapshot(repo, snap)
+        target = tmp_path / "target"
+        result = restore_files(repo, snap, RestoreOptions(target=target))
+    assert list(outside.iterdir()) == []
+    assert not (tmp_path / "escaped").exists()
+    assert (target / "ok").read_bytes() == b"evil payload"
+    assert len(result.issues) >= 3
+    assert any(".." in path for path, _ in result.issues)
+
+
+def _tree(root: Path, files: int, size: int) -> None:
+    rnd = random.Random(5)
+    for i in range(files):
+        sub = root / f"d{i % 7}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"f{i}").write_bytes(rnd.randbytes(size))
+
+
+def _start_backup(cli: Cli, src: Path) -> subprocess.Popen[bytes]:
+    exe = Path(sys.executable).with_name("stratavault")
+    # The upload limit makes the backup last long enough to be interrupted in the middle.
+    return subprocess.Popen([str(exe), "backup", "files", str(src), "--json",
+                             "--limit-upload", "40000"],
+                            env={**os.environ, **cli.env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+def _wait_for_packs(proc: subprocess.Popen[bytes], repo: Path, count: int) -> None:
+    """Wait until ``count`` packs have landed, while the backup still runs."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "backup ended before it was interrupted"
+        if sum(1 for p in (repo / "data").rglob("*") if p.is_file()) >= count:
+            return
+        time.sleep(0.02)
+    raise AssertionError("no packs landed within 60 s")
+
+
+def test_ctrl_c_leaves_consistent_repository_and_next_backup_reuses(cli: Cli, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _tree(src, 160, 1 << 20)
+    cli("init")
+    proc = _start_backup(cli, src)
+    _wait_for_packs(proc, cli.repo, 2)
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert b"interrupted" in err
+    assert cli("snapshots", "--json").json() == []
+    second = cli("backup", "files", src, "--json")
+    assert second.code == 0, second.err
+    summary = second.json_lines()[-1]
+    assert summary["bytes_added_stored"] < 130 << 20  # what landed before Ctrl-C was reused
+
+
+def test_sigkill_mid_backup_then_resume(cli: Cli, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _tree(src, 160, 1 << 20)
+    cli("init")
+    proc = _start_backup(cli, src)
+    _wait_for_packs(proc, cli.repo, 3)
+    proc.kill()
+    proc.wait(timeout=30)
+    assert cli("snapshots", "--json").json() == []
+    cli("unlock")
+    second = cli("backup", "files", src, "--json")
+    assert second.code == 0, second.err
+    summary = second.json_lines()[-1]
+    assert summary["bytes_added_stored"] < 130 << 20  # the 3 packs that had landed were reused
+    target = tmp_path / "restore"
+    assert cli("restore", "latest", "--target", target, "--verify").code == 0
