@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator
 
 from pyfastcdc import FastCDC
 
-__all__ = ["CdcChunker", "FixedChunker", "DEFAULT_CDC_AVG_BYTES"]
+__all__ = ["DEFAULT_CDC_AVG_BYTES", "CdcChunker", "FixedChunker"]
 
 DEFAULT_CDC_AVG_BYTES = 1 << 20
 

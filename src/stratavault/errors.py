@@ -34,6 +34,7 @@ operation, the object and the cause ("reading pack data/ab/abcd… - truncated")
 from __future__ import annotations
 
 __all__ = [
+    "EXIT_CODES",
     "ChunkNotFoundError",
     "DataDamagedError",
     "IncompleteSnapshotError",
@@ -59,7 +60,6 @@ __all__ = [
     "UnsafePathError",
     "UnsupportedFormatError",
     "UsageError",
-    "EXIT_CODES",
 ]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from typing import NewType
 
-__all__ = ["BlobKind", "ChunkId", "CHUNK_ID_BYTES"]
+__all__ = ["CHUNK_ID_BYTES", "BlobKind", "ChunkId"]
 
 CHUNK_ID_BYTES = 32
 

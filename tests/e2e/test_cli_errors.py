@@ -24,8 +24,15 @@ from tests.e2e.conftest import Cli
 
 
 def test_exit_codes_are_distinct() -> None:
-    codes = {c.exit_code for c in (PassphraseError, RepositoryNotFoundError,
-                                   RepositoryLockedError, IncompleteSnapshotError)}
+    codes = {
+        c.exit_code
+        for c in (
+            PassphraseError,
+            RepositoryNotFoundError,
+            RepositoryLockedError,
+            IncompleteSnapshotError,
+        )
+    }
     assert len(codes) == 4 and 0 not in codes and 1 not in codes
 
 
@@ -76,21 +83,35 @@ def test_hostile_snapshot_cannot_write_outside_target(tmp_path: Path) -> None:
         repo.add_chunk(cid, data)
         evil = [
             Node(name="..", type="file", mode=0o644, size=len(data), content=[(cid, len(data))]),
-            Node(name=f"..{os.sep}..{os.sep}escaped", type="file", mode=0o644, size=len(data),
-                 content=[(cid, len(data))]),
-            Node(name=str(outside / "abs"), type="file", mode=0o644, size=len(data),
-                 content=[(cid, len(data))]),
+            Node(
+                name=f"..{os.sep}..{os.sep}escaped",
+                type="file",
+                mode=0o644,
+                size=len(data),
+                content=[(cid, len(data))],
+            ),
+            Node(
+                name=str(outside / "abs"),
+                type="file",
+                mode=0o644,
+                size=len(data),
+                content=[(cid, len(data))],
+            ),
             Node(name="d", type="symlink", mode=0o777, link_target=str(outside)),
         ]
-        inner = save_tree(repo, [Node(name="x", type="file", mode=0o644, size=len(data),
-                                      content=[(cid, len(data))])])
+        inner = save_tree(
+            repo,
+            [Node(name="x", type="file", mode=0o644, size=len(data), content=[(cid, len(data))])],
+        )
         evil.append(Node(name="d", type="dir", mode=0o755, subtree=inner))
-        evil.append(Node(name="ok", type="file", mode=0o644, size=len(data),
-                         content=[(cid, len(data))]))
+        evil.append(
+            Node(name="ok", type="file", mode=0o644, size=len(data), content=[(cid, len(data))])
+        )
         import datetime as dt
 
-        snap = Snapshot(time=dt.datetime.now(dt.UTC), host="evil", paths=["/"],
-                        tree=save_tree(repo, evil))
+        snap = Snapshot(
+            time=dt.datetime.now(dt.UTC), host="evil", paths=["/"], tree=save_tree(repo, evil)
+        )
         save_snapshot(repo, snap)
         target = tmp_path / "target"
         result = restore_files(repo, snap, RestoreOptions(target=target))
@@ -112,10 +133,12 @@ def _tree(root: Path, files: int, size: int) -> None:
 def _start_backup(cli: Cli, src: Path) -> subprocess.Popen[bytes]:
     exe = Path(sys.executable).with_name("stratavault")
     # The upload limit makes the backup last long enough to be interrupted in the middle.
-    return subprocess.Popen([str(exe), "backup", "files", str(src), "--json",
-                             "--limit-upload", "40000"],
-                            env={**os.environ, **cli.env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [str(exe), "backup", "files", str(src), "--json", "--limit-upload", "40000"],
+        env={**os.environ, **cli.env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def _wait_for_packs(proc: subprocess.Popen[bytes], repo: Path, count: int) -> None:
@@ -129,7 +152,9 @@ def _wait_for_packs(proc: subprocess.Popen[bytes], repo: Path, count: int) -> No
     raise AssertionError("no packs landed within 60 s")
 
 
-def test_ctrl_c_leaves_consistent_repository_and_next_backup_reuses(cli: Cli, tmp_path: Path) -> None:
+def test_ctrl_c_leaves_consistent_repository_and_next_backup_reuses(
+    cli: Cli, tmp_path: Path
+) -> None:
     src = tmp_path / "src"
     _tree(src, 160, 1 << 20)
     cli("init")

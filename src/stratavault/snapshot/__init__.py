@@ -7,6 +7,15 @@ from stratavault.snapshot._snapshot import (
     latest,
     select_snapshots,
 )
+from stratavault.snapshot._store import (
+    find_snapshot,
+    load_snapshots,
+    load_tree,
+    resolve_path,
+    save_snapshot,
+    save_tree,
+    walk_tree,
+)
 from stratavault.snapshot._tree import ContentRun, Node, NodeType, decode_tree, encode_tree
 
 __all__ = [
@@ -18,6 +27,13 @@ __all__ = [
     "SnapshotSummary",
     "decode_tree",
     "encode_tree",
+    "find_snapshot",
     "latest",
+    "load_snapshots",
+    "load_tree",
+    "resolve_path",
+    "save_snapshot",
+    "save_tree",
     "select_snapshots",
+    "walk_tree",
 ]

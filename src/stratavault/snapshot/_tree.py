@@ -78,7 +78,9 @@ class Node:
         if self.link_target is not None:
             out["link_target"] = self.link_target
         if self.xattrs:
-            out["xattrs"] = {k: base64.b64encode(v).decode() for k, v in sorted(self.xattrs.items())}
+            out["xattrs"] = {
+                k: base64.b64encode(v).decode() for k, v in sorted(self.xattrs.items())
+            }
         if self.type == NodeType.FILE:
             out["content"] = [[cid.hex() if cid else None, n] for cid, n in self.content]
         if self.subtree is not None:
