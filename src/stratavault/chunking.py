@@ -24,6 +24,8 @@ class CdcChunker:
 
     def __init__(self, avg_bytes: int = DEFAULT_CDC_AVG_BYTES) -> None:
         self._cdc = FastCDC(avg_size=avg_bytes)
+        self.min_bytes: int = self._cdc.min_size
+        """Streams up to this size are always one chunk."""
         self.max_bytes: int = self._cdc.max_size
 
     def split(self, buffers: Iterable[bytes | bytearray | memoryview]) -> Iterator[memoryview]:

@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 
 from stratavault import __version__
 from stratavault.errors import Interrupted, SourceError
-from stratavault.jobs._file_chunks import FileChunkResult, chunk_file
+from stratavault.jobs._file_chunks import FileChunkResult, chunk_files
 from stratavault.jobs._parent_trees import ParentTrees
 from stratavault.jobs._progress import (
     Cancellation,
@@ -70,8 +70,11 @@ class BackupFilesOptions:
     """Read every file even if it looks unchanged since the parent snapshot."""
     compression_level: int = 3
     workers: int = 0
-    """Worker threads (0: two per core, at least four)."""
-    max_pending_files: int = 256
+    """Worker threads (0: one per core; more only add GIL contention)."""
+    max_pending_batches: int = 0
+    """Batches of files queued for the workers (0: two per worker); bounds memory."""
+    max_closed_dirs: int = 1024
+    """Finished folders waiting for their files before the walk pauses."""
 
 
 def node_from_entry(entry: FsEntry) -> Node:
@@ -97,18 +100,49 @@ def node_from_entry(entry: FsEntry) -> Node:
     )
 
 
+_Results = list[FileChunkResult | OSError]
+
+
+@dataclass(slots=True)
+class _Batch:
+    """Files read together by one worker task (many small files cost one task)."""
+
+    future: Future[_Results] = field(default_factory=Future)
+    entries: list[FsEntry] = field(default_factory=list)
+    size_bytes: int = 0
+
+
 @dataclass(slots=True)
 class _Dir:
-    """A directory being built: its node in the parent, its children, files in flight."""
+    """A directory being built: its node in the parent, its children, batches in flight."""
 
-    path: PurePosixPath
+    path: str
     node: Node
     children: list[Node] = field(default_factory=list)
-    pending: list[Future[FileChunkResult]] = field(default_factory=list)
+    pending: list[Future[_Results]] = field(default_factory=list)
+
+    def wait_on(self, future: Future[_Results]) -> None:
+        """Do not write this directory's tree before ``future`` is done."""
+        if not self.pending or self.pending[-1] is not future:
+            self.pending.append(future)
+
+
+def _chain(source: Future[_Results], target: Future[_Results]) -> None:
+    """Pass the outcome of the worker's future on to the batch's future."""
+    if source.cancelled():
+        target.cancel()
+        target.set_running_or_notify_cancel()
+    elif (exc := source.exception()) is not None:
+        target.set_exception(exc)
+    else:
+        target.set_result(source.result())
 
 
 class _Run:
     """State of one backup run."""
+
+    BATCH_FILES = 64
+    BATCH_BYTES = 8 << 20
 
     def __init__(
         self,
@@ -120,16 +154,17 @@ class _Run:
     ) -> None:
         self.repo, self.options, self.progress, self.cancel = repo, options, progress, cancel
         self.parents = ParentTrees(repo, parent.tree if parent else None)
-        workers = options.workers or max(4, 2 * (os.cpu_count() or 1))
+        workers = options.workers or (os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="backup")
-        self.slots = threading.BoundedSemaphore(options.max_pending_files)
+        self.slots = threading.BoundedSemaphore(options.max_pending_batches or 2 * workers)
         self.lock = threading.Lock()
         self.closing: deque[_Dir] = deque()
         self.stack: list[_Dir] = []
         self.errors: list[FileError] = []
         self.summary = SnapshotSummary()
         self.state = ProgressState(phase="backup", started=now())
-        self.links: dict[tuple[int, int], Future[FileChunkResult]] = {}
+        self.batch = _Batch()
+        self.links: dict[tuple[int, int], tuple[_Batch, int]] = {}
 
     def error(self, path: object, message: str) -> None:
         """Record a path that could not be backed up completely."""
@@ -145,7 +180,7 @@ class _Run:
     # -- files ---------------------------------------------------------------
     def add_file(self, entry: FsEntry, node: Node, container: _Dir) -> None:
         """Reuse the parent's content for an unchanged file, else schedule a read."""
-        old = self.parents.lookup(PurePosixPath(entry.parent), entry.name)
+        old = self.parents.lookup(str(entry.parent), entry.name)
         self.summary.bytes_processed += entry.size
         if old is not None and self._unchanged(old, entry):
             node.content = list(old.content)
@@ -159,15 +194,29 @@ class _Run:
         else:
             self.summary.files_changed += 1
         key = (entry.dev, entry.inode)
-        future = self.links.get(key) if entry.nlink > 1 else None
-        if future is None:
-            self.slots.acquire()
-            future = self.pool.submit(self._read, entry)
-            future.add_done_callback(lambda _f: self.slots.release())
+        found = self.links.get(key) if entry.nlink > 1 else None
+        if found is None:
+            batch, position = self.batch, len(self.batch.entries)
+            batch.entries.append(entry)
+            batch.size_bytes += entry.size
             if entry.nlink > 1:
-                self.links[key] = future
-        future.add_done_callback(lambda f: self._file_done(f, node, entry.path))
-        container.pending.append(future)
+                self.links[key] = (batch, position)
+        else:
+            batch, position = found
+        batch.future.add_done_callback(lambda f: self._file_done(f, position, node, entry.path))
+        container.wait_on(batch.future)
+        if len(batch.entries) >= self.BATCH_FILES or batch.size_bytes >= self.BATCH_BYTES:
+            self.submit_batch()
+
+    def submit_batch(self) -> None:
+        """Hand the files collected so far to a worker (blocks while too many are queued)."""
+        batch, self.batch = self.batch, _Batch()
+        if not batch.entries:
+            return
+        self.slots.acquire()
+        work = self.pool.submit(self._read, batch.entries)
+        work.add_done_callback(lambda _f: self.slots.release())
+        work.add_done_callback(lambda f: _chain(f, batch.future))
 
     def _unchanged(self, old: Node, entry: FsEntry) -> bool:
         return (
@@ -180,11 +229,11 @@ class _Run:
             and all(cid is None or self.repo.has_chunk(cid) for cid, _ in old.content)
         )
 
-    def _read(self, entry: FsEntry) -> FileChunkResult:
+    def _read(self, entries: list[FsEntry]) -> _Results:
         self.cancel.check()
-        return chunk_file(
+        return chunk_files(
             self.repo,
-            entry,
+            entries,
             level=self.options.compression_level,
             cancel=self.cancel,
             on_bytes=self._count_bytes,
@@ -194,15 +243,16 @@ class _Run:
         with self.lock:
             self.state.bytes_done += n
 
-    def _file_done(self, future: Future[FileChunkResult], node: Node, path: Path) -> None:
+    def _file_done(self, future: Future[_Results], position: int, node: Node, path: Path) -> None:
         if future.cancelled() or isinstance(future.exception(), Interrupted):
             return
         exc = future.exception()
-        if exc is not None:
-            node.error = str(exc)
-            self.error(path, str(exc))
+        result = exc if exc is not None else future.result()[position]
+        if isinstance(result, BaseException):
+            why = result.strerror if isinstance(result, OSError) and result.strerror else result
+            node.error = f"cannot read: {why}"
+            self.error(path, node.error)
             return
-        result = future.result()
         node.content = result.content
         if result.changed:
             node.error = "file changed while it was read"
@@ -220,18 +270,22 @@ class _Run:
         self.summary.entries += 1
         container.children.append(node)
         if entry.type == NodeType.DIR:
-            self.stack.append(_Dir(PurePosixPath(entry.path), node))
+            self.stack.append(_Dir(str(entry.path), node))
         elif entry.type == NodeType.FILE:
             self.add_file(entry, node, container)
         self.state.current = str(entry.path)
 
-    def close_until(self, parent: PurePosixPath | None) -> None:
+    def close_until(self, parent: str | None) -> None:
         """Close walked directories that are not ``parent`` or an ancestor of it."""
         while self.stack and self.stack[-1].path != parent:
             done = self.stack.pop()
             self.parents.forget(done.path)
             self.closing.append(done)
-        self.finish_closed(block=len(self.closing) > 4 * self.options.max_pending_files)
+        if len(self.closing) > self.options.max_closed_dirs:
+            self.submit_batch()
+            self.finish_closed(block=True)
+        else:
+            self.finish_closed(block=False)
 
     def finish_closed(self, *, block: bool) -> None:
         """Write the trees of closed directories whose files are all done, in order."""
@@ -253,7 +307,7 @@ def _ancestors(paths: list[PurePosixPath]) -> list[PurePosixPath]:
     return sorted(found, key=lambda p: (len(p.parts), str(p)))
 
 
-def _walk_roots(run: _Run, roots: list[PurePosixPath], dirs: dict[PurePosixPath, _Dir]) -> None:
+def _walk_roots(run: _Run, roots: list[PurePosixPath], dirs: dict[str, _Dir]) -> None:
     opts = run.options
     for root in roots:
         for entry in walk(
@@ -264,7 +318,7 @@ def _walk_roots(run: _Run, roots: list[PurePosixPath], dirs: dict[PurePosixPath,
             on_error=run.on_walk_error,
         ):
             run.cancel.check()
-            parent = PurePosixPath(entry.parent)
+            parent = str(entry.parent)
             if entry.depth == 0:
                 run.close_until(None)
                 container = dirs[parent]
@@ -273,16 +327,17 @@ def _walk_roots(run: _Run, roots: list[PurePosixPath], dirs: dict[PurePosixPath,
                 container = run.stack[-1]
             run.add_entry(entry, container)
         run.close_until(None)
+    run.submit_batch()
     run.finish_closed(block=True)
 
 
-def _build_ancestors(run: _Run, roots: list[PurePosixPath]) -> dict[PurePosixPath, _Dir]:
-    dirs: dict[PurePosixPath, _Dir] = {}
+def _build_ancestors(run: _Run, roots: list[PurePosixPath]) -> dict[str, _Dir]:
+    dirs: dict[str, _Dir] = {}
     for path in _ancestors(roots):
         node = node_from_entry(_entry_of(Path(path)))
-        dirs[path] = _Dir(path, node)
+        dirs[str(path)] = _Dir(str(path), node)
         if path != path.parent:
-            dirs[path.parent].children.append(node)
+            dirs[str(path.parent)].children.append(node)
     return dirs
 
 
@@ -299,13 +354,13 @@ def _entry_of(path: Path) -> FsEntry:
         entries.close()  # type: ignore[attr-defined]
 
 
-def _finish_ancestors(run: _Run, dirs: dict[PurePosixPath, _Dir]) -> Node:
-    for path in sorted(dirs, key=lambda p: -len(p.parts)):
+def _finish_ancestors(run: _Run, dirs: dict[str, _Dir]) -> Node:
+    for path in sorted(dirs, key=lambda p: -p.count("/") - (p != "/")):
         d = dirs[path]
         for f in d.pending:
             f.exception()
         d.node.subtree = save_tree(run.repo, d.children)
-    return dirs[PurePosixPath("/")].node
+    return dirs["/"].node
 
 
 def _pick_parent(

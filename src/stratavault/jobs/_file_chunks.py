@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -12,9 +13,19 @@ from stratavault.snapshot import ContentRun
 from stratavault.sources import FsEntry, SparseFileReader
 from stratavault.types import BlobKind
 
-__all__ = ["FileChunkResult", "chunk_file"]
+__all__ = ["FileChunkResult", "chunk_file", "chunk_files"]
 
 _CHUNKER = CdcChunker()
+_BUFFER_BYTES = 8 << 20
+_local = threading.local()
+
+
+def _buffer() -> bytearray:
+    """The read buffer of this worker thread (one per thread, reused for every file)."""
+    buf: bytearray | None = getattr(_local, "buffer", None)
+    if buf is None:
+        buf = _local.buffer = bytearray(_BUFFER_BYTES)
+    return buf
 
 
 @dataclass(slots=True)
@@ -51,6 +62,16 @@ class _Regions:
                 return
 
 
+def _store(
+    repo: Repository, chunk: bytes | memoryview, level: int, result: FileChunkResult
+) -> None:
+    cid = repo.chunk_id(chunk)
+    stored = repo.add_chunk(cid, chunk, BlobKind.DATA, level=level)
+    result.chunks_added += stored > 0
+    result.bytes_stored += stored
+    result.content.append((cid, len(chunk)))
+
+
 def chunk_file(
     repo: Repository,
     entry: FsEntry,
@@ -64,8 +85,8 @@ def chunk_file(
     ``OSError`` when the file cannot be opened or read.
     """
     result = FileChunkResult()
-    with SparseFileReader(entry.path, reuse_buffer=True) as reader:
-        result.size = pos = reader.size
+    with SparseFileReader(entry.path, buffer=_buffer()) as reader:
+        result.size = reader.size
         pos = 0
         for start, pieces in _Regions(reader.extents()):
             if start > pos:
@@ -73,12 +94,7 @@ def chunk_file(
                 pos = start
             for chunk in _CHUNKER.split(pieces):
                 cancel.check()
-                cid = repo.chunk_id(chunk)
-                if not repo.has_chunk(cid):
-                    stored = repo.add_chunk(cid, chunk, BlobKind.DATA, level=level)
-                    result.chunks_added += stored > 0
-                    result.bytes_stored += stored
-                result.content.append((cid, len(chunk)))
+                _store(repo, chunk, level, result)
                 pos += len(chunk)
                 on_bytes(len(chunk))
         result.bytes_read = pos - sum(n for cid, n in result.content if cid is None)
@@ -86,3 +102,22 @@ def chunk_file(
             result.content.append((None, reader.size - pos))
         result.changed = reader.changed()
     return result
+
+
+def chunk_files(
+    repo: Repository,
+    entries: list[FsEntry],
+    *,
+    level: int,
+    cancel: Cancellation,
+    on_bytes: Callable[[int], None],
+) -> list[FileChunkResult | OSError]:
+    """:func:`chunk_file` for several (small) files in one task; errors per file."""
+    results: list[FileChunkResult | OSError] = []
+    for entry in entries:
+        cancel.check()
+        try:
+            results.append(chunk_file(repo, entry, level=level, cancel=cancel, on_bytes=on_bytes))
+        except OSError as exc:
+            results.append(exc)
+    return results

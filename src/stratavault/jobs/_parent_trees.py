@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
+import os
 
 from stratavault.repo import Repository
 from stratavault.snapshot import Node, NodeType, load_tree
@@ -21,29 +21,30 @@ class ParentTrees:
     def __init__(self, repo: Repository, root: ChunkId | None) -> None:
         self._repo = repo
         self._root = root
-        self._cache: dict[PurePosixPath, dict[str, Node]] = {}
+        self._cache: dict[str, dict[str, Node]] = {}
 
-    def children(self, directory: PurePosixPath) -> dict[str, Node]:
-        """The parent snapshot's entries of ``directory`` (absolute), by name."""
+    def children(self, directory: str) -> dict[str, Node]:
+        """The parent snapshot's entries of ``directory`` (absolute, normalized), by name."""
         found = self._cache.get(directory)
         if found is not None:
             return found
         if self._root is None:
             found = {}
-        elif directory == directory.parent:
+        elif directory == "/":
             found = self._load(self._root)
         else:
-            node = self.children(directory.parent).get(directory.name)
+            parent, name = os.path.split(directory)
+            node = self.children(parent).get(name)
             ok = node is not None and node.type == NodeType.DIR and node.subtree is not None
             found = self._load(node.subtree) if ok and node and node.subtree else {}
         self._cache[directory] = found
         return found
 
-    def lookup(self, directory: PurePosixPath, name: str) -> Node | None:
+    def lookup(self, directory: str, name: str) -> Node | None:
         """The parent snapshot's node for ``directory/name``, if any."""
         return self.children(directory).get(name)
 
-    def forget(self, directory: PurePosixPath) -> None:
+    def forget(self, directory: str) -> None:
         """Drop a listing that is no longer needed."""
         self._cache.pop(directory, None)
 

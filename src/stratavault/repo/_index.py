@@ -53,6 +53,8 @@ class ChunkIndex:
         self.packs: list[str] = []
         self._pack_numbers: dict[str, int] = {}
         self._runs: list[Array] = []
+        self._ids: list[npt.NDArray[np.bytes_]] = []
+        """The id column of each run, newest first (views made once, not per lookup)."""
         self._pending: dict[bytes, Entry] = {}
 
     def __len__(self) -> int:
@@ -112,18 +114,24 @@ class ChunkIndex:
             last = self._runs.pop()
             prev = self._runs.pop()
             self._runs.append(_sorted(np.concatenate([prev, last])))
+        self._reindex()
+
+    def _reindex(self) -> None:
+        """Rebuild the id columns after the runs changed (newest run first)."""
+        self._ids = [run["id"] for run in reversed(self._runs)]  # views, no copies
 
     def lookup(self, chunk_id: bytes) -> Entry | None:
         """Location of ``chunk_id``, or None."""
         found = self._pending.get(chunk_id)
         if found is not None:
             return found
+        if not self._ids:
+            return None
         stripped = chunk_id.rstrip(b"\0")  # numpy shows S32 values without trailing NULs
-        for run in reversed(self._runs):
-            ids = run["id"]
-            pos = int(np.searchsorted(ids, chunk_id))
+        for run_number, ids in enumerate(self._ids):
+            pos = int(ids.searchsorted(chunk_id))
             if pos < len(ids) and ids[pos] == stripped:
-                rec = run[pos]
+                rec = self._runs[len(self._runs) - 1 - run_number][pos]
                 return Entry(
                     int(rec["pack"]),
                     int(rec["kind"]),
@@ -143,6 +151,7 @@ class ChunkIndex:
             last = self._runs.pop()
             prev = self._runs.pop()
             self._runs.append(_sorted(np.concatenate([prev, last])))
+        self._reindex()
         return self._runs[0] if self._runs else np.zeros(0, dtype=INDEX_ENTRY)
 
     def totals(self) -> tuple[int, int, int]:
@@ -188,6 +197,7 @@ class ChunkIndex:
             index.pack_number(name)
         if len(arr):
             index._runs.append(arr)
+            index._reindex()
         return index, set(meta["index_objects"])
 
 

@@ -20,13 +20,13 @@ class OpenPack:
     """A pack being filled: the blobs in order plus their header records."""
 
     number: int
-    blobs: list[bytes] = field(default_factory=list)
+    blobs: list[bytes | memoryview] = field(default_factory=list)
     ids: list[bytes] = field(default_factory=list)
     kinds: list[int] = field(default_factory=list)
     raws: list[int] = field(default_factory=list)
     size: int = 0
 
-    def append(self, chunk_id: bytes, kind: int, blob: bytes, raw_len: int) -> int:
+    def append(self, chunk_id: bytes, kind: int, blob: bytes | memoryview, raw_len: int) -> int:
         """Add an encrypted blob; return its offset in the pack."""
         offset = self.size
         self.blobs.append(blob)
@@ -36,7 +36,7 @@ class OpenPack:
         self.size += len(blob)
         return offset
 
-    def blob(self, chunk_id: bytes) -> bytes | None:
+    def blob(self, chunk_id: bytes) -> bytes | memoryview | None:
         """The stored blob of ``chunk_id`` if it is in this pack (linear; packs are small)."""
         for i, cid in enumerate(self.ids):
             if cid == chunk_id:
@@ -73,6 +73,9 @@ def seal_pack(keys: MasterKeys, pack: OpenPack) -> SealedPack:
     header = F.PACK_HEADER_PREFIX.pack(F.PACK_HEADER_MAGIC, F.PACK_HEADER_VERSION, count)
     sealed_header = keys.seal(header + entries.tobytes(), F.AD_PACK_HEADER)
     data = b"".join([*pack.blobs, sealed_header, F.PACK_TRAILER.pack(len(sealed_header))])
+    # Chunks in flight stay readable, now from the sealed bytes: the blobs can go.
+    view = memoryview(data)
+    pack.blobs = [view[int(o) : int(o) + int(n)] for o, n in zip(offsets, lengths, strict=True)]
     return SealedPack(pack.number, pack_name(content_hash(data)), data, entries)
 
 

@@ -72,7 +72,7 @@ class _Options:
     pack_target_bytes: int = F.PACK_TARGET_BYTES
     index_every_packs: int = F.INDEX_EVERY_PACKS
     uploader_threads: int = 2
-    upload_queue: int = 2
+    upload_queue: int = 1
     lock_refresh_s: float = F.LOCK_REFRESH_S
 
 
@@ -220,7 +220,7 @@ class Repository:
             self._uploader.submit(full)
         return len(blob)
 
-    def _locate(self, chunk_id: bytes) -> tuple[str, Entry, bytes | None]:
+    def _locate(self, chunk_id: bytes) -> tuple[str, Entry, bytes | memoryview | None]:
         with self._lock:
             found = self._inflight.get(chunk_id)
             if found is not None:

@@ -69,10 +69,22 @@ class Node:
 
     def to_json(self) -> dict[str, Any]:
         """Return the canonical JSON form (defaults omitted)."""
-        out: dict[str, Any] = {"name": self.name, "type": self.type, "mode": self.mode}
-        for key in ("uid", "gid", "user", "group", "size", "mtime_ns", "atime_ns", "ctime_ns"):
-            out[key] = getattr(self, key)
-        out["inode"], out["dev"], out["nlink"] = self.inode, self.dev, self.nlink
+        out: dict[str, Any] = {
+            "name": self.name,
+            "type": self.type,
+            "mode": self.mode,
+            "uid": self.uid,
+            "gid": self.gid,
+            "user": self.user,
+            "group": self.group,
+            "size": self.size,
+            "mtime_ns": self.mtime_ns,
+            "atime_ns": self.atime_ns,
+            "ctime_ns": self.ctime_ns,
+            "inode": self.inode,
+            "dev": self.dev,
+            "nlink": self.nlink,
+        }
         if self.rdev:
             out["rdev"] = self.rdev
         if self.link_target is not None:

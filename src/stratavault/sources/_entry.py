@@ -146,7 +146,7 @@ def same_file_stat(
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FsEntry:
     """One entry found by :func:`walk`, with its ``lstat`` metadata.
 

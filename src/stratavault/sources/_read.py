@@ -49,7 +49,10 @@ class SparseFileReader:
     backup); anything but a regular file is refused with ``OSError``. Call
     :meth:`extents` once, then :meth:`changed` or :meth:`check_unchanged`.
 
-    Memory: with ``reuse_buffer=False`` every piece is a fresh ``bytes`` of at
+    Memory: with ``buffer`` given, data is read into it (pieces of at most its
+    length) and each yielded ``memoryview`` is only valid until the next one is
+    asked for; a worker thread passes the same buffer for every file it reads.
+    Otherwise, with ``reuse_buffer=False`` every piece is a fresh ``bytes`` of at
     most ``buffer_bytes`` that the caller may keep; with ``reuse_buffer=True``
     one ``bytearray`` of ``buffer_bytes`` is read into over and over, and each
     yielded ``memoryview`` is only valid until the next one is asked for.
@@ -61,12 +64,18 @@ class SparseFileReader:
         *,
         buffer_bytes: int = DEFAULT_READ_BUFFER_BYTES,
         reuse_buffer: bool = False,
+        buffer: bytearray | None = None,
     ) -> None:
         self.path = path
-        self._buffer_bytes = buffer_bytes
-        self._buffer = bytearray(buffer_bytes) if reuse_buffer else None
         self._fd = _open_regular(path)
-        self.stamp_at_open: FileStamp = FileStamp.from_stat(os.fstat(self._fd))
+        st = os.fstat(self._fd)
+        if buffer is None and reuse_buffer:
+            buffer = bytearray(max(1, min(buffer_bytes, st.st_size)))
+        self._buffer = buffer
+        self._buffer_bytes = len(buffer) if buffer is not None else buffer_bytes
+        self._dense = st.st_blocks * 512 >= st.st_size
+        """Every byte has a block: no holes, so no need to ask for data regions."""
+        self.stamp_at_open: FileStamp = FileStamp.from_stat(st)
         """Size, times and inode when opened; compare with the walk's to spot a swap."""
         self.data_ranges: list[tuple[int, int]] = []
         """``(offset, length)`` of every data region read so far."""
@@ -134,6 +143,10 @@ class SparseFileReader:
     def _data_regions(self) -> Iterator[tuple[int, int]]:
         """Yield ``[start, end)`` of the data regions below the size at open."""
         pos, size = 0, self.size
+        if self._dense:
+            if size:
+                yield 0, size
+            return
         while pos < size:
             try:
                 start = os.lseek(self._fd, pos, os.SEEK_DATA)
