@@ -432,10 +432,17 @@ def _os_error(path: RelPath, action: str, exc: BaseException) -> RestoreError:
     return RestoreError(f"{action} {display(path)!r} in the restore target - {cause}")
 
 
+_ZERO_BLOCK = bytes(_HOLE_BLOCK_BYTES)
+
+
 def _nonzero_pieces(view: memoryview, offset: int) -> Iterator[tuple[int, memoryview]]:
     """Yield ``(offset, piece)`` of ``view`` without its aligned all-zero blocks."""
     n = len(view)
     if n <= len(ZEROS) and ZEROS.startswith(view):
+        return
+    base = view.obj
+    if isinstance(base, bytes) and _ZERO_BLOCK not in base:
+        yield offset, view  # no zero run long enough for a hole (C-speed search): no scan
         return
     start = -1  # start of the current run of data, -1 outside a run
     pos = 0
