@@ -54,6 +54,7 @@ def test_password_command_and_key_management(cli: Cli, tmp_path: Path) -> None:
     assert cli("init").code == 0
     other = tmp_path / "other-pass"
     other.write_text("second passphrase")
+    assert cli("key", "add").code == 2  # no terminal and no new passphrase: refused
     assert cli("key", "add", "--new-password-file", other).code == 0
     keys = cli("key", "list", "--json").json()
     assert isinstance(keys, list) and len(keys) == 2

@@ -125,3 +125,47 @@ def test_incomplete_snapshot_exit_code(cli: Cli, tmp_path: Path) -> None:
         assert any(e["path"].endswith("ok.txt") for e in listing)
     finally:
         shutil.rmtree(base)
+
+
+def test_backup_excludes_tags_and_host_filters(cli: Cli, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "cache").mkdir(parents=True)
+    (src / "keep.txt").write_text("keep")
+    (src / "skip.tmp").write_text("skip")
+    (src / "cache" / "big").write_bytes(b"x" * 1000)
+    (src / "notes.log").write_text("log")
+    excludes = tmp_path / "excludes"
+    excludes.write_text("# comment\n*.log\n")
+    cli("init")
+    result = cli(
+        "backup",
+        "files",
+        src,
+        "--exclude",
+        "*.tmp",
+        "--exclude",
+        f"{src}/cache",
+        "--exclude-file",
+        excludes,
+        "--tag",
+        "nightly",
+        "--tag",
+        "db",
+        "--host",
+        "alpha",
+        "-q",
+    )
+    assert result.code == 0, result.err
+    assert cli("backup", "files", src, "--host", "beta", "-q").code == 0
+    names = {Path(str(e["path"])).name for e in cli("ls", "latest", "--json").json_lines()}
+    listed = cli("snapshots", "--host", "alpha", "--json").json()
+    assert isinstance(listed, list) and len(listed) == 1
+    assert listed[0]["tags"] == ["nightly", "db"]
+    first = cli("ls", listed[0]["id"], "--json").json_lines()
+    first_names = {Path(str(e["path"])).name for e in first}
+    assert "keep.txt" in first_names
+    assert not {"skip.tmp", "cache", "notes.log"} & first_names
+    assert {"skip.tmp", "cache", "notes.log"} <= names  # the second backup had no excludes
+    tagged = cli("snapshots", "--tag", "nightly,db", "--json").json()
+    assert isinstance(tagged, list) and [s["host"] for s in tagged] == ["alpha"]
+    assert cli("snapshots", "--tag", "nightly,other", "--json").json() == []

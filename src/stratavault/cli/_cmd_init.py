@@ -22,7 +22,7 @@ def register(
 def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Create the repository and print its id."""
     out = Output(json_mode=options.json, quiet=options.quiet)
-    passphrase = read_new_passphrase(ns.new_password_file, options)
+    passphrase = read_new_passphrase(ns.new_password_file, options, may_reuse_current=True)
     storage = storage_for(options)
     try:
         with Repository.init(

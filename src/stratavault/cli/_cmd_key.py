@@ -32,7 +32,10 @@ def run_add(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Add a slot."""
     out = Output(json_mode=options.json, quiet=options.quiet)
     with open_repo(options) as repo:
-        key_id = repo.add_key(read_new_passphrase(ns.new_password_file, options), kdf=kdf_params())
+        key_id = repo.add_key(
+            read_new_passphrase(ns.new_password_file, options, may_reuse_current=False),
+            kdf=kdf_params(),
+        )
     out.text(f"added key {key_id}")
     out.data({"message_type": "key_added", "id": key_id})
     return 0
@@ -75,7 +78,9 @@ def run_passwd(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Replace the slot in use by one with a new passphrase; no data is rewritten."""
     out = Output(json_mode=options.json, quiet=options.quiet)
     with open_repo(options) as repo:
-        new_id = repo.change_passphrase(read_new_passphrase(ns.new_password_file, options))
+        new_id = repo.change_passphrase(
+            read_new_passphrase(ns.new_password_file, options, may_reuse_current=False)
+        )
     out.text(f"passphrase changed; key is now {new_id}")
     out.data({"message_type": "key_changed", "id": new_id})
     return 0

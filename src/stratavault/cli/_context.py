@@ -91,16 +91,33 @@ def read_passphrase(options: GlobalOptions, *, prompt: str = "repository passphr
     )
 
 
-def read_new_passphrase(new_password_file: Path | None, options: GlobalOptions) -> bytes:
-    """A new passphrase: from ``--new-password-file``, the usual sources, or asked twice."""
+def _has_passphrase_source(options: GlobalOptions) -> bool:
+    return bool(
+        options.password_file
+        or options.password_command
+        or os.environ.get(ENV_PASSWORD_FILE)
+        or os.environ.get(ENV_PASSWORD_COMMAND)
+    )
+
+
+def read_new_passphrase(
+    new_password_file: Path | None, options: GlobalOptions, *, may_reuse_current: bool
+) -> bytes:
+    """A new passphrase: from ``--new-password-file``, else asked twice on a terminal.
+
+    ``init`` (``may_reuse_current``) also takes it from the usual passphrase sources;
+    ``key add``/``key passwd`` refuse to, since that would set the same passphrase again.
+    """
     if new_password_file:
         secret = _from_file(new_password_file)
-    elif sys.stdin.isatty() and not (options.password_file or options.password_command):
+    elif may_reuse_current and _has_passphrase_source(options):
+        secret = read_passphrase(options)
+    elif sys.stdin.isatty():
         secret = getpass.getpass("new passphrase: ").encode()
         if getpass.getpass("repeat new passphrase: ").encode() != secret:
             raise PassphraseError("the two passphrases differ")
     else:
-        secret = read_passphrase(options)
+        raise UsageError("no new passphrase: use --new-password-file or run on a terminal")
     if not secret:
         raise UsageError("an empty passphrase is not allowed")
     return secret
