@@ -30,7 +30,7 @@ def restore_walked(entries: list[FsEntry], base: Path, restorer: FsRestorer) -> 
     """Restore walked entries below ``restorer``'s target, paths relative to ``base``."""
     first_of_inode: dict[tuple[int, int], tuple[bytes, ...]] = {}
     for entry in entries:
-        rel = tuple(os.fsencode(p) for p in entry.path.relative_to(base).parts)
+        rel = tuple(os.fsencode(p) for p in Path(entry.path).relative_to(base).parts)
         if entry.type != "file":
             restorer.make_entry(rel, entry)
             continue

@@ -27,11 +27,11 @@ def test_order_is_depth_first_sorted_with_parents(tmp_path: Path) -> None:
     root = tmp_path / "t"
     make_tree(root)
     entries = walk_all(root)
-    assert [str(e.path.relative_to(tmp_path)) for e in entries] == [
+    assert [str(Path(e.path).relative_to(tmp_path)) for e in entries] == [
         "t", "t/a", "t/b", "t/b/a", "t/b/z", "t/c",
     ]  # fmt: skip
     assert [e.depth for e in entries] == [0, 1, 1, 2, 2, 1]
-    assert all(e.parent == e.path.parent for e in entries)
+    assert all(Path(e.parent) == Path(e.path).parent for e in entries)
     assert entries[0].name == "t"
     assert [e.type for e in entries] == ["dir", "file", "dir", "file", "file", "symlink"]
 
@@ -41,7 +41,7 @@ def test_metadata_comes_from_lstat(tmp_path: Path) -> None:
     make_tree(root)
     os.chmod(root / "a", 0o4751)
     os.utime(root / "a", ns=(1_000_000_123, 2_000_000_456))
-    entry = {e.path.relative_to(root).as_posix(): e for e in walk_all(root)}
+    entry = {Path(e.path).relative_to(root).as_posix(): e for e in walk_all(root)}
     a, link = entry["a"], entry["c"]
     st = os.lstat(root / "a")
     assert (a.mode, a.size, a.uid, a.gid) == (0o4751, 5, st.st_uid, st.st_gid)
@@ -76,7 +76,7 @@ def test_xattrs_and_acls_are_read(tmp_path: Path) -> None:
     os.setxattr(root / "a", "user.note", b"\x00\xffbinary")
     subprocess.run(["setfacl", "-m", "u:nobody:rw", str(root / "a")], check=True)
     subprocess.run(["setfacl", "-d", "-m", "g:nogroup:rx", str(root / "b")], check=True)
-    entry = {e.path.relative_to(root).as_posix(): e for e in walk_all(root)}
+    entry = {Path(e.path).relative_to(root).as_posix(): e for e in walk_all(root)}
     assert entry["a"].xattrs["user.note"] == b"\x00\xffbinary"
     assert "system.posix_acl_access" in entry["a"].xattrs
     assert "system.posix_acl_default" in entry["b"].xattrs
@@ -112,7 +112,7 @@ def test_excludes_prune_subtrees(tmp_path: Path) -> None:
     exclude_file = tmp_path / "excludes"
     exclude_file.write_text(f"# comment\n\n  {root}/abs  \n")
     seen = [
-        str(e.path.relative_to(root))
+        str(Path(e.path).relative_to(root))
         for e in walk(
             [root], excludes=["*.tmp", "**/cache"], exclude_files=[exclude_file],
             on_error=Errors(),
@@ -165,10 +165,10 @@ def test_one_file_system_lists_mount_points_empty(tmp_path: Path) -> None:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
     try:
         (mnt / "inside").write_bytes(b"x")
-        names = [e.path.relative_to(root).as_posix() for e in walk_all(root)]
+        names = [Path(e.path).relative_to(root).as_posix() for e in walk_all(root)]
         assert "b/mnt/inside" in names
         entries = list(walk([root], one_file_system=True, on_error=Errors()))
-        names = [e.path.relative_to(root).as_posix() for e in entries]
+        names = [Path(e.path).relative_to(root).as_posix() for e in entries]
         assert "b/mnt" in names and "b/mnt/inside" not in names
         assert "b/z" in names
     finally:

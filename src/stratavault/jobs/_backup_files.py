@@ -180,7 +180,7 @@ class _Run:
     # -- files ---------------------------------------------------------------
     def add_file(self, entry: FsEntry, node: Node, container: _Dir) -> None:
         """Reuse the parent's content for an unchanged file, else schedule a read."""
-        old = self.parents.lookup(str(entry.parent), entry.name)
+        old = self.parents.lookup(entry.parent, entry.name)
         self.summary.bytes_processed += entry.size
         if old is not None and self._unchanged(old, entry):
             node.content = list(old.content)
@@ -243,7 +243,7 @@ class _Run:
         with self.lock:
             self.state.bytes_done += n
 
-    def _file_done(self, future: Future[_Results], position: int, node: Node, path: Path) -> None:
+    def _file_done(self, future: Future[_Results], position: int, node: Node, path: str) -> None:
         if future.cancelled() or isinstance(future.exception(), Interrupted):
             return
         exc = future.exception()
@@ -270,10 +270,10 @@ class _Run:
         self.summary.entries += 1
         container.children.append(node)
         if entry.type == NodeType.DIR:
-            self.stack.append(_Dir(str(entry.path), node))
+            self.stack.append(_Dir(entry.path, node))
         elif entry.type == NodeType.FILE:
             self.add_file(entry, node, container)
-        self.state.current = str(entry.path)
+        self.state.current = entry.path
 
     def close_until(self, parent: str | None) -> None:
         """Close walked directories that are not ``parent`` or an ancestor of it."""
@@ -318,7 +318,7 @@ def _walk_roots(run: _Run, roots: list[PurePosixPath], dirs: dict[str, _Dir]) ->
             on_error=run.on_walk_error,
         ):
             run.cancel.check()
-            parent = str(entry.parent)
+            parent = entry.parent
             if entry.depth == 0:
                 run.close_until(None)
                 container = dirs[parent]

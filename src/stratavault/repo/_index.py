@@ -185,7 +185,10 @@ class ChunkIndex:
             meta = json.loads((directory / "index.json").read_text())
             if meta.get("version") != _CACHE_VERSION:
                 return None
-            arr = np.load(directory / "index.npy", mmap_mode="r", allow_pickle=False)
+            # Still mapped, but a plain ndarray: np.memmap's Python __getitem__ is slow.
+            arr = np.load(directory / "index.npy", mmap_mode="r", allow_pickle=False).view(
+                np.ndarray
+            )
             if arr.dtype != INDEX_ENTRY or (
                 len(arr) and int(arr["pack"].max()) >= len(meta["packs"])
             ):

@@ -105,20 +105,36 @@ class Node:
     def from_json(cls, doc: dict[str, Any]) -> Node:
         """Build a node from its JSON form; raise ``IntegrityError`` on malformed input."""
         try:
-            node = cls(name=doc["name"], type=doc["type"], mode=int(doc["mode"]))
-            for key in ("uid", "gid", "size", "mtime_ns", "atime_ns", "ctime_ns", "inode", "dev"):
-                setattr(node, key, int(doc.get(key, 0)))
-            node.user, node.group = str(doc.get("user", "")), str(doc.get("group", ""))
-            node.nlink, node.rdev = int(doc.get("nlink", 1)), int(doc.get("rdev", 0))
-            node.link_target = doc.get("link_target")
-            node.xattrs = {k: base64.b64decode(v) for k, v in doc.get("xattrs", {}).items()}
-            node.content = [
-                (ChunkId(bytes.fromhex(cid)) if cid else None, int(n))
-                for cid, n in doc.get("content", [])
-            ]
-            sub = doc.get("subtree")
-            node.subtree = ChunkId(bytes.fromhex(sub)) if sub else None
-            node.error = doc.get("error")
+            get = doc.get
+            xattrs = get("xattrs")
+            content = get("content")
+            sub = get("subtree")
+            node = cls(
+                name=str(doc["name"]),
+                type=str(doc["type"]),
+                mode=int(doc["mode"]),
+                uid=int(get("uid", 0)),
+                gid=int(get("gid", 0)),
+                user=str(get("user", "")),
+                group=str(get("group", "")),
+                size=int(get("size", 0)),
+                mtime_ns=int(get("mtime_ns", 0)),
+                atime_ns=int(get("atime_ns", 0)),
+                ctime_ns=int(get("ctime_ns", 0)),
+                inode=int(get("inode", 0)),
+                dev=int(get("dev", 0)),
+                nlink=int(get("nlink", 1)),
+                rdev=int(get("rdev", 0)),
+                link_target=get("link_target"),
+                xattrs={k: base64.b64decode(v) for k, v in xattrs.items()} if xattrs else {},
+                content=[
+                    (ChunkId(bytes.fromhex(cid)) if cid else None, int(n)) for cid, n in content
+                ]
+                if content
+                else [],
+                subtree=ChunkId(bytes.fromhex(sub)) if sub else None,
+                error=get("error"),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(f"malformed tree node {doc!r:.80}: {exc}") from exc
         if node.type not in NodeType.ALL:

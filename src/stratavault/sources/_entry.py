@@ -150,13 +150,14 @@ def same_file_stat(
 class FsEntry:
     """One entry found by :func:`walk`, with its ``lstat`` metadata.
 
-    ``parent`` is the path of the directory holding it; for the roots given to
+    ``path`` and ``parent`` are absolute path strings (no ``pathlib`` objects: the walk
+    makes tens of thousands of them). ``parent`` is the directory holding the entry; for the roots given to
     :func:`walk` (``depth == 0``) that directory was not walked itself.
     ``mode`` holds the permission bits only; the kind is in ``type``.
     """
 
-    path: Path
-    parent: Path
+    path: str
+    parent: str
     name: str
     depth: int
     type: EntryType

@@ -31,7 +31,7 @@ class FileChangedError(Exception):
     keep the content (marked as possibly inconsistent) or to read again.
     """
 
-    def __init__(self, path: Path, before: FileStamp, after: FileStamp) -> None:
+    def __init__(self, path: Path | str, before: FileStamp, after: FileStamp) -> None:
         self.path = path
         self.before = before
         self.after = after
@@ -60,7 +60,7 @@ class SparseFileReader:
 
     def __init__(
         self,
-        path: Path,
+        path: Path | str,
         *,
         buffer_bytes: int = DEFAULT_READ_BUFFER_BYTES,
         reuse_buffer: bool = False,
@@ -191,7 +191,7 @@ def read_file_extents(
         reader.check_unchanged()
 
 
-def _open_regular(path: Path) -> int:
+def _open_regular(path: Path | str) -> int:
     """Open ``path`` for reading without following a symlink; refuse non-regular files."""
     try:
         fd = os.open(path, _OPEN_FLAGS | os.O_NOATIME)

@@ -18,7 +18,7 @@ ErrorHandler = Callable[[Path, OSError], None]
 
 _NO_XATTR_SUPPORT = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
 # A directory being listed: (its path, depth of its children, device of the root, children left).
-_Frame = tuple[Path, int, int, Iterator[os.DirEntry[str]]]
+_Frame = tuple[str, int, int, Iterator[os.DirEntry[str]]]
 
 
 def walk(
@@ -65,7 +65,7 @@ class _Walker:
         is_dir = stat.S_ISDIR(st.st_mode)
         if self._matcher and self._matcher.excluded(root, is_dir=is_dir):
             return
-        entry = self._entry(root, Path(os.path.dirname(root)), os.path.basename(root), 0, st)
+        entry = self._entry(root, os.path.dirname(root), os.path.basename(root), 0, st)
         if entry is None:
             return
         yield entry
@@ -105,7 +105,7 @@ class _Walker:
         return iter(children)
 
     def _entry(
-        self, path: str, parent: Path, name: str, depth: int, st: os.stat_result
+        self, path: str, parent: str, name: str, depth: int, st: os.stat_result
     ) -> FsEntry | None:
         kind = EntryType.from_mode(st.st_mode)
         target = None
@@ -116,7 +116,7 @@ class _Walker:
                 self._on_error(Path(path), exc)
                 return None
         return FsEntry(
-            path=parent / name,
+            path=path,
             parent=parent,
             name=name,
             depth=depth,
