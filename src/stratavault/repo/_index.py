@@ -120,29 +120,36 @@ class ChunkIndex:
         """Rebuild the id columns after the runs changed (newest run first)."""
         self._ids = [run["id"] for run in reversed(self._runs)]  # views, no copies
 
-    def lookup(self, chunk_id: bytes) -> Entry | None:
-        """Location of ``chunk_id``, or None."""
-        found = self._pending.get(chunk_id)
-        if found is not None:
-            return found
+    def _find(self, chunk_id: bytes) -> tuple[int, int] | None:
+        """``(run number, position)`` of ``chunk_id`` in the sorted runs (newest first)."""
         if not self._ids:
             return None
         stripped = chunk_id.rstrip(b"\0")  # numpy shows S32 values without trailing NULs
         for run_number, ids in enumerate(self._ids):
             pos = int(ids.searchsorted(chunk_id))
             if pos < len(ids) and ids[pos] == stripped:
-                rec = self._runs[len(self._runs) - 1 - run_number][pos]
-                return Entry(
-                    int(rec["pack"]),
-                    int(rec["kind"]),
-                    int(rec["offset"]),
-                    int(rec["stored"]),
-                    int(rec["raw"]),
-                )
+                return run_number, pos
         return None
 
+    def lookup(self, chunk_id: bytes) -> Entry | None:
+        """Location of ``chunk_id``, or None."""
+        found = self._pending.get(chunk_id)
+        if found is not None:
+            return found
+        where = self._find(chunk_id)
+        if where is None:
+            return None
+        rec = self._runs[len(self._runs) - 1 - where[0]][where[1]]
+        return Entry(
+            int(rec["pack"]),
+            int(rec["kind"]),
+            int(rec["offset"]),
+            int(rec["stored"]),
+            int(rec["raw"]),
+        )
+
     def __contains__(self, chunk_id: bytes) -> bool:
-        return self.lookup(chunk_id) is not None
+        return chunk_id in self._pending or self._find(chunk_id) is not None
 
     def merged(self) -> Array:
         """All entries as one sorted array (merges everything)."""

@@ -15,7 +15,6 @@ import pwd
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 __all__ = [
@@ -150,8 +149,8 @@ def same_file_stat(
 class FsEntry:
     """One entry found by :func:`walk`, with its ``lstat`` metadata.
 
-    ``path`` and ``parent`` are absolute path strings (no ``pathlib`` objects: the walk
-    makes tens of thousands of them). ``parent`` is the directory holding the entry; for the roots given to
+    ``path`` and ``parent`` are absolute path strings (no ``pathlib`` objects: a walk
+    makes tens of thousands). ``parent`` is the directory holding the entry; for the roots given to
     :func:`walk` (``depth == 0``) that directory was not walked itself.
     ``mode`` holds the permission bits only; the kind is in ``type``.
     """
