@@ -106,7 +106,10 @@ class Repository:
         self._index = ChunkIndex()
         self._index_objects: set[str] = set()
         self._inflight: dict[bytes, tuple[OpenPack, Entry]] = {}
-        self._open_pack: OpenPack | None = None
+        self._open_packs: dict[int, OpenPack] = {}
+        """The pack being filled, per blob kind: trees go into packs of their own, so the
+        trees of a snapshot sit together and browsing or an incremental backup reads
+        little (restic does the same)."""
         self._next_pack = 0
         self._unindexed: list[tuple[str, Any]] = []
         self._error: BaseException | None = None
@@ -208,14 +211,14 @@ class Repository:
         with self._lock:
             if chunk_id in self._inflight or chunk_id in self._index:
                 return 0
-            pack = self._open_pack
+            pack = self._open_packs.get(int(kind))
             if pack is None:
-                pack = self._open_pack = OpenPack(self._next_pack)
+                pack = self._open_packs[int(kind)] = OpenPack(self._next_pack)
                 self._next_pack += 1
             offset = pack.append(chunk_id, int(kind), blob, len(data))
             self._inflight[chunk_id] = (pack, Entry(-1, int(kind), offset, len(blob), len(data)))
             if pack.size >= self._opt.pack_target_bytes:
-                full, self._open_pack = pack, None
+                full = self._open_packs.pop(int(kind))
         if full is not None:
             self._uploader.submit(full)
         return len(blob)
@@ -329,12 +332,13 @@ class Repository:
             self._index.save(self._cache_dir, self._index_objects)
 
     def flush(self) -> None:
-        """Seal the open pack, wait for uploads, and write index objects for them."""
+        """Seal the open packs, wait for uploads, and write index objects for them."""
         self._raise_failure()
         with self._lock:
-            pack, self._open_pack = self._open_pack, None
-        if pack is not None and pack.blobs:
-            self._uploader.submit(pack)
+            packs, self._open_packs = list(self._open_packs.values()), {}
+        for pack in packs:
+            if pack.blobs:
+                self._uploader.submit(pack)
         self._uploader.wait()
         self._raise_failure()
         with self._lock:
