@@ -23,11 +23,12 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from stratavault import __version__
 from stratavault.errors import Interrupted, SourceError
 from stratavault.jobs._file_chunks import FileChunkResult, chunk_files
-from stratavault.jobs._parent_trees import ParentTrees
+from stratavault.jobs._parent_trees import ParentListing, ParentTrees
 from stratavault.jobs._progress import (
     Cancellation,
     NullProgress,
@@ -38,18 +39,23 @@ from stratavault.jobs._progress import (
 )
 from stratavault.repo import Repository
 from stratavault.snapshot import (
+    ContentRun,
     FileError,
     Node,
     NodeType,
     Snapshot,
     SnapshotSummary,
+    content_runs,
     latest,
     load_snapshots,
     save_snapshot,
     save_tree,
+    save_tree_docs,
     select_snapshots,
+    tree_docs,
 )
 from stratavault.sources import FileStamp, FsEntry, same_file_stat, walk
+from stratavault.types import ChunkId
 
 __all__ = ["BackupFilesOptions", "backup_files"]
 
@@ -120,6 +126,8 @@ class _Dir:
     node: Node
     children: list[Node] = field(default_factory=list)
     pending: list[Future[_Results]] = field(default_factory=list)
+    old: ParentListing | None = None
+    """The same folder in the parent snapshot, if it was there."""
 
     def wait_on(self, future: Future[_Results]) -> None:
         """Do not write this directory's tree before ``future`` is done."""
@@ -182,8 +190,9 @@ class _Run:
         """Reuse the parent's content for an unchanged file, else schedule a read."""
         old = self.parents.lookup(entry.parent, entry.name)
         self.summary.bytes_processed += entry.size
-        if old is not None and self._unchanged(old, entry):
-            node.content = list(old.content)
+        content = self._unchanged_content(old, entry) if old is not None else None
+        if content is not None:
+            node.content = content
             self.summary.files_unmodified += 1
             with self.lock:
                 self.state.files_done += 1
@@ -218,16 +227,25 @@ class _Run:
         work.add_done_callback(lambda _f: self.slots.release())
         work.add_done_callback(lambda f: _chain(f, batch.future))
 
-    def _unchanged(self, old: Node, entry: FsEntry) -> bool:
-        return (
-            old.type == NodeType.FILE
-            and old.error is None
-            and not self.options.force_read
-            and same_file_stat(
-                FileStamp(old.size, old.mtime_ns, old.ctime_ns, old.inode), entry.stamp
-            )
-            and all(cid is None or self.repo.has_chunk(cid) for cid, _ in old.content)
+    def _unchanged_content(self, old: dict[str, Any], entry: FsEntry) -> list[ContentRun] | None:
+        """The parent's content runs if the file looks unchanged since then, else None."""
+        if old.get("type") != NodeType.FILE or "error" in old or self.options.force_read:
+            return None
+        stamp = FileStamp(
+            old.get("size", -1),
+            old.get("mtime_ns", -1),
+            old.get("ctime_ns", -1),
+            old.get("inode", -1),
         )
+        if not same_file_stat(stamp, entry.stamp):
+            return None
+        try:
+            runs = content_runs(old)
+        except (KeyError, TypeError, ValueError):
+            return None
+        if all(cid is None or self.repo.has_chunk(cid) for cid, _ in runs):
+            return runs
+        return None
 
     def _read(self, entries: list[FsEntry]) -> _Results:
         self.cancel.check()
@@ -270,7 +288,7 @@ class _Run:
         self.summary.entries += 1
         container.children.append(node)
         if entry.type == NodeType.DIR:
-            self.stack.append(_Dir(entry.path, node))
+            self.stack.append(_Dir(entry.path, node, old=self.parents.listing(entry.path)))
         elif entry.type == NodeType.FILE:
             self.add_file(entry, node, container)
         self.state.current = entry.path
@@ -287,6 +305,15 @@ class _Run:
         else:
             self.finish_closed(block=False)
 
+    def _tree_id(self, d: _Dir) -> ChunkId:
+        """Store the folder's listing, or reuse the parent's tree when it is the same."""
+        docs = tree_docs(d.children)
+        old = d.old
+        same = old is not None and old.tree is not None and docs == old.docs
+        if same and old and old.tree and self.repo.has_chunk(old.tree):
+            return old.tree
+        return save_tree_docs(self.repo, docs)
+
     def finish_closed(self, *, block: bool) -> None:
         """Write the trees of closed directories whose files are all done, in order."""
         while self.closing:
@@ -297,7 +324,7 @@ class _Run:
                 f.exception()  # waits; the callback recorded any error
             self.cancel.check()
             self.closing.popleft()
-            head.node.subtree = save_tree(self.repo, head.children)
+            head.node.subtree = self._tree_id(head)
             self.summary.dirs += 1
 
 

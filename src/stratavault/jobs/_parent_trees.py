@@ -1,52 +1,77 @@
-"""The parent snapshot's directory listings, looked up by path while walking."""
+"""The parent snapshot's directory listings, looked up by path while walking.
+
+Listings stay in their JSON form: the backup compares a folder's new listing with
+the old one as plain dicts and, when nothing changed, reuses the old tree id
+without encoding, hashing or storing anything.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from typing import Any
 
+from stratavault.errors import DataDamagedError
 from stratavault.repo import Repository
-from stratavault.snapshot import Node, NodeType, load_tree
+from stratavault.snapshot import NodeType, TreeDocs, load_tree_docs
 from stratavault.types import ChunkId
 
-__all__ = ["ParentTrees"]
+__all__ = ["ParentListing", "ParentTrees"]
+
+
+@dataclass(slots=True)
+class ParentListing:
+    """One folder of the parent snapshot: its tree id and entries (JSON form)."""
+
+    tree: ChunkId | None = None
+    docs: TreeDocs = field(default_factory=list)
+    by_name: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+_EMPTY = ParentListing()
 
 
 class ParentTrees:
     """Listings of the parent snapshot by directory path, loaded on demand.
 
     The walk is depth-first, so only the listings along the current path are
-    kept; ``forget`` drops one when the walk leaves that directory.
+    kept; ``forget`` drops one when the walk leaves that directory. A listing
+    that cannot be read counts as absent: its files are simply read again.
     """
 
     def __init__(self, repo: Repository, root: ChunkId | None) -> None:
         self._repo = repo
         self._root = root
-        self._cache: dict[str, dict[str, Node]] = {}
+        self._cache: dict[str, ParentListing] = {}
 
-    def children(self, directory: str) -> dict[str, Node]:
-        """The parent snapshot's entries of ``directory`` (absolute, normalized), by name."""
+    def listing(self, directory: str) -> ParentListing:
+        """The parent snapshot's listing of ``directory`` (absolute, normalized)."""
         found = self._cache.get(directory)
         if found is not None:
             return found
-        if self._root is None:
-            found = {}
-        elif directory == "/":
+        if directory == "/":
             found = self._load(self._root)
         else:
             parent, name = os.path.split(directory)
-            node = self.children(parent).get(name)
-            ok = node is not None and node.type == NodeType.DIR and node.subtree is not None
-            found = self._load(node.subtree) if ok and node and node.subtree else {}
+            doc = self.listing(parent).by_name.get(name)
+            sub = doc.get("subtree") if doc and doc.get("type") == NodeType.DIR else None
+            found = self._load(ChunkId(bytes.fromhex(sub)) if isinstance(sub, str) else None)
         self._cache[directory] = found
         return found
 
-    def lookup(self, directory: str, name: str) -> Node | None:
-        """The parent snapshot's node for ``directory/name``, if any."""
-        return self.children(directory).get(name)
+    def lookup(self, directory: str, name: str) -> dict[str, Any] | None:
+        """The parent snapshot's node document for ``directory/name``, if any."""
+        return self.listing(directory).by_name.get(name)
 
     def forget(self, directory: str) -> None:
         """Drop a listing that is no longer needed."""
         self._cache.pop(directory, None)
 
-    def _load(self, tree_id: ChunkId) -> dict[str, Node]:
-        return {n.name: n for n in load_tree(self._repo, tree_id)}
+    def _load(self, tree_id: ChunkId | None) -> ParentListing:
+        if tree_id is None:
+            return _EMPTY
+        try:
+            docs = load_tree_docs(self._repo, tree_id)
+        except (DataDamagedError, ValueError):
+            return _EMPTY
+        return ParentListing(tree_id, docs, {d["name"]: d for d in docs if "name" in d})

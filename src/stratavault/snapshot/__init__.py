@@ -11,12 +11,23 @@ from stratavault.snapshot._store import (
     find_snapshot,
     load_snapshots,
     load_tree,
+    load_tree_docs,
     resolve_path,
     save_snapshot,
     save_tree,
+    save_tree_docs,
     walk_tree,
 )
-from stratavault.snapshot._tree import ContentRun, Node, NodeType, decode_tree, encode_tree
+from stratavault.snapshot._tree import (
+    ContentRun,
+    Node,
+    NodeType,
+    TreeDocs,
+    content_runs,
+    decode_tree,
+    encode_tree,
+    tree_docs,
+)
 
 __all__ = [
     "ContentRun",
@@ -25,15 +36,20 @@ __all__ = [
     "NodeType",
     "Snapshot",
     "SnapshotSummary",
+    "TreeDocs",
+    "content_runs",
     "decode_tree",
     "encode_tree",
     "find_snapshot",
     "latest",
     "load_snapshots",
     "load_tree",
+    "load_tree_docs",
     "resolve_path",
     "save_snapshot",
     "save_tree",
+    "save_tree_docs",
     "select_snapshots",
+    "tree_docs",
     "walk_tree",
 ]

@@ -7,27 +7,47 @@ from collections.abc import Iterator
 from stratavault.errors import SnapshotNotFoundError, UsageError
 from stratavault.repo import Repository
 from stratavault.snapshot._snapshot import Snapshot, latest, select_snapshots
-from stratavault.snapshot._tree import Node, NodeType, decode_tree, encode_tree
+from stratavault.snapshot._tree import (
+    Node,
+    NodeType,
+    TreeDocs,
+    decode_docs,
+    decode_tree,
+    encode_docs,
+    tree_docs,
+)
 from stratavault.types import BlobKind, ChunkId
 
 __all__ = [
     "find_snapshot",
     "load_snapshots",
     "load_tree",
+    "load_tree_docs",
     "resolve_path",
     "save_snapshot",
     "save_tree",
+    "save_tree_docs",
     "walk_tree",
 ]
 
 
 def save_tree(repo: Repository, nodes: list[Node]) -> ChunkId:
     """Store a directory listing (once per distinct content) and return its id."""
-    data = encode_tree(nodes)
+    return save_tree_docs(repo, tree_docs(nodes))
+
+
+def save_tree_docs(repo: Repository, docs: TreeDocs) -> ChunkId:
+    """Store a listing given in its canonical JSON form (see ``tree_docs``)."""
+    data = encode_docs(docs)
     tree_id = repo.chunk_id(data)
     if not repo.has_chunk(tree_id):
         repo.add_chunk(tree_id, data, BlobKind.TREE)
     return tree_id
+
+
+def load_tree_docs(repo: Repository, tree_id: ChunkId) -> TreeDocs:
+    """Read one directory listing in its JSON form (cheaper than nodes when comparing)."""
+    return decode_docs(repo.read_chunk(tree_id), where=f"tree {tree_id.hex()[:16]}")
 
 
 def load_tree(repo: Repository, tree_id: ChunkId) -> list[Node]:

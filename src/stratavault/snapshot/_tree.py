@@ -18,7 +18,18 @@ from typing import Any
 from stratavault.errors import IntegrityError, UnsupportedFormatError
 from stratavault.types import ChunkId
 
-__all__ = ["ContentRun", "Node", "NodeType", "decode_tree", "encode_tree"]
+__all__ = [
+    "ContentRun",
+    "Node",
+    "NodeType",
+    "TreeDocs",
+    "content_runs",
+    "decode_docs",
+    "decode_tree",
+    "encode_docs",
+    "encode_tree",
+    "tree_docs",
+]
 
 TREE_VERSION = 1
 
@@ -142,16 +153,34 @@ class Node:
         return node
 
 
-def encode_tree(nodes: list[Node]) -> bytes:
-    """Serialize a directory listing canonically (nodes sorted by name)."""
+def content_runs(doc: dict[str, Any]) -> list[ContentRun]:
+    """The content runs of a file node given in its JSON form."""
+    return [(ChunkId(bytes.fromhex(cid)) if cid else None, int(n)) for cid, n in doc["content"]]
+
+
+TreeDocs = list[dict[str, Any]]
+"""A directory listing in its JSON form: node documents sorted by name."""
+
+
+def tree_docs(nodes: list[Node]) -> TreeDocs:
+    """The canonical JSON form of a listing (sorted by the bytes of the names)."""
     ordered = sorted(nodes, key=lambda n: n.name.encode("utf-8", "surrogateescape"))
-    doc = {"v": TREE_VERSION, "nodes": [n.to_json() for n in ordered]}
-    text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False)
+    return [n.to_json() for n in ordered]
+
+
+def encode_docs(docs: TreeDocs) -> bytes:
+    """Serialize a listing given in its JSON form."""
+    text = json.dumps({"v": TREE_VERSION, "nodes": docs}, separators=(",", ":"), ensure_ascii=False)
     return text.encode("utf-8", "surrogateescape")
 
 
-def decode_tree(data: bytes, *, where: str = "tree") -> list[Node]:
-    """Parse a serialized directory listing; ``where`` names it in errors."""
+def encode_tree(nodes: list[Node]) -> bytes:
+    """Serialize a directory listing canonically (nodes sorted by name)."""
+    return encode_docs(tree_docs(nodes))
+
+
+def decode_docs(data: bytes, *, where: str = "tree") -> TreeDocs:
+    """Parse a serialized listing into its JSON form; ``where`` names it in errors."""
     try:
         doc = json.loads(data.decode("utf-8", "surrogateescape"))
     except ValueError as exc:
@@ -160,4 +189,12 @@ def decode_tree(data: bytes, *, where: str = "tree") -> list[Node]:
         raise IntegrityError(f"{where}: not a valid tree")
     if doc.get("v") != TREE_VERSION:
         raise UnsupportedFormatError(f"{where}: tree format version {doc.get('v')!r} is unknown")
-    return [Node.from_json(n) for n in doc["nodes"]]
+    nodes: TreeDocs = doc["nodes"]
+    if not all(isinstance(n, dict) for n in nodes):
+        raise IntegrityError(f"{where}: not a valid tree")
+    return nodes
+
+
+def decode_tree(data: bytes, *, where: str = "tree") -> list[Node]:
+    """Parse a serialized directory listing; ``where`` names it in errors."""
+    return [Node.from_json(n) for n in decode_docs(data, where=where)]
