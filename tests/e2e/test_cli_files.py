@@ -169,3 +169,30 @@ def test_backup_excludes_tags_and_host_filters(cli: Cli, tmp_path: Path) -> None
     tagged = cli("snapshots", "--tag", "nightly,db", "--json").json()
     assert isinstance(tagged, list) and [s["host"] for s in tagged] == ["alpha"]
     assert cli("snapshots", "--tag", "nightly,other", "--json").json() == []
+
+
+def test_metadata_only_change_deep_in_tree_is_seen(cli: Cli, tmp_path: Path) -> None:
+    """An unchanged folder reuses the parent's tree; a changed one must not."""
+    src = tmp_path / "src"
+    deep = src / "a" / "b" / "c"
+    deep.mkdir(parents=True)
+    (deep / "f").write_text("same content")
+    (src / "other").mkdir()
+    (src / "other" / "g").write_text("untouched")
+    cli("init")
+    assert cli("backup", "files", src, "-q").code == 0
+    os.chmod(deep / "f", 0o600)
+    os.setxattr(src / "other", "user.tag", b"new")
+    second = cli("backup", "files", src, "--json")
+    assert second.code == 0
+    summary = second.json_lines()[-1]
+    assert (summary["files_unmodified"], summary["files_changed"]) == (1, 1)  # chmod moves ctime
+    target = tmp_path / "restored"
+    assert cli("restore", "latest", "--target", target).code == 0
+    assert describe(target / src.relative_to("/")) == describe(src)
+    snaps = cli("snapshots", "--json").json()
+    assert isinstance(snaps, list)
+    diff = cli("diff", snaps[0]["id"], snaps[1]["id"], "--json").json_lines()
+    assert [(d["modifier"], d["path"]) for d in diff if d["message_type"] == "change"] == [
+        ("U", f"{deep}/f")
+    ]
