@@ -36,6 +36,7 @@ class Meta:
     mtime_ns: int = 1_600_000_000_000_000_000
     atime_ns: int = 1_600_000_000_000_000_001
     rdev: int = 0
+    nlink: int = 1
     link_target: str | None = None
     xattrs: dict[str, bytes] = field(default_factory=dict)
 

@@ -40,8 +40,8 @@ class RestoreOptions:
     verify: bool = False
     numeric_owner: bool = False
     workers: int = 0
-    batch_bytes: int = 1 << 30
-    batch_files: int = 20_000
+    batch_bytes: int = 256 << 20
+    batch_files: int = 5_000
 
 
 @dataclass(slots=True)
@@ -93,7 +93,8 @@ class _Restore:
         self.batch = _Batch()
         self.links: dict[tuple[int, int], tuple[str, ...]] = {}
         self.created_dirs: set[tuple[str, ...]] = set()
-        self.restored_files: list[_PlannedFile] = []
+        self.to_verify: list[_PlannedFile] = []
+        """Files of the current batch to re-read (``--verify``); emptied per batch."""
         self.workers = options.workers or max(2, os.cpu_count() or 1)
 
     # -- the walk ------------------------------------------------------------
@@ -158,7 +159,8 @@ class _Restore:
                 self.batch.places[cid].append((planned, offset))
                 planned.remaining += 1
             offset += length
-        self.restored_files.append(planned)
+        if self.options.verify:
+            self.to_verify.append(planned)
         if planned.remaining == 0:
             self.fs.finish_file(handle)
             return
@@ -179,6 +181,9 @@ class _Restore:
         with ThreadPoolExecutor(self.workers, thread_name_prefix="restore") as pool:
             for f in [pool.submit(self.write_pack, ids, batch) for ids in by_pack.values()]:
                 f.result()
+            verify, self.to_verify = self.to_verify, []
+            for ok in pool.map(self.verify_file, verify):
+                self.result.files_verified += ok
 
     def write_pack(self, ids: list[ChunkId], batch: _Batch) -> None:
         for cid, data in self.repo.read_chunks(ids):
@@ -197,11 +202,6 @@ class _Restore:
             self.progress.update(self.state)
 
     # -- verification --------------------------------------------------------
-    def verify(self) -> None:
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="verify") as pool:
-            for ok in pool.map(self.verify_file, self.restored_files):
-                self.result.files_verified += ok
-
     def verify_file(self, planned: _PlannedFile) -> bool:
         stream = _Stream(self.fs.read_back(planned.parts))
         try:
@@ -276,12 +276,5 @@ def restore_files(
     finally:
         issues = run.fs.close()
     run.result.issues[:0] = [(i.path, str(i.error)) for i in issues]
-    if options.verify:
-        verifier = FsRestorer(options.target)
-        run.fs = verifier
-        try:
-            run.verify()
-        finally:
-            verifier.close()
     run.progress.done(run.state)
     return run.result

@@ -104,6 +104,10 @@ class EntryMetadata(Protocol):
         """Device number of character and block devices."""
 
     @property
+    def nlink(self) -> int:
+        """Number of hard links; only entries with more than one can be linked to."""
+
+    @property
     def link_target(self) -> str | None:
         """Target of a symbolic link (``str`` with surrogateescape)."""
 

@@ -235,7 +235,8 @@ class FsRestorer:
                 self._open_files[handle] = None
                 self._unfinished.add(handle)
                 self._evict(keep=handle)
-                self._linkable.add(parts)
+                if meta.nlink > 1:  # only what may be linked to is remembered
+                    self._linkable.add(parts)
             return handle
         except (OSError, RestoreError) as exc:
             self._record(path, "creating file", exc)
@@ -335,7 +336,8 @@ class FsRestorer:
                 dfd = self._dirs.get(parts[:-1])
                 name = parts[-1]
                 self._create(dfd, name, lambda: os.symlink(target, name, dir_fd=dfd))
-                self._linkable.add(parts)
+                if meta.nlink > 1:  # only what may be linked to is remembered
+                    self._linkable.add(parts)
                 for step, err in apply_symlink_metadata(dfd, name, meta, self._owners):
                     self._record(parts, step, err)
             return True
@@ -353,7 +355,8 @@ class FsRestorer:
                 name = parts[-1]
                 rdev = meta.rdev if fmt != stat.S_IFIFO else 0
                 self._create(dfd, name, lambda: os.mknod(name, fmt | 0o600, rdev, dir_fd=dfd))
-                self._linkable.add(parts)
+                if meta.nlink > 1:  # only what may be linked to is remembered
+                    self._linkable.add(parts)
                 fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
                 try:
                     proc_path = f"/proc/self/fd/{fd}"
