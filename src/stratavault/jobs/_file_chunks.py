@@ -87,6 +87,16 @@ def chunk_file(
     result = FileChunkResult()
     with SparseFileReader(entry.path, buffer=_buffer()) as reader:
         result.size = reader.size
+        whole = reader.read_whole(_CHUNKER.min_bytes)  # shorter than a chunk: one piece
+        if whole is not None:
+            if whole:
+                _store(repo, whole, level, result)
+                on_bytes(len(whole))
+            result.bytes_read = len(whole)
+            if len(whole) < reader.size:
+                result.content.append((None, reader.size - len(whole)))
+            result.changed = reader.changed()
+            return result
         pos = 0
         for start, pieces in _Regions(reader.extents()):
             if start > pos:
