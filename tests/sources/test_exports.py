@@ -26,6 +26,7 @@ def test_exported_members() -> None:
         "SparseFileReader",
         "ZEROS",
         "check_name",
+        "prefetch_files",
         "read_exclude_file",
         "read_file_extents",
         "read_xattrs",

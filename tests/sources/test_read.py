@@ -141,3 +141,14 @@ def test_stamp_at_open_tells_a_swap_since_the_walk(tmp_path: Path) -> None:
     path.write_bytes(b"y")
     with SparseFileReader(path) as reader:
         assert reader.stamp_at_open.inode != ino
+
+
+def test_prefetch_files_ignores_missing_and_special_files(tmp_path: Path) -> None:
+    from stratavault.sources import prefetch_files
+
+    data = tmp_path / "data"
+    data.write_bytes(b"x" * 100_000)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    prefetch_files([data, tmp_path / "missing", str(fifo)])  # must neither raise nor block
+    assert data.read_bytes() == b"x" * 100_000

@@ -10,7 +10,7 @@ from stratavault.chunking import CdcChunker
 from stratavault.jobs._progress import Cancellation
 from stratavault.repo import Repository
 from stratavault.snapshot import ContentRun
-from stratavault.sources import FsEntry, SparseFileReader
+from stratavault.sources import FsEntry, SparseFileReader, prefetch_files
 from stratavault.types import BlobKind
 
 __all__ = ["FileChunkResult", "chunk_file", "chunk_files"]
@@ -124,6 +124,8 @@ def chunk_files(
 ) -> list[FileChunkResult | OSError]:
     """:func:`chunk_file` for several (small) files in one task; errors per file."""
     results: list[FileChunkResult | OSError] = []
+    if len(entries) > 1:
+        prefetch_files(e.path for e in entries)
     for entry in entries:
         cancel.check()
         try:

@@ -22,6 +22,7 @@ from stratavault.sources._read import (
     DEFAULT_READ_BUFFER_BYTES,
     FileChangedError,
     SparseFileReader,
+    prefetch_files,
     read_file_extents,
 )
 from stratavault.sources._restore import ZEROS, FsRestorer, RestoreFile, RestoreIssue
@@ -45,6 +46,7 @@ __all__ = [
     "RestoreIssue",
     "SparseFileReader",
     "check_name",
+    "prefetch_files",
     "read_exclude_file",
     "read_file_extents",
     "read_xattrs",
