@@ -346,6 +346,10 @@ def _walk_roots(run: _Run, roots: list[PurePosixPath], dirs: dict[str, _Dir]) ->
         ):
             run.cancel.check()
             parent = entry.parent
+            if entry.depth == 0 and entry.path == "/":
+                run.close_until(None)
+                run.stack.append(dirs["/"])  # backing up "/": its entries go in the root
+                continue
             if entry.depth == 0:
                 run.close_until(None)
                 container = dirs[parent]
@@ -360,7 +364,7 @@ def _walk_roots(run: _Run, roots: list[PurePosixPath], dirs: dict[str, _Dir]) ->
 
 def _build_ancestors(run: _Run, roots: list[PurePosixPath]) -> dict[str, _Dir]:
     dirs: dict[str, _Dir] = {}
-    for path in _ancestors(roots):
+    for path in _ancestors(roots) or [PurePosixPath("/")]:
         node = node_from_entry(_entry_of(Path(path)))
         dirs[str(path)] = _Dir(str(path), node)
         if path != path.parent:
