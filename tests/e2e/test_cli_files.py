@@ -196,3 +196,20 @@ def test_metadata_only_change_deep_in_tree_is_seen(cli: Cli, tmp_path: Path) -> 
     assert [(d["modifier"], d["path"]) for d in diff if d["message_type"] == "change"] == [
         ("U", f"{deep}/f")
     ]
+
+
+def test_json_progress_has_totals_and_summary(cli: Cli, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(20):
+        (src / f"f{i}").write_bytes(os.urandom(1000 + i))
+    cli("init")
+    lines = cli("backup", "files", src, "--json").json_lines()
+    status = [line for line in lines if line["message_type"] == "status"]
+    assert status, "no progress lines"
+    last = status[-1]
+    assert last["files_total"] == 20 and last["files_done"] == 20
+    assert last["bytes_total"] == last["bytes_done"] == sum(1000 + i for i in range(20))
+    assert lines[-1]["message_type"] == "summary"
+    quiet = cli("backup", "files", src, "--quiet")
+    assert quiet.code == 0 and quiet.out == ""

@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 
 from stratavault.cli._context import GlobalOptions, open_repo
-from stratavault.cli._output import Output, format_bytes, make_progress
+from stratavault.cli._output import Output, format_bytes, make_progress, shows_progress
 from stratavault.errors import IncompleteSnapshotError
 from stratavault.jobs import BackupFilesOptions, Cancellation, backup_files
 
@@ -62,6 +62,7 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
         parent=ns.parent,
         force_read=ns.force,
         compression_level=ns.compression,
+        scan_totals=shows_progress(json_mode=options.json, quiet=options.quiet),
     )
     progress = make_progress(json_mode=options.json, quiet=options.quiet)
     with open_repo(options) as repo:

@@ -15,6 +15,7 @@ __all__ = [
     "Output",
     "format_bytes",
     "make_progress",
+    "shows_progress",
 ]
 
 
@@ -157,6 +158,11 @@ class BarProgress:
         self.update(state)
         self._bar.stop()
         self._task = None
+
+
+def shows_progress(*, json_mode: bool, quiet: bool) -> bool:
+    """Whether progress is shown (worth counting totals for an ETA)."""
+    return not quiet and (json_mode or sys.stderr.isatty())
 
 
 def make_progress(*, json_mode: bool, quiet: bool) -> Progress:

@@ -79,6 +79,8 @@ class BackupFilesOptions:
     """Worker threads (0: one per core; more only add GIL contention)."""
     max_pending_batches: int = 0
     """Batches of files queued for the workers (0: two per worker); bounds memory."""
+    scan_totals: bool = False
+    """Count files and bytes in a second, parallel walk so progress can show an ETA."""
     max_closed_dirs: int = 1024
     """Finished folders waiting for their files before the walk pauses."""
 
@@ -440,10 +442,34 @@ def backup_files(
         paths = [str(r) for r in roots]
         parent = _pick_parent(repo, options, paths)
         run = _Run(repo, options, parent, progress, cancel)
+        scan = threading.Thread(target=_scan_totals, args=(run, roots), name="scan", daemon=True)
+        if options.scan_totals:
+            scan.start()
         with Ticker(progress, run.state):
             snapshot = _run_and_save(run, roots, paths, parent, started, t0)
+        if scan.is_alive():
+            scan.join()  # it walks what the backup walked: it is about done
     progress.done(run.state)
     return snapshot
+
+
+def _scan_totals(run: _Run, roots: list[PurePosixPath]) -> None:
+    """Set the progress totals from a walk of its own (errors are the backup's to report)."""
+    files = size = 0
+    opts = run.options
+    for entry in walk(
+        [Path(r) for r in roots],
+        excludes=opts.excludes,
+        exclude_files=opts.exclude_files,
+        one_file_system=opts.one_file_system,
+        on_error=lambda _path, _exc: None,
+    ):
+        if run.cancel.cancelled:
+            return
+        if entry.type == NodeType.FILE:
+            files += 1
+            size += entry.size
+    run.state.files_total, run.state.bytes_total = files, size
 
 
 def _run_and_save(
