@@ -203,21 +203,52 @@ def du_bytes(path: Path) -> int:
     return int(out.stdout.split()[0])
 
 
+def _tree_rss_kib(root: int) -> int:
+    """Resident memory of a process and all its descendants now (KiB)."""
+    parents: dict[int, int] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/status") as status:
+                fields = dict(line.split(":", 1) for line in status if ":" in line)
+        except OSError:
+            continue
+        pid = int(entry)
+        parents[pid] = int(fields.get("PPid", "0").strip() or 0)
+        rss[pid] = int(fields.get("VmRSS", "0 kB").split()[0])
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += rss.get(pid, 0)
+        todo.extend(child for child, parent in parents.items() if parent == pid)
+    return total
+
+
 def run_measured(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> tuple[float, int]:
-    """Run a command under GNU time; (wall seconds, peak RSS KiB). Output goes to `log`."""
+    """Run a command under GNU time; (wall seconds, peak RSS KiB). Output goes to `log`.
+
+    The peak is the larger of GNU time's (the biggest single process) and the sum over the
+    command's whole process tree sampled every 50 ms, so worker processes count too.
+    """
     rss_file = log.with_suffix(".rss")
     full = [GNU_TIME, "-f", "%M", "-o", str(rss_file), *cmd]
+    tree_peak = 0
     with open(log, "wb") as out:
         out.write((" ".join(cmd) + "\n").encode())
         out.flush()
         start = time.perf_counter()
-        proc = subprocess.run(full, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(full, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            tree_peak = max(tree_peak, _tree_rss_kib(proc.pid))
+            time.sleep(0.05)
         seconds = time.perf_counter() - start
     if proc.returncode != 0:
         tail = log.read_text(errors="replace").splitlines()[-15:]
         raise BenchError(f"{cmd[0]} failed (exit {proc.returncode}): " + "\n".join(tail))
     rss_lines = rss_file.read_text().split()
-    return seconds, int(rss_lines[-1]) if rss_lines else 0
+    return seconds, max(tree_peak, int(rss_lines[-1]) if rss_lines else 0)
 
 
 @dataclass

@@ -11,6 +11,7 @@ from stratavault.repo import Repository
 def test_public_names_are_pinned() -> None:
     assert sorted(stratavault.repo.__all__) == [
         "ChunkInfo",
+        "ChunkSealer",
         "KdfParams",
         "KeyInfo",
         "RepoStats",

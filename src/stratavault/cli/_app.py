@@ -161,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StratavaultError as exc:
         print(f"stratavault: {exc}", file=sys.stderr)
         return exc.exit_code
-    except BrokenPipeError:
+    except BrokenPipeError:  # output piped into a program that stopped reading
+        print("stratavault: broken pipe", file=sys.stderr)
         return 1
     return code

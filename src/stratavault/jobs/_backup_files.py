@@ -15,19 +15,27 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
+import multiprocessing
 import os
 import socket
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from stratavault import __version__
 from stratavault.errors import Interrupted, SourceError
-from stratavault.jobs._file_chunks import FileChunkResult, chunk_files
+from stratavault.jobs._file_chunks import (
+    FileChunkResult,
+    chunk_files,
+    init_seal_worker,
+    seal_files,
+    store_sealed,
+)
 from stratavault.jobs._parent_trees import ParentListing, ParentTrees
 from stratavault.jobs._progress import (
     Cancellation,
@@ -118,6 +126,8 @@ class _Batch:
     future: Future[_Results] = field(default_factory=Future)
     entries: list[FsEntry] = field(default_factory=list)
     size_bytes: int = 0
+    in_process: bool = False
+    """Read in a thread of this process (a large file) rather than in a worker process."""
 
 
 @dataclass(slots=True)
@@ -153,6 +163,8 @@ class _Run:
 
     BATCH_FILES = 64
     BATCH_BYTES = 8 << 20
+    SMALL_FILE_BYTES = 4 << 20
+    """Files up to this size go to worker processes in batches; larger ones stream in a thread."""
 
     def __init__(
         self,
@@ -165,7 +177,10 @@ class _Run:
         self.repo, self.options, self.progress, self.cancel = repo, options, progress, cancel
         self.parents = ParentTrees(repo, parent.tree if parent else None)
         workers = options.workers or (os.cpu_count() or 1)
-        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="backup")
+        self.workers = workers
+        self.threads = ThreadPoolExecutor(workers, thread_name_prefix="backup")
+        self.processes: ProcessPoolExecutor | None = None
+        self.processes_failed = False
         self.slots = threading.BoundedSemaphore(options.max_pending_batches or 2 * workers)
         self.lock = threading.Lock()
         self.closing: deque[_Dir] = deque()
@@ -207,7 +222,9 @@ class _Run:
         key = (entry.dev, entry.inode)
         found = self.links.get(key) if entry.nlink > 1 else None
         if found is None:
-            batch, position = self.batch, len(self.batch.entries)
+            large = entry.size > self.SMALL_FILE_BYTES
+            batch = _Batch(in_process=True) if large else self.batch
+            position = len(batch.entries)
             batch.entries.append(entry)
             batch.size_bytes += entry.size
             if entry.nlink > 1:
@@ -216,18 +233,73 @@ class _Run:
             batch, position = found
         batch.future.add_done_callback(lambda f: self._file_done(f, position, node, entry.path))
         container.wait_on(batch.future)
-        if len(batch.entries) >= self.BATCH_FILES or batch.size_bytes >= self.BATCH_BYTES:
+        if found is None and batch.in_process:
+            self._submit(batch)
+        elif (
+            len(self.batch.entries) >= self.BATCH_FILES or self.batch.size_bytes >= self.BATCH_BYTES
+        ):
             self.submit_batch()
 
     def submit_batch(self) -> None:
-        """Hand the files collected so far to a worker (blocks while too many are queued)."""
+        """Hand the small files collected so far to a worker process."""
         batch, self.batch = self.batch, _Batch()
-        if not batch.entries:
-            return
+        if batch.entries:
+            self._submit(batch)
+
+    def _submit(self, batch: _Batch) -> None:
+        """Start a batch (blocks while too many are queued): large files in a thread of this
+        process (streamed, bounded memory), small ones in a worker process (beyond the GIL)."""
         self.slots.acquire()
-        work = self.pool.submit(self._read, batch.entries)
+        paths = [e.path for e in batch.entries]
+        work: Future[_Results] | None = None
+        if not batch.in_process and not self.processes_failed:
+            try:
+                work = self._processes().submit(seal_files, paths)
+            except (BrokenProcessPool, OSError):
+                self.processes_failed = True
+            else:
+                work.add_done_callback(lambda f: self._absorb(f, batch, paths))
+        if work is None:
+            work = self.threads.submit(self._read, paths)
+            work.add_done_callback(lambda f: _chain(f, batch.future))
         work.add_done_callback(lambda _f: self.slots.release())
-        work.add_done_callback(lambda f: _chain(f, batch.future))
+
+    def _processes(self) -> ProcessPoolExecutor:
+        if self.processes is None:
+            self.processes = ProcessPoolExecutor(
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=init_seal_worker,
+                initargs=(self.repo.sealer(), self.options.compression_level),
+            )
+        return self.processes
+
+    def _absorb(self, work: Future[_Results], batch: _Batch, paths: list[str]) -> None:
+        """Store what a worker process sealed, then release the batch's files.
+
+        If worker processes cannot run here (they failed to start or died), the batch
+        and all later ones are read in threads of this process instead.
+        """
+        if isinstance(work.exception(), (BrokenProcessPool, OSError)):
+            self.processes_failed = True
+            redo = self.threads.submit(self._read, paths)
+            redo.add_done_callback(lambda f: _chain(f, batch.future))
+            return
+        try:
+            results = work.result()
+            for result in results:
+                if isinstance(result, FileChunkResult):
+                    self._count_bytes(store_sealed(self.repo, result))
+        except BaseException as exc:
+            batch.future.set_exception(exc)
+            return
+        batch.future.set_result(results)
+
+    def shutdown(self, *, cancel: bool) -> None:
+        """Stop the workers: wait for running tasks, drop queued ones when cancelling."""
+        self.threads.shutdown(wait=True, cancel_futures=cancel)
+        if self.processes is not None:
+            self.processes.shutdown(wait=True, cancel_futures=cancel)
 
     def _unchanged_content(self, old: dict[str, Any], entry: FsEntry) -> list[ContentRun] | None:
         """The parent's content runs if the file looks unchanged since then, else None."""
@@ -249,11 +321,11 @@ class _Run:
             return runs
         return None
 
-    def _read(self, entries: list[FsEntry]) -> _Results:
+    def _read(self, paths: list[str]) -> _Results:
         self.cancel.check()
         return chunk_files(
             self.repo,
-            entries,
+            paths,
             level=self.options.compression_level,
             cancel=self.cancel,
             on_bytes=self._count_bytes,
@@ -489,7 +561,7 @@ def _run_and_save(
         dirs = _build_ancestors(run, roots)
         _walk_roots(run, roots, dirs)
         root = _finish_ancestors(run, dirs)
-        run.pool.shutdown(wait=True)
+        run.shutdown(cancel=False)
         assert root.subtree is not None
         run.summary.duration_s = round(now() - t0, 3)
         snapshot = Snapshot(
@@ -510,7 +582,7 @@ def _run_and_save(
         save_snapshot(run.repo, snapshot)
     except BaseException:
         run.cancel.cancel()
-        run.pool.shutdown(wait=True, cancel_futures=True)
+        run.shutdown(cancel=True)
         run.repo.flush()
         raise
     return snapshot

@@ -1,23 +1,43 @@
-"""Reading one file into chunks in the repository (runs in a worker thread)."""
+"""Reading files into chunks: in worker threads, or in worker processes for small files.
+
+A file is read (holes skipped), cut into chunks, and each chunk goes to a *sink*.
+In a thread, the sink stores the chunk in the repository directly. In a worker
+process (small files, where per-file Python work would otherwise hold the GIL of
+the main process), the sink hashes, compresses and encrypts the chunk and keeps
+the sealed blob; the main process then adds the blobs it does not have yet.
+"""
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from stratavault.chunking import CdcChunker
 from stratavault.jobs._progress import Cancellation
-from stratavault.repo import Repository
+from stratavault.repo import ChunkSealer, Repository
 from stratavault.snapshot import ContentRun
-from stratavault.sources import FsEntry, SparseFileReader, prefetch_files
-from stratavault.types import BlobKind
+from stratavault.sources import SparseFileReader, prefetch_files
+from stratavault.types import BlobKind, ChunkId
 
-__all__ = ["FileChunkResult", "chunk_file", "chunk_files"]
+__all__ = [
+    "FileChunkResult",
+    "chunk_file",
+    "chunk_files",
+    "init_seal_worker",
+    "seal_files",
+    "store_sealed",
+]
 
 _CHUNKER = CdcChunker()
 _BUFFER_BYTES = 8 << 20
 _local = threading.local()
+
+Sink = Callable[[bytes | memoryview], tuple[ChunkId, int]]
+"""Takes a chunk, returns its id and the stored bytes it added."""
 
 
 def _buffer() -> bytearray:
@@ -38,6 +58,8 @@ class FileChunkResult:
     chunks_added: int = 0
     bytes_stored: int = 0
     changed: bool = False
+    sealed: list[tuple[ChunkId, int, bytes]] = field(default_factory=list)
+    """Chunks sealed in a worker process, ``(id, raw length, blob)``, not yet stored."""
 
 
 class _Regions:
@@ -62,51 +84,40 @@ class _Regions:
                 return
 
 
-def _store(
-    repo: Repository, chunk: bytes | memoryview, level: int, result: FileChunkResult
-) -> None:
-    cid = repo.chunk_id(chunk)
-    stored = repo.add_chunk(cid, chunk, BlobKind.DATA, level=level)
+def _add(result: FileChunkResult, sink: Sink, chunk: bytes | memoryview) -> None:
+    cid, stored = sink(chunk)
     result.chunks_added += stored > 0
     result.bytes_stored += stored
     result.content.append((cid, len(chunk)))
 
 
 def chunk_file(
-    repo: Repository,
-    entry: FsEntry,
-    *,
-    level: int,
-    cancel: Cancellation,
-    on_bytes: Callable[[int], None],
+    path: str, sink: Sink, *, cancel: Cancellation, on_bytes: Callable[[int], None]
 ) -> FileChunkResult:
-    """Read ``entry`` (holes skipped), store its new chunks, return its content runs.
+    """Read the file at ``path`` (holes skipped), pass its chunks to ``sink``.
 
     ``OSError`` when the file cannot be opened or read.
     """
     result = FileChunkResult()
-    with SparseFileReader(entry.path, buffer=_buffer()) as reader:
+    with SparseFileReader(path, buffer=_buffer()) as reader:
         result.size = reader.size
         whole = reader.read_whole(_CHUNKER.min_bytes)  # shorter than a chunk: one piece
         if whole is not None:
             if whole:
-                _store(repo, whole, level, result)
+                _add(result, sink, whole)
                 on_bytes(len(whole))
-            result.bytes_read = len(whole)
-            if len(whole) < reader.size:
-                result.content.append((None, reader.size - len(whole)))
-            result.changed = reader.changed()
-            return result
-        pos = 0
-        for start, pieces in _Regions(reader.extents()):
-            if start > pos:
-                result.content.append((None, start - pos))
-                pos = start
-            for chunk in _CHUNKER.split(pieces):
-                cancel.check()
-                _store(repo, chunk, level, result)
-                pos += len(chunk)
-                on_bytes(len(chunk))
+            pos = len(whole)
+        else:
+            pos = 0
+            for start, pieces in _Regions(reader.extents()):
+                if start > pos:
+                    result.content.append((None, start - pos))
+                    pos = start
+                for chunk in _CHUNKER.split(pieces):
+                    cancel.check()
+                    _add(result, sink, chunk)
+                    pos += len(chunk)
+                    on_bytes(len(chunk))
         result.bytes_read = pos - sum(n for cid, n in result.content if cid is None)
         if pos < reader.size:
             result.content.append((None, reader.size - pos))
@@ -114,22 +125,92 @@ def chunk_file(
     return result
 
 
+def _results(
+    paths: list[str], sink: Sink, cancel: Cancellation, on_bytes: Callable[[int], None]
+) -> list[FileChunkResult | OSError]:
+    results: list[FileChunkResult | OSError] = []
+    if len(paths) > 1:
+        prefetch_files(paths)
+    for path in paths:
+        cancel.check()
+        try:
+            results.append(chunk_file(path, sink, cancel=cancel, on_bytes=on_bytes))
+        except OSError as exc:
+            results.append(exc)
+    return results
+
+
 def chunk_files(
     repo: Repository,
-    entries: list[FsEntry],
+    paths: list[str],
     *,
     level: int,
     cancel: Cancellation,
     on_bytes: Callable[[int], None],
 ) -> list[FileChunkResult | OSError]:
-    """:func:`chunk_file` for several (small) files in one task; errors per file."""
-    results: list[FileChunkResult | OSError] = []
-    if len(entries) > 1:
-        prefetch_files(e.path for e in entries)
-    for entry in entries:
-        cancel.check()
-        try:
-            results.append(chunk_file(repo, entry, level=level, cancel=cancel, on_bytes=on_bytes))
-        except OSError as exc:
-            results.append(exc)
+    """Read files in this process and store their new chunks; errors per file."""
+
+    def store(chunk: bytes | memoryview) -> tuple[ChunkId, int]:
+        cid = repo.chunk_id(chunk)
+        return cid, repo.add_chunk(cid, chunk, BlobKind.DATA, level=level)
+
+    return _results(paths, store, cancel, on_bytes)
+
+
+# -- worker processes ---------------------------------------------------------------------
+
+_worker: tuple[ChunkSealer, int] | None = None
+
+
+def init_seal_worker(sealer: ChunkSealer, level: int) -> None:
+    """Set up a worker process: Ctrl-C is the main process's to handle, and the worker
+    dies with the main process (also when that one is killed with SIGKILL)."""
+    global _worker
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
+    _worker = (sealer, level)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return  # not Linux/glibc: the worker ends when its task queue closes
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def seal_files(paths: list[str]) -> list[FileChunkResult | OSError]:
+    """In a worker process: read files and seal their chunks (see ``store_sealed``)."""
+    assert _worker is not None, "init_seal_worker was not called"
+    sealer, level = _worker
+    sealed: list[tuple[ChunkId, int, bytes]] = []
+    seen: set[ChunkId] = set()
+
+    def seal(chunk: bytes | memoryview) -> tuple[ChunkId, int]:
+        cid = sealer.chunk_id(chunk)
+        if cid not in seen:
+            seen.add(cid)
+            sealed.append((cid, len(chunk), sealer.seal(cid, chunk, BlobKind.DATA, level)))
+        return cid, 0
+
+    results = _results(paths, seal, Cancellation(), lambda _n: None)
+    for result in results:
+        if isinstance(result, FileChunkResult):
+            ids = {cid for cid, _ in result.content if cid is not None}
+            result.sealed = [s for s in sealed if s[0] in ids]
+            sealed = [s for s in sealed if s[0] not in ids]
     return results
+
+
+def store_sealed(repo: Repository, result: FileChunkResult) -> int:
+    """Add the blobs a worker process sealed for one file; return the bytes read."""
+    for cid, raw_len, blob in result.sealed:
+        stored = repo.add_sealed(cid, blob, raw_len)
+        result.chunks_added += stored > 0
+        result.bytes_stored += stored
+    result.sealed = []
+    return result.bytes_read

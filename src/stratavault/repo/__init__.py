@@ -5,6 +5,20 @@ The on-backend format is described byte by byte in ``docs/format.md``.
 
 from stratavault.repo._crypto import KdfParams
 from stratavault.repo._keys import KeyInfo
-from stratavault.repo._repository import ChunkInfo, Repository, RepoStats, default_cache_dir
+from stratavault.repo._repository import (
+    ChunkInfo,
+    ChunkSealer,
+    Repository,
+    RepoStats,
+    default_cache_dir,
+)
 
-__all__ = ["ChunkInfo", "KdfParams", "KeyInfo", "RepoStats", "Repository", "default_cache_dir"]
+__all__ = [
+    "ChunkInfo",
+    "ChunkSealer",
+    "KdfParams",
+    "KeyInfo",
+    "RepoStats",
+    "Repository",
+    "default_cache_dir",
+]

@@ -145,6 +145,10 @@ class MasterKeys:
         """Encrypt and authenticate with the repository key."""
         return seal(self._aead, plaintext, ad)
 
+    def __reduce__(self) -> tuple[type[MasterKeys], tuple[bytes]]:
+        # Picklable so that a worker process started by this one can seal chunks.
+        return (MasterKeys, (self.material,))
+
     def unseal(self, envelope: bytes | memoryview, ad: bytes) -> bytes:
         """Decrypt and verify; raise AuthenticationFailed if not genuine."""
         return unseal(self._aead, envelope, ad)

@@ -76,6 +76,23 @@ class _Options:
     lock_refresh_s: float = F.LOCK_REFRESH_S
 
 
+class ChunkSealer:
+    """Chunk ids and sealed blobs for one repository, usable in another process."""
+
+    def __init__(self, keys: MasterKeys) -> None:
+        self._keys = keys
+
+    def chunk_id(self, data: bytes | memoryview) -> ChunkId:
+        """Keyed BLAKE3 of ``data``, as :meth:`Repository.chunk_id`."""
+        return self._keys.chunk_id(data)
+
+    def seal(
+        self, chunk_id: ChunkId, data: bytes | memoryview, kind: BlobKind, level: int
+    ) -> bytes:
+        """The stored form of a chunk: compressed (or raw), encrypted, bound to its id."""
+        return self._keys.seal(compress(data, level), blob_ad(kind, chunk_id))
+
+
 class Repository:
     """An encrypted, deduplicated chunk store on a :class:`Storage` (see docs/format.md).
 
@@ -207,6 +224,21 @@ class Repository:
         if self.has_chunk(chunk_id):
             return 0
         blob = self._keys.seal(compress(data, level), blob_ad(kind, chunk_id))
+        return self.add_sealed(chunk_id, blob, len(data), kind)
+
+    def sealer(self) -> ChunkSealer:
+        """What a worker process needs to hash, compress and encrypt chunks for this
+        repository (it holds the keys: hand it only to this program's own processes)."""
+        return ChunkSealer(self._keys)
+
+    def add_sealed(
+        self, chunk_id: ChunkId, blob: bytes, raw_len: int, kind: BlobKind = BlobKind.DATA
+    ) -> int:
+        """Store a blob made by :meth:`ChunkSealer.seal` unless the chunk is present.
+
+        Return stored bytes added (0 for a duplicate). An earlier failed upload is raised.
+        """
+        self._raise_failure()
         full: OpenPack | None = None
         with self._lock:
             if chunk_id in self._inflight or chunk_id in self._index:
@@ -215,8 +247,8 @@ class Repository:
             if pack is None:
                 pack = self._open_packs[int(kind)] = OpenPack(self._next_pack)
                 self._next_pack += 1
-            offset = pack.append(chunk_id, int(kind), blob, len(data))
-            self._inflight[chunk_id] = (pack, Entry(-1, int(kind), offset, len(blob), len(data)))
+            offset = pack.append(chunk_id, int(kind), blob, raw_len)
+            self._inflight[chunk_id] = (pack, Entry(-1, int(kind), offset, len(blob), raw_len))
             if pack.size >= self._opt.pack_target_bytes:
                 full = self._open_packs.pop(int(kind))
         if full is not None:
