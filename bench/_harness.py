@@ -2,8 +2,10 @@
 
 Runs several backup tools over the same data in one run, phase by phase (every tool does
 phase 1, then every tool does phase 2...), so that all tools see the same source state.
-Each timed command runs under GNU time for its peak RSS, after dropping the page cache when
-the process is allowed to (root), and the repository size is measured after every phase.
+Each timed command runs under GNU time, after dropping the page cache when the process is
+allowed to (root); its peak memory is the larger of GNU time's maximum RSS and the PSS summed
+over its process tree (worker processes included); the repository size is measured after
+every phase.
 """
 
 from __future__ import annotations
@@ -203,10 +205,25 @@ def du_bytes(path: Path) -> int:
     return int(out.stdout.split()[0])
 
 
-def _tree_rss_kib(root: int) -> int:
-    """Resident memory of a process and all its descendants now (KiB)."""
+def _pss_kib(pid: int) -> int:
+    """Proportional set size of a process (shared pages split among their users), KiB."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _tree_memory_kib(root: int) -> int:
+    """Memory of a process and all its descendants now: the sum of their PSS (KiB).
+
+    PSS counts a page shared by several processes (libraries, copy-on-write) once in all,
+    so worker processes add what they really cost.
+    """
     parents: dict[int, int] = {}
-    rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -217,11 +234,10 @@ def _tree_rss_kib(root: int) -> int:
             continue
         pid = int(entry)
         parents[pid] = int(fields.get("PPid", "0").strip() or 0)
-        rss[pid] = int(fields.get("VmRSS", "0 kB").split()[0])
     total, todo = 0, [root]
     while todo:
         pid = todo.pop()
-        total += rss.get(pid, 0)
+        total += _pss_kib(pid)
         todo.extend(child for child, parent in parents.items() if parent == pid)
     return total
 
@@ -229,8 +245,9 @@ def _tree_rss_kib(root: int) -> int:
 def run_measured(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> tuple[float, int]:
     """Run a command under GNU time; (wall seconds, peak RSS KiB). Output goes to `log`.
 
-    The peak is the larger of GNU time's (the biggest single process) and the sum over the
-    command's whole process tree sampled every 50 ms, so worker processes count too.
+    The peak is the larger of GNU time's maximum RSS (the biggest single process) and the
+    PSS summed over the command's whole process tree, sampled every 50 ms, so that worker
+    processes count too.
     """
     rss_file = log.with_suffix(".rss")
     full = [GNU_TIME, "-f", "%M", "-o", str(rss_file), *cmd]
@@ -241,7 +258,7 @@ def run_measured(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> t
         start = time.perf_counter()
         proc = subprocess.Popen(full, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
         while proc.poll() is None:
-            tree_peak = max(tree_peak, _tree_rss_kib(proc.pid))
+            tree_peak = max(tree_peak, _tree_memory_kib(proc.pid))
             time.sleep(0.05)
         seconds = time.perf_counter() - start
     if proc.returncode != 0:
