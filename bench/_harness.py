@@ -246,7 +246,7 @@ def run_measured(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> t
     """Run a command under GNU time; (wall seconds, peak RSS KiB). Output goes to `log`.
 
     The peak is the larger of GNU time's maximum RSS (the biggest single process) and the
-    PSS summed over the command's whole process tree, sampled every 50 ms, so that worker
+    PSS summed over the command's whole process tree, sampled every 200 ms, so that worker
     processes count too.
     """
     rss_file = log.with_suffix(".rss")
@@ -259,7 +259,7 @@ def run_measured(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> t
         proc = subprocess.Popen(full, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
         while proc.poll() is None:
             tree_peak = max(tree_peak, _tree_memory_kib(proc.pid))
-            time.sleep(0.05)
+            time.sleep(0.2)
         seconds = time.perf_counter() - start
     if proc.returncode != 0:
         tail = log.read_text(errors="replace").splitlines()[-15:]
