@@ -12,6 +12,7 @@ it against the chunk ids in the snapshot.
 from __future__ import annotations
 
 import os
+import resource
 import threading
 from collections import defaultdict
 from collections.abc import Iterator
@@ -41,7 +42,7 @@ class RestoreOptions:
     numeric_owner: bool = False
     workers: int = 0
     batch_bytes: int = 256 << 20
-    batch_files: int = 5_000
+    batch_files: int = 4_000
 
 
 @dataclass(slots=True)
@@ -54,6 +55,21 @@ class RestoreResult:
     bytes_written: int = 0
     files_verified: int = 0
     issues: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _open_file_budget(wanted: int) -> int:
+    """How many restored files may stay open: a batch's worth if the descriptor limit
+    allows (raising the soft limit up to the hard one), else half the limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = 2 * wanted + 256
+    if soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return max(64, min(wanted, soft // 2))
 
 
 @dataclass(slots=True)
@@ -86,7 +102,11 @@ class _Restore:
         self.progress, self.cancel = progress, cancel
         self.includes = ExcludeMatcher(options.includes)
         self.excludes = ExcludeMatcher(options.excludes)
-        self.fs = FsRestorer(options.target, numeric_owner=options.numeric_owner)
+        self.fs = FsRestorer(
+            options.target,
+            numeric_owner=options.numeric_owner,
+            max_open_files=_open_file_budget(options.batch_files),
+        )
         self.result = RestoreResult()
         self.state = ProgressState(phase="restore", started=now())
         self.lock = threading.Lock()

@@ -15,6 +15,7 @@ at :meth:`FsRestorer.close` deepest first, so their mtimes stick.
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 import threading
@@ -405,7 +406,11 @@ class FsRestorer:
 
     def _evict(self, keep: RestoreFile) -> None:
         """Close the least recently used idle files until at most ``max_open_files`` are open."""
-        for other in list(self._open_files):
+        excess = len(self._open_files) - self._max_open
+        if excess <= 0:
+            return
+        # Look at the oldest few only (some may be busy): O(excess), not O(open files).
+        for other in list(itertools.islice(self._open_files, excess + 16)):
             if len(self._open_files) <= self._max_open:
                 return
             if other is keep or not other._lock.acquire(blocking=False):
