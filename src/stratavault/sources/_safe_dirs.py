@@ -44,12 +44,18 @@ def display(parts: Sequence[bytes | str]) -> str:
     return "/".join(os.fsdecode(p) for p in parts)
 
 
+_UNSAFE = (b"", b".", b"..")
+
+
 def to_parts(path: RelPath) -> tuple[bytes, ...]:
     """Check every name of ``path`` and return them as bytes; raise ``UnsafePathError``."""
-    where = display(path)
     if not path:
-        raise UnsafePathError(f"restoring {where!r} - an entry needs a name below the target")
-    return tuple(check_name(p, where=where) for p in path)
+        raise UnsafePathError("restoring '' - an entry needs a name below the target")
+    parts = tuple(os.fsencode(p) if isinstance(p, str) else p for p in path)
+    for raw in parts:  # the common case stays cheap; the message is built only on failure
+        if raw in _UNSAFE or b"/" in raw or b"\0" in raw:
+            check_name(raw, where=display(path))
+    return parts
 
 
 class DirFds:
