@@ -27,6 +27,7 @@ def test_exported_members() -> None:
         "ZEROS",
         "check_name",
         "prefetch_files",
+        "prefetch_metadata",
         "read_exclude_file",
         "read_file_extents",
         "read_xattrs",

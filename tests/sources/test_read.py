@@ -152,3 +152,13 @@ def test_prefetch_files_ignores_missing_and_special_files(tmp_path: Path) -> Non
     os.mkfifo(fifo)
     prefetch_files([data, tmp_path / "missing", str(fifo)])  # must neither raise nor block
     assert data.read_bytes() == b"x" * 100_000
+
+
+def test_prefetch_metadata_walks_everything_and_survives_errors(tmp_path: Path) -> None:
+    from stratavault.sources import prefetch_metadata
+
+    for i in range(5):
+        (tmp_path / "a" / f"d{i}").mkdir(parents=True)
+        (tmp_path / "a" / f"d{i}" / "f").write_text("x")
+    os.symlink("/nonexistent", tmp_path / "a" / "dangling")
+    assert prefetch_metadata([str(tmp_path / "a"), str(tmp_path / "missing")]) == 11

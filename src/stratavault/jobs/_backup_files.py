@@ -62,7 +62,7 @@ from stratavault.snapshot import (
     select_snapshots,
     tree_docs,
 )
-from stratavault.sources import FileStamp, FsEntry, same_file_stat, walk
+from stratavault.sources import FileStamp, FsEntry, prefetch_metadata, same_file_stat, walk
 from stratavault.types import ChunkId
 
 __all__ = ["BackupFilesOptions", "backup_files"]
@@ -523,12 +523,37 @@ def backup_files(
         scan = threading.Thread(target=_scan_totals, args=(run, roots), name="scan", daemon=True)
         if options.scan_totals:
             scan.start()
-        with Ticker(progress, run.state):
-            snapshot = _run_and_save(run, roots, paths, parent, started, t0)
+        # An incremental backup mostly walks: read the inodes ahead in another process.
+        prefetch = _start_metadata_prefetch(roots, options) if parent is not None else None
+        try:
+            with Ticker(progress, run.state):
+                snapshot = _run_and_save(run, roots, paths, parent, started, t0)
+        finally:
+            if prefetch is not None:
+                prefetch.kill()
+                prefetch.join()
         if scan.is_alive():
             scan.join()  # it walks what the backup walked: it is about done
     progress.done(run.state)
     return snapshot
+
+
+def _start_metadata_prefetch(
+    roots: list[PurePosixPath], options: BackupFilesOptions
+) -> multiprocessing.process.BaseProcess | None:
+    """Start a process that reads the inodes of the tree ahead of the walk (cold caches)."""
+    context = multiprocessing.get_context("spawn")
+    process = context.Process(
+        target=prefetch_metadata,
+        args=([str(r) for r in roots], options.one_file_system),
+        name="stratavault-prefetch",
+        daemon=True,
+    )
+    try:
+        process.start()
+    except OSError:
+        return None  # only a speed-up
+    return process
 
 
 def _scan_totals(run: _Run, roots: list[PurePosixPath]) -> None:

@@ -23,6 +23,7 @@ from stratavault.sources._read import (
     FileChangedError,
     SparseFileReader,
     prefetch_files,
+    prefetch_metadata,
     read_file_extents,
 )
 from stratavault.sources._restore import ZEROS, FsRestorer, RestoreFile, RestoreIssue
@@ -47,6 +48,7 @@ __all__ = [
     "SparseFileReader",
     "check_name",
     "prefetch_files",
+    "prefetch_metadata",
     "read_exclude_file",
     "read_file_extents",
     "read_xattrs",
