@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-import stratavault.jobs._backup_files as backup_module
+import stratavault.jobs._file_readers as readers_module
 from stratavault.jobs import (
     BackupFilesOptions,
     RestoreOptions,
@@ -41,14 +41,14 @@ def test_processes_and_threads_store_the_same_content(
         (src / "small" / f"d{i % 9}" / f"f{i}").write_bytes(data)
     storage = LocalStorage(tmp_path / "repo")
     in_threads: list[str] = []
-    real = backup_module.chunk_files
+    real = readers_module.chunk_files
 
     def spy(repo: Repository, paths: list[str], **kwargs: Any) -> Any:
         in_threads.extend(paths)
         return real(repo, paths, **kwargs)
 
     with Repository.init(storage, b"pw", cache_dir=None, kdf=KdfParams.fast()) as repo:
-        monkeypatch.setattr(backup_module, "chunk_files", spy)
+        monkeypatch.setattr(readers_module, "chunk_files", spy)
         via_processes = backup_files(
             repo, BackupFilesOptions(paths=(src,), processes_after_files=0, force_read=True)
         )

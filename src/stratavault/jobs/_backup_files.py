@@ -15,27 +15,26 @@ from __future__ import annotations
 
 import datetime as dt
 import getpass
-import multiprocessing
 import os
 import socket
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from stratavault import __version__
-from stratavault.errors import Interrupted, SourceError
-from stratavault.jobs._file_chunks import (
-    FileChunkResult,
-    chunk_files,
-    init_seal_worker,
-    seal_files,
-    store_sealed,
+from stratavault.errors import Interrupted
+from stratavault.jobs._backup_sources import (
+    absolute_roots,
+    ancestors,
+    entry_of,
+    node_from_entry,
+    start_metadata_prefetch,
 )
+from stratavault.jobs._file_readers import Batch, FileReaders, FileResults
 from stratavault.jobs._parent_trees import ParentListing, ParentTrees
 from stratavault.jobs._progress import (
     Cancellation,
@@ -62,7 +61,7 @@ from stratavault.snapshot import (
     select_snapshots,
     tree_docs,
 )
-from stratavault.sources import FileStamp, FsEntry, prefetch_metadata, same_file_stat, walk
+from stratavault.sources import FileStamp, FsEntry, same_file_stat, walk
 from stratavault.types import ChunkId
 
 __all__ = ["BackupFilesOptions", "backup_files"]
@@ -96,43 +95,6 @@ class BackupFilesOptions:
     """Finished folders waiting for their files before the walk pauses."""
 
 
-def node_from_entry(entry: FsEntry) -> Node:
-    """A tree node with the metadata of a walked entry (content comes later)."""
-    return Node(
-        name=entry.name,
-        type=str(entry.type),
-        mode=entry.mode,
-        uid=entry.uid,
-        gid=entry.gid,
-        user=entry.user,
-        group=entry.group,
-        size=entry.size if entry.type == "file" else 0,
-        mtime_ns=entry.mtime_ns,
-        atime_ns=entry.atime_ns,
-        ctime_ns=entry.ctime_ns,
-        inode=entry.inode,
-        dev=entry.dev,
-        nlink=entry.nlink,
-        rdev=entry.rdev,
-        link_target=entry.link_target,
-        xattrs=dict(entry.xattrs),
-    )
-
-
-_Results = list[FileChunkResult | OSError]
-
-
-@dataclass(slots=True)
-class _Batch:
-    """Files read together by one worker task (many small files cost one task)."""
-
-    future: Future[_Results] = field(default_factory=Future)
-    entries: list[FsEntry] = field(default_factory=list)
-    size_bytes: int = 0
-    in_process: bool = False
-    """Read in a thread of this process (a large file) rather than in a worker process."""
-
-
 @dataclass(slots=True)
 class _Dir:
     """A directory being built: its node in the parent, its children, batches in flight."""
@@ -140,25 +102,14 @@ class _Dir:
     path: str
     node: Node
     children: list[Node] = field(default_factory=list)
-    pending: list[Future[_Results]] = field(default_factory=list)
+    pending: list[Future[FileResults]] = field(default_factory=list)
     old: ParentListing | None = None
     """The same folder in the parent snapshot, if it was there."""
 
-    def wait_on(self, future: Future[_Results]) -> None:
+    def wait_on(self, future: Future[FileResults]) -> None:
         """Do not write this directory's tree before ``future`` is done."""
         if not self.pending or self.pending[-1] is not future:
             self.pending.append(future)
-
-
-def _chain(source: Future[_Results], target: Future[_Results]) -> None:
-    """Pass the outcome of the worker's future on to the batch's future."""
-    if source.cancelled():
-        target.cancel()
-        target.set_running_or_notify_cancel()
-    elif (exc := source.exception()) is not None:
-        target.set_exception(exc)
-    else:
-        target.set_result(source.result())
 
 
 class _Run:
@@ -180,20 +131,23 @@ class _Run:
         self.repo, self.options, self.progress, self.cancel = repo, options, progress, cancel
         self.parents = ParentTrees(repo, parent.tree if parent else None)
         workers = options.workers or (os.cpu_count() or 1)
-        self.workers = workers
-        self.threads = ThreadPoolExecutor(workers, thread_name_prefix="backup")
-        self.processes: ProcessPoolExecutor | None = None
-        self.processes_failed = False
-        self.small_files_sent = 0
-        self.slots = threading.BoundedSemaphore(options.max_pending_batches or 2 * workers)
+        self.readers = FileReaders(
+            repo,
+            level=options.compression_level,
+            workers=workers,
+            max_pending=options.max_pending_batches or 2 * workers,
+            processes_after_files=options.processes_after_files,
+            cancel=cancel,
+            on_bytes=self._count_bytes,
+        )
         self.lock = threading.Lock()
         self.closing: deque[_Dir] = deque()
         self.stack: list[_Dir] = []
         self.errors: list[FileError] = []
         self.summary = SnapshotSummary()
         self.state = ProgressState(phase="backup", started=now())
-        self.batch = _Batch()
-        self.links: dict[tuple[int, int], tuple[_Batch, int]] = {}
+        self.batch = Batch()
+        self.links: dict[tuple[int, int], tuple[Batch, int]] = {}
 
     def error(self, path: object, message: str) -> None:
         """Record a path that could not be backed up completely."""
@@ -227,7 +181,7 @@ class _Run:
         found = self.links.get(key) if entry.nlink > 1 else None
         if found is None:
             large = entry.size > self.SMALL_FILE_BYTES
-            batch = _Batch(in_process=True) if large else self.batch
+            batch = Batch(in_process=True) if large else self.batch
             position = len(batch.entries)
             batch.entries.append(entry)
             batch.size_bytes += entry.size
@@ -238,7 +192,7 @@ class _Run:
         batch.future.add_done_callback(lambda f: self._file_done(f, position, node, entry.path))
         container.wait_on(batch.future)
         if found is None and batch.in_process:
-            self._submit(batch)
+            self.readers.submit(batch)
         elif (
             len(self.batch.entries) >= self.BATCH_FILES or self.batch.size_bytes >= self.BATCH_BYTES
         ):
@@ -246,66 +200,13 @@ class _Run:
 
     def submit_batch(self) -> None:
         """Hand the small files collected so far to a worker process."""
-        batch, self.batch = self.batch, _Batch()
+        batch, self.batch = self.batch, Batch()
         if batch.entries:
-            self._submit(batch)
-
-    def _submit(self, batch: _Batch) -> None:
-        """Start a batch (blocks while too many are queued): large files in a thread of this
-        process (streamed, bounded memory), small ones in a worker process (beyond the GIL)."""
-        self.slots.acquire()
-        paths = [e.path for e in batch.entries]
-        work: Future[_Results] | None = None
-        self.small_files_sent += 0 if batch.in_process else len(batch.entries)
-        worth_processes = self.small_files_sent > self.options.processes_after_files
-        if not batch.in_process and worth_processes and not self.processes_failed:
-            try:
-                work = self._processes().submit(seal_files, paths)
-            except (BrokenProcessPool, OSError):
-                self.processes_failed = True
-            else:
-                work.add_done_callback(lambda f: self._absorb(f, batch, paths))
-        if work is None:
-            work = self.threads.submit(self._read, paths)
-            work.add_done_callback(lambda f: _chain(f, batch.future))
-        work.add_done_callback(lambda _f: self.slots.release())
-
-    def _processes(self) -> ProcessPoolExecutor:
-        if self.processes is None:
-            self.processes = ProcessPoolExecutor(
-                self.workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=init_seal_worker,
-                initargs=(self.repo.sealer(), self.options.compression_level),
-            )
-        return self.processes
-
-    def _absorb(self, work: Future[_Results], batch: _Batch, paths: list[str]) -> None:
-        """Store what a worker process sealed, then release the batch's files.
-
-        If worker processes cannot run here (they failed to start or died), the batch
-        and all later ones are read in threads of this process instead.
-        """
-        if isinstance(work.exception(), (BrokenProcessPool, OSError)):
-            self.processes_failed = True
-            redo = self.threads.submit(self._read, paths)
-            redo.add_done_callback(lambda f: _chain(f, batch.future))
-            return
-        try:
-            results = work.result()
-            for result in results:
-                if isinstance(result, FileChunkResult):
-                    self._count_bytes(store_sealed(self.repo, result))
-        except BaseException as exc:
-            batch.future.set_exception(exc)
-            return
-        batch.future.set_result(results)
+            self.readers.submit(batch)
 
     def shutdown(self, *, cancel: bool) -> None:
-        """Stop the workers: wait for running tasks, drop queued ones when cancelling."""
-        self.threads.shutdown(wait=True, cancel_futures=cancel)
-        if self.processes is not None:
-            self.processes.shutdown(wait=True, cancel_futures=cancel)
+        """Stop the readers: wait for running tasks, drop queued ones when cancelling."""
+        self.readers.shutdown(cancel=cancel)
 
     def _unchanged_content(self, old: dict[str, Any], entry: FsEntry) -> list[ContentRun] | None:
         """The parent's content runs if the file looks unchanged since then, else None."""
@@ -327,21 +228,11 @@ class _Run:
             return runs
         return None
 
-    def _read(self, paths: list[str]) -> _Results:
-        self.cancel.check()
-        return chunk_files(
-            self.repo,
-            paths,
-            level=self.options.compression_level,
-            cancel=self.cancel,
-            on_bytes=self._count_bytes,
-        )
-
     def _count_bytes(self, n: int) -> None:
         with self.lock:
             self.state.bytes_done += n
 
-    def _file_done(self, future: Future[_Results], position: int, node: Node, path: str) -> None:
+    def _file_done(self, future: Future[FileResults], position: int, node: Node, path: str) -> None:
         if future.cancelled() or isinstance(future.exception(), Interrupted):
             return
         exc = future.exception()
@@ -408,12 +299,6 @@ class _Run:
             self.summary.dirs += 1
 
 
-def _ancestors(paths: list[PurePosixPath]) -> list[PurePosixPath]:
-    """Every folder above the given paths, the root first."""
-    found = {a for p in paths for a in p.parents}
-    return sorted(found, key=lambda p: (len(p.parts), str(p)))
-
-
 def _walk_roots(run: _Run, roots: list[PurePosixPath], dirs: dict[str, _Dir]) -> None:
     opts = run.options
     for root in roots:
@@ -442,30 +327,17 @@ def _walk_roots(run: _Run, roots: list[PurePosixPath], dirs: dict[str, _Dir]) ->
     run.finish_closed(block=True)
 
 
-def _build_ancestors(run: _Run, roots: list[PurePosixPath]) -> dict[str, _Dir]:
+def _buildancestors(run: _Run, roots: list[PurePosixPath]) -> dict[str, _Dir]:
     dirs: dict[str, _Dir] = {}
-    for path in _ancestors(roots) or [PurePosixPath("/")]:
-        node = node_from_entry(_entry_of(Path(path)))
+    for path in ancestors(roots) or [PurePosixPath("/")]:
+        node = node_from_entry(entry_of(Path(path)))
         dirs[str(path)] = _Dir(str(path), node)
         if path != path.parent:
             dirs[str(path.parent)].children.append(node)
     return dirs
 
 
-def _entry_of(path: Path) -> FsEntry:
-    """The metadata of one folder above a backed-up path (its contents are not read)."""
-
-    def fail(where: Path, exc: OSError) -> None:
-        raise SourceError(f"backup: cannot read folder {where}: {exc.strerror or exc}")
-
-    entries = walk([path], on_error=fail)
-    try:
-        return next(iter(entries))
-    finally:
-        entries.close()  # type: ignore[attr-defined]
-
-
-def _finish_ancestors(run: _Run, dirs: dict[str, _Dir]) -> Node:
+def _finishancestors(run: _Run, dirs: dict[str, _Dir]) -> Node:
     for path in sorted(dirs, key=lambda p: -p.count("/") - (p != "/")):
         d = dirs[path]
         for f in d.pending:
@@ -485,18 +357,6 @@ def _pick_parent(
     return latest(same) if same else None
 
 
-def _absolute_roots(paths: tuple[Path, ...]) -> list[PurePosixPath]:
-    roots = []
-    for p in paths:
-        absolute = PurePosixPath(os.path.normpath(os.path.abspath(p)))
-        if not os.path.lexists(absolute):
-            raise SourceError(f"backup: path {p} does not exist")
-        roots.append(absolute)
-    roots = sorted(set(roots))
-    # A path inside another given path is already covered.
-    return [r for r in roots if not any(o != r and o in r.parents for o in roots)]
-
-
 def backup_files(
     repo: Repository,
     options: BackupFilesOptions,
@@ -513,7 +373,7 @@ def backup_files(
     """
     progress = progress or NullProgress()
     cancel = cancel or Cancellation()
-    roots = _absolute_roots(options.paths)
+    roots = absolute_roots(options.paths)
     started, t0 = clock(), now()
     with repo.lock(exclusive=False):
         repo.recover_unindexed_packs()
@@ -524,7 +384,11 @@ def backup_files(
         if options.scan_totals:
             scan.start()
         # An incremental backup mostly walks: read the inodes ahead in another process.
-        prefetch = _start_metadata_prefetch(roots, options) if parent is not None else None
+        prefetch = (
+            start_metadata_prefetch(roots, one_file_system=options.one_file_system)
+            if parent is not None
+            else None
+        )
         try:
             with Ticker(progress, run.state):
                 snapshot = _run_and_save(run, roots, paths, parent, started, t0)
@@ -536,24 +400,6 @@ def backup_files(
             scan.join()  # it walks what the backup walked: it is about done
     progress.done(run.state)
     return snapshot
-
-
-def _start_metadata_prefetch(
-    roots: list[PurePosixPath], options: BackupFilesOptions
-) -> multiprocessing.process.BaseProcess | None:
-    """Start a process that reads the inodes of the tree ahead of the walk (cold caches)."""
-    context = multiprocessing.get_context("spawn")
-    process = context.Process(
-        target=prefetch_metadata,
-        args=([str(r) for r in roots], options.one_file_system),
-        name="stratavault-prefetch",
-        daemon=True,
-    )
-    try:
-        process.start()
-    except OSError:
-        return None  # only a speed-up
-    return process
 
 
 def _scan_totals(run: _Run, roots: list[PurePosixPath]) -> None:
@@ -589,9 +435,9 @@ def _run_and_save(
     so the next backup reuses it; no snapshot is written.
     """
     try:
-        dirs = _build_ancestors(run, roots)
+        dirs = _buildancestors(run, roots)
         _walk_roots(run, roots, dirs)
-        root = _finish_ancestors(run, dirs)
+        root = _finishancestors(run, dirs)
         run.shutdown(cancel=False)
         assert root.subtree is not None
         run.summary.duration_s = round(now() - t0, 3)

@@ -3,11 +3,10 @@
 The on-backend format is described byte by byte in ``docs/format.md``.
 """
 
-from stratavault.repo._crypto import KdfParams
+from stratavault.repo._crypto import ChunkSealer, KdfParams
 from stratavault.repo._keys import KeyInfo
 from stratavault.repo._repository import (
     ChunkInfo,
-    ChunkSealer,
     Repository,
     RepoStats,
     default_cache_dir,

@@ -14,9 +14,16 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from stratavault.repo import _formats as F
-from stratavault.types import ChunkId
+from stratavault.types import BlobKind, ChunkId
 
-__all__ = ["AuthenticationFailed", "KdfParams", "MasterKeys", "compress", "decompress"]
+__all__ = [
+    "AuthenticationFailed",
+    "ChunkSealer",
+    "KdfParams",
+    "MasterKeys",
+    "compress",
+    "decompress",
+]
 
 
 class AuthenticationFailed(Exception):
@@ -162,3 +169,20 @@ def blob_ad(kind: int, chunk_id: bytes) -> bytes:
 def content_hash(data: bytes | memoryview) -> str:
     """Unkeyed BLAKE3 hex of stored bytes: the name of packs, index objects and snapshots."""
     return blake3.blake3(data, max_threads=1).hexdigest()
+
+
+class ChunkSealer:
+    """Chunk ids and sealed blobs for one repository, usable in another process."""
+
+    def __init__(self, keys: MasterKeys) -> None:
+        self._keys = keys
+
+    def chunk_id(self, data: bytes | memoryview) -> ChunkId:
+        """Keyed BLAKE3 of ``data``, as :meth:`Repository.chunk_id`."""
+        return self._keys.chunk_id(data)
+
+    def seal(
+        self, chunk_id: ChunkId, data: bytes | memoryview, kind: BlobKind, level: int
+    ) -> bytes:
+        """The stored form of a chunk: compressed (or raw), encrypted, bound to its id."""
+        return self._keys.seal(compress(data, level), blob_ad(kind, chunk_id))

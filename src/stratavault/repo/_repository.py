@@ -25,7 +25,14 @@ from stratavault.errors import (
 )
 from stratavault.repo import _formats as F
 from stratavault.repo import _keyring, _reading, _snapshots
-from stratavault.repo._crypto import KdfParams, MasterKeys, blob_ad, compress, content_hash
+from stratavault.repo._crypto import (
+    ChunkSealer,
+    KdfParams,
+    MasterKeys,
+    blob_ad,
+    compress,
+    content_hash,
+)
 from stratavault.repo._index import ChunkIndex, Entry, decode_index_object, encode_index_object
 from stratavault.repo._keys import KeyInfo
 from stratavault.repo._locks import Locker
@@ -74,23 +81,6 @@ class _Options:
     uploader_threads: int = 2
     upload_queue: int = 1
     lock_refresh_s: float = F.LOCK_REFRESH_S
-
-
-class ChunkSealer:
-    """Chunk ids and sealed blobs for one repository, usable in another process."""
-
-    def __init__(self, keys: MasterKeys) -> None:
-        self._keys = keys
-
-    def chunk_id(self, data: bytes | memoryview) -> ChunkId:
-        """Keyed BLAKE3 of ``data``, as :meth:`Repository.chunk_id`."""
-        return self._keys.chunk_id(data)
-
-    def seal(
-        self, chunk_id: ChunkId, data: bytes | memoryview, kind: BlobKind, level: int
-    ) -> bytes:
-        """The stored form of a chunk: compressed (or raw), encrypted, bound to its id."""
-        return self._keys.seal(compress(data, level), blob_ad(kind, chunk_id))
 
 
 class Repository:

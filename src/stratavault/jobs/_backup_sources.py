@@ -1,0 +1,93 @@
+"""What a file backup reads from the file system besides file content: the paths to back
+up, the folders above them, entries turned into tree nodes, and inode read-ahead."""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.process
+import os
+from pathlib import Path, PurePosixPath
+
+from stratavault.errors import SourceError
+from stratavault.snapshot import Node
+from stratavault.sources import FsEntry, prefetch_metadata, walk
+
+__all__ = [
+    "absolute_roots",
+    "ancestors",
+    "entry_of",
+    "node_from_entry",
+    "start_metadata_prefetch",
+]
+
+
+def node_from_entry(entry: FsEntry) -> Node:
+    """A tree node with the metadata of a walked entry (content comes later)."""
+    return Node(
+        name=entry.name,
+        type=str(entry.type),
+        mode=entry.mode,
+        uid=entry.uid,
+        gid=entry.gid,
+        user=entry.user,
+        group=entry.group,
+        size=entry.size if entry.type == "file" else 0,
+        mtime_ns=entry.mtime_ns,
+        atime_ns=entry.atime_ns,
+        ctime_ns=entry.ctime_ns,
+        inode=entry.inode,
+        dev=entry.dev,
+        nlink=entry.nlink,
+        rdev=entry.rdev,
+        link_target=entry.link_target,
+        xattrs=dict(entry.xattrs),
+    )
+
+
+def ancestors(paths: list[PurePosixPath]) -> list[PurePosixPath]:
+    """Every folder above the given paths, the root first."""
+    found = {a for p in paths for a in p.parents}
+    return sorted(found, key=lambda p: (len(p.parts), str(p)))
+
+
+def entry_of(path: Path) -> FsEntry:
+    """The metadata of one folder above a backed-up path (its contents are not read)."""
+
+    def fail(where: Path, exc: OSError) -> None:
+        raise SourceError(f"backup: cannot read folder {where}: {exc.strerror or exc}")
+
+    entries = walk([path], on_error=fail)
+    try:
+        return next(iter(entries))
+    finally:
+        entries.close()  # type: ignore[attr-defined]
+
+
+def absolute_roots(paths: tuple[Path, ...]) -> list[PurePosixPath]:
+    roots = []
+    for p in paths:
+        absolute = PurePosixPath(os.path.normpath(os.path.abspath(p)))
+        if not os.path.lexists(absolute):
+            raise SourceError(f"backup: path {p} does not exist")
+        roots.append(absolute)
+    roots = sorted(set(roots))
+    # A path inside another given path is already covered.
+    return [r for r in roots if not any(o != r and o in r.parents for o in roots)]
+
+
+def start_metadata_prefetch(
+    roots: list[PurePosixPath], *, one_file_system: bool
+) -> multiprocessing.process.BaseProcess | None:
+    """Start a process that reads the inodes of the tree ahead of the walk (cold caches)."""
+    context = multiprocessing.get_context("spawn")
+    process = context.Process(
+        target=prefetch_metadata,
+        args=([str(r) for r in roots], one_file_system),
+        name="stratavault-prefetch",
+        daemon=True,
+    )
+    try:
+        process.start()
+    except OSError:
+        return None  # only a speed-up
+    return process
