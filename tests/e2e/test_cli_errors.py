@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -188,3 +189,48 @@ def test_sigkill_mid_backup_then_resume(cli: Cli, tmp_path: Path) -> None:
     assert summary["bytes_added_stored"] < 130 << 20  # the 3 packs that had landed were reused
     target = tmp_path / "restore"
     assert cli("restore", "latest", "--target", target, "--verify").code == 0
+
+
+def _children(pid: int) -> set[int]:
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found.update(int(c) for c in (task / "children").read_text().split())
+    return found
+
+
+def test_helper_processes_die_with_a_killed_backup(cli: Cli, tmp_path: Path) -> None:
+    """Worker and read-ahead processes must not outlive a backup killed with SIGKILL."""
+    src = tmp_path / "src"
+    _tree(src, 2400, 20_000)
+    cli("init")
+    assert cli("backup", "files", src, "-q").code == 0
+    exe = Path(sys.executable).with_name("stratavault")
+    proc = subprocess.Popen(
+        [str(exe), "backup", "files", str(src), "--force", "--limit-upload", "2000"],
+        env={**os.environ, **cli.env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    helpers: set[int] = set()
+    while time.monotonic() < deadline and len(helpers) < 2:
+        assert proc.poll() is None, "backup ended before worker processes started"
+        helpers |= _children(proc.pid)
+        time.sleep(0.05)
+    assert len(helpers) >= 2, "no helper processes were started"
+    proc.kill()
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (alive := {p for p in helpers if _running(p)}):
+        time.sleep(0.1)
+    assert not alive, f"helper processes survived: {alive}"
+
+
+def _running(pid: int) -> bool:
+    """True if the process exists and is not a zombie waiting to be reaped."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

@@ -6,9 +6,11 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.process
 import os
+import signal
 from pathlib import Path, PurePosixPath
 
 from stratavault.errors import SourceError
+from stratavault.jobs._file_chunks import die_with_parent
 from stratavault.snapshot import Node
 from stratavault.sources import FsEntry, prefetch_metadata, walk
 
@@ -75,13 +77,20 @@ def absolute_roots(paths: tuple[Path, ...]) -> list[PurePosixPath]:
     return [r for r in roots if not any(o != r and o in r.parents for o in roots)]
 
 
+def _prefetch_child(roots: list[str], one_file_system: bool) -> None:
+    """The read-ahead process: ends with the backup, however that ends."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
+    prefetch_metadata(roots, one_file_system)
+
+
 def start_metadata_prefetch(
     roots: list[PurePosixPath], *, one_file_system: bool
 ) -> multiprocessing.process.BaseProcess | None:
     """Start a process that reads the inodes of the tree ahead of the walk (cold caches)."""
     context = multiprocessing.get_context("spawn")
     process = context.Process(
-        target=prefetch_metadata,
+        target=_prefetch_child,
         args=([str(r) for r in roots], one_file_system),
         name="stratavault-prefetch",
         daemon=True,

@@ -27,6 +27,7 @@ __all__ = [
     "FileChunkResult",
     "chunk_file",
     "chunk_files",
+    "die_with_parent",
     "init_seal_worker",
     "seal_files",
     "store_sealed",
@@ -167,14 +168,15 @@ def init_seal_worker(sealer: ChunkSealer, level: int) -> None:
     dies with the main process (also when that one is killed with SIGKILL)."""
     global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
+    die_with_parent()
     _worker = (sealer, level)
 
 
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """Make this (worker) process get SIGKILL when its parent process dies (Linux)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
