@@ -20,7 +20,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stratavault.jobs._progress import Cancellation, NullProgress, Progress, ProgressState, now
+from stratavault.jobs._progress import (
+    Cancellation,
+    NullProgress,
+    Progress,
+    ProgressState,
+    Ticker,
+    now,
+)
 from stratavault.repo import Repository
 from stratavault.snapshot import Node, NodeType, Snapshot, load_tree, resolve_path
 from stratavault.sources import ExcludeMatcher, FsRestorer, RestoreFile
@@ -199,13 +206,21 @@ class _Restore:
         for cid in batch.places:
             by_pack[self.repo.chunk_info(cid).pack].append(cid)
         with ThreadPoolExecutor(self.workers, thread_name_prefix="restore") as pool:
-            for f in [pool.submit(self.write_pack, ids, batch) for ids in by_pack.values()]:
-                f.result()
-            verify, self.to_verify = self.to_verify, []
-            for ok in pool.map(self.verify_file, verify):
-                self.result.files_verified += ok
+            try:
+                for f in [pool.submit(self.write_pack, ids, batch) for ids in by_pack.values()]:
+                    f.result()
+                verify, self.to_verify = self.to_verify, []
+                for ok in pool.map(self.verify_file, verify):
+                    self.result.files_verified += ok
+            except BaseException:
+                # Ctrl-C or a failure: queued packs are dropped, running ones stop at the
+                # next chunk.
+                self.cancel.cancel()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
 
     def write_pack(self, ids: list[ChunkId], batch: _Batch) -> None:
+        self.cancel.check()
         for cid, data in self.repo.read_chunks(ids):
             self.cancel.check()
             for planned, offset in batch.places[cid]:
@@ -285,7 +300,7 @@ def restore_files(
     if snapshot.summary.bytes_processed and where == "/" and not options.includes:
         run.state.bytes_total = snapshot.summary.bytes_processed
     try:
-        with repo.lock(exclusive=False):
+        with repo.lock(exclusive=False), Ticker(run.progress, run.state):
             if node is None or node.type == NodeType.DIR:
                 tree = snapshot.tree if node is None else node.subtree
                 if tree is not None:
