@@ -100,7 +100,7 @@ def chunk_file(
     ``OSError`` when the file cannot be opened or read.
     """
     result = FileChunkResult()
-    with SparseFileReader(path, buffer=_buffer()) as reader:
+    with SparseFileReader(path) as reader:
         result.size = reader.size
         whole = reader.read_whole(_CHUNKER.min_bytes)  # shorter than a chunk: one piece
         if whole is not None:
@@ -109,6 +109,7 @@ def chunk_file(
                 on_bytes(len(whole))
             pos = len(whole)
         else:
+            reader.use_buffer(_buffer())  # allocated only by threads that read larger files
             pos = 0
             for start, pieces in _Regions(reader.extents()):
                 if start > pos:

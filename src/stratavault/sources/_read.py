@@ -102,6 +102,11 @@ class SparseFileReader:
             os.close(self._fd)
             self._fd = -1
 
+    def use_buffer(self, buffer: bytearray) -> None:
+        """Read :meth:`extents` into ``buffer`` from now on (see the class docstring)."""
+        self._buffer = buffer
+        self._buffer_bytes = len(buffer)
+
     def read_whole(self, max_bytes: int) -> bytes | None:
         """The whole file in one read when it has no holes and at most ``max_bytes``.
 
