@@ -260,3 +260,10 @@ def test_ctrl_c_during_restore_stops_promptly(cli: Cli, tmp_path: Path) -> None:
     # not after the whole batch.
     assert time.monotonic() - started < 10.0
     assert target.exists()
+
+
+def test_bad_options_are_usage_errors(cli: Cli, tmp_path: Path) -> None:
+    cli("init")
+    assert cli.subprocess("backup", "files", tmp_path, "--compression", "40").code == 2
+    assert cli.subprocess("restore", "latest").code == 2  # --target is required
+    assert cli("ls", "not-hex!").code == 2

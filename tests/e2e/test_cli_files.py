@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+import pytest
 
 from tests.e2e.conftest import Cli
 from tests.e2e.fstree import NON_UTF8, allocated_bytes, build_sample_tree, describe
@@ -213,3 +216,29 @@ def test_json_progress_has_totals_and_summary(cli: Cli, tmp_path: Path) -> None:
     assert lines[-1]["message_type"] == "summary"
     quiet = cli("backup", "files", src, "--quiet")
     assert quiet.code == 0 and quiet.out == ""
+
+
+def test_restore_verify_reports_content_that_differs(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--verify re-reads what was written; a byte that differs on disk is reported."""
+    from stratavault.sources import FsRestorer
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "good").write_bytes(b"fine" * 1000)
+    (src / "bad").write_bytes(b"data" * 1000)
+    cli("init")
+    assert cli("backup", "files", src, "-q").code == 0
+    real = FsRestorer.read_back
+
+    def flipped(self: FsRestorer, path: Sequence[bytes | str]) -> Iterator[bytes]:
+        for block in real(self, path):
+            yield (b"X" + block[1:]) if os.fsdecode(path[-1]) == "bad" else block
+
+    monkeypatch.setattr(FsRestorer, "read_back", flipped)
+    result = cli("restore", "latest", "--target", tmp_path / "t", "--verify", "--json")
+    assert result.code == 1
+    issues = result.json_lines()[-1]["issues"]
+    assert [Path(i["path"]).name for i in issues] == ["bad"]
+    assert "differs" in issues[0]["error"]

@@ -44,9 +44,24 @@ def register(
     f.add_argument("--parent", help="compare against this snapshot (default: latest of same paths)")
     f.add_argument("--force", action="store_true", help="read all files, even unchanged ones")
     f.add_argument(
-        "--compression", type=int, default=3, metavar="LEVEL", help="zstd level 1-19 (default 3)"
+        "--compression",
+        type=_level,
+        default=3,
+        metavar="LEVEL",
+        help="zstd level 1-19 (default 3)",
     )
     f.set_defaults(run=run)
+
+
+def _level(text: str) -> int:
+    """A zstd level for ``--compression`` (argparse reports a bad one as a usage error)."""
+    try:
+        level = int(text)
+    except ValueError:
+        level = 0
+    if not 1 <= level <= 19:
+        raise argparse.ArgumentTypeError(f"compression level {text!r} is not 1-19")
+    return level
 
 
 def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
