@@ -242,3 +242,33 @@ def test_restore_verify_reports_content_that_differs(
     issues = result.json_lines()[-1]["issues"]
     assert [Path(i["path"]).name for i in issues] == ["bad"]
     assert "differs" in issues[0]["error"]
+
+
+def test_forget_with_policy_dry_run_then_real(cli: Cli, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    cli("init")
+    for i in range(4):
+        (src / f"f{i}").write_text(str(i))
+        tags = ["release"] if i == 0 else []
+        args = [a for t in tags for a in ("--tag", t)]
+        assert cli("backup", "files", src, "-q", *args).code == 0
+    before = cli("snapshots", "--json").json()
+    assert isinstance(before, list) and len(before) == 4
+    dry = cli("forget", "--keep-last", "2", "--keep-tag", "release", "--dry-run", "--json")
+    assert dry.code == 0, dry.err
+    decisions = dry.json_lines()[-1]["groups"][0]["snapshots"]
+    assert [(d["keep"], d["reasons"]) for d in decisions] == [
+        (True, ["last"]),
+        (True, ["last"]),
+        (False, []),
+        (True, ["tag"]),
+    ]
+    assert len(cli("snapshots", "--json").json()) == 4  # a dry run removes nothing
+    assert cli("forget", "--keep-last", "2", "--keep-tag", "release", "-q").code == 0
+    after = cli("snapshots", "--json").json()
+    assert [s["id"] for s in after] == [before[0]["id"], before[2]["id"], before[3]["id"]]
+    target = tmp_path / "restored"
+    assert cli("restore", before[0]["id"], "--target", target).code == 0  # kept data is intact
+    assert cli("forget", "--keep-within", "7x").code == 2
+    assert cli("forget", "--group-by", "colour").code == 2

@@ -15,6 +15,7 @@ from stratavault.cli import (
     _cmd_backup,
     _cmd_cat,
     _cmd_diff,
+    _cmd_forget,
     _cmd_init,
     _cmd_key,
     _cmd_ls,
@@ -36,6 +37,7 @@ COMMANDS: tuple[ModuleType, ...] = (
     _cmd_restore,
     _cmd_diff,
     _cmd_stats,
+    _cmd_forget,
     _cmd_cat,
     _cmd_key,
     _cmd_unlock,
@@ -148,7 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (documented in ``--help``)."""
     _limit_malloc_arenas()
     parser = build_parser()
-    ns = parser.parse_args(argv)
+    try:
+        ns = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error (already printed)
+        return exc.code if isinstance(exc.code, int) else 2
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         code: int = ns.run(ns, _options(ns))

@@ -9,6 +9,7 @@ from stratavault.jobs._browse import (
     snapshot_size,
     split_snapshot_ref,
 )
+from stratavault.jobs._forget import ForgetGroup, forget_snapshots
 from stratavault.jobs._progress import Cancellation, NullProgress, Progress, ProgressState
 from stratavault.jobs._restore_files import RestoreOptions, RestoreResult, restore_files
 
@@ -16,6 +17,7 @@ __all__ = [
     "BackupFilesOptions",
     "Cancellation",
     "DiffEntry",
+    "ForgetGroup",
     "NullProgress",
     "Progress",
     "ProgressState",
@@ -24,6 +26,7 @@ __all__ = [
     "SnapshotSize",
     "backup_files",
     "diff_snapshots",
+    "forget_snapshots",
     "list_entries",
     "restore_files",
     "snapshot_size",

@@ -1,5 +1,11 @@
 """What a backup is: snapshots, file trees and (later) disk indexes and retention rules."""
 
+from stratavault.snapshot._retention import (
+    RetentionDecision,
+    RetentionPolicy,
+    apply_retention,
+    group_snapshots,
+)
 from stratavault.snapshot._snapshot import (
     FileError,
     Snapshot,
@@ -34,13 +40,17 @@ __all__ = [
     "FileError",
     "Node",
     "NodeType",
+    "RetentionDecision",
+    "RetentionPolicy",
     "Snapshot",
     "SnapshotSummary",
     "TreeDocs",
+    "apply_retention",
     "content_runs",
     "decode_tree",
     "encode_tree",
     "find_snapshot",
+    "group_snapshots",
     "latest",
     "load_snapshots",
     "load_tree",

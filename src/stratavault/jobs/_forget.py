@@ -1,0 +1,60 @@
+"""Use case: forget snapshots that a retention policy does not keep.
+
+Forgetting removes snapshot objects only; the data they referenced stays in the
+repository until ``prune`` (a later issue) collects what no snapshot uses.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from stratavault.repo import Repository
+from stratavault.snapshot import (
+    RetentionDecision,
+    RetentionPolicy,
+    apply_retention,
+    group_snapshots,
+    load_snapshots,
+    select_snapshots,
+)
+
+__all__ = ["ForgetGroup", "forget_snapshots"]
+
+
+@dataclass(slots=True)
+class ForgetGroup:
+    """One group of snapshots (by host/paths/tags) and what the policy decided for each."""
+
+    key: tuple[str, ...]
+    decisions: list[RetentionDecision]
+
+
+def forget_snapshots(
+    repo: Repository,
+    policy: RetentionPolicy,
+    *,
+    group_by: Sequence[str] = ("host", "paths"),
+    hosts: Sequence[str] = (),
+    tags: Sequence[str] = (),
+    paths: Sequence[str] = (),
+    dry_run: bool = False,
+    tz: dt.tzinfo | None = None,
+    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+) -> list[ForgetGroup]:
+    """Apply ``policy`` to each group of the selected snapshots; remove the unkept ones
+    (unless ``dry_run``). Takes the exclusive lock, so no backup runs meanwhile."""
+    with repo.lock(exclusive=not dry_run):
+        chosen = select_snapshots(load_snapshots(repo), hosts=hosts, tags=tags, paths=paths)
+        now = clock()
+        groups = [
+            ForgetGroup(key, apply_retention(members, policy, now=now, tz=tz))
+            for key, members in sorted(group_snapshots(chosen, by=group_by).items())
+        ]
+        if not dry_run:
+            for group in groups:
+                for decision in group.decisions:
+                    if not decision.keep:
+                        repo.remove_snapshot(decision.snapshot.id)
+    return groups
