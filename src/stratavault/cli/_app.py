@@ -14,6 +14,7 @@ from stratavault import __version__
 from stratavault.cli import (
     _cmd_backup,
     _cmd_cat,
+    _cmd_check,
     _cmd_diff,
     _cmd_forget,
     _cmd_init,
@@ -38,6 +39,7 @@ COMMANDS: tuple[ModuleType, ...] = (
     _cmd_diff,
     _cmd_stats,
     _cmd_forget,
+    _cmd_check,
     _cmd_cat,
     _cmd_key,
     _cmd_unlock,

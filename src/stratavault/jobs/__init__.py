@@ -9,6 +9,7 @@ from stratavault.jobs._browse import (
     snapshot_size,
     split_snapshot_ref,
 )
+from stratavault.jobs._check import CheckResult, Damage, check_repository
 from stratavault.jobs._forget import ForgetGroup, forget_snapshots
 from stratavault.jobs._progress import Cancellation, NullProgress, Progress, ProgressState
 from stratavault.jobs._restore_files import RestoreOptions, RestoreResult, restore_files
@@ -16,6 +17,8 @@ from stratavault.jobs._restore_files import RestoreOptions, RestoreResult, resto
 __all__ = [
     "BackupFilesOptions",
     "Cancellation",
+    "CheckResult",
+    "Damage",
     "DiffEntry",
     "ForgetGroup",
     "NullProgress",
@@ -25,6 +28,7 @@ __all__ = [
     "RestoreResult",
     "SnapshotSize",
     "backup_files",
+    "check_repository",
     "diff_snapshots",
     "forget_snapshots",
     "list_entries",

@@ -1,0 +1,74 @@
+"""`check` finds damage by breaking real objects: a flipped byte, a truncated or deleted pack."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from stratavault.errors import DataDamagedError
+from tests.e2e.conftest import Cli
+
+
+def _setup(cli: Cli, tmp_path: Path) -> tuple[Path, list[Path]]:
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "one.bin").write_bytes(os.urandom(300_000))
+    (src / "two.bin").write_bytes(os.urandom(300_000))
+    cli("init")
+    assert cli("backup", "files", src, "-q").code == 0
+    packs = sorted(p for p in (cli.repo / "data").rglob("*") if p.is_file())
+    return src, packs
+
+
+def _data_pack(packs: list[Path]) -> Path:
+    return max(packs, key=lambda p: p.stat().st_size)  # trees are in the small pack
+
+
+def test_clean_repository_passes(cli: Cli, tmp_path: Path) -> None:
+    _setup(cli, tmp_path)
+    result = cli("check", "--read-data", "--json")
+    assert result.code == 0, result.err
+    doc = result.json_lines()[-1]
+    assert doc["damages"] == [] and doc["chunks_read"] >= 2
+
+
+def test_flipped_byte_is_found_only_when_reading_data(cli: Cli, tmp_path: Path) -> None:
+    _src, packs = _setup(cli, tmp_path)
+    pack = _data_pack(packs)
+    data = bytearray(pack.read_bytes())
+    data[100] ^= 0x01
+    pack.chmod(0o644)
+    pack.write_bytes(bytes(data))
+    assert cli("check").code == 0  # structure is fine
+    result = cli("check", "--read-data", "--json")
+    assert result.code == DataDamagedError.exit_code
+    damages = result.json_lines()[-1]["damages"]
+    assert len(damages) == 1
+    assert pack.name in damages[0]["object"]
+    assert damages[0]["paths"] and damages[0]["paths"][0].endswith(".bin")
+    # The other file still restores.
+    target = tmp_path / "t"
+    good = next(p for p in ("one.bin", "two.bin") if p not in damages[0]["paths"][0])
+    restore = cli("restore", "latest", "--target", target, "--include", good)
+    assert restore.code == 0, restore.err
+
+
+def test_deleted_and_truncated_packs_are_named(cli: Cli, tmp_path: Path) -> None:
+    _src, packs = _setup(cli, tmp_path)
+    pack = _data_pack(packs)
+    pack.unlink()
+    result = cli("check", "--json")
+    assert result.code == DataDamagedError.exit_code
+    damage = result.json_lines()[-1]["damages"][0]
+    assert pack.name in damage["object"] and "missing" in damage["problem"]
+    assert len(damage["snapshots"]) == 1
+
+
+def test_truncated_pack_is_found(cli: Cli, tmp_path: Path) -> None:
+    _src, packs = _setup(cli, tmp_path)
+    pack = _data_pack(packs)
+    with open(pack, "r+b") as f:
+        f.truncate(pack.stat().st_size // 2)
+    result = cli("check", "--read-data", "--json")
+    assert result.code == DataDamagedError.exit_code
+    assert pack.name in result.json_lines()[-1]["damages"][0]["object"]
