@@ -72,3 +72,24 @@ def test_truncated_pack_is_found(cli: Cli, tmp_path: Path) -> None:
     result = cli("check", "--read-data", "--json")
     assert result.code == DataDamagedError.exit_code
     assert pack.name in result.json_lines()[-1]["damages"][0]["object"]
+
+
+def test_restore_stops_on_damage_or_salvages_with_ignore_errors(cli: Cli, tmp_path: Path) -> None:
+    src, packs = _setup(cli, tmp_path)
+    pack = _data_pack(packs)
+    data = bytearray(pack.read_bytes())
+    data[100] ^= 0x01
+    pack.chmod(0o644)
+    pack.write_bytes(bytes(data))
+    stopped = cli("restore", "latest", "--target", tmp_path / "t1")
+    assert stopped.code == DataDamagedError.exit_code
+    assert pack.name in stopped.err
+    salvage = cli("restore", "latest", "--target", tmp_path / "t2", "--ignore-errors", "--json")
+    assert salvage.code == 1
+    issues = salvage.json_lines()[-1]["issues"]
+    assert len(issues) == 1 and "not restored" in issues[0]["error"]
+    damaged = Path(issues[0]["path"]).name
+    good = next(p for p in ("a/one.bin", "two.bin") if not p.endswith(damaged))
+    restored = tmp_path / "t2" / src.relative_to("/")
+    assert (restored / good).read_bytes() == (src / good).read_bytes()
+    assert (restored / good).stat().st_size == (src / good).stat().st_size

@@ -41,6 +41,11 @@ def register(
     )
     p.add_argument("--verify", action="store_true", help="re-read and check what was written")
     p.add_argument(
+        "--ignore-errors",
+        action="store_true",
+        help="restore what is readable when data is damaged; list what is not",
+    )
+    p.add_argument(
         "--numeric-owner", action="store_true", help="restore owners by number, not by name"
     )
     p.set_defaults(run=run)
@@ -56,6 +61,7 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
         includes=tuple(ns.include),
         excludes=tuple(ns.exclude),
         verify=ns.verify,
+        ignore_errors=ns.ignore_errors,
         numeric_owner=ns.numeric_owner,
     )
     progress = make_progress(json_mode=options.json, quiet=options.quiet)

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stratavault.errors import DataDamagedError
 from stratavault.jobs._progress import (
     Cancellation,
     NullProgress,
@@ -46,6 +47,9 @@ class RestoreOptions:
     includes: tuple[str, ...] = ()
     excludes: tuple[str, ...] = ()
     verify: bool = False
+    ignore_errors: bool = False
+    """Restore what can be read when chunks are damaged, listing the files that are not
+    complete; otherwise the first damaged chunk stops the restore (exit 12)."""
     numeric_owner: bool = False
     workers: int = 0
     batch_bytes: int = 256 << 20
@@ -221,20 +225,51 @@ class _Restore:
 
     def write_pack(self, ids: list[ChunkId], batch: _Batch) -> None:
         self.cancel.check()
-        for cid, data in self.repo.read_chunks(ids):
+        done: set[ChunkId] = set()
+        try:
+            for cid, data in self.repo.read_chunks(ids):
+                self.cancel.check()
+                self.place(cid, data, batch)
+                done.add(cid)
+        except DataDamagedError:
+            if not self.options.ignore_errors:
+                raise
+            self.salvage([c for c in ids if c not in done], batch)
+
+    def salvage(self, ids: list[ChunkId], batch: _Batch) -> None:
+        """``--ignore-errors``: read chunk by chunk; files with an unreadable chunk are
+        finished with what could be read and listed as issues."""
+        for cid in ids:
             self.cancel.check()
-            for planned, offset in batch.places[cid]:
-                planned.handle.write_at(offset, data)
-                with self.lock:
-                    planned.remaining -= 1
-                    done = planned.remaining == 0
-                    self.state.bytes_done += len(data)
-                    self.result.bytes_written += len(data)
-                if done:
-                    self.fs.finish_file(planned.handle)
+            try:
+                data = self.repo.read_chunk(cid)
+            except DataDamagedError as exc:
+                for planned, _offset in batch.places[cid]:
                     with self.lock:
-                        self.state.files_done += 1
-            self.progress.update(self.state)
+                        self.result.issues.append(("/".join(planned.parts), f"not restored: {exc}"))
+                    self.place_missing(planned)
+                continue
+            self.place(cid, data, batch)
+
+    def place(self, cid: ChunkId, data: bytes, batch: _Batch) -> None:
+        """Write one chunk everywhere it belongs; finish files that are complete."""
+        for planned, offset in batch.places[cid]:
+            planned.handle.write_at(offset, data)
+            with self.lock:
+                self.state.bytes_done += len(data)
+                self.result.bytes_written += len(data)
+            self.place_missing(planned)
+        self.progress.update(self.state)
+
+    def place_missing(self, planned: _PlannedFile) -> None:
+        """Count one chunk of a file as handled (written or given up)."""
+        with self.lock:
+            planned.remaining -= 1
+            done = planned.remaining == 0
+        if done:
+            self.fs.finish_file(planned.handle)
+            with self.lock:
+                self.state.files_done += 1
 
     # -- verification --------------------------------------------------------
     def verify_file(self, planned: _PlannedFile) -> bool:
