@@ -272,3 +272,24 @@ def test_forget_with_policy_dry_run_then_real(cli: Cli, tmp_path: Path) -> None:
     assert cli("restore", before[0]["id"], "--target", target).code == 0  # kept data is intact
     assert cli("forget", "--keep-within", "7x").code == 2
     assert cli("forget", "--group-by", "colour").code == 2
+
+
+def test_protected_snapshots_survive_forget(cli: Cli, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    cli("init")
+    for i in range(3):
+        (src / f"f{i}").write_text(str(i))
+        assert cli("backup", "files", src, "-q").code == 0
+    oldest = cli("snapshots", "--json").json()[0]  # type: ignore[index]
+    protected = cli("protect", oldest["id"][:8], "--json").json_lines()[-1]
+    assert protected["protected"] is True and protected["id"] != oldest["id"]
+    dry = cli("forget", "--keep-last", "1", "--dry-run", "--json").json_lines()[-1]
+    reasons = {d["id"]: d["reasons"] for d in dry["groups"][0]["snapshots"]}
+    assert reasons[protected["id"]] == ["protected"]
+    assert cli("forget", "--keep-last", "1", "-q").code == 0
+    left = cli("snapshots", "--json").json()
+    assert isinstance(left, list) and len(left) == 2
+    assert cli("unprotect", protected["id"][:8], "-q").code == 0
+    assert cli("forget", "--keep-last", "1", "-q").code == 0
+    assert len(cli("snapshots", "--json").json()) == 1  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ from stratavault.jobs._browse import (
 from stratavault.jobs._check import CheckResult, Damage, check_repository
 from stratavault.jobs._forget import ForgetGroup, forget_snapshots
 from stratavault.jobs._progress import Cancellation, NullProgress, Progress, ProgressState
+from stratavault.jobs._protect import set_protection
 from stratavault.jobs._restore_files import RestoreOptions, RestoreResult, restore_files
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "forget_snapshots",
     "list_entries",
     "restore_files",
+    "set_protection",
     "snapshot_size",
     "split_snapshot_ref",
 ]

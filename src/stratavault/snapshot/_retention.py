@@ -9,7 +9,8 @@ each group is looked at newest first:
   policy's time zone (``tz``), on the wall clock: across a DST change a day is still the
   calendar day, an hour the wall-clock hour; weeks are ISO weeks;
 - ``within`` keeps every snapshot taken less than that long before ``now``;
-- ``tags`` keeps every snapshot that has one of these tags.
+- ``tags`` keeps every snapshot that has one of these tags;
+- a protected snapshot is always kept.
 
 A snapshot is kept if any rule keeps it; the reasons are returned for ``--dry-run``.
 An empty policy keeps everything (it would otherwise remove every snapshot).
@@ -104,7 +105,7 @@ def apply_retention(
     """
     zone = tz or ZoneInfo("UTC")
     ordered = sorted(snapshots, key=lambda s: (s.time, s.id), reverse=True)
-    decisions = [RetentionDecision(s) for s in ordered]
+    decisions = [RetentionDecision(s, ["protected"] if s.protected else []) for s in ordered]
     if policy.empty:
         for d in decisions:
             d.reasons.append("no policy")

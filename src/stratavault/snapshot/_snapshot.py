@@ -54,6 +54,8 @@ class Snapshot:
     errors: list[FileError] = field(default_factory=list)
     summary: SnapshotSummary = field(default_factory=SnapshotSummary)
     program_version: str = ""
+    protected: bool = False
+    """No retention policy removes a protected snapshot (``protect``/``unprotect``)."""
     id: str = ""
     """Repository id of the saved snapshot ("" until saved)."""
 
@@ -83,6 +85,7 @@ class Snapshot:
             "errors": [{"path": e.path, "error": e.error} for e in self.errors],
             "summary": {k: getattr(self.summary, k) for k in SnapshotSummary.__slots__},
             "program_version": self.program_version,
+            "protected": self.protected,
         }
 
     @classmethod
@@ -107,6 +110,7 @@ class Snapshot:
                 errors=[FileError(str(e["path"]), str(e["error"])) for e in doc.get("errors", [])],
                 summary=summary,
                 program_version=str(doc.get("program_version", "")),
+                protected=bool(doc.get("protected", False)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(f"snapshot {snapshot_id[:8]}: malformed document: {exc}") from exc
