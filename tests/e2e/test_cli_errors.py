@@ -267,3 +267,32 @@ def test_bad_options_are_usage_errors(cli: Cli, tmp_path: Path) -> None:
     assert cli.subprocess("backup", "files", tmp_path, "--compression", "40").code == 2
     assert cli.subprocess("restore", "latest").code == 2  # --target is required
     assert cli("ls", "not-hex!").code == 2
+
+
+def test_tampered_key_file_and_newer_format_have_their_own_exit_codes(
+    cli: Cli, tmp_path: Path
+) -> None:
+    import json
+
+    from stratavault.errors import KeyFileDamagedError, UnsupportedFormatError
+
+    cli("init")
+    key = next((cli.repo / "keys").iterdir())
+    original = key.read_bytes()
+    doc = json.loads(original)
+    doc["body"]["host"] = "someone-else"  # changes the content, not the checksum
+    key.chmod(0o644)
+    key.write_text(json.dumps(doc))
+    tampered = cli("snapshots")
+    assert tampered.code == KeyFileDamagedError.exit_code, tampered.err
+    assert "key" in tampered.err
+    key.write_bytes(original)
+    assert cli("snapshots").code == 0
+    config = cli.repo / "config"
+    conf = json.loads(config.read_text())
+    conf["version"] = 99
+    config.chmod(0o644)
+    config.write_text(json.dumps(conf))
+    newer = cli("snapshots")
+    assert newer.code == UnsupportedFormatError.exit_code, newer.err
+    assert "99" in newer.err or "version" in newer.err
