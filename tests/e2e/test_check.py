@@ -93,3 +93,33 @@ def test_restore_stops_on_damage_or_salvages_with_ignore_errors(cli: Cli, tmp_pa
     restored = tmp_path / "t2" / src.relative_to("/")
     assert (restored / good).read_bytes() == (src / good).read_bytes()
     assert (restored / good).stat().st_size == (src / good).stat().st_size
+
+
+def test_read_data_subsets_cover_every_chunk_once(cli: Cli, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"f{i}").write_bytes(os.urandom(1 << 20))  # several packs
+    cli("init")
+    assert cli("backup", "files", src, "-q").code == 0
+    full = cli("check", "--read-data", "--json").json_lines()[-1]
+    parts = [
+        cli("check", "--read-data-subset", f"{n}/3", "--json").json_lines()[-1] for n in (1, 2, 3)
+    ]
+    assert sum(p["chunks_read"] for p in parts) == full["chunks_read"] > 0
+    every = cli("check", "--read-data-subset", "100%", "--json").json_lines()[-1]
+    assert every["chunks_read"] == full["chunks_read"]
+    assert cli("check", "--read-data-subset", "4/3").code == 2
+    assert cli("check", "--read-data-subset", "0%").code == 2
+
+
+def test_subset_parts_partition_pack_names() -> None:
+    import hashlib
+
+    from stratavault.jobs import Subset
+
+    names = [f"data/xx/{hashlib.sha256(str(i).encode()).hexdigest()}" for i in range(300)]
+    parts = [Subset.parse(f"{n}/5") for n in range(1, 6)]
+    for name in names:
+        assert sum(p.selects(name) for p in parts) == 1
+    assert all(Subset.parse("100%").selects(n) for n in names)

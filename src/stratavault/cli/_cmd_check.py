@@ -7,7 +7,7 @@ import argparse
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._output import Output, make_progress
 from stratavault.errors import DataDamagedError
-from stratavault.jobs import Cancellation, check_repository
+from stratavault.jobs import Cancellation, Subset, check_repository
 
 
 def register(
@@ -20,7 +20,20 @@ def register(
         action="store_true",
         help="also read, authenticate and decompress every chunk in use",
     )
+    p.add_argument(
+        "--read-data-subset",
+        type=_subset,
+        metavar="N/M|P%",
+        help="read only part N of M of the packs (by name), or a random P%%",
+    )
     p.set_defaults(run=run)
+
+
+def _subset(text: str) -> Subset:
+    try:
+        return Subset.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
@@ -29,12 +42,16 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     progress = make_progress(json_mode=options.json, quiet=options.quiet)
     with open_repo(options) as repo:
         result = check_repository(
-            repo, read_data=ns.read_data, progress=progress, cancel=Cancellation()
+            repo,
+            read_data=ns.read_data,
+            subset=ns.read_data_subset,
+            progress=progress,
+            cancel=Cancellation(),
         )
     out.text(
         f"checked {result.snapshots} snapshots, {result.trees} trees, {result.chunks} "
         f"chunks in {result.packs} packs"
-        + (f"; read {result.chunks_read} chunks" if ns.read_data else "")
+        + (f"; read {result.chunks_read} chunks" if result.chunks_read else "")
     )
     for d in result.damages:
         out.text(f"DAMAGED {d.object}: {d.problem}")

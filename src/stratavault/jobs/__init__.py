@@ -9,7 +9,7 @@ from stratavault.jobs._browse import (
     snapshot_size,
     split_snapshot_ref,
 )
-from stratavault.jobs._check import CheckResult, Damage, check_repository
+from stratavault.jobs._check import CheckResult, Damage, Subset, check_repository
 from stratavault.jobs._forget import ForgetGroup, forget_snapshots
 from stratavault.jobs._progress import Cancellation, NullProgress, Progress, ProgressState
 from stratavault.jobs._protect import set_protection
@@ -28,6 +28,7 @@ __all__ = [
     "RestoreOptions",
     "RestoreResult",
     "SnapshotSize",
+    "Subset",
     "backup_files",
     "check_repository",
     "diff_snapshots",

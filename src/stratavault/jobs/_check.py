@@ -4,11 +4,13 @@ Structure: every snapshot's trees can be read, every chunk they reference is in 
 and every pack the index names for them exists. With ``read_data`` each referenced chunk
 is read, authenticated and decompressed. Each problem names the damaged object and the
 snapshots and files (first few) that use it. (Index entries that no snapshot uses and
-subset checks over several days come with prune, in a later step.)
+a read of every index entry come with prune, in a later step.) ``--read-data-subset``
+spreads the reading over days.
 """
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -18,7 +20,7 @@ from stratavault.repo import Repository
 from stratavault.snapshot import Node, NodeType, Snapshot, load_snapshots, load_tree
 from stratavault.types import ChunkId
 
-__all__ = ["CheckResult", "Damage", "check_repository"]
+__all__ = ["CheckResult", "Damage", "Subset", "check_repository"]
 
 _REFS_KEPT = 3
 """Users of a chunk remembered for the report (enough to find them, bounded memory)."""
@@ -85,7 +87,7 @@ class _Checker:
             if cid is not None:
                 self.refer(cid, snap.id, path)
 
-    def check_chunks(self, read_data: bool) -> None:
+    def check_chunks(self, read_data: bool, subset: Subset | None) -> None:
         existing = {obj.name for obj in self.repo.storage.list("data/")}
         by_pack: dict[str, list[ChunkId]] = defaultdict(list)
         for cid, users in self.refs.items():
@@ -100,7 +102,7 @@ class _Checker:
             if pack not in existing and not pack.startswith("("):
                 users = [u for cid in ids for u in self.refs[cid]][:_REFS_KEPT]
                 self.damage(f"pack {pack}", f"missing ({len(ids)} chunks)", users)
-            elif read_data:
+            elif read_data and (subset is None or subset.selects(pack)):
                 self.read_pack(pack, ids)
             self.state.files_done += 1
             self.progress.update(self.state)
@@ -120,10 +122,41 @@ class _Checker:
                 self.damage(f"pack {pack}", f"chunk {cid.hex()[:16]}: {exc}", self.refs[cid])
 
 
+@dataclass(frozen=True, slots=True)
+class Subset:
+    """Which packs ``--read-data-subset`` reads: part ``n`` of ``m`` (each pack in exactly one
+    part, so running 1/m .. m/m over m days reads everything), or a random ``percent``."""
+
+    n: int = 1
+    m: int = 1
+    percent: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Subset:
+        """``N/M`` or ``P%``; ``ValueError`` otherwise."""
+        if text.endswith("%"):
+            percent = float(text[:-1])
+            if not 0 < percent <= 100:
+                raise ValueError(f"subset {text!r}: percent must be in (0, 100]")
+            return cls(percent=percent)
+        n_text, _, m_text = text.partition("/")
+        n, m = int(n_text), int(m_text)
+        if not 1 <= n <= m:
+            raise ValueError(f"subset {text!r}: expected N/M with 1 <= N <= M")
+        return cls(n, m)
+
+    def selects(self, pack: str) -> bool:
+        """Whether this subset reads ``pack`` (by the pack's content hash in its name)."""
+        if self.percent is not None:
+            return random.random() * 100 < self.percent
+        return int(pack.rsplit("/", 1)[-1][:8], 16) % self.m == self.n - 1
+
+
 def check_repository(
     repo: Repository,
     *,
     read_data: bool = False,
+    subset: Subset | None = None,
     progress: Progress | None = None,
     cancel: Cancellation | None = None,
 ) -> CheckResult:
@@ -135,6 +168,6 @@ def check_repository(
         checker.result.snapshots = len(snapshots)
         for snap in snapshots:
             checker.walk(snap, snap.tree, "")
-        checker.check_chunks(read_data)
+        checker.check_chunks(read_data or subset is not None, subset)
     checker.progress.done(checker.state)
     return checker.result
