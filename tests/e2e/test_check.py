@@ -123,3 +123,33 @@ def test_subset_parts_partition_pack_names() -> None:
     for name in names:
         assert sum(p.selects(name) for p in parts) == 1
     assert all(Subset.parse("100%").selects(n) for n in names)
+
+
+def test_damaged_or_deleted_index_is_found_and_repaired(cli: Cli, tmp_path: Path) -> None:
+    src, _packs = _setup(cli, tmp_path)
+    index = sorted((cli.repo / "index").iterdir())
+    assert index
+    damaged = index[0]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.chmod(0o644)
+    damaged.write_bytes(bytes(data))
+    report = cli("check", "--json")
+    assert report.code == DataDamagedError.exit_code
+    objects = [d["object"] for d in report.json_lines()[-1]["damages"]]
+    assert any(damaged.name in o for o in objects)
+    repaired = cli("repair", "index", "--json")
+    assert repaired.code == 0, repaired.err
+    assert repaired.json_lines()[-1]["packs"] >= 2
+    assert not damaged.exists()
+    assert cli("check", "--read-data").code == 0
+    # Every index object gone: the same repair brings the data back.
+    for obj in (cli.repo / "index").iterdir():
+        obj.unlink()
+    assert cli("check", "--no-cache").code == DataDamagedError.exit_code
+    assert cli("repair", "index", "--no-cache").code == 0
+    target = tmp_path / "restored"
+    assert cli("restore", "latest", "--target", target, "--verify").code == 0
+    assert (target / src.relative_to("/") / "two.bin").read_bytes() == (
+        src / "two.bin"
+    ).read_bytes()

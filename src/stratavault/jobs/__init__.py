@@ -13,6 +13,7 @@ from stratavault.jobs._check import CheckResult, Damage, Subset, check_repositor
 from stratavault.jobs._forget import ForgetGroup, forget_snapshots
 from stratavault.jobs._progress import Cancellation, NullProgress, Progress, ProgressState
 from stratavault.jobs._protect import set_protection
+from stratavault.jobs._repair import RepairIndexResult, repair_index
 from stratavault.jobs._restore_files import RestoreOptions, RestoreResult, restore_files
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "NullProgress",
     "Progress",
     "ProgressState",
+    "RepairIndexResult",
     "RestoreOptions",
     "RestoreResult",
     "SnapshotSize",
@@ -34,6 +36,7 @@ __all__ = [
     "diff_snapshots",
     "forget_snapshots",
     "list_entries",
+    "repair_index",
     "restore_files",
     "set_protection",
     "snapshot_size",

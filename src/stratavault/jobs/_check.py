@@ -166,6 +166,8 @@ def check_repository(
     with repo.lock(exclusive=False):
         snapshots = load_snapshots(repo)
         checker.result.snapshots = len(snapshots)
+        for name in repo.damaged_index_names():
+            checker.damage(name, "index object damaged (run `repair index`)", [])
         for snap in snapshots:
             checker.walk(snap, snap.tree, "")
         checker.check_chunks(read_data or subset is not None, subset)

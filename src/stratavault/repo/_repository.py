@@ -16,6 +16,7 @@ from typing import Any
 
 from stratavault.errors import (
     ChunkNotFoundError,
+    DataDamagedError,
     IntegrityError,
     ObjectExistsError,
     ObjectNotFoundError,
@@ -112,6 +113,8 @@ class Repository:
         self._lock = threading.Lock()
         self._index = ChunkIndex()
         self._index_objects: set[str] = set()
+        self.damaged_index_objects: list[str] = []
+        """Index objects that failed authentication when the repository was opened."""
         self._inflight: dict[bytes, tuple[OpenPack, Entry]] = {}
         self._open_packs: dict[int, OpenPack] = {}
         """The pack being filled, per blob kind: trees go into packs of their own, so the
@@ -335,11 +338,18 @@ class Repository:
             cached if cached is not None and cached[1] <= names else (ChunkIndex(), set())
         )
         missing = sorted(names - covered)
+        damaged: list[str] = []
         for name in missing:
-            packs, entries = self._read_index_object(name)
+            try:
+                packs, entries = self._read_index_object(name)
+            except DataDamagedError:
+                damaged.append(name)  # its packs look unindexed: `repair index` rebuilds
+                continue
             numbers = [index.pack_number(p) for p in packs]
             entries["pack"] = [numbers[n] for n in entries["pack"]]
             index.add_entries(entries)
+        self.damaged_index_objects = damaged
+        names -= set(damaged)
         with self._lock:
             self._index, self._index_objects = index, names
         if missing or covered != names:
@@ -368,6 +378,47 @@ class Repository:
         if batch:
             self._write_index(batch)
         self._save_cache()
+
+    def damaged_index_names(self) -> list[str]:
+        """Read and authenticate every index object (not the cache); return the damaged ones."""
+        damaged = []
+        for obj in self.storage.list(F.INDEX_PREFIX):
+            try:
+                self._read_index_object(obj.name)
+            except DataDamagedError:
+                damaged.append(obj.name)
+        return sorted(damaged)
+
+    def rebuild_index(self) -> tuple[int, list[str]]:
+        """Index every pack afresh from its own header, then delete the old index objects.
+
+        Returns the number of packs indexed and the names of packs whose header could not be
+        read (their chunks are lost to the index). New index objects are written before old
+        ones are removed, so a crash leaves at worst both. Hold the exclusive lock.
+        """
+        self.flush()
+        old = {obj.name for obj in self.storage.list(F.INDEX_PREFIX)}
+        found: list[tuple[str, Any]] = []
+        unreadable: list[str] = []
+        for obj in self.storage.list(F.DATA_PREFIX):
+            entries = _reading.read_pack_header(self.storage, self._keys, obj.name, obj.size_bytes)
+            if entries is None:
+                unreadable.append(obj.name)
+            else:
+                found.append((obj.name, entries))
+        with self._lock:
+            self._index, self._index_objects = ChunkIndex(), set()
+        for start in range(0, len(found), self._opt.index_every_packs):
+            batch = found[start : start + self._opt.index_every_packs]
+            with self._lock:
+                for name, entries in batch:
+                    self._index.add_pack(name, entries)
+            self._write_index(batch)
+        for name in sorted(old - self._index_objects):
+            self.storage.delete(name)
+        self.damaged_index_objects = []
+        self._save_cache()
+        return len(found), unreadable
 
     def recover_unindexed_packs(self) -> int:
         """Index packs that no index object mentions (left by a crash); return their count."""
