@@ -9,7 +9,7 @@ import re
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._output import Output
 from stratavault.errors import UsageError
-from stratavault.jobs import forget_snapshots
+from stratavault.jobs import ForgetGroup, forget_snapshots
 from stratavault.snapshot import RetentionPolicy
 
 _DURATION = re.compile(r"(\d+)([ywdh]|m)")
@@ -69,7 +69,6 @@ def register(
 
 def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Apply the policy per group and print the decisions."""
-    out = Output(json_mode=options.json, quiet=options.quiet)
     policy = RetentionPolicy(
         last=ns.keep_last,
         hourly=ns.keep_hourly,
@@ -94,6 +93,12 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
             paths=ns.paths,
             dry_run=ns.dry_run,
         )
+    _report(Output(json_mode=options.json, quiet=options.quiet), groups, group_by, ns.dry_run)
+    return 0
+
+
+def _report(out: Output, groups: list[ForgetGroup], group_by: list[str], dry_run: bool) -> None:
+    """A table per group (and one JSON document) with each snapshot's fate and reasons."""
     doc = []
     for group in groups:
         out.text(f"group {dict(zip(group_by, group.key, strict=True)) or 'all'}:")
@@ -101,31 +106,24 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
             (
                 d.snapshot.short_id,
                 d.snapshot.time.astimezone().strftime("%Y-%m-%d %H:%M:%S"),
-                "keep" if d.keep else ("would remove" if ns.dry_run else "removed"),
+                "keep" if d.keep else ("would remove" if dry_run else "removed"),
                 ", ".join(d.reasons),
             )
             for d in group.decisions
         ]
         out.table(["ID", "Time", "Action", "Kept by"], rows)
         out.text()
-        doc.append(
+        snapshots = [
             {
-                "group": list(group.key),
-                "snapshots": [
-                    {
-                        "id": d.snapshot.id,
-                        "time": d.snapshot.time.isoformat(),
-                        "keep": d.keep,
-                        "reasons": d.reasons,
-                    }
-                    for d in group.decisions
-                ],
+                "id": d.snapshot.id,
+                "time": d.snapshot.time.isoformat(),
+                "keep": d.keep,
+                "reasons": d.reasons,
             }
-        )
+            for d in group.decisions
+        ]
+        doc.append({"group": list(group.key), "snapshots": snapshots})
     removed = sum(not d.keep for g in groups for d in g.decisions)
-    out.text(
-        f"{'would remove' if ns.dry_run else 'removed'} {removed} snapshot(s); "
-        "the data stays until prune"
-    )
-    out.data({"message_type": "forget", "dry_run": ns.dry_run, "groups": doc})
-    return 0
+    verb = "would remove" if dry_run else "removed"
+    out.text(f"{verb} {removed} snapshot(s); the data stays until prune")
+    out.data({"message_type": "forget", "dry_run": dry_run, "groups": doc})

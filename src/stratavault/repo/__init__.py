@@ -6,11 +6,10 @@ The on-backend format is described byte by byte in ``docs/format.md``.
 from stratavault.repo._crypto import ChunkSealer, KdfParams
 from stratavault.repo._keys import KeyInfo
 from stratavault.repo._repository import (
-    ChunkInfo,
     Repository,
-    RepoStats,
     default_cache_dir,
 )
+from stratavault.repo._values import ChunkInfo, RepoStats
 
 __all__ = [
     "ChunkInfo",

@@ -18,7 +18,13 @@ from stratavault.repo._index import Entry
 from stratavault.repo._packs import parse_pack_tail
 from stratavault.storage import Storage
 
-__all__ = ["open_blob", "open_document", "read_pack_blobs", "read_pack_header"]
+__all__ = [
+    "open_blob",
+    "open_document",
+    "read_pack_blobs",
+    "read_pack_header",
+    "read_pack_headers",
+]
 
 MERGE_GAP_BYTES = 1 << 20
 """Blobs of one pack closer than this are read with one ranged get."""
@@ -100,3 +106,20 @@ def read_pack_header(storage: Storage, keys: MasterKeys, name: str, size: int) -
     except DataDamagedError:
         return None
     return None
+
+
+def read_pack_headers(
+    storage: Storage, keys: MasterKeys, *, skip: set[str] | frozenset[str] = frozenset()
+) -> tuple[list[tuple[str, Any]], list[str]]:
+    """Headers of every pack not in ``skip``: ``([(name, entries)], [unreadable names])``."""
+    found: list[tuple[str, Any]] = []
+    unreadable: list[str] = []
+    for obj in storage.list(F.DATA_PREFIX):
+        if obj.name in skip:
+            continue
+        entries = read_pack_header(storage, keys, obj.name, obj.size_bytes)
+        if entries is None:
+            unreadable.append(obj.name)
+        else:
+            found.append((obj.name, entries))
+    return found, unreadable

@@ -39,10 +39,11 @@ from stratavault.repo._keys import KeyInfo
 from stratavault.repo._locks import Locker
 from stratavault.repo._packs import OpenPack, SealedPack
 from stratavault.repo._uploader import Uploader
+from stratavault.repo._values import ChunkInfo, RepoStats
 from stratavault.storage import Storage
 from stratavault.types import BlobKind, ChunkId
 
-__all__ = ["ChunkInfo", "RepoStats", "Repository", "default_cache_dir"]
+__all__ = ["Repository", "default_cache_dir"]
 
 Clock = Callable[[], float]
 
@@ -51,28 +52,6 @@ def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/stratavault`` or ``~/.cache/stratavault``."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "stratavault"
-
-
-@dataclass(frozen=True, slots=True)
-class ChunkInfo:
-    """Where and how a chunk is stored."""
-
-    pack: str
-    offset: int
-    stored_bytes: int
-    raw_bytes: int
-    kind: BlobKind
-
-
-@dataclass(frozen=True, slots=True)
-class RepoStats:
-    """Totals of a repository."""
-
-    packs: int
-    pack_bytes: int
-    chunks: int
-    raw_bytes: int
-    snapshots: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,14 +377,7 @@ class Repository:
         """
         self.flush()
         old = {obj.name for obj in self.storage.list(F.INDEX_PREFIX)}
-        found: list[tuple[str, Any]] = []
-        unreadable: list[str] = []
-        for obj in self.storage.list(F.DATA_PREFIX):
-            entries = _reading.read_pack_header(self.storage, self._keys, obj.name, obj.size_bytes)
-            if entries is None:
-                unreadable.append(obj.name)
-            else:
-                found.append((obj.name, entries))
+        found, unreadable = _reading.read_pack_headers(self.storage, self._keys)
         with self._lock:
             self._index, self._index_objects = ChunkIndex(), set()
         for start in range(0, len(found), self._opt.index_every_packs):
@@ -425,13 +397,7 @@ class Repository:
         self.flush()
         with self._lock:
             known = set(self._index.packs)
-        found: list[tuple[str, Any]] = []
-        for obj in self.storage.list(F.DATA_PREFIX):
-            if obj.name in known:
-                continue
-            entries = _reading.read_pack_header(self.storage, self._keys, obj.name, obj.size_bytes)
-            if entries is not None:
-                found.append((obj.name, entries))
+        found, _unreadable = _reading.read_pack_headers(self.storage, self._keys, skip=known)
         for start in range(0, len(found), self._opt.index_every_packs):
             batch = found[start : start + self._opt.index_every_packs]
             with self._lock:
