@@ -73,10 +73,6 @@ class ChunkIndex:
             self.packs.append(name)
         return number
 
-    def knows_pack(self, name: str) -> bool:
-        """Whether pack ``name`` has entries in this index."""
-        return name in self._pack_numbers
-
     def add(self, chunk_id: bytes, entry: Entry) -> None:
         """Record one chunk location (kept in a dict until the next merge)."""
         self._pending[chunk_id] = entry

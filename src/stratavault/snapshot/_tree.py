@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stratavault.errors import IntegrityError, UnsupportedFormatError
-from stratavault.types import ChunkId
+from stratavault.types import ChunkId, EntryType
 
 __all__ = [
     "ContentRun",
@@ -34,18 +34,10 @@ __all__ = [
 TREE_VERSION = 1
 
 
-class NodeType:
-    """The kinds of file system entry a node can describe."""
+NodeType = EntryType
+"""The kinds of node a tree holds: the file system's entry types."""
 
-    FILE = "file"
-    DIR = "dir"
-    SYMLINK = "symlink"
-    FIFO = "fifo"
-    CHARDEV = "chardev"
-    BLOCKDEV = "blockdev"
-    SOCKET = "socket"
-
-    ALL = frozenset({FILE, DIR, SYMLINK, FIFO, CHARDEV, BLOCKDEV, SOCKET})
+_NODE_TYPES = frozenset(EntryType)
 
 
 ContentRun = tuple[ChunkId | None, int]
@@ -148,7 +140,7 @@ class Node:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(f"malformed tree node {doc!r:.80}: {exc}") from exc
-        if node.type not in NodeType.ALL:
+        if node.type not in _NODE_TYPES:
             raise IntegrityError(f"tree node {node.name!r} has unknown type {node.type!r}")
         return node
 

@@ -8,14 +8,14 @@ convention the snapshot file tree uses.
 
 from __future__ import annotations
 
-import enum
 import grp
 import os
 import pwd
-import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
+
+from stratavault.types import EntryType
 
 __all__ = [
     "EntryMetadata",
@@ -25,34 +25,6 @@ __all__ = [
     "OwnerNames",
     "same_file_stat",
 ]
-
-
-class EntryType(enum.StrEnum):
-    """The kinds of file system entry (values match the snapshot's node types)."""
-
-    FILE = "file"
-    DIR = "dir"
-    SYMLINK = "symlink"
-    FIFO = "fifo"
-    CHARDEV = "chardev"
-    BLOCKDEV = "blockdev"
-    SOCKET = "socket"
-
-    @classmethod
-    def from_mode(cls, st_mode: int) -> EntryType:
-        """Return the type encoded in an ``st_mode``."""
-        return _TYPE_BY_FMT[stat.S_IFMT(st_mode)]
-
-
-_TYPE_BY_FMT = {
-    stat.S_IFREG: EntryType.FILE,
-    stat.S_IFDIR: EntryType.DIR,
-    stat.S_IFLNK: EntryType.SYMLINK,
-    stat.S_IFIFO: EntryType.FIFO,
-    stat.S_IFCHR: EntryType.CHARDEV,
-    stat.S_IFBLK: EntryType.BLOCKDEV,
-    stat.S_IFSOCK: EntryType.SOCKET,
-}
 
 
 class EntryMetadata(Protocol):
@@ -191,6 +163,13 @@ class FsEntry:
         return FileStamp(self.size, self.mtime_ns, self.ctime_ns, self.inode)
 
 
+def _name_or_empty(lookup: Callable[[int], Any], number: int) -> str:
+    try:
+        return str(lookup(number)[0])  # pw_name / gr_name
+    except KeyError:
+        return ""
+
+
 class OwnerNames:
     """Cached uid/gid to name lookups (``""`` when the id has no name)."""
 
@@ -202,20 +181,12 @@ class OwnerNames:
         """Return the name of user ``uid``, or ``""``."""
         name = self._users.get(uid)
         if name is None:
-            try:
-                name = pwd.getpwuid(uid).pw_name
-            except KeyError:
-                name = ""
-            self._users[uid] = name
+            name = self._users[uid] = _name_or_empty(pwd.getpwuid, uid)
         return name
 
     def group(self, gid: int) -> str:
         """Return the name of group ``gid``, or ``""``."""
         name = self._groups.get(gid)
         if name is None:
-            try:
-                name = grp.getgrgid(gid).gr_name
-            except KeyError:
-                name = ""
-            self._groups[gid] = name
+            name = self._groups[gid] = _name_or_empty(grp.getgrgid, gid)
         return name
