@@ -20,6 +20,13 @@ def _setup(cli: Cli, tmp_path: Path) -> tuple[Path, list[Path]]:
     return src, packs
 
 
+def _flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+
+
 def _data_pack(packs: list[Path]) -> Path:
     return max(packs, key=lambda p: p.stat().st_size)  # trees are in the small pack
 
@@ -35,10 +42,7 @@ def test_clean_repository_passes(cli: Cli, tmp_path: Path) -> None:
 def test_flipped_byte_is_found_only_when_reading_data(cli: Cli, tmp_path: Path) -> None:
     _src, packs = _setup(cli, tmp_path)
     pack = _data_pack(packs)
-    data = bytearray(pack.read_bytes())
-    data[100] ^= 0x01
-    pack.chmod(0o644)
-    pack.write_bytes(bytes(data))
+    _flip_byte(pack, 100)
     assert cli("check").code == 0  # structure is fine
     result = cli("check", "--read-data", "--json")
     assert result.code == DataDamagedError.exit_code
@@ -77,10 +81,7 @@ def test_truncated_pack_is_found(cli: Cli, tmp_path: Path) -> None:
 def test_restore_stops_on_damage_or_salvages_with_ignore_errors(cli: Cli, tmp_path: Path) -> None:
     src, packs = _setup(cli, tmp_path)
     pack = _data_pack(packs)
-    data = bytearray(pack.read_bytes())
-    data[100] ^= 0x01
-    pack.chmod(0o644)
-    pack.write_bytes(bytes(data))
+    _flip_byte(pack, 100)
     stopped = cli("restore", "latest", "--target", tmp_path / "t1")
     assert stopped.code == DataDamagedError.exit_code
     assert pack.name in stopped.err
