@@ -22,9 +22,12 @@ operation, the object and the cause ("reading pack data/ab/abcd… - truncated")
     │   ├── ObjectNotFoundError            exit 1  no object of that name (also FileNotFoundError)
     │   ├── ObjectExistsError              exit 1  put of a name that exists where refused
     │   ├── PermissionDeniedError          exit 1  backend or wrapper refused the operation
+    │   │   └── ObjectLockedError          exit 1  object lock retention forbids deleting it yet
     │   ├── TransientStorageError          exit 1  may succeed when retried
     │   └── StorageFullError               exit 14 no space left on the backend
     ├── SourceError                        exit 1  reading what is backed up failed
+    ├── NbdError                           exit 15 an NBD peer failed, refused or went silent
+    │   └── NbdProtocolError               exit 15 an NBD peer sent malformed or truncated data
     ├── IncompleteSnapshotError            exit 4  snapshot saved, but some files were unreadable
     ├── RestoreError                       exit 1  restore could not write something
     │   └── UnsafePathError                exit 1  a name would escape the restore target
@@ -32,6 +35,8 @@ operation, the object and the cause ("reading pack data/ab/abcd… - truncated")
 """
 
 from __future__ import annotations
+
+import datetime
 
 __all__ = [
     "EXIT_CODES",
@@ -41,8 +46,11 @@ __all__ = [
     "IntegrityError",
     "Interrupted",
     "KeyFileDamagedError",
+    "NbdError",
+    "NbdProtocolError",
     "NoPassphraseError",
     "ObjectExistsError",
+    "ObjectLockedError",
     "ObjectNotFoundError",
     "PassphraseError",
     "PermissionDeniedError",
@@ -149,6 +157,17 @@ class PermissionDeniedError(StorageError, PermissionError):
     """The backend or a wrapper (read-only, append-only) refused the operation."""
 
 
+class ObjectLockedError(PermissionDeniedError):
+    """The backend keeps the object under retention (S3 object lock) until ``retain_until``.
+
+    ``retain_until`` is a timezone-aware datetime, or None when the backend did not say.
+    """
+
+    def __init__(self, message: str, *, retain_until: datetime.datetime | None = None) -> None:
+        super().__init__(message)
+        self.retain_until = retain_until
+
+
 class TransientStorageError(StorageError):
     """A failure that may go away when the operation is retried."""
 
@@ -161,6 +180,16 @@ class StorageFullError(StorageError):
 
 class SourceError(StratavaultError):
     """Reading what is to be backed up failed as a whole (not a single file)."""
+
+
+class NbdError(StratavaultError, OSError):
+    """An NBD peer could not be reached, refused a request, failed it, or went silent."""
+
+    exit_code = 15
+
+
+class NbdProtocolError(NbdError):
+    """An NBD peer sent bytes that break the protocol (bad magic, truncated, out of order)."""
 
 
 class IncompleteSnapshotError(StratavaultError):
@@ -194,6 +223,7 @@ EXIT_CODES: dict[int, str] = {
     12: "data damaged: corrupt, truncated or missing objects",
     13: "unsupported repository format version",
     14: "backend full: no space left",
+    15: "NBD peer failed, refused the request or broke the protocol",
     130: "interrupted (Ctrl-C); the repository is consistent",
 }
 """Exit codes of the ``stratavault`` command, documented in the README."""
