@@ -1,4 +1,4 @@
-"""``stratavault ls SNAPSHOT[:PATH]``: list the entries of a snapshot."""
+"""``stratavault ls SNAPSHOT[:PATH]``: list the entries (or the disks) of a snapshot."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import datetime as dt
 import stat
 
 from stratavault.cli._context import GlobalOptions, open_repo
-from stratavault.cli._output import Output
-from stratavault.jobs import list_entries, split_snapshot_ref
-from stratavault.snapshot import Node, find_snapshot
+from stratavault.cli._output import Output, format_bytes
+from stratavault.jobs import describe_disks, list_entries, split_snapshot_ref
+from stratavault.repo import Repository
+from stratavault.snapshot import Node, Snapshot, find_snapshot
 
 _TYPE_CHAR = {
     "dir": "d",
@@ -64,7 +65,30 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     ref, path = split_snapshot_ref(ns.snapshot)
     with open_repo(options) as repo:
         snap = find_snapshot(repo, ref)
+        if snap.tree is None:
+            _list_disks(out, repo, snap)
+            return 0
         for entry_path, node in list_entries(repo, snap, path, recursive=not ns.no_recursive):
             out.data(node_json(entry_path, node))
             out.text(_long(entry_path, node) if ns.long else entry_path)
     return 0
+
+
+def _list_disks(out: Output, repo: Repository, snap: Snapshot) -> None:
+    """A snapshot of disks: one line per disk."""
+    disks = describe_disks(repo, snap)
+    for d in disks:
+        out.data({"type": "disk", **d.to_json()})
+    out.table(
+        ["Disk", "Size", "Data", "Chunk size", "Path"],
+        [
+            (
+                d.name,
+                format_bytes(d.size_bytes),
+                format_bytes(d.data_bytes),
+                format_bytes(d.chunk_bytes),
+                d.path,
+            )
+            for d in disks
+        ],
+    )

@@ -1,14 +1,24 @@
-"""``stratavault restore SNAPSHOT[:PATH] --target DIR``: restore files."""
+"""``stratavault restore SNAPSHOT[:PATH] --target DIR`` (files) and
+``stratavault restore disk SNAPSHOT[:DISK] --to FILE|DEVICE`` (a disk)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._output import Output, format_bytes, make_progress
-from stratavault.errors import RestoreError
-from stratavault.jobs import Cancellation, RestoreOptions, restore_files, split_snapshot_ref
+from stratavault.errors import RestoreError, UsageError
+from stratavault.jobs import (
+    DISK_FORMATS,
+    Cancellation,
+    RestoreDiskOptions,
+    RestoreOptions,
+    restore_disk,
+    restore_files,
+    split_snapshot_ref,
+)
 from stratavault.snapshot import find_snapshot
 
 
@@ -16,13 +26,32 @@ def register(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
 ) -> None:
     """Add the command to the parser."""
-    p = sub.add_parser("restore", parents=[common], help="restore files from a snapshot")
-    p.add_argument(
-        "snapshot",
-        metavar="SNAPSHOT[:PATH]",
-        help="'latest' or an id; with :PATH the contents of that folder",
+    p = sub.add_parser(
+        "restore",
+        parents=[common],
+        help="restore files, or a disk, from a snapshot",
+        description="restore SNAPSHOT[:PATH] --target DIR restores files; "
+        "restore disk SNAPSHOT[:DISK] --to FILE|DEVICE restores a disk.",
     )
-    p.add_argument("-t", "--target", type=Path, required=True, help="folder to restore into")
+    p.add_argument(
+        "words",
+        nargs="+",
+        metavar="[disk] SNAPSHOT[:PATH|:DISK]",
+        help="'latest' or an id; with :PATH the contents of that folder; after 'disk', "
+        ":DISK names the disk (needed when the snapshot has several)",
+    )
+    p.add_argument("-t", "--target", type=Path, help="files: folder to restore into")
+    d = p.add_argument_group("disks")
+    d.add_argument("--to", type=Path, metavar="FILE|DEVICE", help="disk: new file or device")
+    d.add_argument(
+        "--format", choices=DISK_FORMATS, default="raw", help="disk: image format of --to"
+    )
+    d.add_argument("--onto", type=Path, metavar="EXISTING", help="disk: overwrite this disk")
+    d.add_argument(
+        "--changed-only",
+        action="store_true",
+        help="disk, with --onto: compare and write only the chunks that differ",
+    )
     p.add_argument(
         "-i",
         "--include",
@@ -52,9 +81,65 @@ def register(
 
 
 def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
-    """Restore and report; exit 1 if some entries could not be restored."""
+    """Dispatch: ``restore disk ...`` or a restore of files."""
+    words: list[str] = ns.words
+    if words[0] == "disk":  # never a snapshot reference: those are 'latest' or hex
+        if len(words) != 2 or ns.target or ns.include or ns.exclude or ns.ignore_errors:
+            raise UsageError("usage: restore disk SNAPSHOT[:DISK] --to FILE|DEVICE (or --onto)")
+        return run_disk(ns, words[1], options)
+    if len(words) != 1:
+        raise UsageError(f"restore: unexpected arguments {' '.join(words[1:])!r}")
+    if ns.target is None:
+        raise UsageError("restore: --target DIR is required (restore disk takes --to)")
+    if ns.to or ns.onto or ns.changed_only or ns.format != "raw":
+        raise UsageError("restore: --to, --onto, --changed-only, --format are for restore disk")
+    return run_files(ns, words[0], options)
+
+
+def run_disk(ns: argparse.Namespace, word: str, options: GlobalOptions) -> int:
+    """Restore one disk; exit 1 when verification finds a difference."""
     out = Output(json_mode=options.json, quiet=options.quiet)
-    ref, path = split_snapshot_ref(ns.snapshot)
+    ref, _, disk = word.partition(":")
+    if (ns.to is None) == (ns.onto is None):
+        raise UsageError("restore disk: give exactly one of --to FILE|DEVICE and --onto EXISTING")
+    job = RestoreDiskOptions(
+        target=ns.to or ns.onto,
+        disk=disk or None,
+        format=ns.format,
+        onto=ns.onto is not None,
+        changed_only=ns.changed_only,
+        verify=ns.verify,
+    )
+    progress = make_progress(json_mode=options.json, quiet=options.quiet)
+    with open_repo(options) as repo:
+        snap = find_snapshot(repo, ref)
+        result = restore_disk(repo, snap, job, progress=progress, cancel=Cancellation())
+    for issue in result.issues:
+        out.warn(issue)
+    if ns.changed_only:
+        out.text(
+            f"compared {result.chunks} chunks ({format_bytes(result.bytes_read)} read): "
+            f"{result.chunks_unchanged} unchanged"
+        )
+    out.text(
+        f"restored disk {result.disk} ({format_bytes(result.size_bytes)}) from snapshot "
+        f"{snap.short_id} to {job.target}: wrote {result.chunks_written} chunks "
+        f"({format_bytes(result.bytes_written)}), zeroed {result.chunks_zeroed}"
+    )
+    if ns.verify:
+        out.text(f"verified {result.chunks_verified} chunks")
+    doc: dict[str, object] = {"message_type": "summary", "snapshot_id": snap.id}
+    doc.update(dataclasses.asdict(result))
+    out.data(doc)
+    if result.issues:
+        raise RestoreError(f"disk {result.disk}: {len(result.issues)} ranges failed to verify")
+    return 0
+
+
+def run_files(ns: argparse.Namespace, word: str, options: GlobalOptions) -> int:
+    """Restore files and report; exit 1 if some entries could not be restored."""
+    out = Output(json_mode=options.json, quiet=options.quiet)
+    ref, path = split_snapshot_ref(word)
     job = RestoreOptions(
         target=ns.target,
         path=path,

@@ -6,8 +6,9 @@ import argparse
 
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._output import Output, format_bytes
-from stratavault.jobs import snapshot_size
-from stratavault.snapshot import find_snapshot
+from stratavault.jobs import describe_disks, snapshot_size
+from stratavault.repo import Repository
+from stratavault.snapshot import Snapshot, find_snapshot
 
 
 def register(
@@ -38,6 +39,10 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
         out.text(f"stored:           {format_bytes(st.pack_bytes)}")
         if ns.snapshot:
             snap = find_snapshot(repo, ns.snapshot)
+            if snap.tree is None:
+                doc["snapshot"] = _disk_stats(out, repo, snap)
+                out.data(doc)
+                return 0
             size = snapshot_size(repo, snap)
             out.text(
                 f"snapshot {snap.short_id}: {size.files} files, {size.dirs} folders, "
@@ -55,3 +60,15 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
             }
     out.data(doc)
     return 0
+
+
+def _disk_stats(out: Output, repo: Repository, snap: Snapshot) -> dict[str, object]:
+    """A snapshot of disks: per disk its size, the data it holds and its distinct chunks."""
+    disks = describe_disks(repo, snap)
+    for d in disks:
+        out.text(
+            f"snapshot {snap.short_id} disk {d.name}: size {format_bytes(d.size_bytes)}, "
+            f"data {format_bytes(d.data_bytes)} in {d.data_chunks} of {d.chunks} chunks "
+            f"of {format_bytes(d.chunk_bytes)} ({d.unique_chunks} distinct)"
+        )
+    return {"id": snap.id, "disks": [d.to_json() for d in disks]}

@@ -1,5 +1,12 @@
 """Use cases: backup, restore, browsing; each a function over a repository."""
 
+from stratavault.jobs._backup_disk import (
+    DEFAULT_DISK_CHUNK_BYTES,
+    DISK_KINDS,
+    BackupDisksOptions,
+    DiskSource,
+    backup_disks,
+)
 from stratavault.jobs._backup_files import BackupFilesOptions, backup_files
 from stratavault.jobs._browse import (
     DiffEntry,
@@ -10,34 +17,54 @@ from stratavault.jobs._browse import (
     split_snapshot_ref,
 )
 from stratavault.jobs._check import CheckResult, Damage, Subset, check_repository
+from stratavault.jobs._disk_info import DiskInfo, describe_disks
 from stratavault.jobs._forget import ForgetGroup, forget_snapshots
 from stratavault.jobs._progress import Cancellation, NullProgress, Progress, ProgressState
 from stratavault.jobs._protect import set_protection
 from stratavault.jobs._repair import RepairIndexResult, repair_index
+from stratavault.jobs._restore_disk import (
+    DISK_FORMATS,
+    RestoreDiskOptions,
+    RestoreDiskResult,
+    restore_disk,
+    select_disk,
+)
 from stratavault.jobs._restore_files import RestoreOptions, RestoreResult, restore_files
 
 __all__ = [
+    "DEFAULT_DISK_CHUNK_BYTES",
+    "DISK_FORMATS",
+    "DISK_KINDS",
+    "BackupDisksOptions",
     "BackupFilesOptions",
     "Cancellation",
     "CheckResult",
     "Damage",
     "DiffEntry",
+    "DiskInfo",
+    "DiskSource",
     "ForgetGroup",
     "NullProgress",
     "Progress",
     "ProgressState",
     "RepairIndexResult",
+    "RestoreDiskOptions",
+    "RestoreDiskResult",
     "RestoreOptions",
     "RestoreResult",
     "SnapshotSize",
     "Subset",
+    "backup_disks",
     "backup_files",
     "check_repository",
+    "describe_disks",
     "diff_snapshots",
     "forget_snapshots",
     "list_entries",
     "repair_index",
+    "restore_disk",
     "restore_files",
+    "select_disk",
     "set_protection",
     "snapshot_size",
     "split_snapshot_ref",

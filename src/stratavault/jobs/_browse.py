@@ -110,6 +110,8 @@ class SnapshotSize:
 def snapshot_size(repo: Repository, snapshot: Snapshot) -> SnapshotSize:
     """Count files and bytes of a snapshot, and its distinct chunks."""
     size, seen = SnapshotSize(), set()
+    if snapshot.tree is None:  # a snapshot of disks: see disk_usage
+        return size
     for _path, node in walk_tree(repo, snapshot.tree):
         if node.type == NodeType.FILE:
             size.files += 1

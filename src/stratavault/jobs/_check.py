@@ -1,10 +1,11 @@
 """Use case: check a repository's structure and, with ``read_data``, every chunk.
 
-Structure: every snapshot's trees can be read, every chunk they reference is in the index,
-and every pack the index names for them exists. With ``read_data`` each referenced chunk
-is read, authenticated and decompressed. Each problem names the damaged object and the
-snapshots and files (first few) that use it. (Index entries that no snapshot uses and
-a read of every index entry come with prune, in a later step.) ``--read-data-subset``
+Structure: every snapshot's trees and disk indexes can be read, every chunk they reference
+is in the index, and every pack the index names for them exists. With ``read_data`` each
+referenced chunk is read, authenticated and decompressed. Each problem names the damaged
+object and the snapshots and files (first few) that use it; a disk chunk is named by its
+disk and byte range ("disk vda bytes 4194304-8388608"). (Index entries that no snapshot
+uses and a read of every index entry come with prune, in a later step.) ``--read-data-subset``
 spreads the reading over days.
 """
 
@@ -17,7 +18,14 @@ from dataclasses import dataclass, field
 from stratavault.errors import DataDamagedError
 from stratavault.jobs._progress import Cancellation, NullProgress, Progress, ProgressState, now
 from stratavault.repo import Repository
-from stratavault.snapshot import Node, NodeType, Snapshot, load_snapshots, load_tree
+from stratavault.snapshot import (
+    Node,
+    NodeType,
+    Snapshot,
+    load_disk_index,
+    load_snapshots,
+    load_tree,
+)
 from stratavault.types import ChunkId
 
 __all__ = ["CheckResult", "Damage", "Subset", "check_repository"]
@@ -86,6 +94,20 @@ class _Checker:
         for cid, _n in node.content:
             if cid is not None:
                 self.refer(cid, snap.id, path)
+
+    def walk_disks(self, snap: Snapshot) -> None:
+        """Read each disk index; its chunks' users are named as disk byte ranges."""
+        for ref in snap.disks:
+            self.cancel.check()
+            self.result.trees += len(ref.segments)
+            try:
+                index = load_disk_index(self.repo, ref)
+            except DataDamagedError as exc:
+                self.damage(f"disk index of {ref.name}", str(exc), [(snap.id, f"disk {ref.name}")])
+                continue
+            for number, cid in index.entries():
+                start, end = index.chunk_range(number)
+                self.refer(cid, snap.id, f"disk {ref.name} bytes {start}-{end}")
 
     def check_chunks(self, read_data: bool, subset: Subset | None) -> None:
         existing = {obj.name for obj in self.repo.storage.list("data/")}
@@ -169,7 +191,9 @@ def check_repository(
         for name in repo.damaged_index_names():
             checker.damage(name, "index object damaged (run `repair index`)", [])
         for snap in snapshots:
-            checker.walk(snap, snap.tree, "")
+            if snap.tree is not None:
+                checker.walk(snap, snap.tree, "")
+            checker.walk_disks(snap)
         checker.check_chunks(read_data or subset is not None, subset)
     checker.progress.done(checker.state)
     return checker.result

@@ -1,5 +1,15 @@
 """What a backup is: snapshots, file trees and (later) disk indexes and retention rules."""
 
+from stratavault.snapshot._disk import (
+    SEGMENT_CHUNKS,
+    DiskIndex,
+    DiskRef,
+    decode_disk_segment,
+    disk_chunk_ids,
+    encode_disk_segment,
+    load_disk_index,
+    save_disk_index,
+)
 from stratavault.snapshot._retention import (
     RetentionDecision,
     RetentionPolicy,
@@ -36,7 +46,10 @@ from stratavault.snapshot._tree import (
 )
 
 __all__ = [
+    "SEGMENT_CHUNKS",
     "ContentRun",
+    "DiskIndex",
+    "DiskRef",
     "FileError",
     "Node",
     "NodeType",
@@ -47,15 +60,20 @@ __all__ = [
     "TreeDocs",
     "apply_retention",
     "content_runs",
+    "decode_disk_segment",
     "decode_tree",
+    "disk_chunk_ids",
+    "encode_disk_segment",
     "encode_tree",
     "find_snapshot",
     "group_snapshots",
     "latest",
+    "load_disk_index",
     "load_snapshots",
     "load_tree",
     "load_tree_docs",
     "resolve_path",
+    "save_disk_index",
     "save_snapshot",
     "save_tree",
     "save_tree_docs",

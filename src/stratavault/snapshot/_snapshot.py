@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stratavault.errors import IntegrityError, SnapshotNotFoundError, UnsupportedFormatError
+from stratavault.snapshot._disk import DiskRef
 from stratavault.types import ChunkId
 
 __all__ = ["FileError", "Snapshot", "SnapshotSummary", "latest", "select_snapshots"]
@@ -46,8 +47,10 @@ class Snapshot:
     time: dt.datetime
     host: str
     paths: list[str]
-    tree: ChunkId
+    tree: ChunkId | None
+    """Root of the file tree; ``None`` for a snapshot of disks only (kind "image"/"vm")."""
     kind: str = "files"
+    """"files" (a file tree), "image" (disk images) or "vm" (a VM's disks + configuration)."""
     user: str = ""
     tags: list[str] = field(default_factory=list)
     parent: str | None = None
@@ -58,6 +61,10 @@ class Snapshot:
     """No retention policy removes a protected snapshot (``protect``/``unprotect``)."""
     id: str = ""
     """Repository id of the saved snapshot ("" until saved)."""
+    disks: list[DiskRef] = field(default_factory=list)
+    """The disks of an "image" or "vm" snapshot (absent from older documents: none)."""
+    vm_config: dict[str, Any] | None = None
+    """The VM's configuration (JSON-able: command line or domain XML, disk layout)."""
 
     @property
     def incomplete(self) -> bool:
@@ -79,13 +86,15 @@ class Snapshot:
             "paths": list(self.paths),
             "tags": list(self.tags),
             "kind": self.kind,
-            "tree": self.tree.hex(),
+            "tree": self.tree.hex() if self.tree is not None else None,
             "parent": self.parent,
             "incomplete": self.incomplete,
             "errors": [{"path": e.path, "error": e.error} for e in self.errors],
             "summary": {k: getattr(self.summary, k) for k in SnapshotSummary.__slots__},
             "program_version": self.program_version,
             "protected": self.protected,
+            **({"disks": [d.to_json() for d in self.disks]} if self.disks else {}),
+            **({"vm_config": self.vm_config} if self.vm_config is not None else {}),
         }
 
     @classmethod
@@ -105,12 +114,14 @@ class Snapshot:
                 paths=[str(p) for p in doc["paths"]],
                 tags=[str(t) for t in doc.get("tags", [])],
                 kind=str(doc.get("kind", "files")),
-                tree=ChunkId(bytes.fromhex(doc["tree"])),
+                tree=ChunkId(bytes.fromhex(doc["tree"])) if doc.get("tree") else None,
                 parent=doc.get("parent"),
                 errors=[FileError(str(e["path"]), str(e["error"])) for e in doc.get("errors", [])],
                 summary=summary,
                 program_version=str(doc.get("program_version", "")),
                 protected=bool(doc.get("protected", False)),
+                disks=[DiskRef.from_json(d) for d in doc.get("disks", [])],
+                vm_config=doc.get("vm_config"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(f"snapshot {snapshot_id[:8]}: malformed document: {exc}") from exc

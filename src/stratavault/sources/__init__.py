@@ -18,6 +18,12 @@ from stratavault.sources._entry import (
     same_file_stat,
 )
 from stratavault.sources._exclude import ExcludeMatcher, read_exclude_file
+from stratavault.sources._raw_disk import (
+    RawDiskSource,
+    RawDiskTarget,
+    convert_image,
+    probe_image_format,
+)
 from stratavault.sources._read import (
     DEFAULT_READ_BUFFER_BYTES,
     FileChangedError,
@@ -42,13 +48,17 @@ __all__ = [
     "FsEntry",
     "FsRestorer",
     "OwnerNames",
+    "RawDiskSource",
+    "RawDiskTarget",
     "RelPath",
     "RestoreFile",
     "RestoreIssue",
     "SparseFileReader",
     "check_name",
+    "convert_image",
     "prefetch_files",
     "prefetch_metadata",
+    "probe_image_format",
     "read_exclude_file",
     "read_file_extents",
     "read_xattrs",

@@ -1,0 +1,338 @@
+"""Use case: back up disks (image files, block devices, a VM's exports) into a snapshot.
+
+Each disk is cut into fixed-size chunks aligned to its start. Only chunks that the
+source's extents touch are read; large aligned runs of them are read in worker threads
+(``pread`` and the native hash, zstd and AES release the GIL), zero chunks become
+markers, and other chunks go through :meth:`Repository.add_chunk`, which stores only
+new ones. When the source lists only what changed since the parent snapshot (a dirty
+bitmap), every other chunk keeps the parent's entry: the new disk index is complete
+(incremental forever).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import os
+import socket
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from stratavault import __version__
+from stratavault.errors import SourceError, UsageError
+from stratavault.jobs._progress import (
+    Cancellation,
+    NullProgress,
+    Progress,
+    ProgressState,
+    Ticker,
+    now,
+)
+from stratavault.repo import Repository
+from stratavault.snapshot import (
+    DiskIndex,
+    DiskRef,
+    Snapshot,
+    SnapshotSummary,
+    latest,
+    load_disk_index,
+    load_snapshots,
+    save_disk_index,
+    save_snapshot,
+)
+from stratavault.sources import ZEROS
+from stratavault.types import BlobKind, ChunkId
+
+__all__ = [
+    "DEFAULT_DISK_CHUNK_BYTES",
+    "DISK_KINDS",
+    "BackupDisksOptions",
+    "DiskSource",
+    "backup_disks",
+    "is_zero",
+]
+
+DEFAULT_DISK_CHUNK_BYTES = 256 << 10
+"""Default disk chunk size: see docs/format.md ("Disk indexes") for the measurement."""
+BITMAP_GRANULARITY_BYTES = 64 << 10
+"""QEMU's default dirty-bitmap granularity; chunk sizes are multiples of it."""
+DISK_KINDS = ("image", "vm")
+"""Snapshot kinds that hold disks."""
+
+
+class DiskSource(Protocol):
+    """A disk to back up: a raw image, a block device, an NBD export of a VM's disk."""
+
+    name: str
+    """The disk's name in the snapshot ("vda", "disk.img"); unique within a snapshot."""
+    size_bytes: int
+    dirty_only: bool
+    """True when :meth:`extents` lists only what changed since the parent snapshot's disk
+    of the same name (a dirty bitmap); False when it lists every region that may hold
+    data (the rest reads as zeros)."""
+
+    def extents(self) -> Iterable[tuple[int, int]]:
+        """``(offset, length)`` regions to read, sorted and not overlapping."""
+        ...
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes at ``offset``; called from several threads at once."""
+        ...
+
+
+def is_zero(data: bytes | bytearray | memoryview) -> bool:
+    """Whether ``data`` is all zero bytes (fast: compares 1 MiB at a time with memcmp)."""
+    view = memoryview(data).cast("B")
+    step = len(ZEROS)
+    return all(ZEROS.startswith(view[pos : pos + step]) for pos in range(0, len(view), step))
+
+
+@dataclass(frozen=True, slots=True)
+class BackupDisksOptions:
+    """How to back up disks."""
+
+    tags: tuple[str, ...] = ()
+    host: str = field(default_factory=socket.gethostname)
+    paths: tuple[str, ...] = ()
+    """What the snapshot is of (image paths, a VM name); also selects the parent."""
+    kind: str = "image"
+    """"image" or "vm"."""
+    parent: str | None = None
+    """Snapshot id (prefix) of the parent; ``None``: the latest disk snapshot of the same
+    host and paths. Sources with ``dirty_only`` are relative to this parent."""
+    chunk_bytes: int = DEFAULT_DISK_CHUNK_BYTES
+    """Chunk size of new disks (a disk incremental on a parent keeps the parent's)."""
+    compression_level: int = 3
+    workers: int = 0
+    """Threads reading and storing chunks (0: one per core)."""
+    read_bytes: int = 8 << 20
+    """Largest single read: runs of adjacent chunks are read in pieces of this size."""
+    vm_config: dict[str, Any] | None = None
+
+
+def _check_chunk_bytes(chunk_bytes: int) -> None:
+    ok = chunk_bytes >= BITMAP_GRANULARITY_BYTES and chunk_bytes & (chunk_bytes - 1) == 0
+    if not ok or chunk_bytes > 64 << 20:
+        raise UsageError(
+            f"disk chunk size {chunk_bytes}: must be a power of two from 64 KiB to 64 MiB"
+        )
+
+
+def chunk_runs(
+    extents: Iterable[tuple[int, int]], size_bytes: int, chunk_bytes: int
+) -> Iterator[tuple[int, int]]:
+    """``(first chunk, count)`` runs of the chunks that ``extents`` touch, merged, in order."""
+    total = -(-size_bytes // chunk_bytes)
+    run_first = run_end = -1
+    for offset, length in extents:
+        if length <= 0 or offset >= size_bytes:
+            continue
+        first = offset // chunk_bytes
+        end = min((offset + length - 1) // chunk_bytes + 1, total)
+        if first <= run_end:
+            run_end = max(run_end, end)
+            continue
+        if run_end > run_first:
+            yield run_first, run_end - run_first
+        run_first, run_end = first, end
+    if run_end > run_first:
+        yield run_first, run_end - run_first
+
+
+@dataclass(slots=True)
+class _Piece:
+    """What a worker found in one read: ``(chunk number, id or None)`` per chunk."""
+
+    chunks: list[tuple[int, ChunkId | None]]
+    bytes_read: int = 0
+    chunks_added: int = 0
+    bytes_stored: int = 0
+
+
+class _DiskRun:
+    """One backup run over several disks, sharing one pool of worker threads."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        options: BackupDisksOptions,
+        progress: Progress,
+        cancel: Cancellation,
+    ) -> None:
+        self.repo, self.options, self.progress, self.cancel = repo, options, progress, cancel
+        self.workers = options.workers or (os.cpu_count() or 1)
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="disk-backup")
+        self.summary = SnapshotSummary()
+        self.state = ProgressState(phase="backup", started=now())
+
+    def read_piece(self, source: DiskSource, index: DiskIndex, first: int, count: int) -> _Piece:
+        """Read chunks ``first .. first+count-1`` in one read and store the new ones."""
+        self.cancel.check()
+        start = first * index.chunk_bytes
+        end = min((first + count) * index.chunk_bytes, index.size_bytes)
+        view = memoryview(source.read(start, end - start))
+        if len(view) != end - start:
+            raise SourceError(f"reading disk {source.name} at {start} - short read")
+        piece = _Piece([], bytes_read=len(view))
+        level = self.options.compression_level
+        for i in range(count):
+            chunk = view[i * index.chunk_bytes : (i + 1) * index.chunk_bytes]
+            if is_zero(chunk):
+                piece.chunks.append((first + i, None))
+                continue
+            cid = self.repo.chunk_id(chunk)
+            stored = self.repo.add_chunk(cid, chunk, BlobKind.DATA, level=level)
+            piece.chunks_added += stored > 0
+            piece.bytes_stored += stored
+            piece.chunks.append((first + i, cid))
+        return piece
+
+    def take(self, future: Future[_Piece], index: DiskIndex) -> None:
+        piece = future.result()
+        for number, cid in piece.chunks:
+            index.put(number, cid)
+        self.summary.bytes_read += piece.bytes_read
+        self.state.bytes_done += piece.bytes_read
+        self.summary.chunks_added += piece.chunks_added
+        self.summary.bytes_added_stored += piece.bytes_stored
+
+    def back_up(self, source: DiskSource, index: DiskIndex, runs: list[tuple[int, int]]) -> None:
+        """Read the chunks of ``runs`` into ``index``, a bounded number in flight."""
+        per_read = max(1, self.options.read_bytes // index.chunk_bytes)
+        pending: deque[Future[_Piece]] = deque()
+        self.state.current = source.name
+        for first, count in runs:
+            for sub in range(first, first + count, per_read):
+                self.cancel.check()
+                n = min(per_read, first + count - sub)
+                pending.append(self.pool.submit(self.read_piece, source, index, sub, n))
+                if len(pending) >= 2 * self.workers:
+                    self.take(pending.popleft(), index)
+        while pending:
+            self.take(pending.popleft(), index)
+        self.state.files_done += 1
+
+    def shutdown(self, *, cancel: bool) -> None:
+        if cancel:
+            self.cancel.cancel()
+        self.pool.shutdown(wait=True, cancel_futures=cancel)
+
+
+def _pick_parent(repo: Repository, options: BackupDisksOptions) -> Snapshot | None:
+    snaps = [s for s in load_snapshots(repo) if s.kind in DISK_KINDS]
+    if options.parent:
+        sid = repo.resolve_snapshot_id(options.parent)
+        found = [s for s in snaps if s.id == sid]
+        if not found:
+            raise UsageError(f"parent snapshot {options.parent}: not a disk snapshot")
+        return found[0]
+    same = [s for s in snaps if s.host == options.host and sorted(s.paths) == sorted(options.paths)]
+    return latest(same) if same else None
+
+
+def _plan(
+    repo: Repository, source: DiskSource, parent: DiskRef | None, chunk_bytes: int
+) -> tuple[DiskIndex, list[tuple[int, int]]]:
+    """The new disk's index (the parent's entries where they stay valid) and the chunk
+    runs to read."""
+    if not source.dirty_only or parent is None:
+        if source.dirty_only:
+            raise SourceError(
+                f"backing up disk {source.name} - only changed extents are known, but the "
+                "parent snapshot has no disk of that name: read all allocated extents instead"
+            )
+        index = DiskIndex(source.name, source.size_bytes, chunk_bytes)
+        return index, list(chunk_runs(source.extents(), source.size_bytes, chunk_bytes))
+    old = load_disk_index(repo, parent)
+    index = DiskIndex(source.name, source.size_bytes, old.chunk_bytes)
+    index.copy_from(old)
+    extents = list(source.extents())
+    if source.size_bytes != old.size_bytes:  # resized: read what the parent did not have whole
+        tail = min(source.size_bytes, old.size_bytes) // old.chunk_bytes * old.chunk_bytes
+        extents.append((tail, source.size_bytes - tail))
+    for number, cid in list(index.entries()):
+        if not repo.has_chunk(cid):  # removed since (damaged and repaired): read it again
+            start, end = index.chunk_range(number)
+            extents.append((start, end - start))
+            index.put(number, None)
+    extents.sort()
+    return index, list(chunk_runs(extents, source.size_bytes, old.chunk_bytes))
+
+
+def backup_disks(
+    repo: Repository,
+    sources: Sequence[DiskSource],
+    options: BackupDisksOptions,
+    *,
+    progress: Progress | None = None,
+    cancel: Cancellation | None = None,
+    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+) -> Snapshot:
+    """Back up ``sources`` (one snapshot holding all of them) and return the snapshot.
+
+    On failure or cancellation the chunks stored so far are indexed (the next backup
+    reuses them) and no snapshot is written (``Interrupted`` on Ctrl-C).
+    """
+    _check_chunk_bytes(options.chunk_bytes)
+    names = [s.name for s in sources]
+    if not sources or len(set(names)) != len(names):
+        raise UsageError(f"backing up disks {names}: give at least one disk, names unique")
+    progress = progress or NullProgress()
+    run = _DiskRun(repo, options, progress, cancel or Cancellation())
+    started, t0 = clock(), now()
+    with repo.lock(exclusive=False):
+        repo.recover_unindexed_packs()
+        parent = _pick_parent(repo, options)
+        try:
+            with Ticker(progress, run.state):
+                snapshot = _run_and_save(run, sources, parent, started, t0)
+        except BaseException:
+            run.shutdown(cancel=True)
+            repo.flush()
+            raise
+    progress.done(run.state)
+    return snapshot
+
+
+def _run_and_save(
+    run: _DiskRun,
+    sources: Sequence[DiskSource],
+    parent: Snapshot | None,
+    started: dt.datetime,
+    t0: float,
+) -> Snapshot:
+    old = {d.name: d for d in parent.disks} if parent is not None else {}
+    plans = [_plan(run.repo, s, old.get(s.name), run.options.chunk_bytes) for s in sources]
+    run.state.files_total = len(sources)
+    run.state.bytes_total = sum(
+        min(count * index.chunk_bytes, index.size_bytes)
+        for index, runs in plans
+        for _first, count in runs
+    )
+    refs = []
+    for source, (index, runs) in zip(sources, plans, strict=True):
+        run.back_up(source, index, runs)
+        run.summary.bytes_processed += source.size_bytes
+        refs.append(save_disk_index(run.repo, index, path=str(getattr(source, "path", ""))))
+    run.shutdown(cancel=False)
+    run.summary.duration_s = round(now() - t0, 3)
+    snapshot = Snapshot(
+        time=started,
+        host=run.options.host,
+        user=getpass.getuser(),
+        paths=list(run.options.paths) or [s.name for s in sources],
+        tree=None,
+        kind=run.options.kind,
+        tags=list(run.options.tags),
+        parent=parent.id if parent else None,
+        summary=run.summary,
+        program_version=__version__,
+        disks=refs,
+        vm_config=run.options.vm_config,
+    )
+    run.cancel.check()
+    save_snapshot(run.repo, snapshot)
+    return snapshot

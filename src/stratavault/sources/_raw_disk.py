@@ -1,0 +1,257 @@
+"""Disks read from a raw image file or a block device (stopped VMs, plain images).
+
+A :class:`RawDiskSource` gives what a disk backup needs: a name, a size, the extents
+to read (the file's data regions, found with SEEK_DATA/SEEK_HOLE, or a given list of
+changed extents) and a thread-safe ``read(offset, length)``. Other formats (qcow2,
+vmdk, ...) are read through NBD exports instead: :func:`probe_image_format` tells them
+apart.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import stat
+import subprocess
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from stratavault.errors import RestoreError, SourceError
+
+__all__ = ["RawDiskSource", "RawDiskTarget", "convert_image", "probe_image_format"]
+
+_NO_SEEK_DATA = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_ZERO_BLOCK = bytes(1 << 20)
+
+
+def probe_image_format(path: Path | str) -> str:
+    """The image format of ``path`` as ``qemu-img info`` sees it ("raw", "qcow2", ...).
+
+    ``SourceError`` when the file cannot be probed.
+    """
+    try:
+        proc = subprocess.run(
+            ["qemu-img", "info", "-U", "--output=json", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SourceError(f"probing image {path} - cannot run qemu-img: {exc}") from exc
+    if proc.returncode != 0:
+        why = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
+        raise SourceError(f"probing image {path} - qemu-img info: {why}")
+    try:
+        return str(json.loads(proc.stdout)["format"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SourceError(f"probing image {path} - unexpected qemu-img output") from exc
+
+
+class RawDiskSource:
+    """A raw disk image file or a block device, read with ``pread``.
+
+    ``changed``: when given, the ``(offset, length)`` extents that changed since the
+    parent snapshot's disk (from a dirty bitmap); :attr:`dirty_only` is then True and
+    only those are read. Otherwise every data region of the file is read (the whole
+    device for a block device). Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        name: str | None = None,
+        changed: Sequence[tuple[int, int]] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.name = name or self.path.name
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SourceError(f"opening disk {self.path} - {exc.strerror or exc}") from exc
+        st = os.fstat(self._fd)
+        self.is_block_device = stat.S_ISBLK(st.st_mode)
+        if not (self.is_block_device or stat.S_ISREG(st.st_mode)):
+            os.close(self._fd)
+            raise SourceError(f"opening disk {self.path} - not a regular file or block device")
+        self.size_bytes: int = (
+            os.lseek(self._fd, 0, os.SEEK_END) if self.is_block_device else st.st_size
+        )
+        self._changed = list(changed) if changed is not None else None
+        self.dirty_only = changed is not None
+        """True when :meth:`extents` lists only what changed since the parent snapshot."""
+
+    def extents(self) -> Iterator[tuple[int, int]]:
+        """``(offset, length)`` regions to read, in order; everything else reads as zeros
+        (or, with ``dirty_only``, is as in the parent snapshot)."""
+        if self._changed is not None:
+            yield from sorted(self._changed)
+            return
+        pos = 0
+        while pos < self.size_bytes:
+            try:
+                start = os.lseek(self._fd, pos, os.SEEK_DATA)
+                end = os.lseek(self._fd, start, os.SEEK_HOLE)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    return  # only a hole up to the end
+                if exc.errno not in _NO_SEEK_DATA:
+                    raise SourceError(f"reading extents of disk {self.path} - {exc}") from exc
+                yield pos, self.size_bytes - pos  # no sparse support: read everything
+                return
+            end = min(end, self.size_bytes)
+            if end > start:
+                yield start, end - start
+            pos = end
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` (thread-safe); zeros past the end of a file that
+        shrank; ``SourceError`` when the read fails."""
+        try:
+            data = os.pread(self._fd, length, offset)
+        except OSError as exc:
+            raise SourceError(
+                f"reading disk {self.path} at {offset} ({length} bytes) - {exc.strerror or exc}"
+            ) from exc
+        if len(data) < length:
+            data += bytes(length - len(data))
+        return data
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> RawDiskSource:
+        return self
+
+    def __exit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class RawDiskTarget:
+    """A raw disk being restored: a new sparse file, an existing file, or a block device.
+
+    ``create=True`` makes a new file of ``size_bytes`` (refused if ``path`` exists, unless
+    it is a block device); never written ranges stay holes. ``create=False`` opens an
+    existing file (resized to ``size_bytes``) or block device (at least that large).
+    Writes and reads may come from several threads. ``RestoreError`` on failure.
+    """
+
+    def __init__(self, path: Path | str, size_bytes: int, *, create: bool) -> None:
+        self.path = Path(path)
+        self.size_bytes = size_bytes
+        self.is_block_device = self.path.is_block_device()
+        self.fresh = create and not self.is_block_device
+        """A new sparse file: every byte not written reads as zero already."""
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if self.fresh else 0)
+        try:
+            self._fd = os.open(self.path, flags, 0o600)
+        except FileExistsError as exc:
+            raise RestoreError(
+                f"restoring disk to {self.path} - it exists (use --onto to update it)"
+            ) from exc
+        except OSError as exc:
+            raise RestoreError(f"restoring disk to {self.path} - {exc.strerror or exc}") from exc
+        try:
+            self._fit()
+        except BaseException:
+            self.close()
+            raise
+
+    def _fit(self) -> None:
+        if self.is_block_device:
+            have = os.lseek(self._fd, 0, os.SEEK_END)
+            if have < self.size_bytes:
+                raise RestoreError(
+                    f"restoring disk to {self.path} - the device has {have} bytes, "
+                    f"the disk {self.size_bytes}"
+                )
+        elif not stat.S_ISREG(os.fstat(self._fd).st_mode):
+            raise RestoreError(f"restoring disk to {self.path} - not a file or block device")
+        else:
+            os.ftruncate(self._fd, self.size_bytes)
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        """Write ``data`` at ``offset``."""
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(self._fd, view, offset)
+                view, offset = view[n:], offset + n
+        except OSError as exc:
+            raise RestoreError(
+                f"writing disk {self.path} at {offset} - {exc.strerror or exc}"
+            ) from exc
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make ``length`` bytes at ``offset`` read as zeros (a hole in a file if possible)."""
+        if self.fresh:
+            return
+        if not self.is_block_device and _punch_hole(self._fd, offset, length):
+            return
+        end = offset + length
+        while offset < end:
+            n = min(len(_ZERO_BLOCK), end - offset)
+            self.write(offset, memoryview(_ZERO_BLOCK)[:n])
+            offset += n
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` (zeros past the end)."""
+        try:
+            data = os.pread(self._fd, length, offset)
+        except OSError as exc:
+            raise RestoreError(f"reading disk {self.path} at {offset} - {exc}") from exc
+        return data + bytes(length - len(data)) if len(data) < length else data
+
+    def sync(self) -> None:
+        """Flush what was written to stable storage."""
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise RestoreError(f"syncing disk {self.path} - {exc.strerror or exc}") from exc
+
+    def close(self) -> None:
+        """Close (idempotent)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> RawDiskTarget:
+        return self
+
+    def __exit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate a range of a file (it then reads as zeros); False if unsupported."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+    result = libc.fallocate(
+        ctypes.c_int(fd), ctypes.c_int(mode), ctypes.c_longlong(offset), ctypes.c_longlong(length)
+    )
+    return int(result) == 0
+
+
+def convert_image(raw: Path, target: Path, fmt: str) -> None:
+    """Write the raw image ``raw`` as ``target`` in format ``fmt`` with ``qemu-img convert``
+    (zero ranges stay unallocated); ``RestoreError`` when it fails."""
+    cmd = ["qemu-img", "convert", "-f", "raw", "-O", fmt, str(raw), str(target)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=None, check=False)
+    except OSError as exc:
+        raise RestoreError(f"converting {raw} to {fmt} - cannot run qemu-img: {exc}") from exc
+    if proc.returncode != 0:
+        raise RestoreError(f"converting {raw} to {fmt} at {target} - {proc.stderr.strip()}")
