@@ -9,6 +9,7 @@
   outside it; file content may arrive in any order from several threads.
 """
 
+from stratavault.sources._bitmap_chain import DEFAULT_BITMAP_PREFIX
 from stratavault.sources._entry import (
     EntryMetadata,
     EntryType,
@@ -18,6 +19,10 @@ from stratavault.sources._entry import (
     same_file_stat,
 )
 from stratavault.sources._exclude import ExcludeMatcher, read_exclude_file
+from stratavault.sources._export import DiskExport
+from stratavault.sources._guest_agent import GuestAgent
+from stratavault.sources._image_export import IMAGE_FORMATS, ImageExport
+from stratavault.sources._qmp import QmpSession
 from stratavault.sources._raw_disk import (
     RawDiskSource,
     RawDiskTarget,
@@ -34,11 +39,18 @@ from stratavault.sources._read import (
 )
 from stratavault.sources._restore import ZEROS, FsRestorer, RestoreFile, RestoreIssue
 from stratavault.sources._safe_dirs import RelPath, check_name
+from stratavault.sources._vm import DirtyBitmap, VmDisk, list_vm_disks, vm_config
+from stratavault.sources._vm_backup import Consistency, VmBackup, find_guest_agent_socket
 from stratavault.sources._walk import ErrorHandler, read_xattrs, walk
 
 __all__ = [
+    "DEFAULT_BITMAP_PREFIX",
     "DEFAULT_READ_BUFFER_BYTES",
+    "IMAGE_FORMATS",
     "ZEROS",
+    "Consistency",
+    "DirtyBitmap",
+    "DiskExport",
     "EntryMetadata",
     "EntryType",
     "ErrorHandler",
@@ -47,15 +59,22 @@ __all__ = [
     "FileStamp",
     "FsEntry",
     "FsRestorer",
+    "GuestAgent",
+    "ImageExport",
     "OwnerNames",
+    "QmpSession",
     "RawDiskSource",
     "RawDiskTarget",
     "RelPath",
     "RestoreFile",
     "RestoreIssue",
     "SparseFileReader",
+    "VmBackup",
+    "VmDisk",
     "check_name",
     "convert_image",
+    "find_guest_agent_socket",
+    "list_vm_disks",
     "prefetch_files",
     "prefetch_metadata",
     "probe_image_format",
@@ -63,5 +82,6 @@ __all__ = [
     "read_file_extents",
     "read_xattrs",
     "same_file_stat",
+    "vm_config",
     "walk",
 ]

@@ -1,0 +1,170 @@
+"""Disk image files (qcow2, raw, vmdk, vhdx, vdi) served read-only over NBD.
+
+A private qemu-storage-daemon opens the image and is driven over QMP with the
+same code as a running VM (:class:`ExportSession`, without fleecing: nothing
+else writes to a stopped image), so a qcow2 with a persistent bitmap chain
+still gets an incremental, and gets its bitmaps rotated the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+from stratavault.errors import SourceError
+from stratavault.sources._bitmap_chain import DEFAULT_BITMAP_PREFIX
+from stratavault.sources._export import DiskExport, ExportSession
+from stratavault.sources._qmp import QmpSession
+from stratavault.sources._vm import disk_by_node
+
+__all__ = ["IMAGE_FORMATS", "ImageExport"]
+
+IMAGE_FORMATS = ("qcow2", "raw", "vmdk", "vhdx", "vdi")
+"""Image formats :class:`ImageExport` serves."""
+
+_NODE = "disk"
+_START_TIMEOUT_S = 10.0
+
+
+def _probe_format(path: str | os.PathLike[str]) -> str:
+    """The format ``qemu-img info`` finds in the image file (raw when nothing else fits)."""
+    result = subprocess.run(
+        ["qemu-img", "info", "--output=json", "-U", os.fspath(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise SourceError(f"probing the image {path} - {result.stderr.strip()}")
+    return str(json.loads(result.stdout)["format"])
+
+
+class ImageExport:
+    """A disk image exported read-only over NBD for the time of a ``with`` block.
+
+    A qcow2 opened with ``track_changes`` (the default) is opened read-write so its
+    bitmap chain rotates as for a live VM (``expected_bitmap`` as recorded by the
+    parent snapshot; see :attr:`DiskExport.new_bitmap`); on failure the frozen
+    bitmap is merged back. Other formats, or ``track_changes=False``, are opened
+    read-only and always read in full. The image must not be in use by a VM.
+    """
+
+    def __init__(
+        self,
+        image: str | os.PathLike[str],
+        scratch_dir: str | os.PathLike[str],
+        *,
+        fmt: str | None = None,
+        track_changes: bool = True,
+        expected_bitmap: str | None = None,
+        bitmap_prefix: str = DEFAULT_BITMAP_PREFIX,
+    ) -> None:
+        self.image = Path(image).absolute()
+        self.scratch_dir = Path(scratch_dir)
+        self.fmt = fmt
+        self.track_changes = track_changes
+        self.expected_bitmap = expected_bitmap
+        self.bitmap_prefix = bitmap_prefix
+        self._process: subprocess.Popen[bytes] | None = None
+        self._session: QmpSession | None = None
+        self._export: ExportSession | None = None
+        self.export: DiskExport | None = None
+        """The served disk (set inside the ``with`` block)."""
+
+    def __enter__(self) -> ImageExport:
+        fmt = self.fmt or _probe_format(self.image)
+        if fmt not in IMAGE_FORMATS:
+            raise SourceError(f"exporting the image {self.image} - unsupported format {fmt!r}")
+        self.scratch_dir.mkdir(parents=True, exist_ok=True)
+        writable = self.track_changes and fmt == "qcow2"
+        try:
+            self._session = self._start_daemon(fmt, writable)
+            disk = disk_by_node(self._session, _NODE)
+            if not writable:
+                disk = dataclasses.replace(disk, read_only=True)
+            expected = {_NODE: self.expected_bitmap} if self.expected_bitmap else {}
+            export = ExportSession(
+                self._session, [disk], self.scratch_dir,
+                expected_bitmaps=expected, bitmap_prefix=self.bitmap_prefix, fleece=False,
+            )  # fmt: skip
+            export.start()
+        except BaseException:
+            self._stop_daemon()
+            raise
+        self._export = export
+        self.export = export.exports[0]
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        export, self._export = self._export, None
+        errors = export.release(success=exc is None) if export else []
+        errors += self._stop_daemon()
+        if not errors:
+            return
+        if exc is not None:
+            for error in errors:
+                exc.add_note(f"also during teardown: {error}")
+            return
+        raise SourceError(f"tearing down the export of {self.image} - " + "; ".join(errors))
+
+    def _start_daemon(self, fmt: str, writable: bool) -> QmpSession:
+        qmp = self.scratch_dir / "qsd.qmp"
+        if "," in os.fspath(qmp):
+            raise SourceError(f"exporting the image {self.image} - no commas allowed in {qmp}")
+        ro = not writable
+        file_node = {"driver": "file", "node-name": "file", "filename": os.fspath(self.image),
+                     "read-only": ro}  # fmt: skip
+        fmt_node = {"driver": fmt, "node-name": _NODE, "file": "file", "read-only": ro}
+        argv = [
+            "qemu-storage-daemon",
+            "--blockdev", json.dumps(file_node), "--blockdev", json.dumps(fmt_node),
+            "--chardev", f"socket,id=qmp0,path={qmp},server=on,wait=off",
+            "--monitor", "chardev=qmp0",
+        ]  # fmt: skip
+        self._process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + _START_TIMEOUT_S
+        while not qmp.exists():
+            if self._process.poll() is not None:
+                assert self._process.stderr is not None
+                stderr = self._process.stderr.read().decode(errors="replace").strip()
+                raise SourceError(f"opening the image {self.image} - {stderr or 'daemon exited'}")
+            if time.monotonic() > deadline:
+                raise SourceError(f"opening the image {self.image} - qemu-storage-daemon hangs")
+            time.sleep(0.01)
+        return QmpSession(qmp, timeout_s=30.0)
+
+    def _stop_daemon(self) -> list[str]:
+        """Quit the daemon cleanly (so bitmaps are stored); kill it if it hangs."""
+        errors: list[str] = []
+        session, self._session = self._session, None
+        if session is not None:
+            with contextlib.suppress(SourceError):  # it may hang up before answering
+                session.execute("quit", timeout_s=5)
+            session.close()
+        process, self._process = self._process, None
+        if process is not None:
+            try:
+                process.wait(timeout=10 if session is not None else 0.1)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+                if session is not None:
+                    errors.append(f"qemu-storage-daemon for {self.image} did not quit; killed")
+            if process.stderr is not None:
+                process.stderr.close()
+        with contextlib.suppress(OSError):
+            (self.scratch_dir / "qsd.qmp").unlink()
+        return errors

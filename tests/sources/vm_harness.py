@@ -1,0 +1,197 @@
+"""Real OS-less QEMU VMs (KVM, paused with -S) for the VM backup tests.
+
+Guest writes are simulated with HMP ``qemu-io`` through each device's block
+backend, which is what a guest's writes go through. Every VM is killed at the
+end of the test that started it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from stratavault.errors import SourceError
+from stratavault.sources import QmpSession
+
+MiB = 1 << 20
+KiB = 1 << 10
+ACCEL = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
+
+
+@dataclass
+class Vm:
+    """A QEMU process with qcow2 disks ``vda``, ``vdb``... and a QMP socket."""
+
+    folder: Path
+    disks: list[Path]
+    guest_agent: bool = False
+    process: subprocess.Popen[bytes] | None = None
+    sessions: list[QmpSession] = field(default_factory=list)
+
+    @property
+    def qmp_path(self) -> Path:
+        return self.folder / "vm.qmp"
+
+    @property
+    def agent_path(self) -> Path:
+        return self.folder / "qga.sock"
+
+    def argv(self) -> list[str]:
+        argv = [
+            "qemu-system-x86_64", "-accel", ACCEL, "-machine", "q35", "-m", "64M",
+            "-nodefaults", "-display", "none", "-no-user-config", "-S",
+            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+        ]  # fmt: skip
+        for i, disk in enumerate(self.disks):
+            argv += [
+                "-blockdev", f"driver=file,node-name=file{i},filename={disk}",
+                "-blockdev", f"driver=qcow2,node-name=disk{i},file=file{i}",
+                "-device", f"virtio-blk-pci,drive=disk{i},id=vd{chr(ord('a') + i)}",
+            ]  # fmt: skip
+        if self.guest_agent:
+            argv += [
+                "-chardev", f"socket,id=qga0,path={self.agent_path},server=on,wait=off",
+                "-device", "virtio-serial",
+                "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            ]  # fmt: skip
+        return argv
+
+    def start(self) -> QmpSession:
+        """Start QEMU and return a QMP session to it."""
+        self.qmp_path.unlink(missing_ok=True)
+        self.process = subprocess.Popen(
+            self.argv(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while True:  # the socket file appears a moment before QEMU listens on it
+            assert self.process.poll() is None, "QEMU exited at start"
+            try:
+                return self.connect()
+            except SourceError:
+                assert time.monotonic() < deadline, "QEMU did not open its QMP socket"
+                time.sleep(0.01)
+
+    def connect(self) -> QmpSession:
+        session = QmpSession(self.qmp_path, timeout_s=10)
+        self.sessions.append(session)
+        return session
+
+    def write(
+        self, session: QmpSession, device: str, pattern: int, offset: int, length: int
+    ) -> None:
+        """A guest write of ``length`` bytes of ``pattern`` at ``offset`` on ``device``."""
+        self.hmp_io(session, device, f"write -P {pattern:#x} {offset} {length}")
+
+    def read_check(
+        self, session: QmpSession, device: str, pattern: int, offset: int, length: int
+    ) -> None:
+        """Assert the guest reads ``pattern`` at ``offset``."""
+        self.hmp_io(session, device, f"read -P {pattern:#x} {offset} {length}")
+
+    def hmp_io(self, session: QmpSession, device: str, command: str) -> None:
+        line = f'qemu-io -d /machine/peripheral/{device}/virtio-backend "{command}"'
+        out = session.execute("human-monitor-command", {"command-line": line})
+        assert "Pattern verification failed" not in out and "error" not in out.lower(), out
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Stop QEMU (SIGKILL: an unclean exit, as in a host crash)."""
+        for session in self.sessions:
+            session.close()
+        self.sessions.clear()
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=10)
+        self.process = None
+
+    def quit(self) -> None:
+        """Shut QEMU down cleanly (persistent bitmaps are stored in the images)."""
+        assert self.process is not None
+        session = self.sessions[-1] if self.sessions else self.connect()
+        with contextlib.suppress(SourceError):  # QEMU may hang up before it answers
+            session.execute("quit")
+        self.process.wait(timeout=10)
+        self.kill()
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A scratch folder with a short path (unix socket paths are limited to 107 bytes)."""
+    folder = Path(tempfile.mkdtemp(prefix="sv-vm-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def make_vm(short_tmp: Path) -> Iterator[Callable[..., Vm]]:
+    """``make_vm(sizes_mib, guest_agent=False) -> Vm``: qcow2 disks created, QEMU not started."""
+    vms: list[Vm] = []
+
+    def make(sizes_mib: tuple[int, ...] = (64, 32), *, guest_agent: bool = False) -> Vm:
+        folder = short_tmp / f"vm{len(vms)}"
+        folder.mkdir()
+        disks = []
+        for i, size in enumerate(sizes_mib):
+            disk = folder / f"disk{i}.qcow2"
+            subprocess.run(
+                ["qemu-img", "create", "-q", "-f", "qcow2", str(disk), f"{size}M"], check=True
+            )
+            disks.append(disk)
+        vm = Vm(folder, disks, guest_agent=guest_agent)
+        vms.append(vm)
+        return vm
+
+    yield make
+    for vm in vms:
+        vm.kill()
+
+
+def nbd_map(uri: str, context: str | None = None) -> list[tuple[int, int, str]]:
+    """``nbdinfo --map`` of an export: (offset, length, description) runs."""
+    option = f"--map={context}" if context else "--map"
+    result = subprocess.run(
+        ["nbdinfo", "--json", option, uri], capture_output=True, text=True, check=True
+    )
+    return [(e["offset"], e["length"], e["description"]) for e in json.loads(result.stdout)]
+
+
+def dirty_ranges(uri: str, context: str) -> list[tuple[int, int]]:
+    """The (offset, length) runs the dirty bitmap context marks dirty."""
+    return [(o, n) for o, n, d in nbd_map(uri, context) if "dirty" in d and "clean" not in d]
+
+
+def data_ranges(uri: str) -> list[tuple[int, int]]:
+    """The (offset, length) runs ``base:allocation`` reports as data (not holes)."""
+    return [(o, n) for o, n, d in nbd_map(uri) if "hole" not in d]
+
+
+def reference_image(path: Path, size: int, writes: list[tuple[int, int, int]]) -> Path:
+    """A qcow2 of ``size`` bytes holding ``writes`` ((pattern, offset, length)), in order."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)], check=True)
+    if writes:
+        args = []
+        for pattern, offset, length in writes:
+            args += ["-c", f"write -P {pattern:#x} {offset} {length}"]
+        subprocess.run(["qemu-io", *args, str(path)], check=True, capture_output=True)
+    return path
+
+
+def compare(uri: str, image: Path) -> subprocess.CompletedProcess[str]:
+    """``qemu-img compare`` of an export with an image (returncode 0: identical)."""
+    return subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "qcow2", uri, str(image)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
