@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+pytest_plugins = ["tests.s3server"]  # the s3_server fixture: a real SeaweedFS per worker
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import random
 import threading
@@ -20,26 +21,32 @@ from stratavault.errors import (
 )
 from stratavault.storage import (
     AppendOnlyStorage,
+    CachedStorage,
     FaultyStorage,
     LocalStorage,
     MemoryStorage,
     RateLimitedStorage,
     RetryingStorage,
+    S3Storage,
     Storage,
 )
+from tests.s3server import S3Server
 
 GIB = 1 << 30
+MIB = 1 << 20
 
 
 @dataclass(frozen=True)
 class Case:
     """How to build one storage under test, and where it departs from the plain contract."""
 
-    make: Callable[[Path], Storage]
+    make: Callable[[Path], Storage] | None = None
     append_only: bool = False
     # a retried delete of a missing object cannot tell "never there" from "removed by the
     # attempt that failed ambiguously"; RetryingStorage counts it as done
     exact_missing_delete: bool = True
+    # backends on the S3 test server: made from (tmp, server, bucket, fresh prefix)
+    make_s3: Callable[[Path, S3Server, str, str], Storage] | None = None
 
 
 def _local(tmp: Path) -> Storage:
@@ -58,6 +65,14 @@ def _flaky(base: Callable[[Path], Storage]) -> Callable[[Path], Storage]:
     return make
 
 
+def _s3(tmp: Path, server: S3Server, bucket: str, prefix: str) -> S3Storage:
+    # small parts, so that test_large_object (20 MiB) is a multipart upload and a parallel read
+    return S3Storage(
+        bucket, prefix, **server.credentials(), part_size_bytes=5 * MIB,
+        multipart_threshold_bytes=8 * MIB,
+    )  # fmt: skip
+
+
 CASES = {
     "local": Case(_local),
     "memory": Case(_memory),
@@ -74,17 +89,49 @@ CASES = {
     ),
     "appendonly-memory": Case(lambda t: AppendOnlyStorage(_memory(t)), append_only=True),
     "appendonly-local": Case(lambda t: AppendOnlyStorage(_local(t)), append_only=True),
+    "cached-local": Case(lambda t: CachedStorage(_local(t), t / "cache")),
+    "s3": Case(make_s3=_s3),
+    "s3-no-prefix": Case(make_s3=lambda t, s, b, p: _s3(t, s, f"{b}-{p}", "")),
+    "cached-s3": Case(make_s3=lambda t, s, b, p: CachedStorage(_s3(t, s, b, p), t / "cache")),
+    "retry-faulty-s3": Case(
+        make_s3=lambda t, s, b, p: RetryingStorage(
+            FaultyStorage(_s3(t, s, b, p), seed=3, error_rate=0.2),
+            attempts=12,
+            sleep=lambda _: None,
+        ),
+        exact_missing_delete=False,
+    ),
 }
+_prefixes = itertools.count()
 
 
-@pytest.fixture(params=list(CASES))
+@pytest.fixture(
+    params=[
+        pytest.param(name, marks=[pytest.mark.infra("s3")] if c.make_s3 else [])
+        for name, c in CASES.items()
+    ]
+)
 def case(request: pytest.FixtureRequest) -> Case:
     return CASES[request.param]
 
 
+@pytest.fixture(scope="session")
+def conformance_bucket(s3_server: S3Server) -> str:
+    return s3_server.new_bucket()
+
+
 @pytest.fixture
-def store(case: Case, tmp_path: Path) -> Iterator[Storage]:
-    storage = case.make(tmp_path)
+def store(case: Case, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Storage]:
+    if case.make_s3 is not None:
+        server: S3Server = request.getfixturevalue("s3_server")
+        bucket: str = request.getfixturevalue("conformance_bucket")
+        prefix = f"t{next(_prefixes)}"
+        if case.make_s3 is CASES["s3-no-prefix"].make_s3:
+            server.client().create_bucket(Bucket=f"{bucket}-{prefix}")
+        storage = case.make_s3(tmp_path, server, bucket, prefix)
+    else:
+        assert case.make is not None
+        storage = case.make(tmp_path)
     yield storage
     storage.close()
 

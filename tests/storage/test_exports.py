@@ -8,6 +8,7 @@ import stratavault.storage as storage
 def test_exported_members() -> None:
     assert sorted(storage.__all__) == [
         "AppendOnlyStorage",
+        "CachedStorage",
         "FaultyStorage",
         "LocalStorage",
         "MemoryStorage",
@@ -15,6 +16,7 @@ def test_exported_members() -> None:
         "RateLimitedStorage",
         "ReadOnlyStorage",
         "RetryingStorage",
+        "S3Storage",
         "Storage",
         "StorageProperties",
         "StorageWrapper",

@@ -41,7 +41,15 @@ def test_file_url_is_unquoted(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "location",
-    ["", "s3://bucket/prefix", "sftp:host:/x", "file://otherhost/x", "file:relative", "memory:x"],
+    [
+        "",
+        "s3:ftp://host/bucket",
+        "s3://ab",
+        "sftp:host:/x",
+        "file://otherhost/x",
+        "file:relative",
+        "memory:x",
+    ],
 )
 def test_unsupported(location: str) -> None:
     with pytest.raises(UsageError):
