@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -24,9 +25,11 @@ class NbdAddress:
         return self.unix_path if self.unix_path is not None else f"{self.host}:{self.port}"
 
     @classmethod
-    def parse(cls, text: str) -> NbdAddress:
-        """Parse ``/path``, ``unix:/path``, ``host:port``, ``nbd://host[:port]/export`` or
-        ``nbd+unix:///export?socket=/path``."""
+    def parse(cls, text: str | os.PathLike[str]) -> NbdAddress:
+        """Parse ``/path`` (or a Path), ``unix:/path``, ``host:port``,
+        ``nbd://host[:port]/export`` or ``nbd+unix:///export?socket=/path``."""
+        if not isinstance(text, str):
+            return cls(unix_path=os.fspath(text))
         if text.startswith(("nbd://", "nbd+unix://")):
             return cls._parse_uri(text)
         if text.startswith("unix:"):

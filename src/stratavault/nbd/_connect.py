@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from stratavault.errors import NbdError, NbdProtocolError
@@ -53,7 +54,7 @@ def _final_error(events: list[ev.Event], what: str) -> None:
 
 
 def connect(
-    address: str | NbdAddress,
+    address: str | os.PathLike[str] | NbdAddress,
     export: str | None = None,
     *,
     meta_contexts: Sequence[str] = (),
@@ -100,7 +101,9 @@ def connect(
     )
 
 
-def list_exports(address: str | NbdAddress, *, timeout_s: float = 30.0) -> list[tuple[str, str]]:
+def list_exports(
+    address: str | os.PathLike[str] | NbdAddress, *, timeout_s: float = 30.0
+) -> list[tuple[str, str]]:
     """The (name, description) of every export the server lists (NBD_OPT_LIST)."""
     addr = address if isinstance(address, NbdAddress) else NbdAddress.parse(address)
     hs = _Handshake(addr, timeout_s)
@@ -113,7 +116,7 @@ def list_exports(address: str | NbdAddress, *, timeout_s: float = 30.0) -> list[
 
 
 def list_meta_contexts(
-    address: str | NbdAddress,
+    address: str | os.PathLike[str] | NbdAddress,
     export: str | None = None,
     queries: Sequence[str] = (),
     *,

@@ -1,0 +1,142 @@
+"""Helpers for the NBD tests: real NBD peers (qemu-nbd, qemu-storage-daemon) and images."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pytest
+
+QEMU_TOOLS = ("qemu-img", "qemu-nbd", "qemu-io", "qemu-storage-daemon", "nbdinfo")
+
+
+def need(*tools: str) -> None:
+    """Skip (a failure under CI) when a tool is missing."""
+    for tool in tools:
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed (scripts/setup.sh installs it)")
+
+
+def run(*args: str | Path) -> str:
+    """Run a command, fail the test with its stderr if it fails; return stdout."""
+    done = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, f"{args}: {done.stderr}"
+    return done.stdout
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout_s: float = 10) -> None:
+    """Wait until a unix socket accepts connections."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"server exited: {proc.stderr.read() if proc.stderr else ''!r}"
+        if path.exists():
+            with socket.socket(socket.AF_UNIX) as probe:
+                try:
+                    probe.connect(str(path))
+                    return
+                except OSError:
+                    pass
+        time.sleep(0.02)
+    raise AssertionError(f"{path} never accepted connections")
+
+
+class Peers:
+    """Starts NBD server processes and stops them all at the end of a test."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def _start(self, args: list[str], sock: Path) -> Path:
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.procs.append(proc)
+        wait_for_socket(sock, proc)
+        return sock
+
+    def qemu_nbd(
+        self, image: Path, fmt: str, *, export: str = "disk", extra: tuple[str, ...] = ()
+    ) -> Path:
+        """qemu-nbd serving ``image`` read-only on a unix socket (many clients allowed)."""
+        sock = self.tmp / f"qnbd-{len(self.procs)}.sock"
+        args = ["qemu-nbd", "-f", fmt, "-k", str(sock), "-x", export, "-r", "-e", "4", "-t"]
+        return self._start([*args, *extra, str(image)], sock)
+
+    def storage_daemon(self, qcow2: Path, *, export: str, bitmap: str) -> Path:
+        """qemu-storage-daemon exporting a qcow2 read-only with one dirty bitmap."""
+        sock = self.tmp / f"qsd-{len(self.procs)}.sock"
+        args = [
+            "qemu-storage-daemon",
+            "--blockdev",
+            f"driver=file,node-name=f0,filename={qcow2},read-only=on",
+            "--blockdev",
+            "driver=qcow2,node-name=d0,file=f0,read-only=on",
+            "--nbd-server",
+            f"addr.type=unix,addr.path={sock}",
+            "--export",
+            f"type=nbd,id=e0,node-name=d0,name={export},writable=off,bitmaps.0={bitmap}",
+        ]
+        return self._start(args, sock)
+
+    def stop(self) -> None:
+        """Terminate every process started."""
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stderr:
+                proc.stderr.close()
+
+
+@pytest.fixture
+def peers(tmp_path: Path) -> Iterator[Peers]:
+    """Real NBD server processes, stopped after the test."""
+    started = Peers(tmp_path)
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+def write_random(path: Path, offset: int, length: int, seed: int) -> bytes:
+    """Write deterministic random bytes into a file at ``offset``; return them."""
+    data = random.Random(seed).randbytes(length)
+    with path.open("r+b") as f:
+        f.seek(offset)
+        f.write(data)
+    return data
+
+
+def qemu_img_map(image: Path, fmt: str) -> list[tuple[int, int, int]]:
+    """``qemu-img map --output=json`` as (offset, length, base:allocation flags), merged."""
+    out = json.loads(run("qemu-img", "map", "--output=json", "-f", fmt, image))
+    return merge(
+        (e["start"], e["length"], (0 if e["data"] else 1) | (2 if e["zero"] else 0)) for e in out
+    )
+
+
+def nbdinfo_map(uri: str, context: str = "base:allocation") -> list[tuple[int, int, int]]:
+    """``nbdinfo --map=CONTEXT`` as (offset, length, flags), merged."""
+    out = run("nbdinfo", f"--map={context}", uri)
+    rows = [line.split() for line in out.splitlines() if line.strip()]
+    return merge((int(r[0]), int(r[1]), int(r[2])) for r in rows)
+
+
+def merge(extents: Iterable[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Join neighbours with the same flags."""
+    merged: list[tuple[int, int, int]] = []
+    for off, n, flags in extents:
+        if merged and merged[-1][2] == flags and merged[-1][0] + merged[-1][1] == off:
+            merged[-1] = (merged[-1][0], merged[-1][1] + n, flags)
+        else:
+            merged.append((off, n, flags))
+    return merged
