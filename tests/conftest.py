@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.guest.fixtures import make_guest, running_guest, test_guest_image  # noqa: F401
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 pytest_plugins = ["tests.s3server"]  # the s3_server fixture: a real SeaweedFS per worker
 

@@ -1,0 +1,1 @@
+"""The test guest: a small real Linux guest built from Debian packages, booted by tests."""
