@@ -259,7 +259,8 @@ class _ClientSession:
         except (OSError, StratavaultError) as exc:
             code = _ERRNO_TO_NBD.get(getattr(exc, "errno", None) or 0, c.EIO)
             log.warning("NBD export %r: request %d failed: %s", self.export_name, req.command, exc)
-            self._send(self.conn.reply_error_chunk(req.handle, code, str(exc)))
+            message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self._send(self.conn.reply_error_chunk(req.handle, code, message))
 
     def _check(self, req: ev.Request, backend: ExportBackend) -> tuple[int, str]:
         cmd = req.command
