@@ -157,23 +157,23 @@ def make_vm(short_tmp: Path) -> Iterator[Callable[..., Vm]]:
         vm.kill()
 
 
-def nbd_map(uri: str, context: str | None = None) -> list[tuple[int, int, str]]:
-    """``nbdinfo --map`` of an export: (offset, length, description) runs."""
+def nbd_map(uri: str, context: str | None = None) -> list[tuple[int, int, int]]:
+    """``nbdinfo --map`` of an export: (offset, length, flags) runs."""
     option = f"--map={context}" if context else "--map"
     result = subprocess.run(
         ["nbdinfo", "--json", option, uri], capture_output=True, text=True, check=True
     )
-    return [(e["offset"], e["length"], e["description"]) for e in json.loads(result.stdout)]
+    return [(e["offset"], e["length"], e["type"]) for e in json.loads(result.stdout)]
 
 
 def dirty_ranges(uri: str, context: str) -> list[tuple[int, int]]:
-    """The (offset, length) runs the dirty bitmap context marks dirty."""
-    return [(o, n) for o, n, d in nbd_map(uri, context) if "dirty" in d and "clean" not in d]
+    """The (offset, length) runs the dirty bitmap context marks dirty (flag 1)."""
+    return [(o, n) for o, n, flags in nbd_map(uri, context) if flags & 1]
 
 
 def data_ranges(uri: str) -> list[tuple[int, int]]:
-    """The (offset, length) runs ``base:allocation`` reports as data (not holes)."""
-    return [(o, n) for o, n, d in nbd_map(uri) if "hole" not in d]
+    """The (offset, length) runs ``base:allocation`` reports as allocated (not holes)."""
+    return [(o, n) for o, n, flags in nbd_map(uri) if not flags & 1]
 
 
 def reference_image(path: Path, size: int, writes: list[tuple[int, int, int]]) -> Path:

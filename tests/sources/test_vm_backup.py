@@ -1,0 +1,327 @@
+"""Live backups of a real QEMU VM: one transaction, fleecing, bitmap chains, teardown, crashes."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from stratavault.errors import SourceError
+from stratavault.sources import QmpSession, VmBackup, find_guest_agent_socket, list_vm_disks
+from tests.sources.vm_harness import (
+    KiB,
+    MiB,
+    Vm,
+    compare,
+    data_ranges,
+    dirty_ranges,
+    make_vm,
+    reference_image,
+    short_tmp,
+)
+
+__all__ = ["make_vm", "short_tmp"]  # fixtures
+
+pytestmark = pytest.mark.infra("qemu")
+
+
+def bitmaps(session: QmpSession) -> dict[str, list[tuple[str, bool, int]]]:
+    """Per device: (name, recording, count) of its named bitmaps."""
+    return {
+        d.device: [(b.name, b.recording, b.count_bytes) for b in d.bitmaps]
+        for d in list_vm_disks(session)
+    }
+
+
+def assert_torn_down(session: QmpSession, nodes_before: set[str], scratch: Path) -> None:
+    nodes = {n["node-name"] for n in session.execute("query-named-block-nodes", {"flat": True})}
+    assert nodes == nodes_before
+    assert session.execute("query-block-exports") == []
+    assert session.execute("query-block-jobs") == []
+    assert list(scratch.iterdir()) == []
+
+
+def node_names(session: QmpSession) -> set[str]:
+    return {n["node-name"] for n in session.execute("query-named-block-nodes", {"flat": True})}
+
+
+def chain(backup: VmBackup) -> dict[str, str]:
+    """What the snapshot records: the bitmap each disk's next backup expects."""
+    return {e.device: e.new_bitmap for e in backup.exports if e.new_bitmap}
+
+
+def test_first_backup_exports_both_disks_at_the_transaction_point(
+    make_vm: Callable[..., Vm], short_tmp: Path
+) -> None:
+    vm = make_vm((64, 32))
+    session = vm.start()
+    vm.write(session, "vda", 0x11, 0, 1 * MiB)
+    vm.write(session, "vdb", 0x22, 4 * MiB, 128 * KiB)
+    before = node_names(session)
+    scratch = short_tmp / "scratch"
+    with VmBackup(session, scratch, find_guest_agent=False) as backup:
+        vda, vdb = backup.exports
+        assert (vda.device, vda.size_bytes, vdb.device, vdb.size_bytes) == (
+            "vda", 64 * MiB, "vdb", 32 * MiB,
+        )  # fmt: skip
+        assert vda.bitmap_context is None and vdb.bitmap_context is None
+        assert vda.full_read_reason == "first backup of this disk: no bitmap yet"
+        assert (vda.new_bitmap, vdb.new_bitmap) == ("stratavault-1", "stratavault-1")
+        assert backup.consistency_text == "crash-consistent (no agent)"
+        assert backup.config["argv"] == vm.argv()
+        # The guest keeps writing, over old data and into holes; the exports do not change.
+        vm.write(session, "vda", 0x99, 0, 64 * KiB)
+        vm.write(session, "vda", 0x99, 10 * MiB, 64 * KiB)
+        vm.write(session, "vdb", 0x99, 4 * MiB, 1 * MiB)
+        vm.read_check(session, "vda", 0x99, 0, 64 * KiB)
+        ref_a = reference_image(short_tmp / "a.qcow2", 64 * MiB, [(0x11, 0, 1 * MiB)])
+        ref_b = reference_image(short_tmp / "b.qcow2", 32 * MiB, [(0x22, 4 * MiB, 128 * KiB)])
+        assert compare(vda.uri, ref_a).returncode == 0, compare(vda.uri, ref_a).stdout
+        assert compare(vdb.uri, ref_b).returncode == 0, compare(vdb.uri, ref_b).stdout
+        assert data_ranges(vda.uri)[0] == (0, 1 * MiB)
+        assert (4 * MiB, 128 * KiB) in data_ranges(vdb.uri)
+    assert_torn_down(session, before, scratch)
+    assert bitmaps(session) == {
+        "vda": [("stratavault-1", True, 128 * KiB)],
+        "vdb": [("stratavault-1", True, 1 * MiB)],
+    }
+
+
+def test_incrementals_see_exactly_the_writes_between_two_transactions(
+    make_vm: Callable[..., Vm], short_tmp: Path
+) -> None:
+    vm = make_vm((64, 32))
+    session = vm.start()
+    scratch = short_tmp / "scratch"
+    before = node_names(session)
+    with VmBackup(session, scratch, find_guest_agent=False) as first:
+        expected = chain(first)
+    vm.write(session, "vda", 0x01, 1 * MiB, 64 * KiB)
+    vm.write(session, "vda", 0x02, 5 * MiB, 192 * KiB)
+    vm.write(session, "vdb", 0x03, 0, 64 * KiB)
+    with VmBackup(session, scratch, expected_bitmaps=expected, find_guest_agent=False) as second:
+        vm.write(session, "vda", 0x04, 20 * MiB, 64 * KiB)  # after the point in time
+        vda, vdb = second.exports
+        assert vda.bitmap_context == "qemu:dirty-bitmap:stratavault-1"
+        assert vda.full_read_reason is None
+        assert dirty_ranges(vda.uri, vda.bitmap_context) == [
+            (1 * MiB, 64 * KiB),
+            (5 * MiB, 192 * KiB),
+        ]
+        assert vdb.bitmap_context is not None
+        assert dirty_ranges(vdb.uri, vdb.bitmap_context) == [(0, 64 * KiB)]
+        ref = reference_image(
+            short_tmp / "a.qcow2", 64 * MiB, [(0x01, 1 * MiB, 64 * KiB), (0x02, 5 * MiB, 192 * KiB)]
+        )
+        assert compare(vda.uri, ref).returncode == 0
+        expected = chain(second)
+    assert expected == {"vda": "stratavault-2", "vdb": "stratavault-2"}
+    assert_torn_down(session, before, scratch)
+    with VmBackup(session, scratch, expected_bitmaps=expected, find_guest_agent=False) as third:
+        vda, vdb = third.exports
+        assert vda.bitmap_context and vdb.bitmap_context
+        assert dirty_ranges(vda.uri, vda.bitmap_context) == [(20 * MiB, 64 * KiB)]
+        assert dirty_ranges(vdb.uri, vdb.bitmap_context) == []
+    assert bitmaps(session) == {
+        "vda": [("stratavault-3", True, 0)],
+        "vdb": [("stratavault-3", True, 0)],
+    }
+
+
+def test_failure_inside_the_backup_merges_the_bitmap_back(
+    make_vm: Callable[..., Vm], short_tmp: Path
+) -> None:
+    vm = make_vm((64, 32))
+    session = vm.start()
+    scratch = short_tmp / "scratch"
+    before = node_names(session)
+    with VmBackup(session, scratch, find_guest_agent=False) as first:
+        expected = chain(first)
+    vm.write(session, "vda", 0x01, 1 * MiB, 64 * KiB)
+    with (
+        pytest.raises(RuntimeError, match="upload failed"),
+        VmBackup(session, scratch, expected_bitmaps=expected, find_guest_agent=False),
+    ):
+        vm.write(session, "vda", 0x02, 8 * MiB, 64 * KiB)
+        raise RuntimeError("upload failed")
+    assert_torn_down(session, before, scratch)
+    assert bitmaps(session) == {
+        "vda": [("stratavault-1", True, 128 * KiB)],
+        "vdb": [("stratavault-1", True, 0)],
+    }
+    with VmBackup(session, scratch, expected_bitmaps=expected, find_guest_agent=False) as again:
+        vda = again.exports[0]
+        assert vda.bitmap_context == "qemu:dirty-bitmap:stratavault-1"
+        assert dirty_ranges(vda.uri, vda.bitmap_context) == [
+            (1 * MiB, 64 * KiB), (8 * MiB, 64 * KiB),
+        ]  # fmt: skip
+
+
+def test_export_killed_mid_way_loses_no_change(make_vm: Callable[..., Vm], short_tmp: Path) -> None:
+    vm = make_vm((64,))
+    session = vm.start()
+    scratch = short_tmp / "scratch"
+    before = node_names(session)
+    with VmBackup(session, scratch, find_guest_agent=False) as first:
+        expected = chain(first)
+    vm.write(session, "vda", 0x01, 3 * MiB, 64 * KiB)
+    with (
+        pytest.raises(subprocess.CalledProcessError) as err,
+        VmBackup(session, scratch, expected_bitmaps=expected, find_guest_agent=False) as backup,
+    ):
+        (export_id,) = [e["id"] for e in session.execute("query-block-exports")]
+        session.execute("block-export-del", {"id": export_id, "mode": "hard"})
+        vda = backup.exports[0]
+        assert vda.bitmap_context is not None
+        dirty_ranges(vda.uri, vda.bitmap_context)  # the reader fails
+    assert any("block-export-del" in note for note in err.value.__notes__)
+    assert_torn_down(session, before, scratch)
+    assert bitmaps(session) == {"vda": [("stratavault-1", True, 64 * KiB)]}
+
+
+def test_failure_after_the_transaction_during_start_merges_back(
+    make_vm: Callable[..., Vm], short_tmp: Path
+) -> None:
+    vm = make_vm((64,))
+    session = vm.start()
+    scratch = short_tmp / "scratch"
+    with VmBackup(session, scratch, find_guest_agent=False) as first:
+        expected = chain(first)
+    before = node_names(session)
+    vm.write(session, "vda", 0x01, 0, 64 * KiB)
+    other = {"type": "unix", "data": {"path": str(short_tmp / "other-nbd.sock")}}
+    session.execute("nbd-server-start", {"addr": other})  # someone else's NBD server
+    with pytest.raises(SourceError, match=r"nbd-server-start.*already running"):
+        VmBackup(session, scratch, expected_bitmaps=expected, find_guest_agent=False).__enter__()
+    session.execute("nbd-server-stop")
+    assert_torn_down(session, before, scratch)
+    assert bitmaps(session) == {"vda": [("stratavault-1", True, 64 * KiB)]}
+
+
+def test_kill_9_after_a_backup_loses_the_new_bitmap_and_falls_back(
+    make_vm: Callable[..., Vm], short_tmp: Path
+) -> None:
+    vm = make_vm((64, 32))
+    session = vm.start()
+    scratch = short_tmp / "scratch"
+    vm.write(session, "vda", 0x01, 0, 64 * KiB)
+    with VmBackup(session, scratch, find_guest_agent=False) as first:
+        expected = chain(first)
+    vm.hmp_io(session, "vda", "flush")  # the guest flushed; what it did not flush is lost
+    vm.kill()  # SIGKILL: stratavault-1 was added at run time and never reached the file
+    session = vm.start()
+    assert bitmaps(session) == {"vda": [], "vdb": []}
+    with VmBackup(session, scratch, expected_bitmaps=expected, find_guest_agent=False) as backup:
+        for export in backup.exports:
+            assert export.bitmap_context is None
+            assert export.full_read_reason is not None
+            assert "stratavault-1 expected by the previous snapshot is missing" in (
+                export.full_read_reason
+            )
+            assert export.new_bitmap == "stratavault-2"
+        ref = reference_image(short_tmp / "a.qcow2", 64 * MiB, [(0x01, 0, 64 * KiB)])
+        assert compare(backup.exports[0].uri, ref).returncode == 0
+    assert bitmaps(session) == {
+        "vda": [("stratavault-2", True, 0)],
+        "vdb": [("stratavault-2", True, 0)],
+    }
+
+
+def test_restart_keeps_the_chain_and_kill_9_makes_it_inconsistent(
+    make_vm: Callable[..., Vm], short_tmp: Path
+) -> None:
+    vm = make_vm((64,))
+    session = vm.start()
+    scratch = short_tmp / "scratch"
+    with VmBackup(session, scratch, find_guest_agent=False) as first:
+        expected = chain(first)
+    vm.write(session, "vda", 0x01, 2 * MiB, 64 * KiB)
+    vm.quit()  # clean shutdown: stratavault-1 is stored in the qcow2
+    session = vm.start()
+    vm.write(session, "vda", 0x02, 6 * MiB, 64 * KiB)
+    with VmBackup(session, scratch, expected_bitmaps=expected, find_guest_agent=False) as second:
+        vda = second.exports[0]
+        assert vda.bitmap_context == "qemu:dirty-bitmap:stratavault-1"
+        assert dirty_ranges(vda.uri, vda.bitmap_context) == [
+            (2 * MiB, 64 * KiB), (6 * MiB, 64 * KiB),
+        ]  # fmt: skip
+        expected = chain(second)
+    vm.quit()
+    session = vm.start()  # stratavault-2 is in the file now, and in use
+    vm.write(session, "vda", 0x03, 9 * MiB, 64 * KiB)
+    vm.hmp_io(session, "vda", "flush")
+    vm.kill()
+    session = vm.start()
+    (disk,) = list_vm_disks(session)
+    stale = disk.bitmap("stratavault-2")
+    assert stale is not None and stale.inconsistent and not stale.recording
+    with VmBackup(session, scratch, expected_bitmaps=expected, find_guest_agent=False) as third:
+        vda = third.exports[0]
+        assert vda.bitmap_context is None
+        assert vda.full_read_reason is not None and "inconsistent" in vda.full_read_reason
+        assert vda.new_bitmap == "stratavault-3"
+        ref = reference_image(
+            short_tmp / "a.qcow2", 64 * MiB,
+            [(0x01, 2 * MiB, 64 * KiB), (0x02, 6 * MiB, 64 * KiB), (0x03, 9 * MiB, 64 * KiB)],
+        )  # fmt: skip
+        assert compare(vda.uri, ref).returncode == 0
+    assert bitmaps(session) == {"vda": [("stratavault-3", True, 0)]}
+
+
+def test_an_interrupted_backup_is_recovered_by_the_next_one(
+    make_vm: Callable[..., Vm], short_tmp: Path
+) -> None:
+    vm = make_vm((64,))
+    session = vm.start()
+    scratch = short_tmp / "scratch"
+    with VmBackup(session, scratch, find_guest_agent=False) as first:
+        expected = chain(first)
+    vm.write(session, "vda", 0x01, 1 * MiB, 64 * KiB)
+    # What a backup process that died right after its transaction leaves behind:
+    actions = [
+        {"type": "block-dirty-bitmap-add",
+         "data": {"node": "disk0", "name": "stratavault-2", "persistent": True}},
+        {"type": "block-dirty-bitmap-disable", "data": {"node": "disk0", "name": "stratavault-1"}},
+    ]  # fmt: skip
+    session.execute("transaction", {"actions": actions})
+    vm.write(session, "vda", 0x02, 3 * MiB, 64 * KiB)
+    with VmBackup(session, scratch, expected_bitmaps=expected, find_guest_agent=False) as backup:
+        vda = backup.exports[0]
+        assert vda.bitmap_context == "qemu:dirty-bitmap:stratavault-1"
+        assert dirty_ranges(vda.uri, vda.bitmap_context) == [
+            (1 * MiB, 64 * KiB), (3 * MiB, 64 * KiB),
+        ]  # fmt: skip
+        assert vda.new_bitmap == "stratavault-3"
+    assert bitmaps(session) == {"vda": [("stratavault-3", True, 0)]}
+
+
+def test_stale_bitmaps_of_a_lost_chain_are_removed(
+    make_vm: Callable[..., Vm], short_tmp: Path
+) -> None:
+    vm = make_vm((64,))
+    session = vm.start()
+    for name in ("stratavault-4", "user-bitmap"):
+        session.execute("block-dirty-bitmap-add", {"node": "disk0", "name": name})
+    with VmBackup(session, short_tmp / "s", find_guest_agent=False) as backup:
+        assert backup.exports[0].new_bitmap == "stratavault-5"
+    assert sorted(bitmaps(session)["vda"]) == [("stratavault-5", True, 0), ("user-bitmap", True, 0)]
+
+
+def test_agent_channel_without_an_agent_gives_crash_consistency(
+    make_vm: Callable[..., Vm], short_tmp: Path
+) -> None:
+    vm = make_vm((16,), guest_agent=True)
+    session = vm.start()
+    assert find_guest_agent_socket(session) == vm.agent_path
+    with VmBackup(session, short_tmp / "s", freeze_timeout_s=0.3) as backup:
+        assert backup.consistency.value == "crash-consistent"
+        assert "guest-sync-delimited" in backup.consistency_detail
+        assert "no answer" in backup.consistency_detail
+        assert len(backup.exports) == 1
+
+
+def test_vm_without_agent_channel_has_none(make_vm: Callable[..., Vm]) -> None:
+    session = make_vm((16,)).start()
+    assert find_guest_agent_socket(session) is None
