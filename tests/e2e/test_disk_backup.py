@@ -1,0 +1,234 @@
+"""Disk images: backup, incremental from changed extents, restore (sparse, qcow2, changed-only),
+check naming disk ranges, and disk and file snapshots side by side. Real files, real qemu-img."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stratavault.errors import DataDamagedError, SourceError, UsageError
+from stratavault.jobs import BackupDisksOptions, backup_disks
+from stratavault.repo import Repository
+from stratavault.snapshot import load_disk_index
+from stratavault.sources import RawDiskSource
+from stratavault.storage import LocalStorage
+from tests.e2e.conftest import Cli, Result
+
+MiB = 1 << 20
+CHUNK = 256 << 10
+SIZE = 256 * MiB
+
+
+def _make_image(path: Path, seed: int = 7) -> list[tuple[int, int]]:
+    """A sparse 256 MiB image: 20 random regions of 2 MiB at unaligned offsets (40 MiB of
+    data), plus 8 MiB of allocated zeros. Returns the data regions."""
+    rng = random.Random(seed)
+    regions = [(n * 12 * MiB + rng.randrange(1, 4 * MiB), 2 * MiB) for n in range(20)]
+    with path.open("wb") as f:
+        f.truncate(SIZE)
+        for offset, length in regions:
+            f.seek(offset)
+            f.write(rng.randbytes(length))
+        f.seek(245 * MiB)
+        f.write(bytes(8 * MiB))  # allocated, but zeros: must not be stored
+    return regions
+
+
+def _allocated(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+def _json_summary(result: Result) -> dict[str, Any]:
+    lines = result.json_lines()
+    return next(line for line in reversed(lines) if line.get("message_type") == "summary")
+
+
+def _last_json(result: Result) -> Any:
+    return json.loads(result.out.splitlines()[-1])
+
+
+def _open(cli: Cli) -> Repository:
+    return Repository.open(
+        LocalStorage(cli.repo), cli.password_file.read_text().strip().encode(), cache_dir=None
+    )
+
+
+def _modify(path: Path, changes: list[tuple[int, int]]) -> None:
+    with path.open("r+b") as f:
+        for offset, length in changes:
+            f.seek(offset)
+            f.write(os.urandom(length))
+
+
+def test_full_backup_restores_byte_identical_and_sparse(cli: Cli, tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    regions = _make_image(image)
+    cli("init")
+    backup = cli("backup", "image", image, "--json")
+    assert backup.code == 0, backup.err
+    summary = _json_summary(backup)
+    # Zero chunks (holes and the allocated zeros) are neither stored nor counted.
+    touched = {(o + i) // CHUNK for o, n in regions for i in (0, n - 1)}
+    data_chunks = sum(1 + (o + n - 1) // CHUNK - o // CHUNK for o, n in regions)
+    assert len(touched) <= data_chunks
+    stats = _last_json(cli("stats", "--json"))
+    assert stats["raw_bytes"] < data_chunks * CHUNK + 64 * 1024  # + the index segment
+    assert summary["chunks_added"] == data_chunks
+    target = tmp_path / "restored.img"
+    restore = cli("restore", "disk", "latest", "--to", target, "--verify", "--json")
+    assert restore.code == 0, restore.err
+    assert _json_summary(restore)["chunks_verified"] == SIZE // CHUNK
+    assert target.read_bytes() == image.read_bytes()
+    # Holes kept: only the data chunks are allocated (not the 8 MiB of written zeros).
+    assert _allocated(target) <= data_chunks * CHUNK + MiB
+    assert _allocated(target) < _allocated(image)
+    listing = [json.loads(line) for line in cli("ls", "latest", "--json").out.splitlines()]
+    assert listing[0]["name"] == "disk.img" and listing[0]["size"] == SIZE
+    assert listing[0]["data_chunks"] == data_chunks
+    assert cli("check", "--read-data").code == 0
+
+
+def test_incremental_from_changed_extents_stores_only_changed_chunks(
+    cli: Cli, tmp_path: Path
+) -> None:
+    image = tmp_path / "disk.img"
+    _make_image(image)
+    original = image.read_bytes()
+    cli("init")
+    assert cli("backup", "image", image, "-q").code == 0
+    # Three changes: inside one chunk, across a chunk boundary, and in a former hole.
+    changes = [(5 * CHUNK + 1000, 4096), (40 * CHUNK - 100, 200), (900 * CHUNK + 10, 70_000)]
+    _modify(image, changes)
+    # A synthetic dirty bitmap at 64 KiB granularity, as QEMU would report it.
+    gran = 64 << 10
+    dirty = [(o // gran * gran, -(-(o + n) // gran) * gran - o // gran * gran) for o, n in changes]
+    with _open(cli) as repo, RawDiskSource(image, changed=dirty) as source:
+        options = BackupDisksOptions(paths=(str(image.absolute()),))
+        snap = backup_disks(repo, [source], options)
+        assert snap.parent is not None
+        assert snap.summary.chunks_added == 4  # chunks 5, 39, 40, 900
+        assert snap.summary.bytes_read == 4 * CHUNK
+        index = load_disk_index(repo, snap.disks[0])
+        assert index.chunk_count == SIZE // CHUNK
+    target = tmp_path / "inc.img"
+    assert cli("restore", "disk", snap.id, "--to", target).code == 0
+    assert target.read_bytes() == image.read_bytes()
+    older = tmp_path / "first.img"
+    assert cli("restore", "disk", snap.parent, "--to", older).code == 0
+    assert older.read_bytes() == original
+
+
+def test_changed_only_restore_writes_only_differing_chunks(cli: Cli, tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    regions = _make_image(image)
+    original = image.read_bytes()
+    cli("init")
+    assert cli("backup", "image", image, "-q").code == 0
+    # Some chunks changed: data to other data, zeros to data, data to zeros.
+    _modify(image, [(3 * CHUNK + 5, 10), (100 * CHUNK, CHUNK), (1000 * CHUNK + 1, 1)])
+    with image.open("r+b") as f:
+        f.seek(regions[3][0])
+        f.write(bytes(CHUNK))  # zeros over data
+        f.seek(regions[5][0] + CHUNK)
+        f.write(os.urandom(100))  # data over other data
+    modified = image.read_bytes()
+    differ = [
+        n
+        for n in range(SIZE // CHUNK)
+        if original[n * CHUNK : (n + 1) * CHUNK] != modified[n * CHUNK : (n + 1) * CHUNK]
+    ]
+    zero = [n for n in differ if original[n * CHUNK : (n + 1) * CHUNK] == bytes(CHUNK)]
+    assert len(differ) >= 4 and zero and len(zero) < len(differ)
+    result = cli("restore", "disk", "latest", "--onto", image, "--changed-only", "--json")
+    assert result.code == 0, result.err
+    summary = _json_summary(result)
+    assert summary["bytes_read"] == SIZE
+    assert summary["chunks_written"] == len(differ) - len(zero)
+    assert summary["bytes_written"] == (len(differ) - len(zero)) * CHUNK
+    assert summary["chunks_zeroed"] == len(zero)
+    assert summary["chunks_unchanged"] == SIZE // CHUNK - len(differ)
+    assert image.read_bytes() == original
+    # Nothing differs any more: a second run writes nothing.
+    again = _json_summary(
+        cli("restore", "disk", "latest", "--onto", image, "--changed-only", "--json")
+    )
+    assert again["bytes_written"] == 0 and again["chunks_zeroed"] == 0
+
+
+@pytest.mark.infra("qemu")
+def test_restore_to_qcow2_equals_the_image(cli: Cli, tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    _make_image(image)
+    cli("init")
+    assert cli("backup", "image", image, "-q").code == 0
+    target = tmp_path / "out.qcow2"
+    result = cli("restore", "disk", "latest", "--to", target, "--format", "qcow2", "--verify")
+    assert result.code == 0, result.err
+    compare = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(image), str(target)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+    assert not list(tmp_path.glob(".out.qcow2*"))  # the raw temporary is gone
+    # qcow2 and other formats cannot be backed up directly yet: a clear error, nothing saved.
+    failed = cli("backup", "image", target)
+    assert failed.code == SourceError.exit_code
+    assert "format qcow2" in failed.err and "qemu-img convert" in failed.err
+    assert len(_last_json(cli("snapshots", "--json"))) == 1
+
+
+def test_check_names_the_disk_range_of_a_damaged_chunk(cli: Cli, tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    _make_image(image)
+    cli("init")
+    assert cli("backup", "image", image, "-q").code == 0
+    pack = max((p for p in (cli.repo / "data").rglob("*") if p.is_file()), key=os.path.getsize)
+    data = bytearray(pack.read_bytes())
+    data[1000] ^= 0x01  # inside the first blob of the pack
+    pack.chmod(0o644)
+    pack.write_bytes(bytes(data))
+    result = cli("check", "--read-data", "--json")
+    assert result.code == DataDamagedError.exit_code
+    damages = _last_json(result)["damages"]
+    assert len(damages) == 1
+    (where,) = damages[0]["paths"]
+    assert where.startswith("disk disk.img bytes ")
+    start, end = (int(x) for x in where.rsplit(" ", 1)[1].split("-"))
+    assert end - start == CHUNK and start % CHUNK == 0
+
+
+def test_disk_and_file_snapshots_coexist(cli: Cli, tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    _make_image(image)
+    src = tmp_path / "files"
+    src.mkdir()
+    (src / "a.bin").write_bytes(os.urandom(500_000))
+    cli("init")
+    assert cli("backup", "files", src, "-q").code == 0
+    assert cli("backup", "image", image, "--name", "vda", "--tag", "nightly", "-q").code == 0
+    snaps = _last_json(cli("snapshots", "--json"))
+    assert [s["kind"] for s in snaps] == ["files", "image"]
+    files_id, disk_id = (s["id"] for s in snaps)
+    assert cli("restore", files_id, "--target", tmp_path / "t").code == 0
+    assert (tmp_path / "t" / str(src).lstrip("/") / "a.bin").read_bytes() == (
+        src / "a.bin"
+    ).read_bytes()
+    assert cli("restore", "disk", f"{disk_id}:vda", "--to", tmp_path / "d.img").code == 0
+    assert (tmp_path / "d.img").read_bytes() == image.read_bytes()
+    assert cli("ls", disk_id).out.splitlines()[-1].split()[0] == "vda"
+    stats = _last_json(cli("stats", disk_id, "--json"))
+    assert stats["snapshot"]["disks"][0]["size"] == SIZE
+    assert cli("check", "--read-data").code == 0
+    # Usage mistakes are usage errors.
+    assert cli("restore", "disk", files_id, "--to", tmp_path / "x.img").code == UsageError.exit_code
+    assert cli("restore", disk_id).code == UsageError.exit_code  # files need --target
+    assert cli("restore", "disk", disk_id, "--to", tmp_path / "d.img").code == 1  # exists
+    assert cli("restore", "disk", disk_id, "--changed-only", "--to", tmp_path / "y").code == 2
