@@ -12,8 +12,12 @@ def test_public_names_are_pinned() -> None:
     assert sorted(stratavault.repo.__all__) == [
         "ChunkInfo",
         "ChunkSealer",
+        "GcPlan",
+        "GcResult",
         "KdfParams",
         "KeyInfo",
+        "LockInfo",
+        "PendingDeletion",
         "RepoStats",
         "Repository",
         "default_cache_dir",

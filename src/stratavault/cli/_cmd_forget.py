@@ -6,6 +6,7 @@ import argparse
 import datetime as dt
 import re
 
+from stratavault.cli._cmd_prune import add_prune_options, run_prune
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._output import Output
 from stratavault.errors import UsageError
@@ -64,6 +65,8 @@ def register(
         action="store_true",
         help="show what would be kept and why, remove nothing",
     )
+    p.add_argument("--prune", action="store_true", help="run prune afterwards")
+    add_prune_options(p)
     p.set_defaults(run=run)
 
 
@@ -83,6 +86,7 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     bad = set(group_by) - {"host", "paths", "tags"}
     if bad:
         raise UsageError(f"--group-by: unknown {sorted(bad)}; use host, paths, tags")
+    out = Output(json_mode=options.json, quiet=options.quiet)
     with open_repo(options) as repo:
         groups = forget_snapshots(
             repo,
@@ -93,11 +97,15 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
             paths=ns.paths,
             dry_run=ns.dry_run,
         )
-    _report(Output(json_mode=options.json, quiet=options.quiet), groups, group_by, ns.dry_run)
+        _report(out, groups, group_by, ns.dry_run, pruning=ns.prune)
+        if ns.prune:
+            run_prune(repo, ns, out)
     return 0
 
 
-def _report(out: Output, groups: list[ForgetGroup], group_by: list[str], dry_run: bool) -> None:
+def _report(
+    out: Output, groups: list[ForgetGroup], group_by: list[str], dry_run: bool, *, pruning: bool
+) -> None:
     """A table per group (and one JSON document) with each snapshot's fate and reasons."""
     doc = []
     for group in groups:
@@ -125,5 +133,5 @@ def _report(out: Output, groups: list[ForgetGroup], group_by: list[str], dry_run
         doc.append({"group": list(group.key), "snapshots": snapshots})
     removed = sum(not d.keep for g in groups for d in g.decisions)
     verb = "would remove" if dry_run else "removed"
-    out.text(f"{verb} {removed} snapshot(s); the data stays until prune")
+    out.text(f"{verb} {removed} snapshot(s)" + ("" if pruning else "; the data stays until prune"))
     out.data({"message_type": "forget", "dry_run": dry_run, "groups": doc})

@@ -21,6 +21,7 @@ from stratavault.jobs._disk_info import DiskInfo, describe_disks
 from stratavault.jobs._forget import ForgetGroup, forget_snapshots
 from stratavault.jobs._progress import Cancellation, NullProgress, Progress, ProgressState
 from stratavault.jobs._protect import set_protection
+from stratavault.jobs._prune import PruneResult, live_chunk_ids, prune
 from stratavault.jobs._repair import RepairIndexResult, repair_index
 from stratavault.jobs._restore_disk import (
     DISK_FORMATS,
@@ -47,6 +48,7 @@ __all__ = [
     "NullProgress",
     "Progress",
     "ProgressState",
+    "PruneResult",
     "RepairIndexResult",
     "RestoreDiskOptions",
     "RestoreDiskResult",
@@ -61,6 +63,8 @@ __all__ = [
     "diff_snapshots",
     "forget_snapshots",
     "list_entries",
+    "live_chunk_ids",
+    "prune",
     "repair_index",
     "restore_disk",
     "restore_files",

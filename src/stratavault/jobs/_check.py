@@ -15,7 +15,7 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from stratavault.errors import DataDamagedError
+from stratavault.errors import ChunkNotFoundError, DataDamagedError
 from stratavault.jobs._progress import Cancellation, NullProgress, Progress, ProgressState, now
 from stratavault.repo import Repository
 from stratavault.snapshot import (
@@ -113,10 +113,10 @@ class _Checker:
         existing = {obj.name for obj in self.repo.storage.list("data/")}
         by_pack: dict[str, list[ChunkId]] = defaultdict(list)
         for cid, users in self.refs.items():
-            if not self.repo.has_chunk(cid):
+            try:  # chunk_info also finds chunks of packs a prune is about to delete
+                by_pack[self.repo.chunk_info(cid).pack].append(cid)
+            except ChunkNotFoundError:
                 self.damage(f"chunk {cid.hex()}", "not in the index", users)
-                continue
-            by_pack[self.repo.chunk_info(cid).pack].append(cid)
         self.result.chunks, self.result.packs = len(self.refs), len(by_pack)
         self.state.files_total = len(by_pack)
         for pack, ids in by_pack.items():

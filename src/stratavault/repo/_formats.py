@@ -24,6 +24,9 @@ DATA_PREFIX: Final = "data/"
 INDEX_PREFIX: Final = "index/"
 SNAPSHOTS_PREFIX: Final = "snapshots/"
 LOCKS_PREFIX: Final = "locks/"
+GC_PREFIX: Final = "gc/"
+"""Pending deletions of prune (garbage collection plans), see docs/format.md."""
+GC_PLAN_VERSION: Final = 1
 
 # --- cryptography -------------------------------------------------------------------------------
 KEY_BYTES: Final = 32
@@ -41,6 +44,7 @@ AD_INDEX: Final = b"stratavault/index/v1\x00"
 AD_SNAPSHOT: Final = b"stratavault/snapshot/v1\x00"
 AD_LOCK: Final = b"stratavault/lock/v1\x00"
 AD_KEY: Final = b"stratavault/key/v1\x00"
+AD_GC_PLAN: Final = b"stratavault/gc-plan/v1\x00"
 
 # --- codec byte: first byte of every plaintext that may be compressed ---------------------------
 CODEC_RAW: Final = 0

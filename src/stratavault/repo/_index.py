@@ -157,6 +157,28 @@ class ChunkIndex:
         self._reindex()
         return self._runs[0] if self._runs else np.zeros(0, dtype=INDEX_ENTRY)
 
+    def without_packs(self, removed: set[str]) -> ChunkIndex:
+        """A new index holding every entry except those in the ``removed`` packs."""
+        arr = self.merged()
+        new = ChunkIndex()
+        remap = np.full(max(len(self.packs), 1), -1, dtype=np.int64)
+        for number, name in enumerate(self.packs):
+            if name not in removed:
+                remap[number] = new.pack_number(name)
+        kept = arr[remap[arr["pack"]] >= 0] if len(arr) else arr
+        kept["pack"] = remap[kept["pack"]]
+        new.add_entries(kept)
+        return new
+
+    def by_pack(self) -> list[tuple[str, Array]]:
+        """``(pack name, its entries)`` for every pack that has entries."""
+        arr = self.merged()
+        if not len(arr):
+            return []
+        arr = arr[np.argsort(arr["pack"], kind="stable")]
+        cuts = np.flatnonzero(arr["pack"][1:] != arr["pack"][:-1]) + 1
+        return [(self.packs[int(part["pack"][0])], part) for part in np.split(arr, cuts)]
+
     def totals(self) -> tuple[int, int, int]:
         """Number of chunks, their raw bytes, number of packs with chunks."""
         arr = self.merged()

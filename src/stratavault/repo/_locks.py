@@ -1,4 +1,10 @@
-"""Repository locks: ``locks/<random>`` objects, shared or exclusive, refreshed while held."""
+"""Repository locks: ``locks/<random>`` objects, refreshed while held.
+
+Three modes. ``shared`` (backup, restore, check) conflicts only with ``exclusive``;
+``exclusive`` (forget, repair, protect) conflicts with every other lock; ``prune`` conflicts
+with ``exclusive`` and other ``prune`` locks but lets backups run beside it: prune's garbage
+collection is safe against them by the rule in docs/format.md ("Garbage collection").
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,12 @@ from stratavault.repo import _formats as F
 from stratavault.repo._crypto import AuthenticationFailed, MasterKeys, compress, decompress
 from stratavault.storage import Storage
 
-__all__ = ["LockInfo", "Locker"]
+__all__ = ["EXCLUSIVE", "PRUNE", "SHARED", "LockInfo", "Locker"]
+
+SHARED = "shared"
+EXCLUSIVE = "exclusive"
+PRUNE = "prune"
+_MODES = (SHARED, EXCLUSIVE, PRUNE)
 
 Clock = Callable[[], float]
 
@@ -28,7 +39,19 @@ class LockInfo:
     host: str
     pid: int
     time: float
-    exclusive: bool
+    mode: str
+
+    @property
+    def exclusive(self) -> bool:
+        """Whether this lock excludes every other one."""
+        return self.mode == EXCLUSIVE
+
+
+def conflicts(wanted: str, held: str) -> bool:
+    """Whether a lock of mode ``wanted`` may not be taken while one of mode ``held`` exists."""
+    if EXCLUSIVE in (wanted, held):
+        return True
+    return wanted == held == PRUNE
 
 
 def _pid_alive(pid: int) -> bool:
@@ -53,8 +76,14 @@ class Locker:
         self._refresh_s = refresh_s
         self.host = socket.gethostname()
 
-    def _encode(self, exclusive: bool) -> bytes:
-        doc = {"host": self.host, "pid": os.getpid(), "time": self._clock(), "exclusive": exclusive}
+    def _encode(self, mode: str) -> bytes:
+        doc = {
+            "host": self.host,
+            "pid": os.getpid(),
+            "time": self._clock(),
+            "exclusive": mode == EXCLUSIVE,
+            "mode": mode,
+        }
         return self._keys.seal(compress(json.dumps(doc).encode(), 1), F.AD_LOCK)
 
     def read_all(self) -> Iterator[LockInfo | str]:
@@ -63,9 +92,10 @@ class Locker:
             try:
                 raw = self._storage.get(obj.name)
                 doc = json.loads(decompress(self._keys.unseal(raw, F.AD_LOCK)))
+                mode = doc.get("mode") or (EXCLUSIVE if doc["exclusive"] else SHARED)
                 yield LockInfo(
                     obj.name, str(doc["host"]), int(doc["pid"]), float(doc["time"]),
-                    bool(doc["exclusive"]),
+                    mode if mode in _MODES else EXCLUSIVE,
                 )  # fmt: skip
             except ObjectNotFoundError:
                 continue
@@ -78,54 +108,59 @@ class Locker:
             return True
         return lock.host == self.host and not _pid_alive(lock.pid)
 
-    def _conflict(self, exclusive: bool, own: str | None) -> LockInfo | None:
-        for lock in self.read_all():
-            if isinstance(lock, str) or lock.name == own or self.is_stale(lock):
-                continue
-            if exclusive or lock.exclusive:
+    def live(self, *, own: str | None = None) -> list[LockInfo]:
+        """Every readable lock that is not stale, except ``own``."""
+        return [
+            lock
+            for lock in self.read_all()
+            if not isinstance(lock, str) and lock.name != own and not self.is_stale(lock)
+        ]
+
+    def _conflict(self, mode: str, own: str | None) -> LockInfo | None:
+        for lock in self.live(own=own):
+            if conflicts(mode, lock.mode):
                 return lock
         return None
 
-    def _raise_locked(self, holder: LockInfo, exclusive: bool) -> None:
+    def _raise_locked(self, holder: LockInfo, mode: str) -> None:
         age = max(0.0, self._clock() - holder.time)
-        kind = "exclusive" if holder.exclusive else "shared"
-        wanted = "exclusive" if exclusive else "shared"
         raise RepositoryLockedError(
-            f"taking {wanted} lock on {self._storage.properties.location} - "
-            f"{kind} lock {holder.name} held by {holder.host} pid {holder.pid}, "
+            f"taking {mode} lock on {self._storage.properties.location} - "
+            f"{holder.mode} lock {holder.name} held by {holder.host} pid {holder.pid}, "
             f"refreshed {age:.0f} s ago"
         )
 
     @contextmanager
-    def hold(self, *, exclusive: bool) -> Iterator[None]:
-        """Take a lock for the duration of the block; RepositoryLockedError on conflict."""
-        holder = self._conflict(exclusive, None)
+    def hold(self, mode: str) -> Iterator[str]:
+        """Take a lock of ``mode`` for the duration of the block (yields the lock's object
+        name); RepositoryLockedError on conflict."""
+        holder = self._conflict(mode, None)
         if holder is not None:
-            self._raise_locked(holder, exclusive)
+            self._raise_locked(holder, mode)
         name = F.LOCKS_PREFIX + os.urandom(16).hex()
-        self._storage.put(name, self._encode(exclusive))
-        holder = self._conflict(exclusive, name)  # someone raced us: back off
+        self._storage.put(name, self._encode(mode))
+        holder = self._conflict(mode, name)  # someone raced us: back off
         if holder is not None:
             self._storage.delete(name)
-            self._raise_locked(holder, exclusive)
+            self._raise_locked(holder, mode)
         stop = threading.Event()
         refresher = threading.Thread(
-            target=self._refresh_loop, args=(name, exclusive, stop), daemon=True,
+            target=self._refresh_loop, args=(name, mode, stop), daemon=True,
             name="stratavault-lock-refresh",
         )  # fmt: skip
         refresher.start()
         try:
-            yield
+            yield name
         finally:
             stop.set()
             refresher.join()
             with suppress(ObjectNotFoundError):
                 self._storage.delete(name)
 
-    def _refresh_loop(self, name: str, exclusive: bool, stop: threading.Event) -> None:
+    def _refresh_loop(self, name: str, mode: str, stop: threading.Event) -> None:
         while not stop.wait(self._refresh_s):
             try:
-                self._storage.put(name, self._encode(exclusive), overwrite=True)
+                self._storage.put(name, self._encode(mode), overwrite=True)
             except Exception:
                 continue
 

@@ -24,6 +24,7 @@ __all__ = [
     "read_pack_blobs",
     "read_pack_header",
     "read_pack_headers",
+    "read_pack_sealed",
 ]
 
 MERGE_GAP_BYTES = 1 << 20
@@ -78,6 +79,21 @@ def read_pack_blobs(
         for chunk_id, entry in group:
             blob = data[entry.offset - start : entry.offset - start + entry.stored]
             yield chunk_id, open_blob(keys, pack, chunk_id, entry, blob)
+
+
+def read_pack_sealed(
+    storage: Storage, keys: MasterKeys, pack: str, entries: list[tuple[bytes, Entry]]
+) -> Iterator[tuple[bytes, bytes]]:
+    """Yield ``(chunk id, stored blob)`` for ``entries`` of one pack, each verified first
+    (authenticated, decompressed, length checked), so a copy never spreads damage."""
+    for group in _ranges(entries):
+        start = group[0][1].offset
+        end = max(e.offset + e.stored for _, e in group)
+        data = memoryview(storage.get(pack, start, end - start))
+        for chunk_id, entry in group:
+            blob = data[entry.offset - start : entry.offset - start + entry.stored]
+            open_blob(keys, pack, chunk_id, entry, blob)
+            yield chunk_id, bytes(blob)
 
 
 def open_document(storage: Storage, keys: MasterKeys, name: str, ad: bytes) -> bytes:

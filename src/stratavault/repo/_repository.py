@@ -8,7 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import AbstractContextManager, suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -24,8 +24,8 @@ from stratavault.errors import (
     RepositoryNotFoundError,
     UnsupportedFormatError,
 )
+from stratavault.repo import _collect, _keyring, _reading, _snapshots
 from stratavault.repo import _formats as F
-from stratavault.repo import _keyring, _reading, _snapshots
 from stratavault.repo._crypto import (
     ChunkSealer,
     KdfParams,
@@ -34,9 +34,10 @@ from stratavault.repo._crypto import (
     compress,
     content_hash,
 )
+from stratavault.repo._gc import GcPlan, Ids, PendingDeletion, compute_plan
 from stratavault.repo._index import ChunkIndex, Entry, decode_index_object, encode_index_object
 from stratavault.repo._keys import KeyInfo
-from stratavault.repo._locks import Locker
+from stratavault.repo._locks import EXCLUSIVE, PRUNE, SHARED, Locker, LockInfo
 from stratavault.repo._packs import OpenPack, SealedPack
 from stratavault.repo._uploader import Uploader
 from stratavault.repo._values import ChunkInfo, RepoStats
@@ -92,6 +93,7 @@ class Repository:
         self._lock = threading.Lock()
         self._index = ChunkIndex()
         self._index_objects: set[str] = set()
+        self._pending: ChunkIndex | None = None
         self._inflight: dict[bytes, tuple[OpenPack, Entry]] = {}
         self._open_packs: dict[int, OpenPack] = {}
         """The pack being filled, per blob kind: trees go into packs of their own, so the
@@ -232,11 +234,38 @@ class Repository:
                 pack, entry = found
                 return f"(pack in memory #{pack.number})", entry, pack.blob(chunk_id)
             indexed = self._index.lookup(chunk_id)
-            if indexed is None:
-                raise ChunkNotFoundError(
-                    f"reading chunk {chunk_id.hex()} - not in the index of repository {self.id[:8]}"
-                )
-            return self._index.packs[indexed.pack], indexed, None
+            if indexed is not None:
+                return self._index.packs[indexed.pack], indexed, None
+        pending = self._pending_index()
+        indexed = pending.lookup(chunk_id)
+        if indexed is None:
+            raise ChunkNotFoundError(
+                f"reading chunk {chunk_id.hex()} - not in the index of repository {self.id[:8]}"
+            )
+        return pending.packs[indexed.pack], indexed, None
+
+    def _pending_index(self) -> ChunkIndex:
+        """Chunks of packs a prune took out of the index but has not deleted yet.
+
+        A backup that ran beside that prune may have used them (its snapshot is complete:
+        the next prune puts such packs back into the index). Reading falls back to them;
+        deduplication never does. Loaded once per session, when first needed.
+        """
+        with self._lock:
+            if self._pending is not None:
+                return self._pending
+        planned = _collect.planned_packs(self)
+        sizes = {
+            o.name: o.size_bytes for o in self.storage.list(F.DATA_PREFIX) if o.name in planned
+        }
+        pending = ChunkIndex()
+        for name, size in sorted(sizes.items()):
+            header = _reading.read_pack_header(self.storage, self._keys, name, size)
+            if header is not None:
+                pending.add_pack(name, header)
+        with self._lock:
+            self._pending = pending
+        return pending
 
     def chunk_info(self, chunk_id: ChunkId) -> ChunkInfo:
         """Pack name, offset, stored and raw length and kind of a chunk."""
@@ -370,7 +399,8 @@ class Repository:
 
         Returns the number of packs indexed and the names of packs whose header could not be
         read (their chunks are lost to the index). New index objects are written before old
-        ones are removed, so a crash leaves at worst both. Hold the exclusive lock.
+        ones are removed, so a crash leaves at worst both. Pending deletions of prune are
+        cancelled (their packs are indexed again). Hold the exclusive lock.
         """
         self.flush()
         old = {obj.name for obj in self.storage.list(F.INDEX_PREFIX)}
@@ -380,6 +410,8 @@ class Repository:
         self._index_packs(found)
         for name in sorted(old - self._index_objects):
             self.storage.delete(name)
+        for plan in self.storage.list(F.GC_PREFIX):
+            self.storage.delete(plan.name)
         self._save_cache()
         return len(found), unreadable
 
@@ -388,6 +420,7 @@ class Repository:
         self.flush()
         with self._lock:
             known = set(self._index.packs)
+        known |= _collect.planned_packs(self)  # prune is deleting them: never re-index
         found, _unreadable = _reading.read_pack_headers(self.storage, self._keys, skip=known)
         self._index_packs(found)
         self._save_cache()
@@ -427,9 +460,64 @@ class Repository:
 
     # --- locks ----------------------------------------------------------------------------------
 
-    def lock(self, *, exclusive: bool = False) -> AbstractContextManager[None]:
-        """A shared (backup) or exclusive (maintenance) lock, refreshed while held."""
-        return self._locker.hold(exclusive=exclusive)
+    @contextmanager
+    def lock(self, *, exclusive: bool = False) -> Iterator[None]:
+        """A shared (backup) or exclusive (maintenance) lock, refreshed while held.
+
+        The index is read again once the lock is held: a prune running beside a backup
+        relies on backups seeing only the index written after their lock (docs/format.md).
+        """
+        with self._locker.hold(EXCLUSIVE if exclusive else SHARED):
+            self._resync_index()
+            yield
+
+    @contextmanager
+    def prune_lock(self) -> Iterator[str]:
+        """The lock prune holds: excludes other prunes and exclusive locks, not backups.
+        Yields the lock's object name."""
+        with self._locker.hold(PRUNE) as name:
+            self._resync_index()
+            yield name
+
+    def _resync_index(self) -> None:
+        with self._lock:
+            busy = bool(self._inflight or self._unindexed or self._open_packs)
+        if not busy:
+            self._sync_index()
+
+    # --- garbage collection (prune; the rule is in _gc.py and docs/format.md) -------------------
+
+    def gc_plan(self, live: Ids, *, max_unused: float) -> GcPlan:
+        """What a prune would delete and repack, given the sorted unique ids of every live chunk."""
+        self.flush()
+        sizes = {obj.name: obj.size_bytes for obj in self.storage.list(F.DATA_PREFIX)}
+        with self._lock:
+            return compute_plan(self._index, sizes, live, max_unused=max_unused)
+
+    def gc_start(self, plan: GcPlan, snapshots: list[str]) -> PendingDeletion:
+        """Repack, write the plan object, rewrite the index without the planned packs."""
+        return _collect.start(self, plan, snapshots)
+
+    def gc_pending(self) -> tuple[list[PendingDeletion], list[str]]:
+        """Pending deletions on the backend (oldest first) and names of damaged plan objects."""
+        return _collect.pending(self)
+
+    def gc_blocked_by(self, plan: PendingDeletion, own_lock: str) -> list[LockInfo]:
+        """Locks that keep ``plan`` from being carried out now."""
+        return _collect.blocked_by(self, plan, own_lock)
+
+    def gc_record_blocking(self, plan: PendingDeletion, locks: list[LockInfo]) -> str:
+        """Write down which locks block ``plan``; return the plan object's new name."""
+        return _collect.record_blocking(self, plan, locks)
+
+    def gc_finish(self, plan: PendingDeletion, new_live: Ids) -> _collect.GcResult:
+        """Delete ``plan``'s packs, keeping those that chunks in ``new_live`` need."""
+        return _collect.finish(self, plan, new_live)
+
+    def gc_drop_plan(self, name: str) -> None:
+        """Remove a (damaged) plan object; its packs are indexed again by the next backup."""
+        with suppress(ObjectNotFoundError):
+            self.storage.delete(name)
 
     def break_stale_locks(self) -> int:
         """Remove locks of dead processes on this host and locks not refreshed for 30 min."""
