@@ -365,18 +365,24 @@ class S3Storage:
         return f"{self.prefix}/{name}" if self.prefix else name
 
     def _check_bucket(self, operation: str, name: str) -> None:
-        """Once per storage: fail clearly if the bucket does not exist (S3 may not say so)."""
+        """Once per storage: fail clearly on a missing bucket or rejected credentials.
+
+        HEAD answers carry no error code, so a 404 or 403 on a HEAD of an object cannot
+        tell a missing bucket or a wrong secret from a missing object or a refusal; and
+        some stores create a missing bucket on PUT. A one-key listing answers with a code.
+        """
         if self._bucket_checked:
             return
         with self._check_lock:
             if self._bucket_checked:
                 return
             try:
-                self._client.head_bucket(Bucket=self.bucket)
+                self._client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
             except botocore.exceptions.ClientError as e:
-                if _status(e) == 404 or _code(e) in ("NoSuchBucket", "404", "NotFound"):
+                if _status(e) == 404 or _code(e) == "NoSuchBucket":
                     raise StorageError(self._no_bucket(operation, name)) from None
-                raise self._error(operation, name, e) from e
+                if _code(e) != "AccessDenied":  # may not list: the operation will tell
+                    raise self._error(operation, name, e) from e
             except botocore.exceptions.BotoCoreError as e:
                 raise self._error(operation, name, e) from e
             self._bucket_checked = True
