@@ -233,6 +233,12 @@ def test_backend_errors_reach_the_client_and_partial_block_status(tmp_path: Path
             assert len(extents) == 1 and extents[0].length == MiB
             assert len(c.block_status(0, MiB)) == 1
             assert c.read(0, 16) == bytes(10) + b"hello" + bytes(1)
+        with connect(server.address, structured_replies=False, timeout_s=5) as c:
+            assert c.read(8, 9) == b"\0\0hello\0\0"
+            with pytest.raises(NbdError, match="EIO"):
+                c.read(0, MiB)
+            assert c.read(10, 5) == b"hello"
+            assert not c.contexts
         nbd_uri = server.uri()
         assert nbd_uri.startswith("nbd://127.0.0.1:")
         start = time.monotonic()

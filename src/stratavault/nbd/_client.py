@@ -90,6 +90,7 @@ class NbdClient:
         self.request_bytes = max(1, min(request_bytes, self.max_request_bytes))
         self._recv_buf = bytearray(_RECV_BYTES)
         self._closed = False
+        self._broken = ""
 
     # -- properties ----------------------------------------------------------------------------
     @property
@@ -151,8 +152,9 @@ class NbdClient:
 
         def on_reply(event: ev.Reply) -> None:
             if isinstance(event, ev.SimpleReply):
-                view[:] = event.data
-                covered[0] = op.length
+                if not event.error:
+                    view[:] = event.data
+                    covered[0] = op.length
             elif isinstance(event, ev.DataChunk):
                 at = event.offset - op.offset
                 view[at : at + len(event.data)] = event.data
@@ -286,9 +288,23 @@ class NbdClient:
     def _run(self, ops: Iterable[_Op]) -> None:
         """Send the operations with up to ``in_flight`` outstanding; raise the first error
         after every sent request has its final reply."""
+        if self._broken:
+            raise NbdError(
+                f"NBD request on export {self.export!r}: the connection failed before "
+                f"({self._broken})"
+            )
         if self._closed:
             raise NbdError(f"NBD request on export {self.export!r}: the connection is closed")
-        source = iter(ops)
+        try:
+            failed = self._exchange(iter(ops))
+        except NbdError as exc:  # the stream is out of step: nothing more can be trusted
+            self._broken = str(exc)
+            self.close()
+            raise
+        if failed:
+            raise NbdError(failed[0])
+
+    def _exchange(self, source: Iterator[_Op]) -> list[str]:
         pending: dict[int, _Op] = {}
         failed: list[str] = []
         while True:
@@ -305,8 +321,7 @@ class NbdClient:
             if event.done:
                 del pending[event.handle]
                 failed.extend(op.errors)
-        if failed:
-            raise NbdError(failed[0])
+        return failed
 
     def _dispatch(self, op: _Op, event: ev.Reply) -> None:
         error = getattr(event, "error", 0)

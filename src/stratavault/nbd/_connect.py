@@ -61,16 +61,21 @@ def connect(
     timeout_s: float = 30.0,
     in_flight: int = 16,
     request_bytes: int = 2 * 1024 * 1024,
+    structured_replies: bool = True,
 ) -> NbdClient:
     """Open export ``export`` (or the URI's, or "") at ``address`` and negotiate structured
     replies and the ``meta_contexts`` (such as ``base:allocation``, ``qemu:dirty-bitmap:NAME``)
-    that the server knows; ``NbdClient.contexts`` says which it agreed to."""
+    that the server knows; ``NbdClient.contexts`` says which it agreed to.
+
+    ``in_flight`` requests of ``request_bytes`` each are kept outstanding when reading or
+    writing; ``timeout_s`` bounds every wait for the server."""
     addr = address if isinstance(address, NbdAddress) else NbdAddress.parse(address)
     name = export if export is not None else (addr.export or "")
     what = f"opening NBD export {name!r} at {addr}"
     hs = _Handshake(addr, timeout_s)
     try:
-        events = hs.option(hs.conn.send_option(c.OPT_STRUCTURED_REPLY))
+        if structured_replies:
+            hs.option(hs.conn.send_option(c.OPT_STRUCTURED_REPLY))
         contexts: dict[str, int] = {}
         if meta_contexts and hs.conn.structured_replies:
             events = hs.option(hs.conn.send_meta_context(name, list(meta_contexts), list_=False))

@@ -285,6 +285,8 @@ class _ClientSession:
             self.context_export != self.export_name or not self.conn.structured_replies
         ):
             return c.EINVAL, "no metadata context was negotiated"
+        if cmd == c.CMD_BLOCK_STATUS and req.length == 0:
+            return c.EINVAL, "block status of length 0"
         return 0, ""
 
     def _perform(self, req: ev.Request, backend: ExportBackend) -> None:
