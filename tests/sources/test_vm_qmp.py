@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from stratavault.errors import SourceError
-from stratavault.sources import QmpSession, list_vm_disks, vm_config
+from stratavault.sources import QmpSession, VmBackup, list_vm_disks, vm_config
 from tests.sources.vm_harness import MiB, Vm, make_vm, short_tmp
 
 __all__ = ["make_vm", "short_tmp"]  # fixtures
@@ -125,3 +125,19 @@ def test_vm_config_holds_the_command_line_and_disk_layout(make_vm: Callable[...,
     assert config["status"] == "prelaunch"
     assert [d["device"] for d in config["disks"]] == ["vda"]
     assert config["disks"][0]["filename"] == str(vm.disks[0])
+
+
+def test_disks_are_found_below_filter_nodes(make_vm: Callable[..., Vm], short_tmp: Path) -> None:
+    vm = make_vm((16,), throttle=True)
+    session = vm.start()
+    session.execute("block-dirty-bitmap-add", {"node": "disk0", "name": "bm"})
+    (disk,) = list_vm_disks(session)
+    assert (disk.device, disk.node_name, disk.format) == ("vda", "disk0", "qcow2")
+    with VmBackup(session, short_tmp / "s", find_guest_agent=False) as backup:
+        # A running backup puts a copy-before-write filter on top: still the same disk.
+        (during,) = list_vm_disks(session)
+        assert (during.node_name, during.bitmap("bm")) == ("disk0", disk.bitmap("bm"))
+        vm.write(session, "vda", 0x5A, 0, 64 * 1024)
+        assert backup.exports[0].node_name == "disk0"
+    (after,) = list_vm_disks(session)
+    assert [b.name for b in after.bitmaps] == ["stratavault-1", "bm"]

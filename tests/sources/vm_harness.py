@@ -36,6 +36,8 @@ class Vm:
     folder: Path
     disks: list[Path]
     guest_agent: bool = False
+    throttle: bool = False
+    """Put a throttle filter node between each device and its format node."""
     process: subprocess.Popen[bytes] | None = None
     sessions: list[QmpSession] = field(default_factory=list)
 
@@ -53,12 +55,21 @@ class Vm:
             "-nodefaults", "-display", "none", "-no-user-config", "-S",
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]  # fmt: skip
+        if self.throttle:
+            argv += ["-object", "throttle-group,id=tg0,x-bps-total=1000000000"]
         for i, disk in enumerate(self.disks):
             argv += [
                 "-blockdev", f"driver=file,node-name=file{i},filename={disk}",
                 "-blockdev", f"driver=qcow2,node-name=disk{i},file=file{i}",
-                "-device", f"virtio-blk-pci,drive=disk{i},id=vd{chr(ord('a') + i)}",
             ]  # fmt: skip
+            top = f"disk{i}"
+            if self.throttle:
+                top = f"throttle{i}"
+                argv += [
+                    "-blockdev",
+                    f"driver=throttle,node-name={top},throttle-group=tg0,file=disk{i}",
+                ]
+            argv += ["-device", f"virtio-blk-pci,drive={top},id=vd{chr(ord('a') + i)}"]
         if self.guest_agent:
             argv += [
                 "-chardev", f"socket,id=qga0,path={self.agent_path},server=on,wait=off",
@@ -138,7 +149,9 @@ def make_vm(short_tmp: Path) -> Iterator[Callable[..., Vm]]:
     """``make_vm(sizes_mib, guest_agent=False) -> Vm``: qcow2 disks created, QEMU not started."""
     vms: list[Vm] = []
 
-    def make(sizes_mib: tuple[int, ...] = (64, 32), *, guest_agent: bool = False) -> Vm:
+    def make(
+        sizes_mib: tuple[int, ...] = (64, 32), *, guest_agent: bool = False, throttle: bool = False
+    ) -> Vm:
         folder = short_tmp / f"vm{len(vms)}"
         folder.mkdir()
         disks = []
@@ -148,7 +161,7 @@ def make_vm(short_tmp: Path) -> Iterator[Callable[..., Vm]]:
                 ["qemu-img", "create", "-q", "-f", "qcow2", str(disk), f"{size}M"], check=True
             )
             disks.append(disk)
-        vm = Vm(folder, disks, guest_agent=guest_agent)
+        vm = Vm(folder, disks, guest_agent=guest_agent, throttle=throttle)
         vms.append(vm)
         return vm
 

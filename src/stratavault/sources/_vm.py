@@ -12,7 +12,10 @@ from stratavault.sources._qmp import QmpSession
 
 __all__ = ["DirtyBitmap", "VmDisk", "disk_by_node", "list_vm_disks", "vm_config"]
 
-_FILTER_DRIVERS = frozenset({"throttle", "copy-on-read", "preallocate", "compress", "blkdebug"})
+_FILTER_DRIVERS = frozenset(
+    {"throttle", "copy-on-read", "preallocate", "compress", "blkdebug", "copy-before-write"}
+)
+"""Drivers of filter nodes that sit above a disk's format node (a running backup adds one)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ def list_vm_disks(session: QmpSession) -> list[VmDisk]:
     other node uses as its child is listed, ``device`` being its node name.
     """
     nodes = {n["node-name"]: n for n in session.execute("query-named-block-nodes", {"flat": True})}
+    graph: dict[str, str] | None = None
     disks: list[VmDisk] = []
     for entry in session.execute("query-block"):
         inserted = entry.get("inserted")
@@ -72,8 +76,28 @@ def list_vm_disks(session: QmpSession) -> list[VmDisk]:
             continue
         qdev = str(entry.get("qdev") or "")
         device = entry.get("device") or _device_id(qdev)
-        disks.append(_disk(device, qdev, nodes[inserted["node-name"]], nodes))
+        node = nodes[inserted["node-name"]]
+        while node["drv"] in _FILTER_DRIVERS:
+            graph = _filter_children(session) if graph is None else graph
+            if node["node-name"] not in graph:
+                raise SourceError(
+                    f"reading the disk layout of {device} - no child below filter node"
+                    f" {node['node-name']!r}"
+                )
+            node = nodes[graph[node["node-name"]]]
+        disks.append(_disk(device, qdev, node))
     return disks
+
+
+def _filter_children(session: QmpSession) -> dict[str, str]:
+    """Node name -> node name of its ``file`` child, from the block graph."""
+    graph = session.execute("x-debug-query-block-graph")
+    names = {n["id"]: n["name"] for n in graph["nodes"] if n["type"] == "block-driver"}
+    return {
+        names[e["parent"]]: names[e["child"]]
+        for e in graph["edges"]
+        if e["name"] == "file" and e["parent"] in names and e["child"] in names
+    }
 
 
 def disk_by_node(session: QmpSession, node_name: str) -> VmDisk:
@@ -81,7 +105,7 @@ def disk_by_node(session: QmpSession, node_name: str) -> VmDisk:
     nodes = {n["node-name"]: n for n in session.execute("query-named-block-nodes", {"flat": True})}
     if node_name not in nodes:
         raise SourceError(f"looking up block node {node_name!r} on {session.socket_path} - absent")
-    return _disk(node_name, "", nodes[node_name], nodes)
+    return _disk(node_name, "", nodes[node_name])
 
 
 def _device_id(qdev: str) -> str:
@@ -91,12 +115,7 @@ def _device_id(qdev: str) -> str:
     return qdev
 
 
-def _disk(device: str, qdev: str, node: dict[str, Any], nodes: dict[str, Any]) -> VmDisk:
-    if node["drv"] in _FILTER_DRIVERS:
-        raise SourceError(
-            f"reading the disk layout of {device} - it sits below a {node['drv']!r} filter node,"
-            " which is not supported yet"
-        )
+def _disk(device: str, qdev: str, node: dict[str, Any]) -> VmDisk:
     name = node["node-name"]
     bitmaps = tuple(
         DirtyBitmap(
