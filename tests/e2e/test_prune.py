@@ -29,7 +29,7 @@ PASS = b"pw"
 PACK = 256 * 1024
 
 
-def open_repo(storage: Storage, cache: Path) -> Repository:
+def open_repo(storage: Storage, cache: Path | None) -> Repository:
     return Repository.open(storage, PASS, cache_dir=cache, pack_target_bytes=PACK)
 
 

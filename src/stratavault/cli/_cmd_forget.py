@@ -30,6 +30,12 @@ def register(
 ) -> None:
     """Add the command to the parser."""
     p = sub.add_parser("forget", parents=[common], help="remove snapshots a policy does not keep")
+    p.add_argument(
+        "snapshot_ids",
+        nargs="*",
+        metavar="SNAPSHOT",
+        help="remove exactly these snapshots (id prefixes) instead of applying a policy",
+    )
     for name in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
         p.add_argument(
             f"--keep-{name}",
@@ -82,7 +88,9 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
         within=ns.keep_within,
         tags=tuple(ns.keep_tag),
     )
-    group_by = [g for g in ns.group_by.split(",") if g]
+    if ns.snapshot_ids and not policy.empty:
+        raise UsageError("forget: give snapshot ids or --keep-* rules, not both")
+    group_by = [] if ns.snapshot_ids else [g for g in ns.group_by.split(",") if g]
     bad = set(group_by) - {"host", "paths", "tags"}
     if bad:
         raise UsageError(f"--group-by: unknown {sorted(bad)}; use host, paths, tags")
@@ -95,6 +103,7 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
             hosts=ns.hosts,
             tags=ns.tags,
             paths=ns.paths,
+            ids=ns.snapshot_ids,
             dry_run=ns.dry_run,
         )
         _report(out, groups, group_by, ns.dry_run, pruning=ns.prune)

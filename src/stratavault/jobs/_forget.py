@@ -15,6 +15,7 @@ from stratavault.snapshot import (
     RetentionDecision,
     RetentionPolicy,
     apply_retention,
+    find_snapshot,
     group_snapshots,
     load_snapshots,
     select_snapshots,
@@ -39,19 +40,26 @@ def forget_snapshots(
     hosts: Sequence[str] = (),
     tags: Sequence[str] = (),
     paths: Sequence[str] = (),
+    ids: Sequence[str] = (),
     dry_run: bool = False,
     tz: dt.tzinfo | None = None,
     clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
 ) -> list[ForgetGroup]:
     """Apply ``policy`` to each group of the selected snapshots; remove the unkept ones
-    (unless ``dry_run``). Takes the exclusive lock, so no backup runs meanwhile."""
+    (unless ``dry_run``). With ``ids`` (unique id prefixes), remove exactly those snapshots
+    instead (protected ones stay). Takes the exclusive lock, so no backup runs meanwhile."""
     with repo.lock(exclusive=not dry_run):
-        chosen = select_snapshots(load_snapshots(repo), hosts=hosts, tags=tags, paths=paths)
-        now = clock()
-        groups = [
-            ForgetGroup(key, apply_retention(members, policy, now=now, tz=tz))
-            for key, members in sorted(group_snapshots(chosen, by=group_by).items())
-        ]
+        if ids:
+            named = [find_snapshot(repo, ref) for ref in ids]
+            decisions = [RetentionDecision(s, ["protected"] if s.protected else []) for s in named]
+            groups = [ForgetGroup((), decisions)]
+        else:
+            chosen = select_snapshots(load_snapshots(repo), hosts=hosts, tags=tags, paths=paths)
+            now = clock()
+            groups = [
+                ForgetGroup(key, apply_retention(members, policy, now=now, tz=tz))
+                for key, members in sorted(group_snapshots(chosen, by=group_by).items())
+            ]
         if not dry_run:
             for group in groups:
                 for decision in group.decisions:
