@@ -1,12 +1,13 @@
-"""``stratavault repair index``: rebuild the index from the packs."""
+"""``stratavault repair index|snapshots``: rebuild the index from the packs; rewrite
+damaged snapshots without their unreadable parts."""
 
 from __future__ import annotations
 
 import argparse
 
 from stratavault.cli._context import GlobalOptions, open_repo
-from stratavault.cli._output import Output
-from stratavault.jobs import repair_index
+from stratavault.cli._output import Output, make_progress
+from stratavault.jobs import Cancellation, repair_index, repair_snapshots
 
 
 def register(
@@ -19,6 +20,19 @@ def register(
         "index", parents=[common], help="rebuild the index from the packs' own headers"
     )
     index.set_defaults(run=run_index)
+    snaps = what.add_parser(
+        "snapshots",
+        parents=[common],
+        help="rewrite damaged snapshots without their unreadable parts",
+    )
+    snaps.add_argument(
+        "snapshots", nargs="*", metavar="SNAPSHOT", help="only these (id prefix or 'latest')"
+    )
+    snaps.add_argument(
+        "--forget", action="store_true", help="remove each damaged original once repaired"
+    )
+    snaps.add_argument("--dry-run", action="store_true", help="only report what would be removed")
+    snaps.set_defaults(run=run_snapshots)
 
 
 def run_index(ns: argparse.Namespace, options: GlobalOptions) -> int:
@@ -38,6 +52,56 @@ def run_index(ns: argparse.Namespace, options: GlobalOptions) -> int:
             "packs": result.packs,
             "unreadable_packs": result.unreadable_packs,
             "damaged_index_objects": result.replaced_index_objects,
+        }
+    )
+    return 0
+
+
+def run_snapshots(ns: argparse.Namespace, options: GlobalOptions) -> int:
+    """Repair (or with --dry-run list) damaged snapshots and report each change."""
+    out = Output(json_mode=options.json, quiet=options.quiet)
+    progress = make_progress(json_mode=options.json, quiet=options.quiet)
+    with open_repo(options) as repo:
+        result = repair_snapshots(
+            repo,
+            snapshots=tuple(ns.snapshots),
+            forget=ns.forget,
+            dry_run=ns.dry_run,
+            progress=progress,
+            cancel=Cancellation(),
+        )
+    would = "would be " if result.dry_run else ""
+    for r in result.repaired:
+        if r.new_id is None:
+            out.text(
+                f"snapshot {r.original[:8]}: {len(r.removed)} damaged part(s) would be removed"
+            )
+        else:
+            gone = "; original forgotten" if r.forgotten else ""
+            out.text(f"snapshot {r.original[:8]}: repaired as {r.new_id[:8]}{gone}")
+        for e in r.removed:
+            out.text(f"  {e.path}: {e.error}")
+    if not result.repaired:
+        out.text(
+            f"checked {result.snapshots_checked} snapshots: no damaged snapshot, nothing to do"
+        )
+    else:
+        out.text(f"{len(result.repaired)} snapshot(s) {would}repaired")
+    out.data(
+        {
+            "message_type": "repair_snapshots",
+            "dry_run": result.dry_run,
+            "snapshots_checked": result.snapshots_checked,
+            "damages": result.damages,
+            "snapshots": [
+                {
+                    "original": r.original,
+                    "new_id": r.new_id,
+                    "forgotten": r.forgotten,
+                    "removed": [{"path": e.path, "error": e.error} for e in r.removed],
+                }
+                for r in result.repaired
+            ],
         }
     )
     return 0

@@ -23,6 +23,11 @@ from stratavault.jobs._progress import Cancellation, NullProgress, Progress, Pro
 from stratavault.jobs._protect import set_protection
 from stratavault.jobs._prune import PruneResult, live_chunk_ids, prune
 from stratavault.jobs._repair import RepairIndexResult, repair_index
+from stratavault.jobs._repair_snapshots import (
+    RepairSnapshotsResult,
+    SnapshotRepair,
+    repair_snapshots,
+)
 from stratavault.jobs._restore_disk import (
     DISK_FORMATS,
     RestoreDiskOptions,
@@ -50,10 +55,12 @@ __all__ = [
     "ProgressState",
     "PruneResult",
     "RepairIndexResult",
+    "RepairSnapshotsResult",
     "RestoreDiskOptions",
     "RestoreDiskResult",
     "RestoreOptions",
     "RestoreResult",
+    "SnapshotRepair",
     "SnapshotSize",
     "Subset",
     "backup_disks",
@@ -66,6 +73,7 @@ __all__ = [
     "live_chunk_ids",
     "prune",
     "repair_index",
+    "repair_snapshots",
     "restore_disk",
     "restore_files",
     "select_disk",

@@ -18,6 +18,7 @@ from stratavault.snapshot._retention import (
 )
 from stratavault.snapshot._snapshot import (
     FileError,
+    RepairRecord,
     Snapshot,
     SnapshotSummary,
     latest,
@@ -53,6 +54,7 @@ __all__ = [
     "FileError",
     "Node",
     "NodeType",
+    "RepairRecord",
     "RetentionDecision",
     "RetentionPolicy",
     "Snapshot",

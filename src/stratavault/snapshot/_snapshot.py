@@ -11,7 +11,7 @@ from stratavault.errors import IntegrityError, SnapshotNotFoundError, Unsupporte
 from stratavault.snapshot._disk import DiskRef
 from stratavault.types import ChunkId
 
-__all__ = ["FileError", "Snapshot", "SnapshotSummary", "latest", "select_snapshots"]
+__all__ = ["FileError", "RepairRecord", "Snapshot", "SnapshotSummary", "latest", "select_snapshots"]
 
 SNAPSHOT_VERSION = 1
 
@@ -22,6 +22,14 @@ class FileError:
 
     path: str
     error: str
+
+
+@dataclass(slots=True)
+class RepairRecord:
+    """What ``repair snapshots`` did: the damaged snapshot replaced, and each change."""
+
+    original: str
+    removed: list[FileError] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -65,6 +73,8 @@ class Snapshot:
     """The disks of an "image" or "vm" snapshot (absent from older documents: none)."""
     vm_config: dict[str, Any] | None = None
     """The VM's configuration (JSON-able: command line or domain XML, disk layout)."""
+    repair: RepairRecord | None = None
+    """Set on a snapshot written by ``repair snapshots`` (absent from other documents)."""
 
     @property
     def incomplete(self) -> bool:
@@ -95,6 +105,7 @@ class Snapshot:
             "protected": self.protected,
             **({"disks": [d.to_json() for d in self.disks]} if self.disks else {}),
             **({"vm_config": self.vm_config} if self.vm_config is not None else {}),
+            **({"repair": _repair_json(self.repair)} if self.repair is not None else {}),
         }
 
     @classmethod
@@ -122,9 +133,20 @@ class Snapshot:
                 protected=bool(doc.get("protected", False)),
                 disks=[DiskRef.from_json(d) for d in doc.get("disks", [])],
                 vm_config=doc.get("vm_config"),
+                repair=_repair_record(doc["repair"]) if doc.get("repair") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(f"snapshot {snapshot_id[:8]}: malformed document: {exc}") from exc
+
+
+def _repair_json(record: RepairRecord) -> dict[str, Any]:
+    removed = [{"path": e.path, "error": e.error} for e in record.removed]
+    return {"original": record.original, "removed": removed}
+
+
+def _repair_record(doc: dict[str, Any]) -> RepairRecord:
+    removed = [FileError(str(e["path"]), str(e["error"])) for e in doc.get("removed", [])]
+    return RepairRecord(str(doc["original"]), removed)
 
 
 def select_snapshots(
