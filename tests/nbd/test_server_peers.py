@@ -198,6 +198,8 @@ class FlakyBackend:
         self.data = bytearray(MiB)
 
     def read(self, offset: int, length: int) -> bytes:
+        if offset == 12345:
+            raise ValueError("a bug in the backend")
         if offset + length > MiB // 2:
             raise OSError(errno.EIO, "medium error in the test backend")
         return bytes(self.data[offset : offset + length])
@@ -229,6 +231,8 @@ def test_backend_errors_reach_the_client_and_partial_block_status(tmp_path: Path
                 c.read(0, MiB)
             with pytest.raises(NbdError, match="ENOSPC"):
                 c.write(0, b"full")
+            with pytest.raises(NbdError, match="EIO - internal error: ValueError"):
+                c.read(12345, 1)
             extents = list(c.extents())
             assert len(extents) == 1 and extents[0].length == MiB
             assert len(c.block_status(0, MiB)) == 1

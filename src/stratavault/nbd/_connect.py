@@ -79,7 +79,9 @@ def connect(
         contexts: dict[str, int] = {}
         if meta_contexts and hs.conn.structured_replies:
             events = hs.option(hs.conn.send_meta_context(name, list(meta_contexts), list_=False))
-            _final_error(events, what)
+            final = events[-1]
+            if not (isinstance(final, ev.OptionError) and final.reply_type == c.REP_ERR_UNSUP):
+                _final_error(events, what)  # a server without meta contexts: none agreed
             contexts = {e.name: e.context_id for e in events if isinstance(e, ev.MetaContext)}
         events = hs.option(hs.conn.send_go(name))
         _final_error(events, what)

@@ -261,6 +261,10 @@ class _ClientSession:
             log.warning("NBD export %r: request %d failed: %s", self.export_name, req.command, exc)
             message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             self._send(self.conn.reply_error_chunk(req.handle, code, message))
+        except Exception as exc:  # a bug in a backend costs this request, not the server
+            log.exception("NBD export %r: request %d failed", self.export_name, req.command)
+            message = f"internal error: {type(exc).__name__}"
+            self._send(self.conn.reply_error_chunk(req.handle, c.EIO, message))
 
     def _check(self, req: ev.Request, backend: ExportBackend) -> tuple[int, str]:
         cmd = req.command
