@@ -82,9 +82,11 @@ class _Rewriter:
 
     def lost(self, cid: ChunkId) -> bool:
         """Whether a chunk is missing or, in a pack the check names, unreadable."""
-        if not self.repo.has_chunk(cid):
+        try:
+            pack = self.repo.chunk_info(cid).pack  # also finds chunks of packs a prune plans
+        except _UNREADABLE:
             return True
-        if self.repo.chunk_info(cid).pack not in self.damaged_packs:
+        if pack not in self.damaged_packs:
             return False
         if cid not in self.readable:
             try:
