@@ -106,8 +106,11 @@ mkdir -p "$(dirname "$1")" && cat > "$1" && sync
 """
 
 # qemu-ga's guest-shutdown runs /sbin/shutdown; busybox has none, PID 1 is a shell.
+# Unmounting /data checkpoints its journal, so the disk reads clean without a replay.
 SHUTDOWN = """#!/bin/sh
 sync
+umount /data 2>/dev/null
+mount -o remount,ro / 2>/dev/null
 case "$*" in *-r*) exec reboot -f ;; esac
 exec poweroff -f
 """

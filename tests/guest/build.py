@@ -61,6 +61,7 @@ HOST_TOOLS = {
     "mke2fs": "e2fsprogs",
     "sfdisk": "fdisk",
     "dd": "coreutils",
+    "tar": "tar",
     "qemu-img": "qemu-utils",
     "qemu-io": "qemu-utils",
 }
@@ -181,7 +182,10 @@ def resolve_packages() -> list[_Deb]:
             fields[key] = value.strip()
     found = {d.package for d in debs}
     if set(names) - found:
-        raise GuestBuildError(f"look up package versions: not found: {sorted(set(names) - found)}")
+        raise GuestBuildError(
+            f"look up package versions: not found: {sorted(set(names) - found)}"
+            " (are apt's package lists there? apt-get update)"
+        )
     return debs
 
 
@@ -203,29 +207,56 @@ def download(debs: list[_Deb], dest: Path, log: Log) -> list[Path]:
     return [dest / d.filename for d in debs]
 
 
-def recipe_version(debs: list[_Deb]) -> str:
-    """A hash of this recipe's sources and the package versions: the cache key."""
+def _recipe_hash() -> str:
     h = hashlib.sha256(RECIPE_VERSION.encode())
     for name in ("build.py", "_elf.py", "_scripts.py"):
         h.update((Path(__file__).parent / name).read_bytes())
+    return h.hexdigest()
+
+
+def recipe_version(debs: list[_Deb]) -> str:
+    """A hash of this recipe's sources and the package versions: the cache key."""
+    h = hashlib.sha256(_recipe_hash().encode())
     for d in debs:
         h.update(d.filename.encode())
     return h.hexdigest()[:16]
 
 
+def _image(root: Path) -> GuestImage:
+    return GuestImage(root, root.name, root / "vmlinuz", root / "initrd.img", root / "boot.qcow2")
+
+
+def _built_versions(cache: Path) -> list[tuple[float, Path, dict[str, object]]]:
+    """(mtime, folder, manifest) of the finished builds in `cache`, newest first."""
+    found = []
+    for manifest in cache.glob("*/manifest.json"):
+        found.append((manifest.stat().st_mtime, manifest.parent, json.loads(manifest.read_text())))
+    return sorted(found, key=lambda t: t[0], reverse=True)
+
+
 def ensure_image(cache: Path | None = None, log: Log = lambda _m: None) -> GuestImage:
-    """The test guest of this machine, built into the cache on first use (safe across processes)."""
+    """The test guest of this machine, built into the cache on first use (safe across processes).
+
+    When apt cannot say which packages are current (no package lists), a build of this same
+    recipe already in the cache is used.
+    """
     check_host_tools()
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    debs = resolve_packages()
-    version = recipe_version(debs)
-    final = cache / version
+    try:
+        debs = resolve_packages()
+    except GuestBuildError as exc:
+        same = [p for _t, p, m in _built_versions(cache) if m.get("recipe") == _recipe_hash()]
+        if not same:
+            raise
+        log(f"using the cached build {same[0].name}: {exc}")
+        return _image(same[0])
+    final = cache / recipe_version(debs)
     with open(cache / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (final / "manifest.json").exists():
             files = download(debs, cache / "debs", log)
-            tmp = Path(tempfile.mkdtemp(prefix=f".build-{version}-", dir=cache))
+            tmp = Path(tempfile.mkdtemp(prefix=f".build-{final.name}-", dir=cache))
             try:
                 _build(tmp, debs, files, log)
                 tmp.chmod(0o755)
@@ -233,7 +264,15 @@ def ensure_image(cache: Path | None = None, log: Log = lambda _m: None) -> Guest
                 tmp.rename(final)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-    return GuestImage(final, version, final / "vmlinuz", final / "initrd.img", final / "boot.qcow2")
+            _prune_old_builds(cache, keep=final)
+    return _image(final)
+
+
+def _prune_old_builds(cache: Path, keep: Path) -> None:
+    """Remove other builds older than a day (another checkout may still use a recent one)."""
+    for mtime, folder, _m in _built_versions(cache):
+        if folder != keep and time.time() - mtime > 86400:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _build(out: Path, debs: list[_Deb], files: list[Path], log: Log) -> None:
@@ -241,7 +280,7 @@ def _build(out: Path, debs: list[_Deb], files: list[Path], log: Log) -> None:
     work = out / "work"
     kernel_root, rootfs = work / "kernel", work / "rootfs"
     work.mkdir()
-    _run(["dpkg-deb", "-x", str(files[0]), str(kernel_root)], f"extract {files[0].name}")
+    _extract_kernel(files[0], kernel_root)
     for deb in files[1:]:
         _run(["dpkg-deb", "-x", str(deb), str(rootfs)], f"extract {deb.name}")
     vmlinuz = sorted((kernel_root / "boot").glob("vmlinuz-*"))
@@ -258,9 +297,40 @@ def _build(out: Path, debs: list[_Deb], files: list[Path], log: Log) -> None:
         "packages": [d.filename for d in debs],
         "modules": [m.name for m in modules],
         "build_seconds": seconds,
+        "recipe": _recipe_hash(),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     log(f"built the test guest in {seconds} s")
+
+
+# What the build needs of the kernel package (a full extraction writes 400 MB).
+_KERNEL_DIRS = ("drivers/virtio", "drivers/block", "drivers/char", "fs", "crypto", "lib")
+_KERNEL_MEMBERS = (
+    "./boot/vmlinuz-*",
+    "./lib/modules/*/modules.builtin",
+    *(f"./lib/modules/*/kernel/{d}/*" for d in _KERNEL_DIRS),
+)
+
+
+def _extract_kernel(deb: Path, dest: Path) -> None:
+    """Unpack the kernel and the module folders the initramfs draws from."""
+    dest.mkdir()
+    what = f"extract {deb.name}"
+    dpkg = subprocess.Popen(
+        [_which("dpkg-deb") or "dpkg-deb", "--fsys-tarfile", str(deb)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert dpkg.stdout is not None
+    try:
+        tar = subprocess.run(["tar", "-x", "-C", str(dest), "--wildcards", *_KERNEL_MEMBERS],
+                             stdin=dpkg.stdout, capture_output=True, check=False)  # fmt: skip
+    finally:
+        dpkg.stdout.close()
+        dpkg_err = dpkg.stderr.read() if dpkg.stderr else b""
+        dpkg.wait()
+    if dpkg.returncode != 0 or tar.returncode != 0:
+        err = (dpkg_err + tar.stderr).decode(errors="replace").strip()
+        raise GuestBuildError(f"{what}: dpkg-deb --fsys-tarfile | tar -x failed: {err[-2000:]}")
 
 
 def _module_name(path: Path | str) -> str:

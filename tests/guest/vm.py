@@ -111,6 +111,7 @@ class GuestVM:
         self.append = image.append(*append)
         self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
         self._qmp: _JsonSocket | None = None
         self._qga: _JsonSocket | None = None
 
@@ -135,6 +136,7 @@ class GuestVM:
     def start(self) -> GuestVM:
         """Start QEMU (returns at once; wait for a marker next)."""
         self.log_path.touch()
+        self.started_at = time.monotonic()
         with open(self.rundir / "qemu.stderr", "wb") as err:
             self.proc = subprocess.Popen(
                 self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -147,8 +149,8 @@ class GuestVM:
         return self.log_path.read_text(errors="replace")
 
     def wait_for(self, marker: str = READY_MARKER, timeout: float = 120.0) -> float:
-        """Wait until `marker` appears on the console; the seconds it took since the start.
-        Fails early when QEMU exits."""
+        """Wait until `marker` appears on the console (at most `timeout` seconds from now);
+        the seconds since QEMU was started. Fails early when QEMU exits."""
         started = time.monotonic()
         while marker not in self.console():
             if self.proc is None or self.proc.poll() is not None:
@@ -156,7 +158,7 @@ class GuestVM:
             if time.monotonic() - started > timeout:
                 raise GuestError(f"wait for {marker!r}: not seen after {timeout} s{self._tail()}")
             time.sleep(0.05)
-        return time.monotonic() - started
+        return time.monotonic() - self.started_at
 
     def _tail(self) -> str:
         err = (self.rundir / "qemu.stderr").read_text(errors="replace").strip()
