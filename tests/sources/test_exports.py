@@ -47,6 +47,7 @@ def test_exported_members() -> None:
         "read_exclude_file",
         "read_file_extents",
         "read_xattrs",
+        "remove_backup_leftovers",
         "same_file_stat",
         "vm_config",
         "walk",

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from stratavault.errors import SourceError
-from stratavault.sources import QmpSession, VmBackup, find_guest_agent_socket, list_vm_disks
+from stratavault.sources import (
+    QmpSession,
+    VmBackup,
+    find_guest_agent_socket,
+    list_vm_disks,
+    remove_backup_leftovers,
+)
 from tests.sources.vm_harness import (
     KiB,
     MiB,
@@ -325,3 +331,36 @@ def test_agent_channel_without_an_agent_gives_crash_consistency(
 def test_vm_without_agent_channel_has_none(make_vm: Callable[..., Vm]) -> None:
     session = make_vm((16,)).start()
     assert find_guest_agent_socket(session) is None
+
+
+def test_leftovers_of_a_dead_backup_process_are_removed_and_the_chain_repaired(
+    make_vm: Callable[..., Vm], short_tmp: Path
+) -> None:
+    vm = make_vm((64, 32))
+    session = vm.start()
+    scratch = short_tmp / "scratch"
+    before = node_names(session)
+    with VmBackup(session, scratch, find_guest_agent=False) as first:
+        expected = chain(first)
+    vm.write(session, "vda", 0x01, 1 * MiB, 64 * KiB)
+    # A backup process that dies inside its backup: no teardown at all.
+    VmBackup(session, scratch, expected_bitmaps=expected, find_guest_agent=False).__enter__()
+    session.close()
+    session = vm.connect()
+    vm.write(session, "vda", 0x02, 3 * MiB, 64 * KiB)
+    with pytest.raises(SourceError, match="bitmap stratavault-1 is busy"):
+        VmBackup(session, scratch, expected_bitmaps=expected, find_guest_agent=False).__enter__()
+    removed = remove_backup_leftovers(session, scratch)
+    assert len([r for r in removed if r.startswith("export ")]) == 2
+    assert "NBD server" in removed
+    assert len([r for r in removed if r.startswith("file ")]) == 2
+    assert_torn_down(session, before, scratch)
+    with VmBackup(session, scratch, expected_bitmaps=expected, find_guest_agent=False) as backup:
+        vda, vdb = backup.exports
+        assert vda.bitmap_context == "qemu:dirty-bitmap:stratavault-1"
+        assert dirty_ranges(vda.uri, vda.bitmap_context) == [
+            (1 * MiB, 64 * KiB), (3 * MiB, 64 * KiB),
+        ]  # fmt: skip
+        assert vdb.bitmap_context is not None
+        assert dirty_ranges(vdb.uri, vdb.bitmap_context) == []
+    assert remove_backup_leftovers(session, scratch) == []

@@ -19,7 +19,7 @@ from stratavault.sources._entry import (
     same_file_stat,
 )
 from stratavault.sources._exclude import ExcludeMatcher, read_exclude_file
-from stratavault.sources._export import DiskExport
+from stratavault.sources._export import DiskExport, remove_backup_leftovers
 from stratavault.sources._guest_agent import GuestAgent
 from stratavault.sources._image_export import IMAGE_FORMATS, ImageExport
 from stratavault.sources._qmp import QmpSession
@@ -81,6 +81,7 @@ __all__ = [
     "read_exclude_file",
     "read_file_extents",
     "read_xattrs",
+    "remove_backup_leftovers",
     "same_file_stat",
     "vm_config",
     "walk",

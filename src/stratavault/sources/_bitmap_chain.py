@@ -90,8 +90,8 @@ def _usable(
         )  # fmt: skip
     if bitmap.busy:
         raise SourceError(
-            f"starting a backup of {disk.device} - bitmap {expected} is busy"
-            " (another backup of this VM running?)"
+            f"starting a backup of {disk.device} - bitmap {expected} is busy: another backup"
+            " of this VM is running, or one died and left its exports (remove_backup_leftovers)"
         )
     if bitmap.recording:
         return expected, None, None

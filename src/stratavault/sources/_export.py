@@ -33,7 +33,7 @@ from stratavault.sources._bitmap_chain import BitmapPlan, plan_bitmaps
 from stratavault.sources._qmp import QmpSession
 from stratavault.sources._vm import VmDisk
 
-__all__ = ["DiskExport", "ExportSession"]
+__all__ = ["DiskExport", "ExportSession", "remove_backup_leftovers"]
 
 _MAX_UNIX_PATH = 107
 _EVENT_TIMEOUT_S = 30.0
@@ -283,6 +283,38 @@ class ExportSession:
         ]  # fmt: skip
         self.session.execute("transaction", {"actions": actions})
         self.session.execute("block-dirty-bitmap-remove", {"node": node, "name": source})
+
+
+def remove_backup_leftovers(session: QmpSession, scratch_dir: Path | None = None) -> list[str]:
+    """Remove what a backup process that died mid-way left in QEMU; returns what was removed.
+
+    Exports, fleecing jobs and nodes carry Stratavault's names (``sv-exp*``, ``sv-job*``,
+    ``sv-fl*``); the NBD server is stopped when it served such exports, and overlays in
+    ``scratch_dir`` are deleted. Bitmaps are left to the next backup, which repairs its chain.
+    Call it only when no other backup of this VM can be running (hold a per-VM lock).
+    """
+    removed: list[str] = []
+    exports = [e["id"] for e in session.execute("query-block-exports")]
+    for export_id in (e for e in exports if e.startswith("sv-exp")):
+        session.execute("block-export-del", {"id": export_id, "mode": "hard"})
+        session.wait_event("BLOCK_EXPORT_DELETED", match={"id": export_id}, timeout_s=30)
+        removed.append(f"export {export_id}")
+    if any(e.startswith("sv-exp") for e in exports):
+        session.execute("nbd-server-stop")
+        removed.append("NBD server")
+    for job in session.execute("query-block-jobs"):
+        if job["device"].startswith("sv-job"):
+            session.execute("block-job-cancel", {"device": job["device"], "force": True})
+            session.wait_event("BLOCK_JOB_CANCELLED", match={"device": job["device"]}, timeout_s=30)
+            removed.append(f"job {job['device']}")
+    for node in session.execute("query-named-block-nodes", {"flat": True}):
+        if node["node-name"].startswith("sv-fl"):
+            session.execute("blockdev-del", {"node-name": node["node-name"]})
+            removed.append(f"node {node['node-name']}")
+    for leftover in sorted(scratch_dir.glob("fleece-*.qcow2")) if scratch_dir else []:
+        leftover.unlink(missing_ok=True)
+        removed.append(f"file {leftover}")
+    return removed
 
 
 def _export_name(device: str, index: int) -> str:
