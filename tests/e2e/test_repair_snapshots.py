@@ -161,6 +161,9 @@ def test_lost_data_pack(cli: Cli, tmp_path: Path, how: str) -> None:
     pack = cli.repo / first.pack
     if how == "delete":
         pack.unlink()
+        # The documented order: the index forgets the lost pack first, then its chunks are
+        # unindexed, which repair snapshots treats as lost.
+        assert cli("repair", "index").code == 0
     else:
         with open(pack, "r+b") as f:
             f.truncate(pack.stat().st_size // 2)
