@@ -7,13 +7,14 @@ import json
 import os
 import random
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from stratavault.errors import DataDamagedError, SourceError, UsageError
-from stratavault.jobs import BackupDisksOptions, backup_disks
+from stratavault.errors import DataDamagedError, Interrupted, SourceError, UsageError
+from stratavault.jobs import BackupDisksOptions, Cancellation, backup_disks
 from stratavault.repo import Repository
 from stratavault.snapshot import load_disk_index
 from stratavault.sources import RawDiskSource
@@ -232,3 +233,88 @@ def test_disk_and_file_snapshots_coexist(cli: Cli, tmp_path: Path) -> None:
     assert cli("restore", disk_id).code == UsageError.exit_code  # files need --target
     assert cli("restore", "disk", disk_id, "--to", tmp_path / "d.img").code == 1  # exists
     assert cli("restore", "disk", disk_id, "--changed-only", "--to", tmp_path / "y").code == 2
+
+
+@pytest.fixture
+def loop_devices(tmp_path: Path) -> Iterator[Callable[[Path], Path]]:
+    """Attach files as loop block devices (root only); detached at the end."""
+    attached: list[str] = []
+
+    def attach(backing: Path) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("loop devices need root")
+        proc = subprocess.run(
+            ["losetup", "--find", "--show", str(backing)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode != 0:
+            pytest.skip(f"losetup failed: {proc.stderr.strip()}")
+        attached.append(proc.stdout.strip())
+        return Path(attached[-1])
+
+    yield attach
+    for device in attached:
+        subprocess.run(["losetup", "-d", device], check=False)
+
+
+@pytest.mark.infra("root")
+def test_block_device_backup_and_restore(
+    cli: Cli, tmp_path: Path, loop_devices: Callable[[Path], Path]
+) -> None:
+    image = tmp_path / "disk.img"
+    regions = _make_image(image)
+    source = loop_devices(image)
+    cli("init")
+    backup = cli("backup", "image", source, "--name", "vdb", "--json")
+    assert backup.code == 0, backup.err
+    assert _json_summary(backup)["bytes_read"] == SIZE  # a device has no holes to skip
+    # Restore onto another device full of old data: zero chunks must be written as zeros.
+    other = tmp_path / "other.img"
+    other.write_bytes(b"\xa5" * SIZE)
+    target = loop_devices(other)
+    result = cli("restore", "disk", "latest", "--to", target, "--verify", "--json")
+    assert result.code == 0, result.err
+    assert _json_summary(result)["chunks_zeroed"] > 0
+    assert target.read_bytes() == image.read_bytes()
+    # Changed-only onto the device: one changed chunk is written back.
+    with target.open("r+b") as f:
+        f.seek(regions[2][0])
+        f.write(b"\x00garbage")
+    again = cli("restore", "disk", "latest", "--onto", target, "--changed-only", "--json")
+    assert again.code == 0, again.err
+    assert _json_summary(again)["chunks_written"] == 1
+    assert target.read_bytes() == image.read_bytes()
+
+
+def test_cancelled_backup_writes_no_snapshot_and_keeps_its_chunks(cli: Cli, tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    _make_image(image)
+    cli("init")
+    cancel = Cancellation()
+
+    class CancelsMidway(RawDiskSource):
+        """The real image; Ctrl-C arrives after some reads."""
+
+        reads = 0
+
+        def read(self, offset: int, length: int) -> bytes:
+            self.reads += 1
+            if self.reads == 4:
+                cancel.cancel()
+            return super().read(offset, length)
+
+    with _open(cli) as repo, CancelsMidway(image) as source:
+        options = BackupDisksOptions(paths=(str(image),), read_bytes=CHUNK)
+        with pytest.raises(Interrupted):
+            backup_disks(repo, [source], options, cancel=cancel)
+        assert list(repo.list_snapshots()) == []
+        kept = repo.stats().chunks
+        assert kept >= 3
+    backup = cli("backup", "image", image, "--json")
+    assert backup.code == 0, backup.err
+    summary = _json_summary(backup)
+    listing = json.loads(cli("ls", "latest", "--json").out.splitlines()[0])
+    assert summary["chunks_added"] == listing["data_chunks"] - kept  # the rest was reused
+    assert cli("check", "--read-data").code == 0
