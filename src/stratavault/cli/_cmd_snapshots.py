@@ -47,8 +47,12 @@ def snapshot_json(s: Snapshot) -> dict[str, object]:
 def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Print the matching snapshots, oldest first."""
     out = Output(json_mode=options.json, quiet=options.quiet)
+    damaged: list[tuple[str, str]] = []
     with open_repo(options) as repo:
-        snaps = select_snapshots(load_snapshots(repo), hosts=ns.hosts, tags=ns.tags, paths=ns.paths)
+        usable = load_snapshots(repo, damaged=damaged)
+        snaps = select_snapshots(usable, hosts=ns.hosts, tags=ns.tags, paths=ns.paths)
+    for sid, problem in damaged:
+        out.warn(f"snapshot {sid[:8]} is damaged and not listed: {problem}")
     out.data([snapshot_json(s) for s in snaps])
     rows = [
         (
@@ -64,4 +68,4 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     ]
     out.table(["ID", "Time", "Host", "Tags", "Size", "State", "Paths"], rows)
     out.text(f"{len(snaps)} snapshots")
-    return 0
+    return 12 if damaged else 0

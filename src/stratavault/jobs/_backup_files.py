@@ -349,7 +349,7 @@ def _finishancestors(run: _Run, dirs: dict[str, _Dir]) -> Node:
 def _pick_parent(
     repo: Repository, options: BackupFilesOptions, paths: list[str]
 ) -> Snapshot | None:
-    snaps = load_snapshots(repo)
+    snaps = load_snapshots(repo, damaged=[])  # a damaged snapshot is no parent
     if options.parent:
         sid = repo.resolve_snapshot_id(options.parent)
         return next(s for s in snaps if s.id == sid)

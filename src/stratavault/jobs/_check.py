@@ -109,6 +109,16 @@ class _Checker:
                 start, end = index.chunk_range(number)
                 self.refer(cid, snap.id, f"disk {ref.name} bytes {start}-{end}")
 
+    def check_index_packs(self) -> None:
+        """Every pack the index names must exist, used by a snapshot or not (those used by one
+        were reported with their snapshots already)."""
+        existing = {obj.name for obj in self.repo.storage.list("data/")}
+        reported = {d.object for d in self.result.damages}
+        for pack in sorted(self.repo.indexed_packs() - existing):
+            if f"pack {pack}" in reported:
+                continue
+            self.damage(f"pack {pack}", "in the index but missing (run `repair index`)", [])
+
     def check_chunks(self, read_data: bool, subset: Subset | None) -> None:
         existing = {obj.name for obj in self.repo.storage.list("data/")}
         by_pack: dict[str, list[ChunkId]] = defaultdict(list)
@@ -186,8 +196,12 @@ def check_repository(
     damage found, it is listed in the result."""
     checker = _Checker(repo, progress or NullProgress(), cancel or Cancellation())
     with repo.lock(exclusive=False):
-        snapshots = load_snapshots(repo)
-        checker.result.snapshots = len(snapshots)
+        damaged: list[tuple[str, str]] = []
+        snapshots = load_snapshots(repo, damaged=damaged)
+        checker.result.snapshots = len(snapshots) + len(damaged)
+        for sid, problem in damaged:
+            fix = "restore the object from a copy, or remove it with `forget`"
+            checker.damage(f"snapshot {sid}", f"{problem} ({fix})", [(sid, "/")])
         for name in repo.damaged_index_names():
             checker.damage(name, "index object damaged (run `repair index`)", [])
         for snap in snapshots:
@@ -195,5 +209,6 @@ def check_repository(
                 checker.walk(snap, snap.tree, "")
             checker.walk_disks(snap)
         checker.check_chunks(read_data or subset is not None, subset)
+        checker.check_index_packs()
     checker.progress.done(checker.state)
     return checker.result

@@ -10,10 +10,12 @@ import datetime as dt
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from stratavault.errors import DataDamagedError
 from stratavault.repo import Repository
 from stratavault.snapshot import (
     RetentionDecision,
     RetentionPolicy,
+    Snapshot,
     apply_retention,
     find_snapshot,
     group_snapshots,
@@ -30,6 +32,19 @@ class ForgetGroup:
 
     key: tuple[str, ...]
     decisions: list[RetentionDecision]
+
+
+def _named(repo: Repository, ref: str) -> RetentionDecision:
+    """The decision for a snapshot named on the command line (removed unless protected); a
+    damaged snapshot object is removed too, under a placeholder."""
+    try:
+        snap = find_snapshot(repo, ref)
+    except DataDamagedError:
+        sid = repo.resolve_snapshot_id(ref)
+        placeholder = Snapshot(dt.datetime.fromtimestamp(0, dt.UTC), "?", ["(damaged)"], None)
+        placeholder.id = sid
+        return RetentionDecision(placeholder, [])
+    return RetentionDecision(snap, ["protected"] if snap.protected else [])
 
 
 def forget_snapshots(
@@ -50,11 +65,10 @@ def forget_snapshots(
     instead (protected ones stay). Takes the exclusive lock, so no backup runs meanwhile."""
     with repo.lock(exclusive=not dry_run):
         if ids:
-            named = [find_snapshot(repo, ref) for ref in ids]
-            decisions = [RetentionDecision(s, ["protected"] if s.protected else []) for s in named]
-            groups = [ForgetGroup((), decisions)]
+            groups = [ForgetGroup((), [_named(repo, ref) for ref in ids])]
         else:
-            chosen = select_snapshots(load_snapshots(repo), hosts=hosts, tags=tags, paths=paths)
+            usable = load_snapshots(repo, damaged=[])  # damaged ones go only when named
+            chosen = select_snapshots(usable, hosts=hosts, tags=tags, paths=paths)
             now = clock()
             groups = [
                 ForgetGroup(key, apply_retention(members, policy, now=now, tz=tz))

@@ -267,6 +267,11 @@ class Repository:
             self._pending = pending
         return pending
 
+    def indexed_packs(self) -> set[str]:
+        """Names of the packs the index has entries for."""
+        with self._lock:
+            return {name for name, _entries in self._index.by_pack()}
+
     def chunk_info(self, chunk_id: ChunkId) -> ChunkInfo:
         """Pack name, offset, stored and raw length and kind of a chunk."""
         pack, entry, _ = self._locate(chunk_id)
@@ -446,9 +451,12 @@ class Repository:
         """The document of snapshot ``snapshot_id``; SnapshotNotFoundError if absent."""
         return _snapshots.load(self.storage, self._keys, snapshot_id)
 
-    def list_snapshots(self) -> Iterator[tuple[str, dict[str, Any]]]:
-        """Every snapshot as ``(id, document)``, in no given order."""
-        return _snapshots.list_all(self.storage, self._keys)
+    def list_snapshots(
+        self, damaged: list[tuple[str, str]] | None = None
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Every snapshot as ``(id, document)``, in no given order. A damaged snapshot object
+        raises DataDamagedError, or, with ``damaged`` given, is listed there and skipped."""
+        return _snapshots.list_all(self.storage, self._keys, damaged)
 
     def resolve_snapshot_id(self, prefix: str) -> str:
         """The full id of the one snapshot whose id starts with ``prefix``."""

@@ -7,7 +7,13 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from stratavault.errors import ObjectNotFoundError, SnapshotNotFoundError, UsageError
+from stratavault.errors import (
+    DataDamagedError,
+    IntegrityError,
+    ObjectNotFoundError,
+    SnapshotNotFoundError,
+    UsageError,
+)
 from stratavault.repo import _formats as F
 from stratavault.repo._crypto import MasterKeys, compress, content_hash
 from stratavault.repo._reading import open_document
@@ -49,13 +55,26 @@ def ids(storage: Storage) -> list[str]:
     return [o.name.removeprefix(F.SNAPSHOTS_PREFIX) for o in storage.list(F.SNAPSHOTS_PREFIX)]
 
 
-def list_all(storage: Storage, keys: MasterKeys) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Every snapshot with its document."""
+def list_all(
+    storage: Storage, keys: MasterKeys, damaged: list[tuple[str, str]] | None = None
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every snapshot with its document. A damaged one raises, or with ``damaged`` given is
+    skipped and appended there as ``(id, message)``."""
     for snapshot_id in ids(storage):
         try:
             yield snapshot_id, load(storage, keys, snapshot_id)
         except SnapshotNotFoundError:
             continue  # removed while listing
+        except (DataDamagedError, ValueError) as exc:
+            if damaged is None:
+                raise _damaged(snapshot_id, exc) from exc
+            damaged.append((snapshot_id, str(_damaged(snapshot_id, exc))))
+
+
+def _damaged(snapshot_id: str, exc: Exception) -> DataDamagedError:
+    if isinstance(exc, DataDamagedError):
+        return exc
+    return IntegrityError(f"reading snapshot {snapshot_id} - malformed: {exc}")
 
 
 def resolve(storage: Storage, prefix: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from stratavault.errors import SnapshotNotFoundError, UsageError
+from stratavault.errors import DataDamagedError, SnapshotNotFoundError, UsageError
 from stratavault.repo import Repository
 from stratavault.snapshot._snapshot import Snapshot, latest, select_snapshots
 from stratavault.snapshot._tree import (
@@ -61,9 +61,23 @@ def save_snapshot(repo: Repository, snapshot: Snapshot) -> str:
     return snapshot.id
 
 
-def load_snapshots(repo: Repository) -> list[Snapshot]:
-    """Return every snapshot of the repository, oldest first."""
-    found = [Snapshot.from_document(sid, doc) for sid, doc in repo.list_snapshots()]
+def load_snapshots(
+    repo: Repository, *, damaged: list[tuple[str, str]] | None = None
+) -> list[Snapshot]:
+    """Return every snapshot of the repository, oldest first.
+
+    A damaged snapshot raises DataDamagedError; with ``damaged`` given, it is skipped and
+    listed there as ``(id, message)`` (listing, restoring and backing up need not stop for
+    it; prune must, as it cannot know what the snapshot references).
+    """
+    found = []
+    for sid, doc in repo.list_snapshots(damaged):
+        try:
+            found.append(Snapshot.from_document(sid, doc))
+        except DataDamagedError as exc:
+            if damaged is None:
+                raise
+            damaged.append((sid, str(exc)))
     return sorted(found, key=lambda s: (s.time, s.id))
 
 
@@ -72,7 +86,8 @@ def find_snapshot(
 ) -> Snapshot:
     """Resolve ``latest`` (optionally filtered) or a unique id prefix to a snapshot."""
     if ref == "latest":
-        return latest(select_snapshots(load_snapshots(repo), hosts=hosts, paths=paths))
+        usable = load_snapshots(repo, damaged=[])
+        return latest(select_snapshots(usable, hosts=hosts, paths=paths))
     if not ref or any(c not in "0123456789abcdef" for c in ref):
         raise UsageError(f"snapshot {ref!r}: expected 'latest' or a hex id prefix")
     sid = repo.resolve_snapshot_id(ref)

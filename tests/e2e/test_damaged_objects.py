@@ -1,0 +1,85 @@
+"""Damaged snapshot objects and packs no snapshot uses: named precisely, the rest usable."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from stratavault.errors import DataDamagedError
+from tests.e2e.conftest import Cli
+
+
+def _two_snapshots(cli: Cli, tmp_path: Path) -> tuple[str, str, Path]:
+    assert cli("init").code == 0
+    ids = []
+    for name in ("a", "b"):
+        src = tmp_path / name
+        src.mkdir()
+        (src / "data").write_bytes(os.urandom(200_000))
+        res = cli("backup", "files", src, "--json")
+        assert res.code == 0, res.err
+        ids.append(str(res.json_lines()[-1]["snapshot_id"]))
+    return ids[0], ids[1], tmp_path / "b"
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_snapshot_object(cli: Cli, tmp_path: Path, damage: str) -> None:
+    bad, good, good_src = _two_snapshots(cli, tmp_path)
+    obj = cli.repo / "snapshots" / bad
+    raw = bytearray(obj.read_bytes())
+    if damage == "flip":
+        raw[len(raw) // 2] ^= 0x01
+    else:
+        del raw[len(raw) // 2 :]
+    obj.write_bytes(bytes(raw))
+
+    listing = cli("snapshots")
+    assert listing.code == DataDamagedError.exit_code
+    assert bad[:8] in listing.err and "damaged" in listing.err
+    assert good[:8] in listing.out and bad[:8] not in listing.out
+
+    check = cli("check", "--json")
+    assert check.code == DataDamagedError.exit_code
+    damages = check.json_lines()[-1]["damages"]
+    assert [d["object"] for d in damages] == [f"snapshot {bad}"]  # type: ignore[index]
+
+    target = tmp_path / "out"
+    assert cli("restore", good, "--target", target).code == 0
+    assert (target / good_src.relative_to("/") / "data").read_bytes() == (
+        good_src / "data"
+    ).read_bytes()
+
+    refused = cli("prune")
+    assert refused.code == DataDamagedError.exit_code and bad in refused.err
+
+    assert cli("forget", bad[:10]).code == 0
+    assert cli("check", "--read-data").code == 0
+    assert cli("prune").code == 0
+    assert cli("check", "--read-data").code == 0
+
+
+def test_missing_pack_that_no_snapshot_uses(cli: Cli, tmp_path: Path) -> None:
+    gone, _keep, _src = _two_snapshots(cli, tmp_path)
+    assert cli("forget", gone).code == 0
+    packs = sorted((cli.repo / "data").rglob("*"))
+    packs = [p for p in packs if p.is_file()]
+    checked_before = cli("check")
+    assert checked_before.code == 0
+    # Delete packs one at a time until one that no snapshot needs is gone.
+    for pack in packs:
+        saved = pack.read_bytes()
+        pack.unlink()
+        if cli("restore", "latest", "--target", tmp_path / f"r{pack.name}").code == 0:
+            break
+        pack.write_bytes(saved)
+    else:
+        pytest.fail("every pack is used by the kept snapshot")
+    res = cli("check", "--json")
+    assert res.code == DataDamagedError.exit_code
+    damage = res.json_lines()[-1]["damages"][0]
+    assert pack.name in damage["object"] and "missing" in damage["problem"]  # type: ignore[index]
+    assert damage["snapshots"] == []  # type: ignore[index]
+    assert cli("repair", "index").code == 0
+    assert cli("check", "--read-data").code == 0
