@@ -318,3 +318,32 @@ def test_cancelled_backup_writes_no_snapshot_and_keeps_its_chunks(cli: Cli, tmp_
     listing = json.loads(cli("ls", "latest", "--json").out.splitlines()[0])
     assert summary["chunks_added"] == listing["data_chunks"] - kept  # the rest was reused
     assert cli("check", "--read-data").code == 0
+
+
+def test_prune_keeps_what_disk_snapshots_use(cli: Cli, tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    regions = _make_image(image)
+    cli("init")
+    assert cli("backup", "image", image, "-q").code == 0
+    first = _last_json(cli("snapshots", "--json"))[0]["id"]
+    original = image.read_bytes()
+    _modify(image, [(regions[0][0], 3 * CHUNK), (regions[9][0] + 7, 100)])
+    modified = image.read_bytes()
+    gone = sum(  # data chunks of the first snapshot that the second does not have
+        1
+        for n in range(SIZE // CHUNK)
+        if original[n * CHUNK : (n + 1) * CHUNK]
+        not in (bytes(CHUNK), modified[n * CHUNK : (n + 1) * CHUNK])
+    )
+    assert gone >= 4
+    assert cli("backup", "image", image, "-q").code == 0
+    assert cli("forget", first).code == 0
+    before = _last_json(cli("stats", "--json"))["chunks"]
+    pruned = cli("prune", "--max-unused", "0%")
+    assert pruned.code == 0, pruned.err
+    # The first snapshot's own chunks and its index segment went; everything else stayed.
+    assert _last_json(cli("stats", "--json"))["chunks"] == before - gone - 1
+    target = tmp_path / "after-prune.img"
+    assert cli("restore", "disk", "latest", "--to", target).code == 0
+    assert target.read_bytes() == image.read_bytes()
+    assert cli("check", "--read-data").code == 0
