@@ -364,3 +364,53 @@ def test_leftovers_of_a_dead_backup_process_are_removed_and_the_chain_repaired(
         assert vdb.bitmap_context is not None
         assert dirty_ranges(vdb.uri, vdb.bitmap_context) == []
     assert remove_backup_leftovers(session, scratch) == []
+
+
+def test_raw_disk_gets_an_in_memory_chain(make_vm: Callable[..., Vm], short_tmp: Path) -> None:
+    vm = make_vm((16,), fmt="raw")
+    session = vm.start()
+    with VmBackup(session, short_tmp / "s", find_guest_agent=False) as first:
+        expected = chain(first)
+    (disk,) = list_vm_disks(session)
+    bitmap = disk.bitmap("stratavault-1")
+    assert disk.format == "raw" and bitmap is not None and not bitmap.persistent
+    vm.write(session, "vda", 0x01, 5 * MiB, 64 * KiB)
+    with VmBackup(session, short_tmp / "s", expected_bitmaps=expected) as second:
+        vda = second.exports[0]
+        assert vda.bitmap_context is not None
+        assert dirty_ranges(vda.uri, vda.bitmap_context) == [(5 * MiB, 64 * KiB)]
+        ref = reference_image(short_tmp / "ref.qcow2", 16 * MiB, [(0x01, 5 * MiB, 64 * KiB)])
+        assert compare(vda.uri, ref).returncode == 0
+
+
+def test_disk_on_a_backing_chain_is_exported_whole(
+    make_vm: Callable[..., Vm], short_tmp: Path
+) -> None:
+    base = reference_image(short_tmp / "base.qcow2", 32 * MiB, [(0x0B, 0, 2 * MiB)])
+    vm = make_vm((32,), backing=base)
+    session = vm.start()
+    vm.write(session, "vda", 0x0C, 1 * MiB, 64 * KiB)
+    with VmBackup(session, short_tmp / "s", find_guest_agent=False) as backup:
+        vda = backup.exports[0]
+        vm.write(session, "vda", 0x0D, 0, 64 * KiB)
+        ref = reference_image(
+            short_tmp / "ref.qcow2", 32 * MiB, [(0x0B, 0, 2 * MiB), (0x0C, 1 * MiB, 64 * KiB)]
+        )
+        assert compare(vda.uri, ref).returncode == 0
+        assert data_ranges(vda.uri)[0] == (0, 2 * MiB)
+
+
+def test_disk_grown_between_backups(make_vm: Callable[..., Vm], short_tmp: Path) -> None:
+    vm = make_vm((16,))
+    session = vm.start()
+    with VmBackup(session, short_tmp / "s", find_guest_agent=False) as first:
+        expected = chain(first)
+    session.execute("block_resize", {"node-name": "disk0", "size": 24 * MiB})
+    vm.write(session, "vda", 0x01, 20 * MiB, 64 * KiB)  # in the new part
+    with VmBackup(session, short_tmp / "s", expected_bitmaps=expected) as second:
+        vda = second.exports[0]
+        assert vda.size_bytes == 24 * MiB
+        assert vda.bitmap_context is not None
+        assert dirty_ranges(vda.uri, vda.bitmap_context) == [(20 * MiB, 64 * KiB)]
+        ref = reference_image(short_tmp / "ref.qcow2", 24 * MiB, [(0x01, 20 * MiB, 64 * KiB)])
+        assert compare(vda.uri, ref).returncode == 0

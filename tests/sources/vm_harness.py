@@ -31,7 +31,7 @@ ACCEL = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
 
 @dataclass
 class Vm:
-    """A QEMU process with qcow2 disks ``vda``, ``vdb``... and a QMP socket."""
+    """A QEMU process with disks ``vda``, ``vdb``... (qcow2 or raw, by suffix), a QMP socket."""
 
     folder: Path
     disks: list[Path]
@@ -60,7 +60,7 @@ class Vm:
         for i, disk in enumerate(self.disks):
             argv += [
                 "-blockdev", f"driver=file,node-name=file{i},filename={disk}",
-                "-blockdev", f"driver=qcow2,node-name=disk{i},file=file{i}",
+                "-blockdev", f"driver={disk.suffix[1:]},node-name=disk{i},file=file{i}",
             ]  # fmt: skip
             top = f"disk{i}"
             if self.throttle:
@@ -150,15 +150,22 @@ def make_vm(short_tmp: Path) -> Iterator[Callable[..., Vm]]:
     vms: list[Vm] = []
 
     def make(
-        sizes_mib: tuple[int, ...] = (64, 32), *, guest_agent: bool = False, throttle: bool = False
+        sizes_mib: tuple[int, ...] = (64, 32),
+        *,
+        guest_agent: bool = False,
+        throttle: bool = False,
+        fmt: str = "qcow2",
+        backing: Path | None = None,
     ) -> Vm:
+        """Disks of ``fmt`` (qcow2 or raw); with ``backing``, qcow2 overlays of that image."""
         folder = short_tmp / f"vm{len(vms)}"
         folder.mkdir()
         disks = []
         for i, size in enumerate(sizes_mib):
-            disk = folder / f"disk{i}.qcow2"
+            disk = folder / f"disk{i}.{fmt}"
+            base = ["-b", str(backing), "-F", "qcow2"] if backing else []
             subprocess.run(
-                ["qemu-img", "create", "-q", "-f", "qcow2", str(disk), f"{size}M"], check=True
+                ["qemu-img", "create", "-q", "-f", fmt, *base, str(disk), f"{size}M"], check=True
             )
             disks.append(disk)
         vm = Vm(folder, disks, guest_agent=guest_agent, throttle=throttle)
