@@ -103,8 +103,14 @@ class GuestImage:
 
 
 def cache_dir() -> Path:
-    """The cache folder: ``$STRATAVAULT_GUEST_CACHE`` or the default."""
-    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+    """The cache folder: ``$STRATAVAULT_GUEST_CACHE``, else the default when this user may
+    write there, else ``~/.cache/stratavault-test-guest``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    usable = DEFAULT_CACHE if DEFAULT_CACHE.exists() else DEFAULT_CACHE.parent
+    if os.access(usable, os.W_OK):
+        return DEFAULT_CACHE
+    return Path.home() / ".cache" / DEFAULT_CACHE.name
 
 
 def _which(tool: str) -> str | None:
