@@ -60,11 +60,18 @@ class Peers:
         return sock
 
     def qemu_nbd(
-        self, image: Path, fmt: str, *, export: str = "disk", extra: tuple[str, ...] = ()
+        self,
+        image: Path,
+        fmt: str,
+        *,
+        export: str = "disk",
+        extra: tuple[str, ...] = (),
+        read_only: bool = True,
     ) -> Path:
-        """qemu-nbd serving ``image`` read-only on a unix socket (many clients allowed)."""
+        """qemu-nbd serving ``image`` on a unix socket (many clients allowed)."""
         sock = self.tmp / f"qnbd-{len(self.procs)}.sock"
-        args = ["qemu-nbd", "-f", fmt, "-k", str(sock), "-x", export, "-r", "-e", "4", "-t"]
+        args = ["qemu-nbd", "-f", fmt, "-k", str(sock), "-x", export, "-e", "4", "-t"]
+        args += ["-r"] if read_only else []
         return self._start([*args, *extra, str(image)], sock)
 
     def storage_daemon(self, qcow2: Path, *, export: str, bitmap: str) -> Path:
@@ -85,9 +92,10 @@ class Peers:
 
     def stop(self) -> None:
         """Terminate every process started."""
-        for proc in self.procs:
+        procs, self.procs = self.procs, []
+        for proc in procs:
             proc.terminate()
-        for proc in self.procs:
+        for proc in procs:
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:

@@ -265,3 +265,29 @@ def test_unknown_export_and_option_are_refused(ours: NbdServer) -> None:
         [event] = recv_events(sock, conn, 1)
         assert getattr(event, "reply_type", None) == c.REP_ERR_UNSUP
     still_serving(ours)
+
+
+def answers_backwards(sock: socket.socket, conn: ServerConnection, req: Request) -> None:
+    """Wait for four requests in flight, then answer them last first, each in two chunks."""
+    requests = [req]
+    while len(requests) < 4:
+        event = conn.next_event()
+        if event is NEED_DATA:
+            conn.receive_data(sock.recv(65536))
+        elif isinstance(event, Request):
+            requests.append(event)
+    for r in reversed(requests):
+        half = r.length // 2
+        fill = bytes([r.offset // 4096 + 1]) * (r.length - half)
+        sock.sendall(conn.reply_hole(r.handle, r.offset, half, done=False))
+        sock.sendall(conn.reply_data_header(r.handle, r.offset + half, len(fill), done=True) + fill)
+
+
+def test_client_pipelines_and_accepts_replies_out_of_order(
+    fake: Callable[..., FakeServer],
+) -> None:
+    server = fake(answers_backwards)
+    with connect(server.path, "x", timeout_s=2, in_flight=4, request_bytes=4096) as client:
+        data = client.read(0, 4 * 4096)
+    expected = b"".join(bytes(2048) + bytes([i + 1]) * 2048 for i in range(4))
+    assert data == expected

@@ -73,8 +73,8 @@ class NbdClient:
         block_sizes: tuple[int, int, int] | None,
         contexts: dict[str, int],
         timeout_s: float,
-        in_flight: int = 16,
-        request_bytes: int = 2 * 1024 * 1024,
+        in_flight: int = 32,
+        request_bytes: int = 512 * 1024,
     ) -> None:
         self._sock = sock
         self._conn = conn

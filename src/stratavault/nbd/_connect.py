@@ -59,8 +59,8 @@ def connect(
     *,
     meta_contexts: Sequence[str] = (),
     timeout_s: float = 30.0,
-    in_flight: int = 16,
-    request_bytes: int = 2 * 1024 * 1024,
+    in_flight: int = 32,
+    request_bytes: int = 512 * 1024,
     structured_replies: bool = True,
 ) -> NbdClient:
     """Open export ``export`` (or the URI's, or "") at ``address`` and negotiate structured
