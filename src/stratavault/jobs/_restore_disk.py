@@ -19,6 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from stratavault.errors import RestoreError, SnapshotNotFoundError, UsageError
 from stratavault.jobs._backup_disk import is_zero
 from stratavault.jobs._progress import (
@@ -149,33 +151,30 @@ class _DiskRestore:
         return is_zero(data) if cid is None else self.repo.chunk_id(data) == cid
 
     def plan(self) -> tuple[dict[ChunkId, list[int]], list[int]]:
-        """Where each chunk goes, and which chunks to zero."""
+        """Where each chunk goes, and which chunks to zero (none on a new sparse file)."""
+        mask = self.index.data_mask()
         if self.options.changed_only:
             self.state.phase, self.state.bytes_total = "compare", self.index.size_bytes
-            numbers = self.scan(self.same)
+            differ = np.zeros(self.index.chunk_count, np.bool_)
+            differ[self.scan(self.same)] = True
             self.result.bytes_read = self.state.bytes_done
-            self.result.chunks_unchanged = self.index.chunk_count - len(numbers)
+            self.result.chunks_unchanged = self.index.chunk_count - int(differ.sum())
         else:
-            numbers = list(range(self.index.chunk_count))
+            differ = np.ones(self.index.chunk_count, np.bool_)
         places: dict[ChunkId, list[int]] = defaultdict(list)
-        zeros: list[int] = []
-        for number in numbers:
-            cid = self.index.get(number)
-            if cid is None:
-                zeros.append(number)
-            else:
-                places[cid].append(number)
+        for number in np.flatnonzero(differ & mask):
+            places[ChunkId(self.index.ids[number].tobytes())].append(int(number))
+        zeros = [] if self.target.fresh else np.flatnonzero(differ & ~mask).tolist()
         return places, zeros
 
     def write(self, places: dict[ChunkId, list[int]], zeros: list[int]) -> None:
-        """Zero what must be zero, then write the data chunks in pack order."""
+        """Zero what must be zero (in runs), then write the data chunks in pack order."""
         self.state.phase, self.state.bytes_done = "restore", 0
         self.state.bytes_total = sum(len(v) for v in places.values()) * self.index.chunk_bytes
-        for number in zeros:
-            start, end = self.index.chunk_range(number)
-            self.target.zero(start, end - start)
-        if not self.target.fresh:
-            self.result.chunks_zeroed = len(zeros)
+        for first, count in _runs(zeros):
+            start = self.index.chunk_range(first)[0]
+            self.target.zero(start, self.index.chunk_range(first + count - 1)[1] - start)
+        self.result.chunks_zeroed = len(zeros)
         by_pack: dict[str, list[ChunkId]] = defaultdict(list)
         for cid in places:
             by_pack[self.repo.chunk_info(cid).pack].append(cid)
@@ -219,6 +218,19 @@ class _DiskRestore:
             self.pool.shutdown(wait=True, cancel_futures=True)
             raise
         self.pool.shutdown(wait=True)
+
+
+def _runs(numbers: list[int]) -> Iterator[tuple[int, int]]:
+    """``(first, count)`` runs of consecutive numbers in a sorted list."""
+    first = prev = -2
+    for n in numbers:
+        if n != prev + 1:
+            if prev >= 0:
+                yield first, prev - first + 1
+            first = n
+        prev = n
+    if prev >= 0:
+        yield first, prev - first + 1
 
 
 def _check_options(options: RestoreDiskOptions) -> None:
