@@ -129,6 +129,7 @@ def test_freeze_just_before_and_thaw_right_after_the_transaction(
     agent = fake_agent(lambda command: seen.setdefault(command, jobs_and_bitmaps(session)))
     with VmBackup(session, short_tmp / "s", guest_agent_socket=agent.path) as backup:
         assert backup.consistency_text == "application-consistent (fs frozen)"
+        assert backup.frozen_s is not None
     # Frozen: nothing started yet. Thawed: both fleecing jobs run, both new bitmaps exist.
     assert seen["guest-fsfreeze-freeze"] == (0, [])
     assert seen["guest-fsfreeze-thaw"] == (2, ["stratavault-1", "stratavault-1"])
@@ -189,6 +190,9 @@ def test_real_guest_is_frozen_for_the_transaction_and_its_data_disk_is_clean(
         with VmBackup(session, short_tmp / "s", freeze_timeout_s=60) as backup:
             took = time.monotonic() - start
             assert backup.consistency_text == "application-consistent (fs frozen)"
+            assert backup.frozen_s is not None
+            print(f"guest frozen for {backup.frozen_s * 1000:.0f} ms (TCG)")
+            assert backup.frozen_s < 5
             vdb = next(e for e in backup.exports if e.device == "vdb")
             subprocess.run(["qemu-img", "convert", "-O", "raw", vdb.uri, str(copy)], check=True)
     with GuestAgent(vm.qga_path, timeout_s=30) as agent:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -67,12 +68,14 @@ class VmBackup:
         self.consistency = Consistency.CRASH
         self.consistency_detail = "no agent"
         """Why the point in time has its consistency ("fs frozen", "no agent", a failure)."""
+        self.frozen_s: float | None = None
+        """How long the guest's file systems stayed frozen (None: they were not)."""
         self.config: dict[str, Any] = {}
         """The VM's configuration (:func:`vm_config`) taken at the start."""
         self.exports: list[DiskExport] = []
         self._export: ExportSession | None = None
         self._agent: GuestAgent | None = None
-        self._frozen = False
+        self._frozen_at: float | None = None
 
     @property
     def consistency_text(self) -> str:
@@ -139,7 +142,7 @@ class VmBackup:
         if self._agent is None:
             return
         try:
-            self._frozen = True  # a timed-out freeze may still happen: always thaw
+            self._frozen_at = time.monotonic()  # a timed-out freeze may still happen: thaw
             count = self._agent.fsfreeze_freeze(timeout_s=self.freeze_timeout_s)
         except SourceError as exc:
             self.consistency_detail = f"fsfreeze failed: {exc}"
@@ -148,13 +151,15 @@ class VmBackup:
         self.consistency_detail = "fs frozen" if count else "fs frozen (no file systems)"
 
     def _thaw(self) -> None:
-        if self._agent is None or not self._frozen:
+        if self._agent is None or self._frozen_at is None:
             return
-        self._frozen = False
+        frozen_at, self._frozen_at = self._frozen_at, None
         errors = []
         for _ in range(3):
             try:
                 self._agent.fsfreeze_thaw(timeout_s=self.freeze_timeout_s)
+                if self.consistency is Consistency.APPLICATION:
+                    self.frozen_s = time.monotonic() - frozen_at
                 return
             except SourceError as exc:
                 errors.append(str(exc))
