@@ -91,7 +91,6 @@ CASES = {
     "appendonly-local": Case(lambda t: AppendOnlyStorage(_local(t)), append_only=True),
     "cached-local": Case(lambda t: CachedStorage(_local(t), t / "cache")),
     "s3": Case(make_s3=_s3),
-    "s3-no-prefix": Case(make_s3=lambda t, s, b, p: _s3(t, s, f"{b}-{p}", "")),
     "cached-s3": Case(make_s3=lambda t, s, b, p: CachedStorage(_s3(t, s, b, p), t / "cache")),
     "retry-faulty-s3": Case(
         make_s3=lambda t, s, b, p: RetryingStorage(
@@ -126,8 +125,6 @@ def store(case: Case, tmp_path: Path, request: pytest.FixtureRequest) -> Iterato
         server: S3Server = request.getfixturevalue("s3_server")
         bucket: str = request.getfixturevalue("conformance_bucket")
         prefix = f"t{next(_prefixes)}"
-        if case.make_s3 is CASES["s3-no-prefix"].make_s3:
-            server.client().create_bucket(Bucket=f"{bucket}-{prefix}")
         storage = case.make_s3(tmp_path, server, bucket, prefix)
     else:
         assert case.make is not None

@@ -370,3 +370,15 @@ def test_list_returns_object_info(s3_server: S3Server, bucket: str, prefix: str)
     store.put("index/a", b"12345")
     assert list(store.list("index/")) == [ObjectInfo("index/a", 5)]
     assert repr(store) == f"S3Storage('s3:{s3_server.endpoint}/{bucket}/{prefix}')"
+
+
+def test_a_whole_bucket_without_prefix(s3_server: S3Server) -> None:
+    store = _store(s3_server, s3_server.new_bucket(), "")
+    assert store.properties.location.endswith(store.bucket)
+    store.put("config", b"c")
+    store.put("data/aa/x", b"xx")
+    assert {i.name: i.size_bytes for i in store.list()} == {"config": 1, "data/aa/x": 2}
+    assert [i.name for i in store.list("data/")] == ["data/aa/x"]
+    store.delete("config")
+    with pytest.raises(ObjectNotFoundError):
+        store.get("config")
