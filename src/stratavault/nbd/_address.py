@@ -22,7 +22,9 @@ class NbdAddress:
     export: str | None = None
 
     def __str__(self) -> str:
-        return self.unix_path if self.unix_path is not None else f"{self.host}:{self.port}"
+        if self.unix_path is not None:
+            return self.unix_path
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     @classmethod
     def parse(cls, text: str | os.PathLike[str]) -> NbdAddress:

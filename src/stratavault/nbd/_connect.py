@@ -10,7 +10,7 @@ from stratavault.nbd import _constants as c
 from stratavault.nbd import _events as ev
 from stratavault.nbd._address import NbdAddress
 from stratavault.nbd._client import NbdClient, first_event, negotiate_events
-from stratavault.nbd._protocol import ClientConnection
+from stratavault.nbd._protocol import ClientConnection, ClientState
 from stratavault.nbd._wire import option_name
 
 
@@ -38,7 +38,7 @@ class _Handshake:
 
     def close(self) -> None:
         try:
-            if self.conn.state.value == "options":
+            if self.conn.state is ClientState.OPTIONS:
                 self.sock.sendall(self.conn.send_abort())
         except OSError:
             pass

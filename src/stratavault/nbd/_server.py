@@ -10,6 +10,7 @@ import socket
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from urllib.parse import quote
 
 from stratavault.errors import NbdError, StratavaultError
 from stratavault.nbd import _constants as c
@@ -72,8 +73,8 @@ class NbdServer:
     def uri(self, export: str = "") -> str:
         """An nbd:// or nbd+unix:// URI of an export of this server."""
         if self._unix_path is not None:
-            return f"nbd+unix:///{export}?socket={self._unix_path}"
-        return f"nbd://{self.address}/{export}"
+            return f"nbd+unix:///{quote(export)}?socket={self._unix_path}"
+        return f"nbd://{self.address}/{quote(export)}"
 
     def start(self) -> None:
         """Listen and accept clients in a background thread."""
@@ -84,10 +85,10 @@ class NbdServer:
             listener.bind(str(self._unix_path))
             self.address = str(self._unix_path)
         else:
-            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind((self._host, self._port))
-            self.address = "{}:{}".format(*listener.getsockname()[:2])
+            family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+            listener = socket.create_server((self._host, self._port), family=family)
+            host, port = listener.getsockname()[:2]
+            self.address = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
         listener.listen(16)
         listener.settimeout(0.2)
         self._listener = listener
@@ -118,6 +119,8 @@ class NbdServer:
                 if self._stop.is_set():
                     return
                 raise
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._clients.add(sock)
             self._spawn(self._serve_client, "nbd-client", sock)
