@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from stratavault import nbd
 from stratavault.errors import SourceError
 from stratavault.sources import (
     QmpSession,
@@ -414,3 +415,26 @@ def test_disk_grown_between_backups(make_vm: Callable[..., Vm], short_tmp: Path)
         assert dirty_ranges(vda.uri, vda.bitmap_context) == [(20 * MiB, 64 * KiB)]
         ref = reference_image(short_tmp / "ref.qcow2", 24 * MiB, [(0x01, 20 * MiB, 64 * KiB)])
         assert compare(vda.uri, ref).returncode == 0
+
+
+def test_the_project_nbd_client_reads_the_exports(
+    make_vm: Callable[..., Vm], short_tmp: Path
+) -> None:
+    """The pieces the backup job combines: these exports, read with stratavault.nbd."""
+    vm = make_vm((16,))
+    session = vm.start()
+    with VmBackup(session, short_tmp / "s", find_guest_agent=False) as first:
+        expected = chain(first)
+    vm.write(session, "vda", 0x42, 3 * MiB, 128 * KiB)
+    with VmBackup(session, short_tmp / "s", expected_bitmaps=expected) as second:
+        vda = second.exports[0]
+        assert vda.bitmap_context is not None
+        vm.write(session, "vda", 0x43, 3 * MiB, 64 * KiB)  # after the point in time
+        client = nbd.connect(vda.uri, meta_contexts=[vda.bitmap_context, nbd.BASE_ALLOCATION])
+        try:
+            assert client.size_bytes == vda.size_bytes and client.read_only
+            dirty = [e for e in client.extents(vda.bitmap_context) if e.flags & 1]
+            assert [(e.offset, e.length) for e in dirty] == [(3 * MiB, 128 * KiB)]
+            assert client.read(3 * MiB, 128 * KiB) == b"\x42" * (128 * KiB)
+        finally:
+            client.close()
