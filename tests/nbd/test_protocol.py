@@ -331,3 +331,22 @@ def test_disconnect_closes_both_sides() -> None:
     [req] = pump(client.send_disconnect(), server)
     assert isinstance(req, Request) and req.command == c.CMD_DISC
     assert client.state is ClientState.CLOSED and server.state is ServerState.CLOSED
+
+
+def test_query_count_mismatch_and_replies_out_of_turn() -> None:
+    server = ServerConnection()
+    pump(struct.pack(">I", 1), server)
+    body = (
+        bytes(4) + struct.pack(">I", 1) + struct.pack(">I", 1) + b"a" + struct.pack(">I", 1) + b"b"
+    )
+    data = struct.pack(">QII", c.IHAVEOPT, c.OPT_SET_META_CONTEXT, len(body)) + body
+    with pytest.raises(NbdProtocolError, match="1 queries do not match"):
+        pump(data, server)
+    with pytest.raises(NbdProtocolError, match="no option to reply to"):
+        ServerConnection().reply_ack()
+    with pytest.raises(NbdProtocolError, match="cannot send a request"):
+        ClientConnection().send_request(c.CMD_READ, 0, 1)
+    client, _ = handshake()
+    client.send_request(c.CMD_READ, 0, 1, handle=5)
+    with pytest.raises(NbdProtocolError, match="already in flight"):
+        client.send_request(c.CMD_READ, 0, 1, handle=5)
