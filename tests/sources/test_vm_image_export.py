@@ -140,3 +140,8 @@ def test_chain_continues_from_running_to_stopped_and_back(
         vda = live.exports[0]
         assert vda.bitmap_context == "qemu:dirty-bitmap:stratavault-2"
         assert dirty_ranges(vda.uri, vda.bitmap_context) == [(9 * MiB, 64 * KiB)]
+
+
+def test_missing_image_is_a_clear_error(short_tmp: Path) -> None:
+    with pytest.raises(SourceError, match=r"probing the image .*nothere.qcow2 - .*No such file"):
+        ImageExport(short_tmp / "nothere.qcow2", short_tmp / "s").__enter__()

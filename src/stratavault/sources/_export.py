@@ -322,12 +322,11 @@ def _export_name(device: str, index: int) -> str:
 
 
 def _create_overlay(path: Path, size_bytes: int) -> None:
-    result = subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", os.fspath(path), str(size_bytes)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", os.fspath(path), str(size_bytes)]
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SourceError(f"creating the fleecing overlay {path} - {exc}") from exc
     if result.returncode != 0:
         raise SourceError(
             f"creating the fleecing overlay {path} - {result.stderr.strip() or 'qemu-img failed'}"

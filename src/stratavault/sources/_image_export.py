@@ -34,12 +34,11 @@ _START_TIMEOUT_S = 10.0
 
 def _probe_format(path: str | os.PathLike[str]) -> str:
     """The format ``qemu-img info`` finds in the image file (raw when nothing else fits)."""
-    result = subprocess.run(
-        ["qemu-img", "info", "--output=json", "-U", os.fspath(path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    argv = ["qemu-img", "info", "--output=json", "-U", os.fspath(path)]
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SourceError(f"probing the image {path} - {exc}") from exc
     if result.returncode != 0:
         raise SourceError(f"probing the image {path} - {result.stderr.strip()}")
     return str(json.loads(result.stdout)["format"])
