@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import ctypes
 import json
 import os
 import random
@@ -30,6 +31,7 @@ from typing import Any
 from tests.guest.build import READY_MARKER, GuestImage
 
 ACCEL_ENV = "STRATAVAULT_GUEST_ACCEL"
+_PR_SET_PDEATHSIG = 1
 
 
 class GuestError(RuntimeError):
@@ -86,6 +88,12 @@ class _JsonSocket:
         self.sock.close()
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the test process dies, however it dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _accel_args() -> list[str]:
     accel = os.environ.get(ACCEL_ENV, "tcg") or "tcg"
     return ["-accel", accel, "-cpu", "max" if accel == "tcg" else "host"]
@@ -140,7 +148,7 @@ class GuestVM:
         with open(self.rundir / "qemu.stderr", "wb") as err:
             self.proc = subprocess.Popen(
                 self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=err, start_new_session=True,
+                stderr=err, start_new_session=True, preexec_fn=_die_with_parent,
             )  # fmt: skip
         return self
 
