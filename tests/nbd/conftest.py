@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from stratavault.nbd import FileBackend, NbdServer
+
 QEMU_TOOLS = ("qemu-img", "qemu-nbd", "qemu-io", "qemu-storage-daemon", "nbdinfo")
 
 
@@ -148,3 +150,32 @@ def merge(extents: Iterable[tuple[int, int, int]]) -> list[tuple[int, int, int]]
         else:
             merged.append((off, n, flags))
     return merged
+
+
+MiB = 1024 * 1024
+
+
+def make_disk(path: Path, size: int = 48 * MiB) -> bytes:
+    """A sparse raw disk with random data in three places; returns its content."""
+    with path.open("wb") as f:
+        f.truncate(size)
+    write_random(path, 100, 200_000, seed=11)
+    write_random(path, 16 * MiB, 4 * MiB + 3, seed=12)
+    write_random(path, size - 4096, 4096, seed=13)
+    return path.read_bytes()
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[NbdServer, Path, Path]]:
+    """Our server with a read-only export "ro" (a sparse disk) and a writable 8 MiB "rw"."""
+    source, target = tmp_path / "source.raw", tmp_path / "target.raw"
+    make_disk(source)
+    with target.open("wb") as f:
+        f.truncate(8 * MiB)
+    server = NbdServer(
+        {"ro": FileBackend(source), "rw": FileBackend(target, read_only=False)},
+        unix_path=tmp_path / "our.sock",
+    )
+    server.start()
+    yield server, source, target
+    server.close()

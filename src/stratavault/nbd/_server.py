@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import quote
 
@@ -39,8 +40,10 @@ class NbdServer:
     """Serves ``exports`` (name -> backend) over a unix socket or TCP until closed.
 
     ``start()`` returns once the server listens; ``address`` (a path or ``host:port``) and
-    ``uri(export)`` say where. Each client gets a thread; a client that breaks the protocol
-    loses its connection, never the server.
+    ``uri(export)`` say where. Each client gets a thread that reads its requests; ``workers``
+    threads shared by all clients run them, so a client's requests may complete out of order
+    (at most ``2 * workers`` in flight per client; ``workers=1`` runs them one by one, in
+    order). A client that breaks the protocol loses its connection, never the server.
     """
 
     def __init__(
@@ -51,8 +54,11 @@ class NbdServer:
         host: str = "127.0.0.1",
         port: int = 0,
         max_payload: int = c.DEFAULT_MAX_PAYLOAD,
+        workers: int = 4,
     ) -> None:
         self.exports = dict(exports)
+        self.workers = max(1, workers)
+        self.pool: ThreadPoolExecutor | None = None
         self.max_payload = max_payload
         self._unix_path = Path(unix_path) if unix_path is not None else None
         self._host, self._port = host, port
@@ -89,6 +95,8 @@ class NbdServer:
             listener = socket.create_server((self._host, self._port), family=family)
             host, port = listener.getsockname()[:2]
             self.address = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        if self.workers > 1:
+            self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="nbd-worker")
         listener.listen(16)
         listener.settimeout(0.2)
         self._listener = listener
@@ -138,6 +146,8 @@ class NbdServer:
         for thread in threads:
             if thread is not threading.current_thread():
                 thread.join(timeout=5)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
         if self._unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 self._unix_path.unlink()
@@ -156,7 +166,7 @@ class NbdServer:
 
 
 class _ClientSession:
-    """One client connection: handshake, then requests in order."""
+    """One client connection: handshake, then requests (run by the server's workers)."""
 
     def __init__(self, server: NbdServer, sock: socket.socket) -> None:
         self.server = server
@@ -165,10 +175,19 @@ class _ClientSession:
         self.export_name = ""
         self.backend: ExportBackend | None = None
         self.context_export: str | None = None  # the export base:allocation was set for
+        self._send_lock = threading.Lock()
+        self._idle = threading.Condition()
+        self._outstanding = 0
 
     def run(self) -> None:
         self.sock.settimeout(_HANDSHAKE_TIMEOUT_S)
         self.sock.sendall(self.conn.greeting())
+        try:
+            self._loop()
+        finally:
+            self._drain()
+
+    def _loop(self) -> None:
         while self.conn.state is not ServerState.CLOSED:
             event = self.conn.next_event()
             if event is ev.NEED_DATA:
@@ -183,8 +202,9 @@ class _ClientSession:
 
     # -- options -------------------------------------------------------------------------------
     def _send(self, *parts: bytes) -> None:
-        for part in parts:
-            self.sock.sendall(part)
+        with self._send_lock:
+            for part in parts:
+                self.sock.sendall(part)
 
     def _option(self, req: ev.OptionRequest) -> None:
         conn, opt = self.conn, req.option
@@ -249,8 +269,38 @@ class _ClientSession:
 
     # -- requests ------------------------------------------------------------------------------
     def _request(self, req: ev.Request) -> None:
+        pool = self.server.pool
         if req.command == c.CMD_DISC:
+            return  # run() waits for the requests in flight
+        if pool is None:
+            self._serve(req)
             return
+        if req.command == c.CMD_FLUSH:
+            self._drain()  # every write received before the flush is covered by it
+        with self._idle:
+            while self._outstanding >= 2 * self.server.workers:
+                self._idle.wait()
+            self._outstanding += 1
+        pool.submit(self._in_worker, req)
+
+    def _in_worker(self, req: ev.Request) -> None:
+        try:
+            self._serve(req)
+        except OSError as exc:
+            log.info("NBD export %r: reply lost, client gone: %s", self.export_name, exc)
+        except Exception:
+            log.exception("NBD export %r: request %d failed", self.export_name, req.command)
+        finally:
+            with self._idle:
+                self._outstanding -= 1
+                self._idle.notify_all()
+
+    def _drain(self) -> None:
+        with self._idle:
+            while self._outstanding:
+                self._idle.wait()
+
+    def _serve(self, req: ev.Request) -> None:
         backend = self.backend
         assert backend is not None
         error, message = self._check(req, backend)
