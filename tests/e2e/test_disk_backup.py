@@ -231,6 +231,8 @@ def test_disk_and_file_snapshots_coexist(cli: Cli, tmp_path: Path) -> None:
     # Usage mistakes are usage errors.
     assert cli("restore", "disk", files_id, "--to", tmp_path / "x.img").code == UsageError.exit_code
     assert cli("restore", disk_id).code == UsageError.exit_code  # files need --target
+    wrong = cli("restore", disk_id, "--target", tmp_path / "t2")
+    assert wrong.code == UsageError.exit_code and "restore disk" in wrong.err
     assert cli("restore", "disk", disk_id, "--to", tmp_path / "d.img").code == 1  # exists
     assert cli("restore", "disk", disk_id, "--changed-only", "--to", tmp_path / "y").code == 2
 

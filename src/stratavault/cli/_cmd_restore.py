@@ -152,6 +152,12 @@ def run_files(ns: argparse.Namespace, word: str, options: GlobalOptions) -> int:
     progress = make_progress(json_mode=options.json, quiet=options.quiet)
     with open_repo(options) as repo:
         snap = find_snapshot(repo, ref)
+        if snap.tree is None:
+            names = ", ".join(d.name for d in snap.disks)
+            raise UsageError(
+                f"snapshot {snap.short_id} holds disks ({names}), not files: "
+                f"use restore disk {snap.short_id}[:DISK] --to FILE"
+            )
         result = restore_files(repo, snap, job, progress=progress, cancel=Cancellation())
     for where, error in result.issues:
         out.warn(f"{where}: {error}")
