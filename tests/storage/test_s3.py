@@ -7,6 +7,7 @@ import http.server
 import random
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -285,6 +286,15 @@ def test_object_lock_retention_refuses_deletion(s3_server: S3Server) -> None:
         store.delete("data/aa/pack")
     assert e.value.retain_until == until
     assert store.get("data/aa/pack") == b"pack"  # not even hidden behind a delete marker
+    big = random.Random(4).randbytes(6 * MIB)  # a multipart upload gets the retention too
+    locking_parts = _store(
+        s3_server, name, "repo", lock_days=3, part_size_bytes=5 * MIB,
+        multipart_threshold_bytes=5 * MIB,
+    )  # fmt: skip
+    locking_parts.put("data/bb/big", big)
+    assert locking_parts.retained_until("data/bb/big") is not None
+    with pytest.raises(ObjectLockedError):
+        locking_parts.delete("data/bb/big")
     assert store.retained_until("locks/l") is None
     store.delete("locks/l")  # locks carry no retention: every version goes
     versions = s3_server.client().list_object_versions(Bucket=name, Prefix="repo/locks/")
@@ -382,3 +392,16 @@ def test_a_whole_bucket_without_prefix(s3_server: S3Server) -> None:
     store.delete("config")
     with pytest.raises(ObjectNotFoundError):
         store.get("config")
+
+
+def test_listing_goes_past_one_page(s3_server: S3Server, bucket: str, prefix: str) -> None:
+    store = _store(s3_server, bucket, prefix)
+    names = [f"index/{i:04d}" for i in range(1010)]  # ListObjectsV2 answers 1000 at most
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda n: store.put(n, b"i"), names))
+    assert sorted(i.name for i in store.list("index/")) == names
+
+
+def test_unknown_profile_is_a_clear_error() -> None:
+    with pytest.raises(StorageError, match=r"opening s3://bkt/p - .*no-such-profile"):
+        S3Storage("bkt", "p", profile="no-such-profile")

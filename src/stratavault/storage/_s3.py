@@ -126,26 +126,25 @@ class S3Storage:
         )
         if path_style is None:
             path_style = endpoint_url is not None
-        session = boto3.session.Session(
-            aws_access_key_id=access_key_id,
-            aws_secret_access_key=secret_access_key,
-            aws_session_token=session_token,
-            profile_name=profile,
-            region_name=region,
+        self._client: Any = _client(
+            location,
+            endpoint_url,
+            dict(
+                aws_access_key_id=access_key_id,
+                aws_secret_access_key=secret_access_key,
+                aws_session_token=session_token,
+                profile_name=profile,
+                region_name=region,
+            ),
+            dict(
+                s3={"addressing_style": "path" if path_style else "virtual"},
+                retries={"total_max_attempts": 1},  # RetryingStorage retries, knowing what is safe
+                max_pool_connections=max_connections,
+                connect_timeout=connect_timeout_s,
+                read_timeout=read_timeout_s,
+                tcp_keepalive=True,
+            ),
         )
-        config = botocore.config.Config(
-            region_name=region or session.region_name or "us-east-1",
-            s3={"addressing_style": "path" if path_style else "virtual"},
-            retries={"total_max_attempts": 1},  # RetryingStorage retries, knowing what is safe
-            max_pool_connections=max_connections,
-            connect_timeout=connect_timeout_s,
-            read_timeout=read_timeout_s,
-            tcp_keepalive=True,
-        )
-        try:
-            self._client: Any = session.client("s3", endpoint_url=endpoint_url, config=config)
-        except (botocore.exceptions.BotoCoreError, ValueError) as e:
-            raise StorageError(f"opening {location} - {e}") from e
         self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="s3-part")
         self._bucket_checked = False
         self._check_lock = threading.Lock()
@@ -170,12 +169,12 @@ class S3Storage:
                 raise ObjectExistsError(f"put {name} at {self.properties.location} - object exists")
         if body.nbytes > self.multipart_threshold_bytes:
             self._call("put", name, lambda: self._put_multipart(key, body, extra))
-        else:
-            self._call(
-                "put", name, lambda: self._client.put_object(
-                    Bucket=self.bucket, Key=key, Body=body.tobytes(), **extra
-                )
-            )  # fmt: skip
+            return
+        payload = data if isinstance(data, bytes) else body.tobytes()
+        self._call(
+            "put", name,
+            lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=payload, **extra),
+        )  # fmt: skip
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         """Return a range of ``name`` (see ``Storage.get``); large reads go in parallel parts."""
@@ -457,6 +456,19 @@ class S3Storage:
 
     def __repr__(self) -> str:
         return f"S3Storage({self.properties.location!r})"
+
+
+def _client(
+    location: str, endpoint: str | None, session: dict[str, Any], config: dict[str, Any]
+) -> Any:
+    """A boto3 S3 client; a missing profile or a bad endpoint is a clear error."""
+    try:
+        made = boto3.session.Session(**session)
+        region = session["region_name"] or made.region_name or "us-east-1"
+        options = botocore.config.Config(region_name=region, **config)
+        return made.client("s3", endpoint_url=endpoint, config=options)
+    except (botocore.exceptions.BotoCoreError, ValueError) as e:
+        raise StorageError(f"opening {location} - {e}") from e
 
 
 def _code(e: botocore.exceptions.ClientError) -> str:
