@@ -39,8 +39,12 @@ def debugfs_cat(image: Path, path: str) -> bytes:
     return done.stdout
 
 
-def test_guest_boots_and_its_init_speaks_first(make_guest: MakeGuest) -> None:
-    vm = make_guest(wait=None)
+def test_guest_boots_and_its_init_speaks_first(
+    make_guest: MakeGuest, test_guest_image: GuestImage, tmp_path: Path
+) -> None:
+    # A boot disk grown to 64 GiB (sparse, as issue 5's benchmark uses) boots the same.
+    boot = test_guest_image.boot_overlay(tmp_path / "big.qcow2", size=64 << 30)
+    vm = make_guest(wait=None, disks=[boot, make_data_disk(tmp_path / "d.qcow2")])
     to_init = vm.wait_for(INIT_MARKER, 120)
     to_ready = vm.wait_for(READY_MARKER, 60)
     print(f"boot under TCG: init marker {to_init:.1f} s, ready {to_ready:.1f} s")
