@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import time
@@ -141,3 +142,15 @@ def test_disks_are_found_below_filter_nodes(make_vm: Callable[..., Vm], short_tm
         assert backup.exports[0].node_name == "disk0"
     (after,) = list_vm_disks(session)
     assert [b.name for b in after.bitmaps] == ["stratavault-1", "bm"]
+
+
+def test_session_works_from_inside_a_running_event_loop(make_vm: Callable[..., Vm]) -> None:
+    """The private loop thread makes the session usable from async code too (a server)."""
+    vm = make_vm((16,))
+    vm.start().close()
+
+    async def main() -> str:
+        with QmpSession(vm.qmp_path, timeout_s=5) as session:
+            return str(session.execute("query-status")["status"])
+
+    assert asyncio.run(main()) == "prelaunch"
