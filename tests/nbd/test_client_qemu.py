@@ -49,6 +49,7 @@ def test_raw_content_and_allocation_match_qemu(tmp_path: Path, peers: Peers) -> 
             client.write(0, b"x")
         with pytest.raises(NbdError, match="outside the export"):
             client.read(client.size - 1, 2)
+        assert client.block_status(4096, 0) == []
         with pytest.raises(NbdError, match="not negotiated"):
             client.block_status(0, 4096, "qemu:dirty-bitmap:x")
 

@@ -213,7 +213,8 @@ class NbdClient:
         self, offset: int, length: int, context: str = c.CONTEXT_BASE_ALLOCATION
     ) -> list[Extent]:
         """The extents the server reports for ``context`` from ``offset``: at least one, maybe
-        fewer than ``length`` bytes (partial answer), clipped to ``length``."""
+        fewer than ``length`` bytes (partial answer; one request asks for at most 2 GiB),
+        clipped to ``length``; none when ``length`` is 0."""
         ctx_id = self.contexts.get(context)
         if ctx_id is None:
             raise NbdError(
@@ -221,6 +222,9 @@ class NbdClient:
                 f"negotiated (have: {', '.join(self.contexts) or 'none'})"
             )
         self._check_range(offset, length, "block-status")
+        if length == 0:
+            return []
+        length = min(length, _BLOCK_STATUS_SPAN)
         found: list[Extent] = []
 
         def on_reply(event: ev.Reply) -> None:
