@@ -149,7 +149,8 @@ def test_changed_only_restore_writes_only_differing_chunks(cli: Cli, tmp_path: P
     result = cli("restore", "disk", "latest", "--onto", image, "--changed-only", "--json")
     assert result.code == 0, result.err
     summary = _json_summary(result)
-    assert summary["bytes_read"] == SIZE
+    # Only the image's data regions are read and hashed (its holes read as zeros).
+    assert 40 * MiB < summary["bytes_read"] < 64 * MiB
     assert summary["chunks_written"] == len(differ) - len(zero)
     assert summary["bytes_written"] == (len(differ) - len(zero)) * CHUNK
     assert summary["chunks_zeroed"] == len(zero)

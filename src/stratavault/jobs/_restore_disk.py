@@ -14,15 +14,16 @@ from __future__ import annotations
 import os
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from stratavault.errors import RestoreError, SnapshotNotFoundError, UsageError
-from stratavault.jobs._backup_disk import is_zero
+from stratavault.jobs._backup_disk import chunk_runs, is_zero
 from stratavault.jobs._progress import (
     Cancellation,
     NullProgress,
@@ -119,31 +120,47 @@ class _DiskRestore:
         workers = options.workers or max(2, os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="disk-restore")
 
-    def pieces(self) -> Iterator[tuple[int, int]]:
-        """``(first chunk, count)`` covering the disk in reads of ``compare_bytes``."""
+    def pieces(self, runs: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
+        """``runs`` of chunks cut into reads of at most ``compare_bytes``."""
         per = max(1, self.options.compare_bytes // self.index.chunk_bytes)
-        for first in range(0, self.index.chunk_count, per):
-            yield first, min(per, self.index.chunk_count - first)
+        for first, count in runs:
+            for sub in range(first, first + count, per):
+                yield sub, min(per, first + count - sub)
 
-    def scan(self, test: Callable[[int, memoryview], bool]) -> list[int]:
-        """Read the target piece by piece in threads; the chunk numbers failing ``test``."""
+    def differing(self) -> npt.NDArray[np.bool_]:
+        """One bool per chunk: True where the target differs from the snapshot.
 
-        def one(first: int, count: int) -> list[int]:
+        Only the target's data regions are read (in threads) and hashed; a chunk in a
+        hole of the target reads as zeros, so it differs exactly when the snapshot has
+        data there.
+        """
+        size, count = self.index.chunk_bytes, self.index.chunk_count
+        extents = self.target.data_extents()
+        readable = list(chunk_runs(extents, self.index.size_bytes, size))
+        differ = self.index.data_mask()
+        for first, n in readable:
+            differ[first : first + n] = False
+
+        def one(first: int, n: int) -> list[int]:
             self.cancel.check()
-            start = first * self.index.chunk_bytes
-            end = self.index.chunk_range(first + count - 1)[1]
-            view = memoryview(self.target.read(start, end - start))
+            start = first * size
+            view = memoryview(
+                self.target.read(start, self.index.chunk_range(first + n - 1)[1] - start)
+            )
             with self.lock:
                 self.state.bytes_done += len(view)
-            size = self.index.chunk_bytes
+                self.result.bytes_read += len(view)
             return [
                 first + i
-                for i in range(count)
-                if not test(first + i, view[i * size : (i + 1) * size])
+                for i in range(n)
+                if not self.same(first + i, view[i * size : (i + 1) * size])
             ]
 
-        futures = [self.pool.submit(one, first, count) for first, count in self.pieces()]
-        return [n for f in futures for n in f.result()]
+        futures = [self.pool.submit(one, first, n) for first, n in self.pieces(readable)]
+        for f in futures:
+            differ[f.result()] = True
+        assert len(differ) == count
+        return differ
 
     def same(self, number: int, data: memoryview) -> bool:
         """Whether ``data`` is what the snapshot holds for chunk ``number``."""
@@ -155,9 +172,7 @@ class _DiskRestore:
         mask = self.index.data_mask()
         if self.options.changed_only:
             self.state.phase, self.state.bytes_total = "compare", self.index.size_bytes
-            differ = np.zeros(self.index.chunk_count, np.bool_)
-            differ[self.scan(self.same)] = True
-            self.result.bytes_read = self.state.bytes_done
+            differ = self.differing()
             self.result.chunks_unchanged = self.index.chunk_count - int(differ.sum())
         else:
             differ = np.ones(self.index.chunk_count, np.bool_)
@@ -198,12 +213,14 @@ class _DiskRestore:
     def verify(self) -> None:
         self.state.phase, self.state.bytes_done = "verify", 0
         self.state.bytes_total = self.index.size_bytes
-        for number in self.scan(self.same):
-            start, end = self.index.chunk_range(number)
+        read_before = self.result.bytes_read
+        for number in np.flatnonzero(self.differing()):
+            start, end = self.index.chunk_range(int(number))
             self.result.issues.append(
                 f"verify: disk {self.index.name} bytes {start}-{end} differ from the snapshot"
             )
         self.result.chunks_verified = self.index.chunk_count
+        self.result.bytes_read = read_before  # bytes_read counts the comparison only
 
     def run(self) -> None:
         try:

@@ -53,6 +53,27 @@ def probe_image_format(path: Path | str) -> str:
         raise SourceError(f"probing image {path} - unexpected qemu-img output") from exc
 
 
+def _data_regions(fd: int, size_bytes: int, path: Path) -> Iterator[tuple[int, int]]:
+    """``(offset, length)`` of the data regions of a file (SEEK_DATA/SEEK_HOLE); the whole
+    file when the file system cannot tell."""
+    pos = 0
+    while pos < size_bytes:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return  # only a hole up to the end
+            if exc.errno not in _NO_SEEK_DATA:
+                raise SourceError(f"reading extents of {path} - {exc}") from exc
+            yield pos, size_bytes - pos  # no sparse support: everything may be data
+            return
+        end = min(end, size_bytes)
+        if end > start:
+            yield start, end - start
+        pos = end
+
+
 class RawDiskSource:
     """A raw disk image file or a block device, read with ``pread``.
 
@@ -93,22 +114,7 @@ class RawDiskSource:
         if self._changed is not None:
             yield from sorted(self._changed)
             return
-        pos = 0
-        while pos < self.size_bytes:
-            try:
-                start = os.lseek(self._fd, pos, os.SEEK_DATA)
-                end = os.lseek(self._fd, start, os.SEEK_HOLE)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:
-                    return  # only a hole up to the end
-                if exc.errno not in _NO_SEEK_DATA:
-                    raise SourceError(f"reading extents of disk {self.path} - {exc}") from exc
-                yield pos, self.size_bytes - pos  # no sparse support: read everything
-                return
-            end = min(end, self.size_bytes)
-            if end > start:
-                yield start, end - start
-            pos = end
+        yield from _data_regions(self._fd, self.size_bytes, self.path)
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` (thread-safe); zeros past the end of a file that
@@ -204,6 +210,13 @@ class RawDiskTarget:
             n = min(len(_ZERO_BLOCK), end - offset)
             self.write(offset, memoryview(_ZERO_BLOCK)[:n])
             offset += n
+
+    def data_extents(self) -> list[tuple[int, int]]:
+        """``(offset, length)`` of the regions that may hold data (all of a device);
+        the rest are holes, which read as zeros."""
+        if self.is_block_device:
+            return [(0, self.size_bytes)]
+        return list(_data_regions(self._fd, self.size_bytes, self.path))
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` (zeros past the end)."""
