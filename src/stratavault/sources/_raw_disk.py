@@ -20,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 from stratavault.errors import RestoreError, SourceError
+from stratavault.sources._restore import _nonzero_pieces
 
 __all__ = ["RawDiskSource", "RawDiskTarget", "convert_image", "probe_image_format"]
 
@@ -188,7 +189,15 @@ class RawDiskTarget:
             os.ftruncate(self._fd, self.size_bytes)
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
-        """Write ``data`` at ``offset``."""
+        """Write ``data`` at ``offset`` (on a new file, aligned 4 KiB zero blocks are left
+        as holes, so the restored image is as sparse as the original)."""
+        if self.fresh:
+            for at, piece in _nonzero_pieces(memoryview(data), offset):
+                self._write(at, piece)
+        else:
+            self._write(offset, data)
+
+    def _write(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data)
         try:
             while view:
@@ -208,7 +217,7 @@ class RawDiskTarget:
         end = offset + length
         while offset < end:
             n = min(len(_ZERO_BLOCK), end - offset)
-            self.write(offset, memoryview(_ZERO_BLOCK)[:n])
+            self._write(offset, memoryview(_ZERO_BLOCK)[:n])
             offset += n
 
     def data_extents(self) -> list[tuple[int, int]]:
