@@ -157,6 +157,8 @@ class FileBackend:
             try:
                 data = os.lseek(self._fd, pos, os.SEEK_DATA)
             except OSError as exc:
+                if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no SEEK_DATA here
+                    return [(end - offset, 0)] if end > offset else [(length, 0)]
                 if exc.errno != errno.ENXIO:
                     raise
                 data = end
