@@ -386,6 +386,8 @@ def _next_event(
             except OSError as exc:
                 raise NbdError(f"NBD receive: {exc.strerror or exc}") from None
             conn.receive_data(view[:n])
+            if n == 0:  # the connection raised if a reply was cut; anyway nothing more comes
+                raise NbdError("NBD receive: the server closed the connection")
             continue
         if not isinstance(event, kind):
             raise NbdProtocolError(f"NBD connection: unexpected {event!r}")
