@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from stratavault.errors import DataDamagedError, Interrupted, SourceError, UsageError
-from stratavault.jobs import BackupDisksOptions, Cancellation, backup_disks
+from stratavault.jobs import BackupDisksOptions, Cancellation, backup_disks, chunk_runs
 from stratavault.repo import Repository
 from stratavault.snapshot import load_disk_index
 from stratavault.sources import RawDiskSource
@@ -349,3 +349,33 @@ def test_prune_keeps_what_disk_snapshots_use(cli: Cli, tmp_path: Path) -> None:
     assert cli("restore", "disk", "latest", "--to", target).code == 0
     assert target.read_bytes() == image.read_bytes()
     assert cli("check", "--read-data").code == 0
+
+
+@pytest.mark.parametrize("new_size", [10 * MiB + 300_000, 9 * MiB + 5])
+def test_resized_disk_with_a_short_last_chunk(cli: Cli, tmp_path: Path, new_size: int) -> None:
+    """A disk that is not a whole number of chunks, grown or shrunk between two backups;
+    the second backup knows only the changed extents (as from a dirty bitmap)."""
+    image = tmp_path / "odd.img"
+    image.write_bytes(os.urandom(10 * MiB + 12345))
+    cli("init")
+    assert cli("backup", "image", image, "-q").code == 0
+    with image.open("r+b") as f:
+        f.truncate(new_size)
+        f.seek(new_size - 1000)
+        f.write(os.urandom(1000))
+    changed = [(new_size - 1000, 1000)]
+    with _open(cli) as repo, RawDiskSource(image, changed=changed) as source:
+        snap = backup_disks(repo, [source], BackupDisksOptions(paths=(str(image),)))
+        assert snap.disks[0].size_bytes == new_size
+        assert snap.summary.bytes_read <= 2 * CHUNK + 12345  # the old short chunk and the end
+    target = tmp_path / "out.img"
+    assert cli("restore", "disk", "latest", "--to", target, "--verify").code == 0
+    assert target.read_bytes() == image.read_bytes()
+
+
+def test_chunk_runs_merge_and_clip() -> None:
+    runs = list(chunk_runs([(0, 1), (100, 200_000), (CHUNK, 1), (5 * CHUNK - 1, 2)], SIZE, CHUNK))
+    assert runs == [(0, 2), (4, 2)]  # adjacent chunks form one run
+    assert list(chunk_runs([(SIZE - 1, 10), (SIZE + 5, 10), (7, 0)], SIZE, CHUNK)) == [
+        (SIZE // CHUNK - 1, 1)
+    ]

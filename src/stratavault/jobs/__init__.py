@@ -6,6 +6,7 @@ from stratavault.jobs._backup_disk import (
     BackupDisksOptions,
     DiskSource,
     backup_disks,
+    chunk_runs,
 )
 from stratavault.jobs._backup_files import BackupFilesOptions, backup_files
 from stratavault.jobs._browse import (
@@ -66,6 +67,7 @@ __all__ = [
     "backup_disks",
     "backup_files",
     "check_repository",
+    "chunk_runs",
     "describe_disks",
     "diff_snapshots",
     "forget_snapshots",

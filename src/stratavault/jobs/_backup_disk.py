@@ -52,6 +52,7 @@ __all__ = [
     "BackupDisksOptions",
     "DiskSource",
     "backup_disks",
+    "chunk_runs",
     "is_zero",
 ]
 
