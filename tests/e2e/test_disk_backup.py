@@ -379,3 +379,23 @@ def test_chunk_runs_merge_and_clip() -> None:
     assert list(chunk_runs([(SIZE - 1, 10), (SIZE + 5, 10), (7, 0)], SIZE, CHUNK)) == [
         (SIZE // CHUNK - 1, 1)
     ]
+
+
+def test_damaged_disk_index_is_named_and_restore_fails_cleanly(cli: Cli, tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    _make_image(image)
+    cli("init")
+    assert cli("backup", "image", image, "--name", "vda", "-q").code == 0
+    trees = min((p for p in (cli.repo / "data").rglob("*") if p.is_file()), key=os.path.getsize)
+    data = bytearray(trees.read_bytes())
+    data[100] ^= 0x01  # the index segment: the only blob of the smallest pack
+    trees.chmod(0o644)
+    trees.write_bytes(bytes(data))
+    result = cli("check", "--json")
+    assert result.code == DataDamagedError.exit_code
+    (damage,) = _last_json(result)["damages"]
+    assert damage["object"] == "disk index of vda" and damage["paths"] == ["disk vda"]
+    target = tmp_path / "out.img"
+    restore = cli("restore", "disk", "latest", "--to", target)
+    assert restore.code == DataDamagedError.exit_code and "disk vda" in restore.err
+    assert not target.exists()

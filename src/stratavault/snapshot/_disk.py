@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from stratavault.errors import IntegrityError, UnsupportedFormatError
+from stratavault.errors import DataDamagedError, IntegrityError, UnsupportedFormatError
 from stratavault.repo import Repository
 from stratavault.types import CHUNK_ID_BYTES, BlobKind, ChunkId
 
@@ -227,7 +227,10 @@ def load_disk_index(repo: Repository, ref: DiskRef) -> DiskIndex:
     covered = 0
     for seg_id in ref.segments:
         where = f"disk index segment {seg_id.hex()[:16]} of disk {ref.name}"
-        data = repo.read_chunk(seg_id)
+        try:
+            data = repo.read_chunk(seg_id)
+        except DataDamagedError as exc:
+            raise type(exc)(f"reading the index of disk {ref.name} - {exc}") from exc
         covered += decode_disk_segment(data, index, where=where, first_expected=covered)
     if covered != index.chunk_count:
         raise IntegrityError(
