@@ -17,8 +17,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-import boto3
-import botocore.config
 import botocore.exceptions
 
 from stratavault.errors import (
@@ -462,6 +460,9 @@ def _client(
     location: str, endpoint: str | None, session: dict[str, Any], config: dict[str, Any]
 ) -> Any:
     """A boto3 S3 client; a missing profile or a bad endpoint is a clear error."""
+    import boto3  # here, not at the top: it costs ~0.1 s, which local repositories need not pay
+    import botocore.config
+
     try:
         made = boto3.session.Session(**session)
         region = session["region_name"] or made.region_name or "us-east-1"
