@@ -19,6 +19,7 @@ from stratavault.jobs._browse import (
 )
 from stratavault.jobs._check import CheckResult, Damage, Subset, check_repository
 from stratavault.jobs._disk_info import DiskInfo, describe_disks
+from stratavault.jobs._disk_reader import DiskReader, open_disk_reader
 from stratavault.jobs._forget import ForgetGroup, forget_snapshots
 from stratavault.jobs._progress import Cancellation, NullProgress, Progress, ProgressState
 from stratavault.jobs._protect import set_protection
@@ -49,6 +50,7 @@ __all__ = [
     "Damage",
     "DiffEntry",
     "DiskInfo",
+    "DiskReader",
     "DiskSource",
     "ForgetGroup",
     "NullProgress",
@@ -73,6 +75,7 @@ __all__ = [
     "forget_snapshots",
     "list_entries",
     "live_chunk_ids",
+    "open_disk_reader",
     "prune",
     "repair_index",
     "repair_snapshots",

@@ -1,0 +1,293 @@
+"""A random-access, read-only file view of one disk of a snapshot, straight out of the repository.
+
+:class:`DiskReader` is what file-level restore hands to the filesystem readers and what an
+NBD export serves: ``read``/``readinto``/``seek``/``tell`` like a file opened ``rb``, plus
+position-free ``read_at``/``readinto_at`` for concurrent clients. Chunks come out of the
+repository through a bounded LRU cache (keyed by chunk id, so a chunk the disk holds twice
+is read once); zero chunks are never read nor cached. When reads run sequentially (a read
+starts where an earlier one ended), the next chunks are fetched ahead in a thread pool. Two
+readers that want the same missing chunk wait for one fetch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import threading
+from collections import OrderedDict, deque
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+from stratavault.errors import IntegrityError
+from stratavault.jobs._restore_disk import select_disk
+from stratavault.repo import Repository
+from stratavault.snapshot import DiskIndex, Snapshot, load_disk_index
+from stratavault.types import ChunkId
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+__all__ = ["DEFAULT_CACHE_BYTES", "DEFAULT_READAHEAD_BYTES", "DiskReader", "open_disk_reader"]
+
+DEFAULT_CACHE_BYTES = 64 << 20
+"""Plaintext bytes of chunks kept in memory by one reader (at least a few chunks)."""
+DEFAULT_READAHEAD_BYTES = 16 << 20
+"""Bytes fetched ahead of a sequential reader (at least one chunk)."""
+_STREAMS = 16
+"""Recent read ends remembered to recognise sequential readers among concurrent ones."""
+
+
+class DiskReader(io.RawIOBase):
+    """One disk of a snapshot as a seekable, read-only binary file; thread-safe.
+
+    ``read``/``seek``/``tell`` share one position (serialised by a lock); ``read_at`` and
+    ``readinto_at`` take an offset and may run in any number of threads at once. Reads past
+    the end return fewer bytes (``b""`` at the end). Damaged or missing chunks raise the
+    repository's ``DataDamagedError`` naming the chunk, when (and only when) they are read.
+    """
+
+    def __init__(
+        self,
+        repo: Repository,
+        index: DiskIndex,
+        *,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        readahead_bytes: int = DEFAULT_READAHEAD_BYTES,
+        workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.repo, self.index = repo, index
+        self.name = index.name
+        self.chunk_bytes = index.chunk_bytes
+        self._size = index.size_bytes
+        self._mask = index.data_mask()
+        self._capacity = max(cache_bytes // self.chunk_bytes, 2)
+        ahead = max(readahead_bytes // self.chunk_bytes, 1)
+        self._ahead = min(ahead, max(self._capacity // 2, 1))
+        self._pos = 0
+        self._pos_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[bytes, bytes] = OrderedDict()
+        self._inflight: dict[bytes, Future[bytes]] = {}
+        self._ends: deque[int] = deque(maxlen=_STREAMS)
+        self._zeros = b""
+        self._pool: ThreadPoolExecutor | None = None
+        self._workers = workers or max(2, os.cpu_count() or 1)
+        self.chunks_fetched = 0
+        """Chunks read from the repository so far (cache misses and read-ahead)."""
+
+    # --- file protocol -------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Size of the disk in bytes."""
+        return self._size
+
+    def readable(self) -> bool:
+        """Always true."""
+        return True
+
+    def seekable(self) -> bool:
+        """Always true."""
+        return True
+
+    def tell(self) -> int:
+        """The current position."""
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Move the position (past the end is allowed; reads there return ``b""``)."""
+        with self._pos_lock:
+            base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}.get(whence)
+            if base is None:
+                raise ValueError(f"disk {self.name}: bad whence {whence}")
+            if base + offset < 0:
+                raise ValueError(f"disk {self.name}: seek to negative offset {base + offset}")
+            self._pos = base + offset
+            return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to ``size`` bytes from the position (all the rest when ``size`` < 0)."""
+        with self._pos_lock:
+            want = self._size - self._pos if size is None or size < 0 else size
+            data = self.read_at(self._pos, want)
+            self._pos += len(data)
+            return data
+
+    def readall(self) -> bytes:
+        """Everything from the position to the end."""
+        return self.read(-1)
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        """Fill ``buffer`` from the position; the number of bytes read."""
+        with self._pos_lock:
+            n = self.readinto_at(self._pos, buffer)
+            self._pos += n
+            return n
+
+    def close(self) -> None:
+        """Stop read-ahead and drop the cache; the repository stays open."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        with self._lock:
+            self._cache.clear()
+            orphans = [f for f in self._inflight.values() if not f.done()]
+        for future in orphans:  # read-ahead cancelled by the shutdown: wake its waiters
+            if future.set_running_or_notify_cancel():
+                future.set_exception(ValueError(f"disk {self.name}: reader closed"))
+        super().close()
+
+    # --- position-free reads -------------------------------------------------------------------
+
+    def read_at(self, offset: int, size: int) -> bytes:
+        """Up to ``size`` bytes at ``offset`` (fewer at the end of the disk)."""
+        if self.closed:
+            raise ValueError(f"disk {self.name}: read of a closed reader")
+        size = max(0, min(size, self._size - offset))
+        if size == 0:
+            return b""
+        first = offset // self.chunk_bytes
+        if (offset + size - 1) // self.chunk_bytes == first:  # one chunk: slice, one copy
+            data = self._chunk_data(first, offset, size)
+            start = offset - first * self.chunk_bytes
+            return bytes(data[start : start + size])
+        buffer = bytearray(size)
+        self.readinto_at(offset, buffer)
+        return bytes(buffer)
+
+    def readinto_at(self, offset: int, buffer: WriteableBuffer) -> int:
+        """Fill ``buffer`` with the bytes at ``offset``; the number of bytes (short at the end)."""
+        if self.closed:
+            raise ValueError(f"disk {self.name}: read of a closed reader")
+        view = memoryview(buffer).cast("B")
+        size = max(0, min(len(view), self._size - offset))
+        done = 0
+        while done < size:
+            pos = offset + done
+            number, start = divmod(pos, self.chunk_bytes)
+            n = min(self.chunk_bytes - start, size - done)
+            if self._mask[number]:
+                data = self._chunk_data(number, offset, size)
+                view[done : done + n] = data[start : start + n]
+            else:
+                view[done : done + n] = self._zero_bytes()[:n]
+            done += n
+        if size:
+            self._note_read(offset, size)
+        return size
+
+    # --- chunks --------------------------------------------------------------------------------
+
+    def _zero_bytes(self) -> bytes:
+        if not self._zeros:
+            self._zeros = bytes(self.chunk_bytes)
+        return self._zeros
+
+    def _chunk_data(self, number: int, offset: int, size: int) -> bytes:
+        """The plaintext of chunk ``number`` (zeros for a zero chunk); may start read-ahead."""
+        if self._sequential(offset):
+            self._read_ahead((offset + size - 1) // self.chunk_bytes + 1)
+        if not self._mask[number]:
+            start, end = self.index.chunk_range(number)
+            return self._zero_bytes()[: end - start]
+        return self._load(number)
+
+    def _load(self, number: int) -> bytes:
+        cid = self.index.ids[number].tobytes()
+        with self._lock:
+            data = self._cache.get(cid)
+            if data is not None:
+                self._cache.move_to_end(cid)
+                return data
+            future = self._inflight.get(cid)
+            owner = future is None
+            if future is None:
+                future = self._inflight[cid] = Future()
+        if owner:
+            self._fetch(number, cid, future)
+        return future.result()
+
+    def _fetch(self, number: int, cid: bytes, future: Future[bytes]) -> None:
+        """Read one chunk from the repository, fill the cache and wake the waiters."""
+        try:
+            data = self.repo.read_chunk(ChunkId(cid))
+            start, end = self.index.chunk_range(number)
+            if len(data) != end - start:
+                raise IntegrityError(
+                    f"reading chunk {number} ({cid.hex()[:16]}) of disk {self.name} - "
+                    f"{len(data)} bytes, the disk index says {end - start}"
+                )
+        except BaseException as exc:
+            with self._lock:
+                self._inflight.pop(cid, None)
+            with contextlib.suppress(InvalidStateError):  # closed meanwhile
+                future.set_exception(exc)
+            return
+        with self._lock:
+            self._inflight.pop(cid, None)
+            self.chunks_fetched += 1
+            self._cache[cid] = data
+            while len(self._cache) > self._capacity:
+                self._cache.popitem(last=False)
+        with contextlib.suppress(InvalidStateError):
+            future.set_result(data)
+
+    def _sequential(self, offset: int) -> bool:
+        with self._lock:
+            return offset in self._ends or offset == 0
+
+    def _note_read(self, offset: int, size: int) -> None:
+        with self._lock:
+            with contextlib.suppress(ValueError):
+                self._ends.remove(offset)
+            self._ends.append(offset + size)
+
+    def _read_ahead(self, first: int) -> None:
+        """Start fetching the data chunks ``first`` .. ``first + ahead`` not cached yet."""
+        last = min(first + self._ahead, self.index.chunk_count)
+        todo: list[tuple[int, bytes, Future[bytes]]] = []
+        with self._lock:
+            for number in range(first, last):
+                if not self._mask[number]:
+                    continue
+                cid = self.index.ids[number].tobytes()
+                if cid in self._cache:
+                    self._cache.move_to_end(cid)
+                    continue
+                if cid in self._inflight:
+                    continue
+                future: Future[bytes] = Future()
+                self._inflight[cid] = future
+                todo.append((number, cid, future))
+            if todo and self._pool is None and not self.closed:
+                self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="disk-read")
+            pool = self._pool
+        for number, cid, future in todo:
+            if pool is None:
+                self._abandon(cid, future)
+                continue
+            try:
+                pool.submit(self._fetch, number, cid, future)
+            except RuntimeError:  # closed meanwhile
+                self._abandon(cid, future)
+
+    def _abandon(self, cid: bytes, future: Future[bytes]) -> None:
+        with self._lock:
+            self._inflight.pop(cid, None)
+        future.set_exception(ValueError(f"disk {self.name}: reader closed"))
+
+
+def open_disk_reader(
+    repo: Repository,
+    snapshot: Snapshot,
+    disk: str | None = None,
+    *,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+    readahead_bytes: int = DEFAULT_READAHEAD_BYTES,
+) -> DiskReader:
+    """A :class:`DiskReader` of disk ``disk`` of ``snapshot`` (its only disk when ``None``)."""
+    ref = select_disk(snapshot, disk)
+    index = load_disk_index(repo, ref)
+    return DiskReader(repo, index, cache_bytes=cache_bytes, readahead_bytes=readahead_bytes)
