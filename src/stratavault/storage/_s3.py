@@ -78,8 +78,9 @@ class S3Storage:
     ``lock_days``: every new object except ``locks/*`` gets S3 Object Lock retention
     in COMPLIANCE mode for that many days (the bucket must have object lock enabled);
     ``delete`` then removes an object's versions, which the store refuses while one
-    is retained (:class:`ObjectLockedError` with the date). The bucket is checked to
-    exist at the first call, not in the constructor.
+    is retained (:class:`ObjectLockedError` with the date); retention dates count from
+    ``clock()``. The bucket and the credentials are checked at the first call, not in
+    the constructor.
     """
 
     def __init__(
@@ -251,12 +252,12 @@ class S3Storage:
         return {"ObjectLockMode": "COMPLIANCE", "ObjectLockRetainUntilDate": until}
 
     def _delete_versions(self, key: str, name: str) -> None:
-        listing = self._call(
-            "delete", name,
-            lambda: self._client.list_object_versions(Bucket=self.bucket, Prefix=key),
-        )  # fmt: skip
-        versions = [v for v in listing.get("Versions", ()) if v["Key"] == key]
-        markers = [m for m in listing.get("DeleteMarkers", ()) if m["Key"] == key]
+        pages = self._client.get_paginator("list_object_versions").paginate(
+            Bucket=self.bucket, Prefix=key
+        )
+        listing = self._call("delete", name, lambda: list(pages))
+        versions = [v for p in listing for v in p.get("Versions", ()) if v["Key"] == key]
+        markers = [m for p in listing for m in p.get("DeleteMarkers", ()) if m["Key"] == key]
         current = [v for v in versions if v.get("IsLatest")]
         if not current:
             raise ObjectNotFoundError(
