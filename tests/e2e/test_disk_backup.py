@@ -399,3 +399,27 @@ def test_damaged_disk_index_is_named_and_restore_fails_cleanly(cli: Cli, tmp_pat
     restore = cli("restore", "disk", "latest", "--to", target)
     assert restore.code == DataDamagedError.exit_code and "disk vda" in restore.err
     assert not target.exists()
+
+
+def test_image_written_during_backup_gives_an_incomplete_snapshot(cli: Cli, tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    _make_image(image)
+    cli("init")
+
+    class WrittenWhileRead(RawDiskSource):
+        """The real image; something (a running VM) writes to it during the backup."""
+
+        writes = 1
+
+        def read(self, offset: int, length: int) -> bytes:
+            if self.writes:
+                self.writes -= 1
+                with image.open("r+b") as f:
+                    f.seek(100 * MiB)
+                    f.write(b"guest write")
+            return super().read(offset, length)
+
+    with _open(cli) as repo, WrittenWhileRead(image, name="vda") as source:
+        snap = backup_disks(repo, [source], BackupDisksOptions(paths=(str(image),)))
+    assert snap.incomplete and snap.errors[0].path == "vda"
+    assert "changed while it was read" in snap.errors[0].error

@@ -219,5 +219,13 @@ def run_image(ns: argparse.Namespace, options: GlobalOptions) -> int:
         "disks": [d.to_json() for d in snap.disks],
     }
     summary.update(snap.to_document()["summary"])
+    summary.update(
+        incomplete=snap.incomplete, errors=[{"path": e.path, "error": e.error} for e in snap.errors]
+    )
     out.data(summary)
+    if snap.incomplete:
+        raise IncompleteSnapshotError(
+            f"snapshot {snap.short_id} saved, but {len(snap.errors)} disk(s) changed while "
+            "read: stop the VM, or back it up with backup vm"
+        )
     return 0

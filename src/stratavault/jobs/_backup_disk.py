@@ -35,6 +35,7 @@ from stratavault.repo import Repository
 from stratavault.snapshot import (
     DiskIndex,
     DiskRef,
+    FileError,
     Snapshot,
     SnapshotSummary,
     latest,
@@ -80,7 +81,14 @@ class DiskSource(Protocol):
         ...
 
     def read(self, offset: int, length: int) -> bytes:
-        """Exactly ``length`` bytes at ``offset``; called from several threads at once."""
+        """Exactly ``length`` bytes at ``offset``; called from several threads at once (an
+        NBD source needs a connection per thread, or a lock)."""
+        ...
+
+    def changed(self) -> bool:
+        """True when the disk was written while it was read, so the backup may be
+        inconsistent (the snapshot is then saved as incomplete); False for a frozen view
+        (fleecing, a stopped image)."""
         ...
 
 
@@ -167,6 +175,7 @@ class _DiskRun:
         self.workers = options.workers or (os.cpu_count() or 1)
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="disk-backup")
         self.summary = SnapshotSummary()
+        self.errors: list[FileError] = []
         self.state = ProgressState(phase="backup", started=now())
 
     def read_piece(self, source: DiskSource, index: DiskIndex, first: int, count: int) -> _Piece:
@@ -317,7 +326,11 @@ def _run_and_save(
     for source, (index, runs) in zip(sources, plans, strict=True):
         run.back_up(source, index, runs)
         run.summary.bytes_processed += source.size_bytes
-        refs.append(save_disk_index(run.repo, index, path=str(getattr(source, "path", ""))))
+        path, bitmap = str(getattr(source, "path", "")), str(getattr(source, "bitmap", ""))
+        refs.append(save_disk_index(run.repo, index, path=path, bitmap=bitmap))
+        if source.changed():
+            run.errors.append(FileError(source.name, "disk changed while it was read"))
+            run.progress.warn(f"disk {source.name}: changed while it was read")
     run.shutdown(cancel=False)
     run.summary.duration_s = round(now() - t0, 3)
     snapshot = Snapshot(
@@ -330,6 +343,7 @@ def _run_and_save(
         tags=list(run.options.tags),
         parent=parent.id if parent else None,
         summary=run.summary,
+        errors=run.errors,
         program_version=__version__,
         disks=refs,
         vm_config=run.options.vm_config,

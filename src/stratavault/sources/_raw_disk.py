@@ -108,6 +108,13 @@ class RawDiskSource:
         self._changed = list(changed) if changed is not None else None
         self.dirty_only = changed is not None
         """True when :meth:`extents` lists only what changed since the parent snapshot."""
+        self._stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+
+    def changed(self) -> bool:
+        """True when the file was modified since it was opened (a VM was running on it?):
+        what was read may be inconsistent. Block devices cannot tell: False."""
+        st = os.fstat(self._fd)
+        return not self.is_block_device and (st.st_size, st.st_mtime_ns, st.st_ino) != self._stamp
 
     def extents(self) -> Iterator[tuple[int, int]]:
         """``(offset, length)`` regions to read, in order; everything else reads as zeros
@@ -161,6 +168,8 @@ class RawDiskTarget:
         self.fresh = create and not self.is_block_device
         """A new sparse file: every byte not written reads as zero already."""
         flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT | os.O_EXCL if self.fresh else 0)
+        if self.is_block_device:
+            flags |= os.O_EXCL  # Linux: exclusive open, refused while mounted or in use
         try:
             self._fd = os.open(self.path, flags, 0o600)
         except FileExistsError as exc:
@@ -168,7 +177,8 @@ class RawDiskTarget:
                 f"restoring disk to {self.path} - it exists (use --onto to update it)"
             ) from exc
         except OSError as exc:
-            raise RestoreError(f"restoring disk to {self.path} - {exc.strerror or exc}") from exc
+            why = "in use (mounted?)" if exc.errno == errno.EBUSY else exc.strerror or exc
+            raise RestoreError(f"restoring disk to {self.path} - {why}") from exc
         try:
             self._fit()
         except BaseException:
