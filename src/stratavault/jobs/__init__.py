@@ -9,6 +9,7 @@ from stratavault.jobs._backup_disk import (
     chunk_runs,
 )
 from stratavault.jobs._backup_files import BackupFilesOptions, backup_files
+from stratavault.jobs._backup_vm import BackupVmOptions, backup_images, backup_vm
 from stratavault.jobs._browse import (
     DiffEntry,
     SnapshotSize,
@@ -45,6 +46,7 @@ __all__ = [
     "DISK_KINDS",
     "BackupDisksOptions",
     "BackupFilesOptions",
+    "BackupVmOptions",
     "Cancellation",
     "CheckResult",
     "Damage",
@@ -68,6 +70,8 @@ __all__ = [
     "Subset",
     "backup_disks",
     "backup_files",
+    "backup_images",
+    "backup_vm",
     "check_repository",
     "chunk_runs",
     "describe_disks",

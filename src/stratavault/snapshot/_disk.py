@@ -66,16 +66,22 @@ class DiskRef:
     segments: list[ChunkId] = field(default_factory=list)
     path: str = ""
     """Where the disk was read from (an image file, a device, a VM's drive), informative."""
+    bitmap: str = ""
+    """The dirty bitmap (QEMU) that records changes since this backup: the next backup of
+    the same source reads only what it marks. Empty when there is none."""
 
     def to_json(self) -> dict[str, Any]:
         """The JSON form stored in the snapshot document."""
-        return {
+        doc: dict[str, Any] = {
             "name": self.name,
             "size": self.size_bytes,
             "chunk_size": self.chunk_bytes,
             "segments": [s.hex() for s in self.segments],
             "path": self.path,
         }
+        if self.bitmap:
+            doc["bitmap"] = self.bitmap
+        return doc
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> DiskRef:
@@ -86,6 +92,7 @@ class DiskRef:
             chunk_bytes=int(doc["chunk_size"]),
             segments=[ChunkId(bytes.fromhex(s)) for s in doc["segments"]],
             path=str(doc.get("path", "")),
+            bitmap=str(doc.get("bitmap", "")),
         )
 
 
@@ -209,9 +216,11 @@ def decode_disk_segment(
     return int(count)
 
 
-def save_disk_index(repo: Repository, index: DiskIndex, *, path: str = "") -> DiskRef:
+def save_disk_index(
+    repo: Repository, index: DiskIndex, *, path: str = "", bitmap: str = ""
+) -> DiskRef:
     """Store the index's segments (each once per distinct content); return the reference."""
-    ref = DiskRef(index.name, index.size_bytes, index.chunk_bytes, path=path)
+    ref = DiskRef(index.name, index.size_bytes, index.chunk_bytes, path=path, bitmap=bitmap)
     for first in range(0, max(index.chunk_count, 1), SEGMENT_CHUNKS):
         data = encode_disk_segment(index, first, SEGMENT_CHUNKS)
         seg_id = repo.chunk_id(data)

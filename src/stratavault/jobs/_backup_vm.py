@@ -1,0 +1,180 @@
+"""Use case: back up a running QEMU VM (every disk at one point in time, incremental from
+its dirty bitmaps), and disk images of any format qemu-storage-daemon reads."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import socket
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from stratavault.errors import UsageError
+from stratavault.jobs._backup_disk import (
+    DEFAULT_DISK_CHUNK_BYTES,
+    DISK_KINDS,
+    BackupDisksOptions,
+    DiskSource,
+    backup_disks,
+)
+from stratavault.jobs._nbd_source import NbdDiskSource
+from stratavault.jobs._progress import Cancellation, Progress
+from stratavault.repo import Repository
+from stratavault.snapshot import Snapshot, latest, load_snapshots
+from stratavault.sources import (
+    ImageExport,
+    QmpSession,
+    RawDiskSource,
+    VmBackup,
+    probe_image_format,
+)
+
+__all__ = ["BackupVmOptions", "backup_images", "backup_vm"]
+
+
+@dataclass(frozen=True, slots=True)
+class BackupVmOptions:
+    """Which VM and how."""
+
+    qmp_socket: Path
+    name: str = ""
+    """The VM's name in the snapshot (its paths); default: QEMU's ``-name``, else the
+    socket's file name."""
+    guest_agent_socket: Path | None = None
+    """The guest agent's socket; default: found among the VM's chardevs."""
+    tags: tuple[str, ...] = ()
+    host: str = field(default_factory=socket.gethostname)
+    chunk_bytes: int = DEFAULT_DISK_CHUNK_BYTES
+    compression_level: int = 3
+    workers: int = 0
+    scratch_dir: Path | None = None
+    """Where the fleecing overlays and the NBD socket go (default: a temporary folder)."""
+
+
+def _parent(repo: Repository, host: str, paths: list[str]) -> Snapshot | None:
+    """The latest complete disk snapshot of the same host and paths (damaged ones skipped)."""
+    snaps = [
+        s
+        for s in load_snapshots(repo, damaged=[])
+        if s.kind in DISK_KINDS and s.host == host and sorted(s.paths) == sorted(paths)
+    ]
+    return latest(snaps) if snaps else None
+
+
+@contextlib.contextmanager
+def _scratch(given: Path | None) -> Any:
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        yield given
+        return
+    with tempfile.TemporaryDirectory(prefix="stratavault-") as tmp:
+        yield Path(tmp)
+
+
+def _vm_name(session: QmpSession, options: BackupVmOptions) -> str:
+    if options.name:
+        return options.name
+    with contextlib.suppress(Exception):
+        name = session.execute("query-name").get("name")
+        if name:
+            return str(name)
+    return options.qmp_socket.stem
+
+
+def backup_vm(
+    repo: Repository,
+    options: BackupVmOptions,
+    *,
+    progress: Progress | None = None,
+    cancel: Cancellation | None = None,
+    clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+) -> Snapshot:
+    """Back up every disk of the VM behind ``options.qmp_socket`` into one snapshot.
+
+    The guest's file systems are frozen around the QMP transaction when a guest agent
+    answers; the disks are read from fleecing exports while the guest keeps running.
+    Only what the dirty bitmaps mark is read when the parent snapshot's bitmap chain is
+    intact, else everything allocated. On any failure the bitmaps are merged back, so the
+    next backup still sees every change.
+    """
+    with QmpSession(options.qmp_socket) as session, _scratch(options.scratch_dir) as scratch:
+        name = _vm_name(session, options)
+        parent = _parent(repo, options.host, [name])
+        expected = {d.name: d.bitmap for d in parent.disks if d.bitmap} if parent else {}
+        vm = VmBackup(
+            session, scratch, expected_bitmaps=expected,
+            guest_agent_socket=options.guest_agent_socket,
+        )  # fmt: skip
+        with vm:
+            sources = [NbdDiskSource(export) for export in vm.exports]
+            config = {
+                **vm.config,
+                "consistency": vm.consistency_text,
+                "frozen_s": vm.frozen_s,
+                "full_read": {e.device: e.full_read_reason for e in vm.exports},
+            }
+            disk_options = BackupDisksOptions(
+                tags=options.tags, host=options.host, paths=(name,), kind="vm",
+                parent=parent.id if parent else None, chunk_bytes=options.chunk_bytes,
+                compression_level=options.compression_level, workers=options.workers,
+                vm_config=config,
+            )  # fmt: skip
+            try:
+                return backup_disks(
+                    repo, sources, disk_options, progress=progress, cancel=cancel, clock=clock
+                )
+            finally:
+                for source in sources:
+                    source.close()
+
+
+def backup_images(
+    repo: Repository,
+    images: Sequence[Path],
+    options: BackupDisksOptions,
+    *,
+    names: Sequence[str] = (),
+    scratch_dir: Path | None = None,
+    progress: Progress | None = None,
+    cancel: Cancellation | None = None,
+) -> Snapshot:
+    """Back up disk images (raw files and block devices read directly; qcow2, vmdk, vhdx,
+    vdi and others through qemu-storage-daemon) into one snapshot; ``names`` names the
+    disks (default: the file names). A qcow2 keeps a persistent dirty bitmap, so its next
+    backup reads only what changed."""
+    if names and len(names) != len(images):
+        raise UsageError(f"{len(names)} names given for {len(images)} images")
+    paths = options.paths or tuple(str(Path(i).absolute()) for i in images)
+    parent = _parent(repo, options.host, list(paths)) if options.parent is None else None
+    recorded = {d.path: d.bitmap for d in parent.disks if d.bitmap} if parent else {}
+    if parent is not None:
+        options = replace(options, parent=parent.id)
+    with contextlib.ExitStack() as stack:
+        scratch = stack.enter_context(_scratch(scratch_dir))
+        sources: list[DiskSource] = []
+        for number, image in enumerate(images):
+            name = names[number] if names else Path(image).name
+            if Path(image).is_block_device() or probe_image_format(image) == "raw":
+                raw = RawDiskSource(image, name=name)
+                stack.callback(raw.close)
+                sources.append(raw)
+                continue
+            export = stack.enter_context(
+                ImageExport(
+                    image,
+                    scratch / f"image{number}",
+                    expected_bitmap=recorded.get(str(Path(image).absolute())),
+                )
+            )
+            assert export.export is not None
+            source = NbdDiskSource(export.export)
+            source.name = name
+            source.path = str(Path(image).absolute())
+            stack.callback(source.close)
+            sources.append(source)
+        return backup_disks(
+            repo, sources, replace(options, paths=paths), progress=progress, cancel=cancel
+        )
