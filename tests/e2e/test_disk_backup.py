@@ -7,6 +7,7 @@ import json
 import os
 import random
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 
 from stratavault.errors import DataDamagedError, Interrupted, SourceError, UsageError
 from stratavault.jobs import BackupDisksOptions, Cancellation, backup_disks, chunk_runs
+from stratavault.nbd import connect
 from stratavault.repo import Repository
 from stratavault.snapshot import load_disk_index
 from stratavault.sources import RawDiskSource
@@ -423,3 +425,59 @@ def test_image_written_during_backup_gives_an_incomplete_snapshot(cli: Cli, tmp_
         snap = backup_disks(repo, [source], BackupDisksOptions(paths=(str(image),)))
     assert snap.incomplete and snap.errors[0].path == "vda"
     assert "changed while it was read" in snap.errors[0].error
+
+
+@pytest.fixture
+def qemu_nbd(tmp_path: Path) -> Iterator[Callable[[Path], str]]:
+    """Serve an image with qemu-nbd (several connections); stopped at the end."""
+    servers: list[subprocess.Popen[bytes]] = []
+
+    def serve(image: Path) -> str:
+        sock = tmp_path / f"nbd{len(servers)}.sock"
+        proc = subprocess.Popen(
+            ["qemu-nbd", "--socket", str(sock), "--format", "qcow2", "--shared", "8",
+             "--persistent", "--cache=writeback", str(image)],
+        )  # fmt: skip
+        servers.append(proc)
+        deadline = time.monotonic() + 10
+        while not sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "qemu-nbd did not start"
+            time.sleep(0.02)
+        return f"nbd+unix:///?socket={sock}"
+
+    yield serve
+    for proc in servers:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.infra("qemu")
+def test_restore_to_an_nbd_export(
+    cli: Cli, tmp_path: Path, qemu_nbd: Callable[[Path], str]
+) -> None:
+    image = tmp_path / "disk.img"
+    regions = _make_image(image)
+    cli("init")
+    assert cli("backup", "image", image, "-q").code == 0
+    qcow2 = tmp_path / "target.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), str(SIZE)], check=True)
+    uri = qemu_nbd(qcow2)
+    result = cli("restore", "disk", "latest", "--to", uri, "--verify", "--json")
+    assert result.code == 0, result.err
+    summary = _json_summary(result)
+    assert summary["chunks_verified"] == SIZE // CHUNK and summary["issues"] == []
+    # Damage a chunk through NBD, then write back only what differs.
+    with connect(uri) as client:
+        client.write(regions[4][0] + 10, b"damage")
+    again = cli("restore", "disk", "latest", "--onto", uri, "--changed-only", "--json")
+    assert again.code == 0, again.err
+    summary = _json_summary(again)
+    assert summary["chunks_written"] == 1 and summary["chunks_zeroed"] == 0
+    assert summary["bytes_read"] < 64 * MiB  # only the export's allocated data was read
+    compare = subprocess.run(
+        ["qemu-img", "compare", "-U", "-f", "raw", "-F", "qcow2", str(image), str(qcow2)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert compare.returncode == 0, compare.stdout + compare.stderr

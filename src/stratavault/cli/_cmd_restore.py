@@ -42,11 +42,15 @@ def register(
     )
     p.add_argument("-t", "--target", type=Path, help="files: folder to restore into")
     d = p.add_argument_group("disks")
-    d.add_argument("--to", type=Path, metavar="FILE|DEVICE", help="disk: new file or device")
+    d.add_argument(
+        "--to", metavar="FILE|DEVICE|NBD-URI", help="disk: new file, a device or an NBD export"
+    )
     d.add_argument(
         "--format", choices=DISK_FORMATS, default="raw", help="disk: image format of --to"
     )
-    d.add_argument("--onto", type=Path, metavar="EXISTING", help="disk: overwrite this disk")
+    d.add_argument(
+        "--onto", metavar="EXISTING", help="disk: overwrite this disk (file, device, NBD URI)"
+    )
     d.add_argument(
         "--changed-only",
         action="store_true",
@@ -102,8 +106,9 @@ def run_disk(ns: argparse.Namespace, word: str, options: GlobalOptions) -> int:
     ref, _, disk = word.partition(":")
     if (ns.to is None) == (ns.onto is None):
         raise UsageError("restore disk: give exactly one of --to FILE|DEVICE and --onto EXISTING")
+    where: str = ns.to or ns.onto
     job = RestoreDiskOptions(
-        target=ns.to or ns.onto,
+        target=where if where.startswith(("nbd://", "nbd+unix://")) else Path(where),
         disk=disk or None,
         format=ns.format,
         onto=ns.onto is not None,

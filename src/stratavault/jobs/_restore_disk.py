@@ -1,12 +1,14 @@
-"""Use case: restore one disk of a snapshot to a raw file, a block device or a qcow2 image.
+"""Use case: restore one disk of a snapshot to a raw or qcow2 file, a device or NBD export.
 
 A new raw file is sparse: zero chunks are never written and stay holes. Data chunks are
 read in pack order, one pack per worker thread (one ranged read for neighbouring blobs),
 and each is written everywhere the disk holds it. ``onto`` an existing disk with
-``changed_only``, every chunk of the disk is first read and hashed with the repository's
-keyed chunk id (no download to compare), and only chunks that differ are written (VDR's
-changed-blocks restore). ``verify`` re-reads the result and checks every chunk. qcow2 is
-written as a sparse raw file next to the target and converted with ``qemu-img``.
+``changed_only``, the disk's data regions are first read and each chunk hashed with the
+repository's keyed chunk id (no download to compare; holes read as zeros), and only
+chunks that differ are written (VDR's changed-blocks restore). ``verify`` re-reads the
+result and checks every chunk. qcow2 is written as a sparse raw file next to the target
+and converted with ``qemu-img``; an NBD export (a URI) is written through NBD, in the
+format its server serves.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from stratavault.errors import RestoreError, SnapshotNotFoundError, UsageError
 from stratavault.jobs._backup_disk import chunk_runs, is_zero
+from stratavault.jobs._nbd_disk import NbdDiskTarget, is_nbd_uri
 from stratavault.jobs._progress import (
     Cancellation,
     NullProgress,
@@ -37,7 +41,14 @@ from stratavault.snapshot import DiskIndex, DiskRef, Snapshot, load_disk_index
 from stratavault.sources import RawDiskTarget, convert_image
 from stratavault.types import ChunkId
 
-__all__ = ["DISK_FORMATS", "RestoreDiskOptions", "RestoreDiskResult", "restore_disk", "select_disk"]
+__all__ = [
+    "DISK_FORMATS",
+    "DiskTarget",
+    "RestoreDiskOptions",
+    "RestoreDiskResult",
+    "restore_disk",
+    "select_disk",
+]
 
 DISK_FORMATS = ("raw", "qcow2")
 
@@ -46,8 +57,9 @@ DISK_FORMATS = ("raw", "qcow2")
 class RestoreDiskOptions:
     """Where to restore a disk and how."""
 
-    target: Path
-    """A new file (``format``), or a block device; with ``onto`` an existing file/device."""
+    target: Path | str
+    """A new file (``format``), or a block device; with ``onto`` an existing file/device;
+    or an NBD export given as a ``nbd://`` / ``nbd+unix://`` URI (a ``str``)."""
     disk: str | None = None
     """Name of the disk; ``None`` when the snapshot has exactly one."""
     format: str = "raw"
@@ -102,12 +114,39 @@ def select_disk(snapshot: Snapshot, name: str | None) -> DiskRef:
     )
 
 
+class DiskTarget(Protocol):
+    """Where a disk is restored to: a raw file, a block device, an NBD export."""
+
+    fresh: bool
+    """Every byte reads as zero already (a new sparse file): zero chunks need no write."""
+
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        """Write ``data`` at ``offset`` (called from several threads)."""
+        ...
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make the range read as zeros."""
+        ...
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` (called from several threads)."""
+        ...
+
+    def data_extents(self) -> list[tuple[int, int]]:
+        """The ranges that may hold data; the rest reads as zeros."""
+        ...
+
+    def sync(self) -> None:
+        """Make what was written durable."""
+        ...
+
+
 class _DiskRestore:
     def __init__(
         self,
         repo: Repository,
         index: DiskIndex,
-        target: RawDiskTarget,
+        target: DiskTarget,
         options: RestoreDiskOptions,
         progress: Progress,
         cancel: Cancellation,
@@ -255,6 +294,12 @@ def _check_options(options: RestoreDiskOptions) -> None:
         raise UsageError(f"disk format {options.format!r}: expected one of {DISK_FORMATS}")
     if options.changed_only and not options.onto:
         raise UsageError("--changed-only needs --onto EXISTING")
+    if isinstance(options.target, str):
+        if not is_nbd_uri(options.target):
+            raise UsageError(f"restore target {options.target!r}: not an nbd:// URI")
+        if options.format != "raw":
+            raise UsageError("an NBD export has the server's format: leave out --format")
+        return
     if options.onto and options.format != "raw":
         raise UsageError("--onto writes a raw file or block device; --format must be raw")
     if options.onto and not options.target.exists():
@@ -277,27 +322,44 @@ def restore_disk(
     _check_options(options)
     progress = progress or NullProgress()
     with repo.lock(exclusive=False):
-        ref = select_disk(snapshot, options.disk)
-        index = load_disk_index(repo, ref)
-        raw_path = options.target
-        if options.format != "raw":
-            if options.target.exists():
-                raise RestoreError(f"restoring disk to {options.target} - it exists")
-            raw_path = options.target.with_name(f".{options.target.name}.raw.tmp")
-        created = options.format != "raw" or not (options.onto or options.target.exists())
-        try:
-            with RawDiskTarget(raw_path, index.size_bytes, create=not options.onto) as target:
-                run = _DiskRestore(repo, index, target, options, progress, cancel or Cancellation())
+        index = load_disk_index(repo, select_disk(snapshot, options.disk))
+        if isinstance(options.target, str):
+            with NbdDiskTarget(options.target, index.size_bytes) as nbd:
+                run = _DiskRestore(repo, index, nbd, options, progress, cancel or Cancellation())
                 run.run()
-            if options.format != "raw":
-                convert_image(raw_path, options.target, options.format)
-        except BaseException:
-            if created:
-                for path in {raw_path, options.target}:
-                    path.unlink(missing_ok=True)
-            raise
-        finally:
-            if raw_path != options.target:
-                raw_path.unlink(missing_ok=True)
+        else:
+            run = _restore_to_file(repo, index, options.target, options, progress, cancel)
     progress.done(run.state)
     return run.result
+
+
+def _restore_to_file(
+    repo: Repository,
+    index: DiskIndex,
+    path: Path,
+    options: RestoreDiskOptions,
+    progress: Progress,
+    cancel: Cancellation | None,
+) -> _DiskRestore:
+    """A raw file or device directly; another format through a raw file and qemu-img."""
+    raw_path = path
+    if options.format != "raw":
+        if path.exists():
+            raise RestoreError(f"restoring disk to {path} - it exists")
+        raw_path = path.with_name(f".{path.name}.raw.tmp")
+    created = options.format != "raw" or not (options.onto or path.exists())
+    try:
+        with RawDiskTarget(raw_path, index.size_bytes, create=not options.onto) as target:
+            run = _DiskRestore(repo, index, target, options, progress, cancel or Cancellation())
+            run.run()
+        if options.format != "raw":
+            convert_image(raw_path, path, options.format)
+    except BaseException:
+        if created:
+            for each in {raw_path, path}:
+                each.unlink(missing_ok=True)
+        raise
+    finally:
+        if raw_path != path:
+            raw_path.unlink(missing_ok=True)
+    return run
