@@ -4,6 +4,9 @@ compared with reference images; stopped images of other formats through NBD."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -16,12 +19,16 @@ from stratavault.jobs import (
     BackupVmOptions,
     Cancellation,
     RestoreDiskOptions,
+    RestoreVmOptions,
     backup_images,
     backup_vm,
     restore_disk,
+    restore_vm,
+    vm_command,
 )
 from stratavault.repo import KdfParams, Repository
 from stratavault.snapshot import Snapshot
+from stratavault.sources import QmpSession
 from stratavault.storage import MemoryStorage
 from tests.sources import vm_harness
 from tests.sources.vm_harness import KiB, MiB, Vm, reference_image
@@ -172,3 +179,59 @@ def test_stopped_images_of_other_formats(repo: Repository, short_tmp: Path) -> N
     assert restored_equals(repo, second, "disk.qcow2", ref, short_tmp)
     # The qcow2 was read only where its bitmap says; the vmdk (no bitmap) whole again.
     assert second.summary.bytes_read <= 256 * KiB + 2 * MiB + 256 * KiB
+
+
+def test_restore_vm_starts_a_copy_under_a_new_name(
+    repo: Repository, make_vm: Callable[..., Vm], short_tmp: Path
+) -> None:
+    vm = make_vm((32, 16))
+    start(vm)
+    guest_writes(vm, "vda", [(0x51, 3 * MiB, 1 * MiB)])
+    guest_writes(vm, "vdb", [(0x52, 0, 64 * KiB)])
+    snap = backup_vm(repo, BackupVmOptions(qmp_socket=vm.qmp_path, name="app", host="h"))
+    target = short_tmp / "restored"
+    result = restore_vm(repo, snap, RestoreVmOptions(target_dir=target, start=True, name="app2"))
+    assert result.pid is not None and result.qmp_socket is not None
+    try:
+        assert sorted(p.name for p in result.disks.values()) == ["vda.qcow2", "vdb.qcow2"]
+        assert json.loads((target / "vm.json").read_text())["argv"] == snap.vm_config["argv"]  # type: ignore[index]
+        with QmpSession(result.qmp_socket) as session:
+            assert session.execute("query-name")["name"] == "app2"
+            files = {
+                b["device"] or b["qdev"]: b["inserted"]["file"]
+                for b in session.execute("query-block")
+            }
+            assert all(str(target) in f for f in files.values()), files
+            copy = Vm(target, list(result.disks.values()))
+            copy.hmp_io(session, "vda", "read -P 0x51 3M 1M")
+            copy.hmp_io(session, "vdb", "read -P 0x52 0 64k")
+    finally:
+        os.kill(result.pid, signal.SIGKILL)
+    # The original VM was not touched: its disks are where they were, it still runs.
+    assert vm.process is not None and vm.process.poll() is None
+
+
+def test_vm_command_rewrites_disks_sockets_and_name(tmp_path: Path) -> None:
+    config = {
+        "argv": [
+            "qemu-system-x86_64", "-name", "guest=old,debug-threads=on", "-daemonize",
+            "-pidfile", "/run/old.pid", "-qmp", "unix:/run/old/vm.qmp,server=on,wait=off",
+            "-chardev", "socket,id=qga0,path=/run/old/qga.sock,server=on,wait=off",
+            "-serial", "file:/var/log/old-serial.log",
+            "-blockdev", '{"driver":"file","filename":"/images/a.qcow2","node-name":"f0"}',
+            "-drive", "file=/images/b.raw,format=raw,if=virtio",
+        ],
+        "disks": [
+            {"device": "vda", "filename": "/images/a.qcow2", "format": "qcow2"},
+            {"device": "vdb", "filename": "/images/b.raw", "format": "raw"},
+        ],
+    }  # fmt: skip
+    disks = {"vda": tmp_path / "a.qcow2", "vdb": tmp_path / "b.raw"}
+    argv = vm_command(config, disks, "new", tmp_path)
+    text = " ".join(argv)
+    assert "/images/" not in text and "/run/" not in text and "/var/log" not in text
+    assert "-daemonize" not in argv and "-pidfile" not in argv
+    assert argv[argv.index("-name") + 1] == "new"
+    assert f"file={tmp_path}/b.raw" in text and f'"filename":"{tmp_path}/a.qcow2"' in text
+    assert f"path={tmp_path}/qga.sock" in text and f"file:{tmp_path}/old-serial.log" in text
+    assert argv[-2:] == ["-qmp", f"unix:{tmp_path}/qmp.sock,server=on,wait=off"]

@@ -39,6 +39,7 @@ from stratavault.jobs._restore_disk import (
     select_disk,
 )
 from stratavault.jobs._restore_files import RestoreOptions, RestoreResult, restore_files
+from stratavault.jobs._restore_vm import RestoreVmOptions, RestoreVmResult, restore_vm, vm_command
 
 __all__ = [
     "DEFAULT_DISK_CHUNK_BYTES",
@@ -65,6 +66,8 @@ __all__ = [
     "RestoreDiskResult",
     "RestoreOptions",
     "RestoreResult",
+    "RestoreVmOptions",
+    "RestoreVmResult",
     "SnapshotRepair",
     "SnapshotSize",
     "Subset",
@@ -85,8 +88,10 @@ __all__ = [
     "repair_snapshots",
     "restore_disk",
     "restore_files",
+    "restore_vm",
     "select_disk",
     "set_protection",
     "snapshot_size",
     "split_snapshot_ref",
+    "vm_command",
 ]
