@@ -234,7 +234,7 @@ class _Campaign:
     def round(self, n: int, plan: _Plan, watch: _TempWatch, new_bytes: int) -> None:
         """Kill one backup as planned, then check the repository and back up again."""
         repo = self.cli.repo
-        where = f"seed {self.seed} (STRATAVAULT_CRASH_SEED={self.seed} replays), round {n}"
+        where = f"seed {self.seed}, round {n}"
         packs_before, temps_before = _files(repo, "data"), _temp_files(repo)
         killed, what = _kill_backup(self.cli, self.src, watch, plan)
         self.kills += killed
@@ -250,7 +250,7 @@ class _Campaign:
         _after_kill(self.cli, self.src, self.tmp / f"r{n}", self.verified, where)
         summary = self.cli("backup", "files", self.src, "--json")
         assert summary.code == 0, f"{where}: next backup failed: {summary.err}"
-        added = int(summary.json_lines()[-1]["bytes_added_stored"])  # type: ignore[call-overload]
+        added = int(summary.json_lines()[-1]["bytes_added_stored"])
         if n or landed:  # an incremental backup, or packs of the first one landed
             assert added < FILES * FILE_BYTES, f"{where}: next backup stored {added} bytes"
         # What had landed is not stored again (slack: trees, headers, encryption overhead).
@@ -272,7 +272,11 @@ def test_sigkill_campaign(cli: Cli, tmp_path: Path, crash_base_tree: Path) -> No
     try:
         for n, plan in enumerate(_plans(rng)):
             new_bytes = _change_tree(src, rng, gen) if n else FILES * FILE_BYTES
-            campaign.round(n, plan, watch, new_bytes)
+            try:
+                campaign.round(n, plan, watch, new_bytes)
+            except AssertionError as exc:  # every failure names the seed that replays it
+                replay = f"STRATAVAULT_CRASH_SEED={seed} replays this campaign"
+                raise AssertionError(f"{replay}; round {n}, kill at {plan}: {exc}") from exc
     finally:
         watch.close()
     report = f"seed {seed}: {campaign.kills} kills, hits {dict(campaign.hits)}\n" + "\n".join(

@@ -104,10 +104,10 @@ def test_damaged_chunk_and_folder_are_removed_and_the_rest_restores(
     assert _objects(cli) == before
 
     # Only the newest, original kept: the older one is still damaged.
-    newest = cli("snapshots", "--json").json()[-1]["id"]  # type: ignore[index]
+    newest = cli("snapshots", "--json").json()[-1]["id"]
     one = cli("repair", "snapshots", newest[:10], "--json")
     assert one.code == 0, one.err
-    (repaired,) = one.json_lines()[-1]["snapshots"]  # type: ignore[misc]
+    (repaired,) = one.json_lines()[-1]["snapshots"]
     assert repaired["original"] == newest and not repaired["forgotten"]
     removed = {Path(r["path"]): r["error"] for r in repaired["removed"]}
     assert set(removed) == {src / "a" / "big.bin", src / "sub"}
@@ -169,7 +169,7 @@ def test_lost_data_pack(cli: Cli, tmp_path: Path, how: str) -> None:
             f.truncate(pack.stat().st_size // 2)
     result = cli("repair", "snapshots", "--forget", "--json")
     assert result.code == 0, result.err
-    (repaired,) = result.json_lines()[-1]["snapshots"]  # type: ignore[misc]
+    (repaired,) = result.json_lines()[-1]["snapshots"]
     paths = {Path(r["path"]) for r in repaired["removed"]}
     assert src / "a" / "big.bin" in paths
     files = {p for p in src.rglob("*") if p.is_file()}
@@ -200,10 +200,27 @@ def test_truncated_tree_pack_loses_the_root_listing(cli: Cli, tmp_path: Path) ->
     assert cli("check").code == DataDamagedError.exit_code
     result = cli("repair", "snapshots", "--forget", "--json")
     assert result.code == 0, result.err
-    (repaired,) = result.json_lines()[-1]["snapshots"]  # type: ignore[misc]
+    (repaired,) = result.json_lines()[-1]["snapshots"]
     assert [r["path"] for r in repaired["removed"]] == ["/"]
     assert "empty folder" in repaired["removed"][0]["error"]
     assert cli("check", "--read-data").code == 0
     target = tmp_path / "t"
     assert cli("restore", "latest", "--target", target).code == 0
     assert not target.exists() or os.listdir(target) == []
+
+
+def test_unreadable_snapshot_object_is_left_to_forget(cli: Cli, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _tree(src)
+    cli("init")
+    assert cli("backup", "files", src, "-q").code == 0
+    (src / "new.txt").write_text("second\n")
+    assert cli("backup", "files", src, "-q").code == 0
+    first = cli("snapshots", "--json").json()[0]["id"]
+    _flip_byte(cli.repo / "snapshots" / first, 40)
+    result = cli("repair", "snapshots", "--forget", "--json")
+    assert result.code == 0, result.err
+    assert result.json_lines()[-1]["snapshots"] == []  # nothing readable is damaged
+    check = cli("check", "--json")
+    assert check.code == DataDamagedError.exit_code
+    assert any(first in d["object"] for d in check.json_lines()[-1]["damages"])

@@ -163,7 +163,7 @@ def repair_snapshots(
     packs = {d.object.removeprefix("pack ") for d in found.damages if d.object.startswith("pack ")}
     rewriter = _Rewriter(repo, packs, dry_run=dry_run)
     with repo.lock(exclusive=not dry_run):
-        selected = named or load_snapshots(repo)
+        selected = named or load_snapshots(repo, damaged=[])  # unreadable ones: forget them
         for snap in selected:
             if snap.tree is None:
                 continue  # disk snapshots: not repaired here
