@@ -15,10 +15,19 @@ from typing import Any
 import pytest
 
 from stratavault.errors import DataDamagedError, Interrupted, SourceError, UsageError
-from stratavault.jobs import BackupDisksOptions, Cancellation, backup_disks, chunk_runs
+from stratavault.jobs import (
+    BackupDisksOptions,
+    Cancellation,
+    NullProgress,
+    ProgressState,
+    RestoreDiskOptions,
+    backup_disks,
+    chunk_runs,
+    restore_disk,
+)
 from stratavault.nbd import connect
 from stratavault.repo import Repository
-from stratavault.snapshot import load_disk_index
+from stratavault.snapshot import load_disk_index, load_snapshots
 from stratavault.sources import RawDiskSource
 from stratavault.storage import LocalStorage
 from tests.e2e.conftest import Cli, Result
@@ -481,3 +490,29 @@ def test_restore_to_an_nbd_export(
         check=False,
     )
     assert compare.returncode == 0, compare.stdout + compare.stderr
+
+
+def test_interrupted_restore_removes_the_new_file(cli: Cli, tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    _make_image(image)
+    cli("init")
+    assert cli("backup", "image", image, "-q").code == 0
+
+    class StopAfterFirstWrite(NullProgress):
+        def update(self, state: ProgressState) -> None:
+            if state.bytes_done:
+                cancel.cancel()
+
+    cancel = Cancellation()
+    target = tmp_path / "new.img"
+    with _open(cli) as repo:
+        snap = load_snapshots(repo)[-1]
+        with pytest.raises(Interrupted):
+            restore_disk(
+                repo,
+                snap,
+                RestoreDiskOptions(target=target, workers=1),
+                progress=StopAfterFirstWrite(),
+                cancel=cancel,
+            )
+    assert not target.exists()

@@ -248,6 +248,7 @@ class _DiskRestore:
                 self.result.bytes_written += written
                 self.result.chunks_written += len(places[cid])
                 self.state.bytes_done += written
+            self.progress.update(self.state)  # the receiver throttles
 
     def verify(self) -> None:
         self.state.phase, self.state.bytes_done = "verify", 0
