@@ -30,6 +30,7 @@ from stratavault.repo import KdfParams, Repository
 from stratavault.snapshot import Snapshot
 from stratavault.sources import QmpSession
 from stratavault.storage import MemoryStorage
+from tests.e2e.conftest import Cli
 from tests.sources import vm_harness
 from tests.sources.vm_harness import KiB, MiB, Vm, reference_image
 
@@ -235,3 +236,34 @@ def test_vm_command_rewrites_disks_sockets_and_name(tmp_path: Path) -> None:
     assert f"file={tmp_path}/b.raw" in text and f'"filename":"{tmp_path}/a.qcow2"' in text
     assert f"path={tmp_path}/qga.sock" in text and f"file:{tmp_path}/old-serial.log" in text
     assert argv[-2:] == ["-qmp", f"unix:{tmp_path}/qmp.sock,server=on,wait=off"]
+
+
+def test_backup_vm_and_restore_vm_from_the_command_line(
+    cli: Cli, make_vm: Callable[..., Vm], short_tmp: Path
+) -> None:
+    vm = make_vm((32,))
+    start(vm)
+    guest_writes(vm, "vda", [(0x61, 1 * MiB, 256 * KiB)])
+    assert cli("init").code == 0
+    res = cli("backup", "vm", "--qmp", vm.qmp_path, "--name", "cli-vm", "--json")
+    assert res.code == 0, res.err
+    summary = res.json_lines()[-1]
+    assert summary["message_type"] == "summary"
+    assert [d["bitmap"] for d in summary["disks"]] == ["stratavault-1"]  # type: ignore[attr-defined]
+    guest_writes(vm, "vda", [(0x62, 9 * MiB, 64 * KiB)])
+    res = cli("backup", "vm", "--qmp", vm.qmp_path, "--name", "cli-vm")
+    assert res.code == 0 and "crash-consistent" in res.out, res.out + res.err
+    assert cli("check", "--read-data").code == 0
+    target = short_tmp / "cli-restore"
+    res = cli("restore", "vm", "latest", "--to", target, "--json")
+    assert res.code == 0, res.err
+    doc = res.json_lines()[-1]
+    assert doc["command"] and Path(str(doc["config"])).is_file()
+    ref = reference_image(
+        short_tmp / "c.qcow2", 32 * MiB, [(0x61, 1 * MiB, 256 * KiB), (0x62, 9 * MiB, 64 * KiB)]
+    )
+    restored = Path(str(doc["disks"]["vda"]))  # type: ignore[index]
+    cmp = subprocess.run(["qemu-img", "compare", str(restored), str(ref)], check=False)
+    assert cmp.returncode == 0
+    bad = cli("restore", "vm", "latest", "--target", target)
+    assert bad.code == 2 and "--to DIR" in bad.err

@@ -6,18 +6,19 @@ import argparse
 import socket
 from pathlib import Path
 
+from stratavault.cli._cmd_backup_vm import register_vm
 from stratavault.cli._context import GlobalOptions, open_repo
+from stratavault.cli._disk_report import report_disk_backup
 from stratavault.cli._output import Output, format_bytes, make_progress, shows_progress
-from stratavault.errors import IncompleteSnapshotError, SourceError, UsageError
+from stratavault.errors import IncompleteSnapshotError
 from stratavault.jobs import (
     DEFAULT_DISK_CHUNK_BYTES,
     BackupDisksOptions,
     BackupFilesOptions,
     Cancellation,
-    backup_disks,
     backup_files,
+    backup_images,
 )
-from stratavault.sources import RawDiskSource, probe_image_format
 
 
 def register(
@@ -60,12 +61,15 @@ def register(
     )
     f.set_defaults(run=run)
     _register_image(kinds, common)
+    register_vm(kinds, common)
 
 
 def _register_image(
     kinds: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser
 ) -> None:
-    i = kinds.add_parser("image", parents=[common], help="back up raw disk images or block devices")
+    i = kinds.add_parser(
+        "image", parents=[common], help="back up disk images (raw, qcow2, vmdk...) or devices"
+    )
     i.add_argument("files", nargs="+", type=Path, metavar="FILE")
     i.add_argument(
         "--name",
@@ -162,28 +166,6 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     return 0
 
 
-def _open_images(files: list[Path], names: list[str]) -> list[RawDiskSource]:
-    """Open each image after checking that it is raw (other formats need NBD exports)."""
-    if names and len(names) != len(files):
-        raise UsageError(f"--name given {len(names)} times for {len(files)} files")
-    sources: list[RawDiskSource] = []
-    try:
-        for n, path in enumerate(files):
-            fmt = probe_image_format(path)
-            if fmt != "raw":
-                raise SourceError(
-                    f"backing up image {path} - format {fmt} is not supported yet: only raw "
-                    "images and block devices are read directly (qcow2, vmdk and others will "
-                    f"be read through NBD exports); convert it with `qemu-img convert -O raw`"
-                )
-            sources.append(RawDiskSource(path, name=names[n] if names else None))
-    except BaseException:
-        for source in sources:
-            source.close()
-        raise
-    return sources
-
-
 def run_image(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Back up raw images / block devices into one snapshot and print the summary."""
     out = Output(json_mode=options.json, quiet=options.quiet)
@@ -197,35 +179,6 @@ def run_image(ns: argparse.Namespace, options: GlobalOptions) -> int:
         compression_level=ns.compression,
     )
     progress = make_progress(json_mode=options.json, quiet=options.quiet)
-    sources = _open_images(files, ns.name)
-    try:
-        with open_repo(options) as repo:
-            snap = backup_disks(repo, sources, job, progress=progress, cancel=Cancellation())
-    finally:
-        for source in sources:
-            source.close()
-    s = snap.summary
-    for d in snap.disks:
-        out.text(f"Disk {d.name}: {format_bytes(d.size_bytes)} ({d.path})")
-    out.text(
-        f"Read {format_bytes(s.bytes_read)}; added to the repository: "
-        f"{format_bytes(s.bytes_added_stored)} ({s.chunks_added} new chunks)"
-    )
-    out.text(f"processed {format_bytes(s.bytes_processed)} in {s.duration_s:.2f}s")
-    out.text(f"snapshot {snap.short_id} saved")
-    summary: dict[str, object] = {
-        "message_type": "summary",
-        "snapshot_id": snap.id,
-        "disks": [d.to_json() for d in snap.disks],
-    }
-    summary.update(snap.to_document()["summary"])
-    summary.update(
-        incomplete=snap.incomplete, errors=[{"path": e.path, "error": e.error} for e in snap.errors]
-    )
-    out.data(summary)
-    if snap.incomplete:
-        raise IncompleteSnapshotError(
-            f"snapshot {snap.short_id} saved, but {len(snap.errors)} disk(s) changed while "
-            "read: stop the VM, or back it up with backup vm"
-        )
-    return 0
+    with open_repo(options) as repo:
+        snap = backup_images(repo, files, job, names=ns.name, progress=progress)
+    return report_disk_backup(out, snap)

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from stratavault.cli._cmd_restore_vm import run_vm
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._output import Output, format_bytes, make_progress
 from stratavault.errors import RestoreError, UsageError
@@ -46,7 +47,9 @@ def register(
         "--to", metavar="FILE|DEVICE|NBD-URI", help="disk: new file, a device or an NBD export"
     )
     d.add_argument(
-        "--format", choices=DISK_FORMATS, default="raw", help="disk: image format of --to"
+        "--format",
+        choices=DISK_FORMATS,
+        help="disk: image format of --to (default raw); vm: of every disk (default: original)",
     )
     d.add_argument(
         "--onto", metavar="EXISTING", help="disk: overwrite this disk (file, device, NBD URI)"
@@ -81,12 +84,21 @@ def register(
     p.add_argument(
         "--numeric-owner", action="store_true", help="restore owners by number, not by name"
     )
+    v = p.add_argument_group("VMs")
+    v.add_argument("--start", action="store_true", help="vm: start it from the restored disks")
+    v.add_argument("--name", default="", help="vm, with --start: its name (default: NAME-restored)")
     p.set_defaults(run=run)
 
 
 def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Dispatch: ``restore disk ...`` or a restore of files."""
     words: list[str] = ns.words
+    if words[0] == "vm":
+        if len(words) != 2 or ns.target or ns.onto or ns.changed_only or ns.to is None:
+            raise UsageError("usage: restore vm SNAPSHOT --to DIR [--format F] [--start]")
+        return run_vm(ns, words[1], options)
+    if ns.start or ns.name:
+        raise UsageError("restore: --start and --name are for restore vm")
     if words[0] == "disk":  # never a snapshot reference: those are 'latest' or hex
         if len(words) != 2 or ns.target or ns.include or ns.exclude or ns.ignore_errors:
             raise UsageError("usage: restore disk SNAPSHOT[:DISK] --to FILE|DEVICE (or --onto)")
@@ -95,7 +107,7 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
         raise UsageError(f"restore: unexpected arguments {' '.join(words[1:])!r}")
     if ns.target is None:
         raise UsageError("restore: --target DIR is required (restore disk takes --to)")
-    if ns.to or ns.onto or ns.changed_only or ns.format != "raw":
+    if ns.to or ns.onto or ns.changed_only or ns.format is not None:
         raise UsageError("restore: --to, --onto, --changed-only, --format are for restore disk")
     return run_files(ns, words[0], options)
 
@@ -110,7 +122,7 @@ def run_disk(ns: argparse.Namespace, word: str, options: GlobalOptions) -> int:
     job = RestoreDiskOptions(
         target=where if where.startswith(("nbd://", "nbd+unix://")) else Path(where),
         disk=disk or None,
-        format=ns.format,
+        format=ns.format or "raw",
         onto=ns.onto is not None,
         changed_only=ns.changed_only,
         verify=ns.verify,

@@ -23,7 +23,7 @@ from stratavault.jobs._backup_disk import (
 from stratavault.jobs._nbd_source import NbdDiskSource
 from stratavault.jobs._progress import Cancellation, Progress
 from stratavault.repo import Repository
-from stratavault.snapshot import Snapshot, latest, load_snapshots
+from stratavault.snapshot import Snapshot, find_snapshot, latest, load_snapshots
 from stratavault.sources import (
     ImageExport,
     QmpSession,
@@ -148,7 +148,10 @@ def backup_images(
     if names and len(names) != len(images):
         raise UsageError(f"{len(names)} names given for {len(images)} images")
     paths = options.paths or tuple(str(Path(i).absolute()) for i in images)
-    parent = _parent(repo, options.host, list(paths)) if options.parent is None else None
+    if options.parent is None:
+        parent = _parent(repo, options.host, list(paths))
+    else:
+        parent = find_snapshot(repo, options.parent)
     recorded = {d.path: d.bitmap for d in parent.disks if d.bitmap} if parent else {}
     if parent is not None:
         options = replace(options, parent=parent.id)
