@@ -511,3 +511,17 @@ def test_interrupted_restore_removes_the_new_file(cli: Cli, tmp_path: Path) -> N
                 cancel=cancel,
             )
     assert not target.exists()
+
+
+def test_parent_found_by_disk_names_when_no_paths_are_given(cli: Cli, tmp_path: Path) -> None:
+    image = tmp_path / "small.img"
+    image.write_bytes(os.urandom(4 * MiB))
+    cli("init")
+    with _open(cli) as repo:
+        with RawDiskSource(image, name="sda") as source:
+            first = backup_disks(repo, [source], BackupDisksOptions())
+        _modify(image, [(MiB, 10)])
+        with RawDiskSource(image, name="sda", changed=[(MiB, 10)]) as source:
+            second = backup_disks(repo, [source], BackupDisksOptions())
+    assert first.paths == second.paths == ["sda"]
+    assert second.parent == first.id and second.summary.chunks_added == 1

@@ -231,7 +231,9 @@ class _DiskRun:
         self.pool.shutdown(wait=True, cancel_futures=cancel)
 
 
-def _pick_parent(repo: Repository, options: BackupDisksOptions) -> Snapshot | None:
+def _pick_parent(
+    repo: Repository, options: BackupDisksOptions, paths: list[str]
+) -> Snapshot | None:
     snaps = [s for s in load_snapshots(repo) if s.kind in DISK_KINDS]
     if options.parent:
         sid = repo.resolve_snapshot_id(options.parent)
@@ -239,8 +241,13 @@ def _pick_parent(repo: Repository, options: BackupDisksOptions) -> Snapshot | No
         if not found:
             raise UsageError(f"parent snapshot {options.parent}: not a disk snapshot")
         return found[0]
-    same = [s for s in snaps if s.host == options.host and sorted(s.paths) == sorted(options.paths)]
+    same = [s for s in snaps if s.host == options.host and sorted(s.paths) == sorted(paths)]
     return latest(same) if same else None
+
+
+def _snapshot_paths(options: BackupDisksOptions, sources: Sequence[DiskSource]) -> list[str]:
+    """What the snapshot is of: the given paths, else the disk names."""
+    return list(options.paths) or [s.name for s in sources]
 
 
 def _plan(
@@ -295,7 +302,7 @@ def backup_disks(
     started, t0 = clock(), now()
     with repo.lock(exclusive=False):
         repo.recover_unindexed_packs()
-        parent = _pick_parent(repo, options)
+        parent = _pick_parent(repo, options, _snapshot_paths(options, sources))
         try:
             with Ticker(progress, run.state):
                 snapshot = _run_and_save(run, sources, parent, started, t0)
@@ -337,7 +344,7 @@ def _run_and_save(
         time=started,
         host=run.options.host,
         user=getpass.getuser(),
-        paths=list(run.options.paths) or [s.name for s in sources],
+        paths=_snapshot_paths(run.options, sources),
         tree=None,
         kind=run.options.kind,
         tags=list(run.options.tags),
