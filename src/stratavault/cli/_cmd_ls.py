@@ -7,6 +7,7 @@ import datetime as dt
 import stat
 
 from stratavault.cli._context import GlobalOptions, open_repo
+from stratavault.cli._flr import ls_flr
 from stratavault.cli._output import Output, format_bytes
 from stratavault.jobs import describe_disks, list_entries, split_snapshot_ref
 from stratavault.repo import Repository
@@ -28,7 +29,12 @@ def register(
 ) -> None:
     """Add the command to the parser."""
     p = sub.add_parser("ls", parents=[common], help="list files in a snapshot")
-    p.add_argument("snapshot", metavar="SNAPSHOT[:PATH]", help="'latest' or an id, with a path")
+    p.add_argument(
+        "snapshot",
+        metavar="SNAPSHOT[:PATH]",
+        help="'latest' or an id, with a path; for disk snapshots SNAPSHOT:DISK lists "
+        "partitions and SNAPSHOT:DISK[:PARTITION]/PATH the files of a filesystem",
+    )
     p.add_argument("-l", "--long", action="store_true", help="mode, owner, size and time")
     p.add_argument("--no-recursive", action="store_true", help="only the folder's own entries")
     p.set_defaults(run=run)
@@ -65,6 +71,9 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     ref, path = split_snapshot_ref(ns.snapshot)
     with open_repo(options) as repo:
         snap = find_snapshot(repo, ref)
+        if snap.tree is None and ":" in ns.snapshot:  # SNAPSHOT:DISK[:PART][/PATH]: FLR
+            recursive = not ns.no_recursive
+            return ls_flr(out, repo, snap, ns.snapshot, long=ns.long, recursive=recursive)
         if snap.tree is None:
             _list_disks(out, repo, snap)
             return 0

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from stratavault.cli._cmd_restore_vm import run_vm
 from stratavault.cli._context import GlobalOptions, open_repo
+from stratavault.cli._flr import restore_flr
 from stratavault.cli._output import Output, format_bytes, make_progress
 from stratavault.errors import RestoreError, UsageError
 from stratavault.jobs import (
@@ -39,7 +40,8 @@ def register(
         nargs="+",
         metavar="[disk] SNAPSHOT[:PATH|:DISK]",
         help="'latest' or an id; with :PATH the contents of that folder; after 'disk', "
-        ":DISK names the disk (needed when the snapshot has several)",
+        ":DISK names the disk (needed when the snapshot has several); a disk snapshot's "
+        "SNAPSHOT:DISK[:PARTITION]/PATH restores files out of its filesystem",
     )
     p.add_argument("-t", "--target", type=Path, help="files: folder to restore into")
     d = p.add_argument_group("disks")
@@ -169,6 +171,8 @@ def run_files(ns: argparse.Namespace, word: str, options: GlobalOptions) -> int:
     progress = make_progress(json_mode=options.json, quiet=options.quiet)
     with open_repo(options) as repo:
         snap = find_snapshot(repo, ref)
+        if snap.tree is None and ":" in word:  # SNAPSHOT:DISK[:PART]/PATH: file-level restore
+            return restore_flr(ns, repo, snap, word, options)
         if snap.tree is None:
             names = ", ".join(d.name for d in snap.disks)
             raise UsageError(

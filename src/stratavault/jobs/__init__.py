@@ -21,6 +21,18 @@ from stratavault.jobs._browse import (
 from stratavault.jobs._check import CheckResult, Damage, Subset, check_repository
 from stratavault.jobs._disk_info import DiskInfo, describe_disks
 from stratavault.jobs._disk_reader import DiskReader, open_disk_reader
+from stratavault.jobs._flr import (
+    FlrIssue,
+    FlrRef,
+    FlrRestoreOptions,
+    FlrResult,
+    FlrSession,
+    flr_dump,
+    flr_list,
+    flr_restore,
+    list_disk_volumes,
+    parse_flr_ref,
+)
 from stratavault.jobs._forget import ForgetGroup, forget_snapshots
 from stratavault.jobs._progress import Cancellation, NullProgress, Progress, ProgressState
 from stratavault.jobs._protect import set_protection
@@ -55,6 +67,11 @@ __all__ = [
     "DiskInfo",
     "DiskReader",
     "DiskSource",
+    "FlrIssue",
+    "FlrRef",
+    "FlrRestoreOptions",
+    "FlrResult",
+    "FlrSession",
     "ForgetGroup",
     "NullProgress",
     "Progress",
@@ -79,10 +96,15 @@ __all__ = [
     "chunk_runs",
     "describe_disks",
     "diff_snapshots",
+    "flr_dump",
+    "flr_list",
+    "flr_restore",
     "forget_snapshots",
+    "list_disk_volumes",
     "list_entries",
     "live_chunk_ids",
     "open_disk_reader",
+    "parse_flr_ref",
     "prune",
     "repair_index",
     "repair_snapshots",

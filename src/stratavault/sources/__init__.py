@@ -20,6 +20,9 @@ from stratavault.sources._entry import (
 )
 from stratavault.sources._exclude import ExcludeMatcher, read_exclude_file
 from stratavault.sources._export import DiskExport, remove_backup_leftovers
+from stratavault.sources._flr import FlrEvent, flr_lookup, flr_read, flr_walk
+from stratavault.sources._flr_fs import FILESYSTEMS, FlrEntry, FlrFilesystem, open_filesystem
+from stratavault.sources._flr_volumes import FlrVolume, list_volumes
 from stratavault.sources._guest_agent import GuestAgent
 from stratavault.sources._image_export import IMAGE_FORMATS, ImageExport
 from stratavault.sources._qmp import QmpSession
@@ -46,6 +49,7 @@ from stratavault.sources._walk import ErrorHandler, read_xattrs, walk
 __all__ = [
     "DEFAULT_BITMAP_PREFIX",
     "DEFAULT_READ_BUFFER_BYTES",
+    "FILESYSTEMS",
     "IMAGE_FORMATS",
     "ZEROS",
     "Consistency",
@@ -57,6 +61,10 @@ __all__ = [
     "ExcludeMatcher",
     "FileChangedError",
     "FileStamp",
+    "FlrEntry",
+    "FlrEvent",
+    "FlrFilesystem",
+    "FlrVolume",
     "FsEntry",
     "FsRestorer",
     "GuestAgent",
@@ -74,7 +82,12 @@ __all__ = [
     "check_name",
     "convert_image",
     "find_guest_agent_socket",
+    "flr_lookup",
+    "flr_read",
+    "flr_walk",
     "list_vm_disks",
+    "list_volumes",
+    "open_filesystem",
     "prefetch_files",
     "prefetch_metadata",
     "probe_image_format",
