@@ -77,9 +77,21 @@ def test_cli_append_only_identity_backs_up_but_cannot_delete(
     refused = cli("forget", "--keep-last", "1")
     assert refused.code != 0 and "access denied" in refused.err
     assert len(cli("snapshots", "--json").json()) == 2  # type: ignore[arg-type]
+    (src / "file").write_bytes(os.urandom(100_000))  # data only the forgotten ones use now
+    assert (result := cli("backup", "files", src, "-q")).code == 0, result.err
     _use_s3(cli, s3_server, bucket, "admin")
     assert cli("forget", "--keep-last", "1").code == 0  # pruning is for other credentials
     assert len(cli("snapshots", "--json").json()) == 1  # type: ignore[arg-type]
+    _use_s3(cli, s3_server, bucket, "appender")
+    refused = cli("prune")
+    assert refused.code != 0 and "access denied" in refused.err, refused.err
+    _use_s3(cli, s3_server, bucket, "admin")
+    pruned = cli("prune", "--json")
+    assert pruned.code == 0, pruned.err
+    assert pruned.json_lines()[-1]["deleted_packs"] >= 1
+    assert (check := cli("check", "--read-data")).code == 0, check.out + check.err
+    _use_s3(cli, s3_server, bucket, "appender")
+    assert (result := cli("backup", "files", src, "-q")).code == 0, result.err
 
 
 def test_backup_through_five_percent_transient_faults(s3_server: S3Server, tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Check and print a report naming each damaged object and what uses it."""
     out = Output(json_mode=options.json, quiet=options.quiet)
     progress = make_progress(json_mode=options.json, quiet=options.quiet)
-    with open_repo(options) as repo:
+    with open_repo(options, object_cache=False) as repo:  # the backend's own objects
         result = check_repository(
             repo,
             read_data=ns.read_data,

@@ -99,6 +99,7 @@ def report(out: Output, result: PruneResult) -> None:
             out.text(f"kept {len(found.restored_packs)} packs that newer snapshots use")
     if not result.dry_run:
         out.text(f"deleted {result.deleted_packs} packs, {format_bytes(result.deleted_bytes)}")
+    locked = _report_locked(out, result)
     postponed = []
     for plan_left, locks in result.postponed:
         who = ", ".join(f"{lock.host} pid {lock.pid}" for lock in locks) or "-"
@@ -109,6 +110,27 @@ def report(out: Output, result: PruneResult) -> None:
         postponed.append({"plan": plan_left.name, "packs": len(plan_left.packs), "locks": who})
     doc.update(
         deleted_packs=result.deleted_packs, deleted_bytes=result.deleted_bytes,
-        postponed=postponed, damaged_plans=result.damaged_plans,
+        postponed=postponed, damaged_plans=result.damaged_plans, locked_packs=locked,
     )  # fmt: skip
     out.data(doc)
+
+
+def _report_locked(out: Output, result: PruneResult) -> list[dict[str, Any]]:
+    """Say which packs object lock keeps, and until when; their JSON form."""
+    locked = result.locked_packs
+    dates = sorted(until for _, until in locked if until is not None)
+    if locked:
+        when = (
+            f"until {dates[0]:%Y-%m-%d %H:%M} UTC"
+            + (f" (the last until {dates[-1]:%Y-%m-%d %H:%M} UTC)" if dates[-1] != dates[0] else "")
+            if dates
+            else "for a retention the store did not tell"
+        )
+        out.text(
+            f"could not delete {len(locked)} unused packs yet: object lock keeps them {when}; "
+            "a prune after that deletes them"
+        )
+    return [
+        {"pack": pack, "retain_until": until.isoformat() if until else None}
+        for pack, until in locked
+    ]

@@ -128,9 +128,17 @@ def kdf_params() -> KdfParams | None:
     return KdfParams.fast() if os.environ.get(ENV_FAST_KDF) == "1" else None
 
 
-def storage_for(options: GlobalOptions) -> Storage:
-    """The backend of the repository, with the bandwidth limits applied."""
-    storage = open_storage(options.repository_location)
+def storage_for(
+    options: GlobalOptions, *, location: str | None = None, object_cache: bool = True
+) -> Storage:
+    """The backend of the repository (or of ``location``), with the bandwidth limits applied.
+
+    A remote backend keeps its local copies of metadata objects under the cache folder
+    (``--cache-dir``; none with ``--no-cache``); ``object_cache=False`` reads every object
+    from the backend itself (``check`` authenticates what the backend holds).
+    """
+    cache: Path | bool | None = options.effective_cache_dir if object_cache else None
+    storage = open_storage(location or options.repository_location, cache_dir=cache)
     if options.limit_upload_kib or options.limit_download_kib:
         storage = RateLimitedStorage(
             storage,
@@ -141,9 +149,10 @@ def storage_for(options: GlobalOptions) -> Storage:
 
 
 @contextmanager
-def open_repo(options: GlobalOptions) -> Iterator[Repository]:
-    """Open the repository named by the options with the user's passphrase."""
-    storage = storage_for(options)
+def open_repo(options: GlobalOptions, *, object_cache: bool = True) -> Iterator[Repository]:
+    """Open the repository named by the options with the user's passphrase
+    (``object_cache``: see :func:`storage_for`)."""
+    storage = storage_for(options, object_cache=object_cache)
     try:
         repo = Repository.open(
             storage, read_passphrase(options), cache_dir=options.effective_cache_dir

@@ -9,6 +9,7 @@ finished by the next prune (or by this one with ``wait_s``).
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -50,6 +51,12 @@ class PruneResult:
     def deleted_bytes(self) -> int:
         """Bytes deleted by this run."""
         return sum(r.deleted_bytes for r in self.finished)
+
+    @property
+    def locked_packs(self) -> list[tuple[str, dt.datetime | None]]:
+        """Packs the backend refused to delete yet (object lock) with their retention date
+        (None when unknown); a prune after that date deletes them."""
+        return [item for r in self.finished for item in r.locked]
 
 
 class _IdCollector:

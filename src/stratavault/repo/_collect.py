@@ -6,6 +6,7 @@ The repository's public methods (``gc_*``) call these; the safety rule is explai
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import defaultdict
 from contextlib import suppress
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stratavault.errors import ObjectNotFoundError
+from stratavault.errors import ObjectLockedError, ObjectNotFoundError
 from stratavault.repo import _formats as F
 from stratavault.repo._gc import GcPlan, Ids, PendingDeletion, read_plans, write_plan
 from stratavault.repo._index import Entry
@@ -37,6 +38,9 @@ class GcResult:
     """Packs put back into the index because snapshots written since the mark need them."""
     still_missing: int
     """Chunks those snapshots need that no pack holds (reported as damage)."""
+    locked: tuple[tuple[str, dt.datetime | None], ...] = ()
+    """Packs the backend refused to delete yet (object lock), each with its retention
+    date; the plan object keeps naming them, so a later prune deletes them."""
 
 
 def _copy_live_chunks(repo: Repository, names: list[str], copy: Any) -> None:
@@ -140,6 +144,7 @@ def finish(repo: Repository, plan: PendingDeletion, new_live: Ids) -> GcResult:
         repo._save_cache()
     keep = {name for name, _ in restored}
     deleted = deleted_bytes = 0
+    locked: dict[str, dt.datetime | None] = {}
     for pack in candidates:
         if pack in keep:
             continue
@@ -147,10 +152,15 @@ def finish(repo: Repository, plan: PendingDeletion, new_live: Ids) -> GcResult:
             repo.storage.delete(pack)
         except ObjectNotFoundError:
             continue
+        except ObjectLockedError as exc:  # kept; the plan still names it: retried later
+            locked[pack] = exc.retain_until
+            continue
         deleted += 1
         deleted_bytes += sizes[pack]
-    repo.gc_drop_plan(plan.name)
-    return GcResult(deleted, deleted_bytes, tuple(sorted(keep)), len(needed))
+    if not locked:
+        repo.gc_drop_plan(plan.name)
+    found = tuple(sorted(locked.items()))
+    return GcResult(deleted, deleted_bytes, tuple(sorted(keep)), len(needed), found)
 
 
 def planned_packs(repo: Repository) -> set[str]:

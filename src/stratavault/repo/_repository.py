@@ -24,7 +24,7 @@ from stratavault.errors import (
     RepositoryNotFoundError,
     UnsupportedFormatError,
 )
-from stratavault.repo import _collect, _keyring, _reading, _snapshots
+from stratavault.repo import _collect, _immutable, _keyring, _reading, _snapshots
 from stratavault.repo import _formats as F
 from stratavault.repo._crypto import (
     ChunkSealer,
@@ -121,9 +121,20 @@ class Repository:
         cache_dir: Path | None,
         kdf: KdfParams | None = None,
         clock: Clock = time.time,
+        immutable_days: int | None = None,
+        copy_params_from: Repository | None = None,
         **options: Any,
     ) -> Repository:
-        """Create a new repository on ``storage``; RepositoryExistsError if one is there."""
+        """Create a new repository on ``storage``; RepositoryExistsError if one is there.
+
+        ``immutable_days``: every object but locks, index and plan objects is written
+        with S3 object lock retention for that many days, now and at every later open
+        (kept in the config; UsageError on a backend without object lock).
+        ``copy_params_from``: share that repository's chunk-id key and chunker
+        parameters (not its encryption key), so that copies between the two need not
+        read the chunks the target has (docs/format.md, "Copies between repositories").
+        """
+        _immutable.apply(storage, immutable_days, creating=True)
         try:
             storage.stat(F.CONFIG_NAME)
         except ObjectNotFoundError:
@@ -144,6 +155,12 @@ class Repository:
             "defaults": {"compression": "zstd", "level": 3, "pack_bytes": F.PACK_TARGET_BYTES},
         }
         keys = MasterKeys.generate()
+        if immutable_days is not None:
+            config["immutable_days"] = immutable_days
+        if copy_params_from is not None:
+            config["chunker"] = copy_params_from.config["chunker"]
+            shared_id_key = copy_params_from._keys.material[F.KEY_BYTES :]
+            keys = MasterKeys(keys.material[: F.KEY_BYTES] + shared_id_key)
         key_name = _keyring.write_slot(storage, keys, passphrase, config["id"], kdf, now)
         try:
             storage.put(F.CONFIG_NAME, json.dumps(config, indent=1).encode())
@@ -165,6 +182,7 @@ class Repository:
     ) -> Repository:
         """Open the repository on ``storage`` with any key slot ``passphrase`` unlocks."""
         config = read_config(storage)
+        _immutable.apply(storage, _immutable.days(config, storage), creating=False)
         keys, key_name = _keyring.unlock(storage, passphrase, config["id"])
         return cls(storage, config, keys, key_name, cache_dir, clock, _Options(**options))
 

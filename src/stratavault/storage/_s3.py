@@ -37,8 +37,9 @@ _T = TypeVar("_T")
 MIB = 1 << 20
 _MIN_PART_BYTES = 5 * MIB
 """S3's smallest part (all but the last)."""
-_UNLOCKED_PREFIX = "locks/"
-"""Lock objects are refreshed and removed by every client: they never get a retention."""
+_UNLOCKED_PREFIX = ("locks/", "index/", "gc/")
+"""Never retained: locks are refreshed and removed by every client; index objects (rebuilt
+from pack headers by ``repair index``) and prune's plan objects are replaced by prune."""
 
 _BAD_CREDENTIALS = {
     "InvalidAccessKeyId": "the access key id is unknown to the store",
