@@ -10,6 +10,7 @@ from stratavault.jobs._backup_disk import (
 )
 from stratavault.jobs._backup_files import BackupFilesOptions, backup_files
 from stratavault.jobs._backup_vm import BackupVmOptions, backup_images, backup_vm
+from stratavault.jobs._nbd_source import NbdDiskSource
 from stratavault.jobs._browse import (
     DiffEntry,
     SnapshotSize,
@@ -73,6 +74,7 @@ __all__ = [
     "FlrResult",
     "FlrSession",
     "ForgetGroup",
+    "NbdDiskSource",
     "NullProgress",
     "Progress",
     "ProgressState",
