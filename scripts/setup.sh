@@ -27,6 +27,7 @@ DEB_PACKAGES=(
     python3 python3-venv python3-dev gcc git make attr acl
     restic borgbackup time
     qemu-system-x86 qemu-utils qemu-block-extra libnbd-bin nbdkit python3-libnbd
+    libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
     busybox-static cpio e2fsprogs dosfstools mtools ntfs-3g xfsprogs fdisk debootstrap
     chromium chromium-driver
 )

@@ -21,7 +21,9 @@ trap 'rm -rf "$tmp"' EXIT
         version=${pin#*==}
         # Distribution file names normalise '-' and '.' to '_'.
         norm=$(echo "$name" | tr 'A-Z.-' 'a-z__')
-        files=$(find "$tmp/dist" -maxdepth 1 -iname "${norm}-${version}[-.]*" | sort)
+        # An sdist may keep the project's own spelling (libvirt-python-9.0.0.tar.gz).
+        files=$(find "$tmp/dist" -maxdepth 1 \( -iname "${norm}-${version}[-.]*" \
+            -o -iname "${name}-${version}[-.]*" \) | sort)
         if [ -z "$files" ]; then
             echo "update-lock.sh: no downloaded file for $pin" >&2
             exit 1

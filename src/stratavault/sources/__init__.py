@@ -25,6 +25,8 @@ from stratavault.sources._flr_fs import FILESYSTEMS, FlrEntry, FlrFilesystem, op
 from stratavault.sources._flr_volumes import FlrVolume, list_volumes
 from stratavault.sources._guest_agent import GuestAgent
 from stratavault.sources._image_export import IMAGE_FORMATS, ImageExport
+from stratavault.sources._libvirt import DEFAULT_LIBVIRT_URI, DomainDisk, LibvirtDomain
+from stratavault.sources._libvirt_backup import LibvirtBackup, remove_libvirt_backup_leftovers
 from stratavault.sources._qmp import QmpSession
 from stratavault.sources._raw_disk import (
     RawDiskSource,
@@ -48,6 +50,7 @@ from stratavault.sources._walk import ErrorHandler, read_xattrs, walk
 
 __all__ = [
     "DEFAULT_BITMAP_PREFIX",
+    "DEFAULT_LIBVIRT_URI",
     "DEFAULT_READ_BUFFER_BYTES",
     "FILESYSTEMS",
     "IMAGE_FORMATS",
@@ -55,6 +58,7 @@ __all__ = [
     "Consistency",
     "DirtyBitmap",
     "DiskExport",
+    "DomainDisk",
     "EntryMetadata",
     "EntryType",
     "ErrorHandler",
@@ -69,6 +73,8 @@ __all__ = [
     "FsRestorer",
     "GuestAgent",
     "ImageExport",
+    "LibvirtBackup",
+    "LibvirtDomain",
     "OwnerNames",
     "QmpSession",
     "RawDiskSource",
@@ -95,6 +101,7 @@ __all__ = [
     "read_file_extents",
     "read_xattrs",
     "remove_backup_leftovers",
+    "remove_libvirt_backup_leftovers",
     "same_file_stat",
     "vm_config",
     "walk",
