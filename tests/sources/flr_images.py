@@ -53,7 +53,7 @@ def make_tree(root: Path, *, owners: bool = True) -> Path:
         os.chown(root / "etc" / "secret", 1234, 5678)
         os.lchown(root / "rel-link", 1234, 5678)
         os.chown(root / "etc" / "deep", 4321, 8765)
-    for path in sorted(root.rglob("*"), key=lambda p: -len(p.parts)) + [root]:
+    for path in [*sorted(root.rglob("*"), key=lambda p: -len(p.parts)), root]:
         os.utime(path, (MTIME + 7, MTIME + len(path.name)), follow_symlinks=False)
     return root
 
@@ -132,7 +132,9 @@ def partition(image: Path, size_mib: int, script: str) -> None:
 
 def gpt_ext4_fat(tree: Path, image: Path) -> None:
     """GPT: p1 ext4 (1-41 MiB), p2 FAT32 (41-81 MiB)."""
-    partition(image, 82, "label: gpt\nstart=1MiB,size=40MiB,type=L\nsize=40MiB,type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\n")
+    basic_data = "EBD0A0A2-B9E5-4433-87C0-68B6B72699C7"
+    script = f"label: gpt\nstart=1MiB,size=40MiB,type=L\nsize=40MiB,type={basic_data}\n"
+    partition(image, 82, script)
     ext4_image(tree, image, 40, offset=1 * MiB)
     fat_image(tree, image, 40, offset=41 * MiB)
 

@@ -148,7 +148,7 @@ def flr_walk(
             continue
         here = (*parts, entry.name)
         if unsafe_name(entry.name):
-            shown = _show(parts) + "/" + repr(entry.name)
+            shown = _show(parts).rstrip("/") + "/" + repr(entry.name)
             on_error(
                 shown,
                 UnsafePathError(

@@ -106,11 +106,13 @@ class _UnixFs(FlrFilesystem):
     _root_inum = 2
 
     def iterdir(self, folder: FlrEntry) -> Iterator[FlrEntry]:
+        dots = {".", ".."}  # the folder's own two; a second "." or ".." is an attack: yield it
         for node in folder.node.iterdir():
             name = node.filename
-            if name in (".", "..", None):
+            if name in dots:
+                dots.discard(name)
                 continue
-            yield self._entry(name, node)
+            yield self._entry(name if name is not None else "", node)
 
     def open(self, entry: FlrEntry) -> BinaryIO:
         stream: BinaryIO = entry.node.open()
@@ -207,9 +209,13 @@ class _FatFs(FlrFilesystem):
         return FlrEntry(name="", type=EntryType.DIR, mode=0o755, node=self.fs.root)
 
     def iterdir(self, folder: FlrEntry) -> Iterator[FlrEntry]:
+        dots = {".", ".."}
         for node in folder.node.iterdir():
             name = node.name if node.ldirents else _short_name_case(node)
-            if name in (".", "..") or node.is_volume_id():
+            if node.is_volume_id():
+                continue
+            if name in dots and not node.ldirents:
+                dots.discard(name)
                 continue
             is_dir = node.is_directory()
             yield FlrEntry(
@@ -251,9 +257,11 @@ class _NtfsFs(FlrFilesystem):
         return FlrEntry(name="", type=EntryType.DIR, mode=0o755, node=self.fs.mft.get(5), inode=5)
 
     def iterdir(self, folder: FlrEntry) -> Iterator[FlrEntry]:
+        dots = {"."}  # the root's entry for itself
         for index_entry in folder.node.iterdir(ignore_dos=True):
             name = index_entry.attribute.file_name
-            if name == ".":
+            if name in dots and folder.inode == 5:
+                dots.discard(name)
                 continue
             record = index_entry.dereference()
             if record.segment < 24 and folder.inode == 5:  # $MFT, $Bitmap... metadata files

@@ -155,7 +155,10 @@ def list_volumes(fh: Any, size_bytes: int, *, where: str) -> list[FlrVolume]:
     numbers = _mbr_numbers(disk.scheme, partitions)
     volumes = []
     for part, number in zip(partitions, numbers, strict=True):
-        end = min(part.offset + part.size, size_bytes)
+        length = part.size
+        if hasattr(part.raw, "last_lba"):  # GPT: the last LBA is inclusive (dissect drops it)
+            length = (part.raw.last_lba - part.raw.first_lba + 1) * disk.sector_size
+        end = min(part.offset + length, size_bytes)
         if part.offset >= size_bytes or end <= part.offset:
             raise SourceError(
                 f"reading partitions of {where} - partition {number} at {part.offset} "
