@@ -105,11 +105,27 @@ class _Dir:
     pending: list[Future[FileResults]] = field(default_factory=list)
     old: ParentListing | None = None
     """The same folder in the parent snapshot, if it was there."""
+    on_done: list[tuple[Future[FileResults], Callable[[Future[FileResults]], None]]] = field(
+        default_factory=list
+    )
+    """What to do with each file's result, in the thread that writes the tree: a future
+    counts as done before its done-callbacks have run, so they cannot fill the nodes."""
 
-    def wait_on(self, future: Future[FileResults]) -> None:
-        """Do not write this directory's tree before ``future`` is done."""
+    def wait_on(
+        self, future: Future[FileResults], then: Callable[[Future[FileResults]], None]
+    ) -> None:
+        """Do not write this directory's tree before ``future`` is done and ``then`` ran."""
         if not self.pending or self.pending[-1] is not future:
             self.pending.append(future)
+        self.on_done.append((future, then))
+
+    def take_results(self) -> None:
+        """Wait for every file of this directory and record the results in its nodes."""
+        for f in self.pending:
+            f.exception()  # waits
+        for f, then in self.on_done:
+            then(f)
+        self.on_done.clear()
 
 
 class _Run:
@@ -189,8 +205,7 @@ class _Run:
                 self.links[key] = (batch, position)
         else:
             batch, position = found
-        batch.future.add_done_callback(lambda f: self._file_done(f, position, node, entry.path))
-        container.wait_on(batch.future)
+        container.wait_on(batch.future, lambda f: self._file_done(f, position, node, entry.path))
         if found is None and batch.in_process:
             self.readers.submit(batch)
         elif (
@@ -291,8 +306,7 @@ class _Run:
             head = self.closing[0]
             if not block and not all(f.done() for f in head.pending):
                 return
-            for f in head.pending:
-                f.exception()  # waits; the callback recorded any error
+            head.take_results()
             self.cancel.check()
             self.closing.popleft()
             head.node.subtree = self._tree_id(head)
@@ -340,8 +354,7 @@ def _buildancestors(run: _Run, roots: list[PurePosixPath]) -> dict[str, _Dir]:
 def _finishancestors(run: _Run, dirs: dict[str, _Dir]) -> Node:
     for path in sorted(dirs, key=lambda p: -p.count("/") - (p != "/")):
         d = dirs[path]
-        for f in d.pending:
-            f.exception()
+        d.take_results()
         d.node.subtree = save_tree(run.repo, d.children)
     return dirs["/"].node
 
