@@ -10,7 +10,6 @@ from stratavault.jobs._backup_disk import (
 )
 from stratavault.jobs._backup_files import BackupFilesOptions, backup_files
 from stratavault.jobs._backup_vm import BackupVmOptions, backup_images, backup_vm
-from stratavault.jobs._nbd_source import NbdDiskSource
 from stratavault.jobs._browse import (
     DiffEntry,
     SnapshotSize,
@@ -20,6 +19,7 @@ from stratavault.jobs._browse import (
     split_snapshot_ref,
 )
 from stratavault.jobs._check import CheckResult, Damage, Subset, check_repository
+from stratavault.jobs._copy import CopyOptions, CopyResult, copy_snapshots, shares_chunk_ids
 from stratavault.jobs._disk_info import DiskInfo, describe_disks
 from stratavault.jobs._disk_reader import DiskReader, open_disk_reader
 from stratavault.jobs._flr import (
@@ -35,6 +35,7 @@ from stratavault.jobs._flr import (
     parse_flr_ref,
 )
 from stratavault.jobs._forget import ForgetGroup, forget_snapshots
+from stratavault.jobs._nbd_source import NbdDiskSource
 from stratavault.jobs._progress import Cancellation, NullProgress, Progress, ProgressState
 from stratavault.jobs._protect import set_protection
 from stratavault.jobs._prune import PruneResult, live_chunk_ids, prune
@@ -63,6 +64,8 @@ __all__ = [
     "BackupVmOptions",
     "Cancellation",
     "CheckResult",
+    "CopyOptions",
+    "CopyResult",
     "Damage",
     "DiffEntry",
     "DiskInfo",
@@ -96,6 +99,7 @@ __all__ = [
     "backup_vm",
     "check_repository",
     "chunk_runs",
+    "copy_snapshots",
     "describe_disks",
     "diff_snapshots",
     "flr_dump",
@@ -115,6 +119,7 @@ __all__ = [
     "restore_vm",
     "select_disk",
     "set_protection",
+    "shares_chunk_ids",
     "snapshot_size",
     "split_snapshot_ref",
     "vm_command",
