@@ -83,3 +83,26 @@ def test_missing_pack_that_no_snapshot_uses(cli: Cli, tmp_path: Path) -> None:
     assert damage["snapshots"] == []  # type: ignore[index]
     assert cli("repair", "index").code == 0
     assert cli("check", "--read-data").code == 0
+
+
+def test_deleted_packs_are_damage_not_a_storage_failure(cli: Cli, tmp_path: Path) -> None:
+    """A pack the index names but the backend lacks: check reports it (trees included),
+    restore --ignore-errors restores the rest."""
+    src = tmp_path / "src"
+    for name in ("a", "b"):
+        (src / name).mkdir(parents=True)
+        (src / name / "data").write_bytes(os.urandom(300_000))
+    assert cli("init").code == 0
+    assert cli("backup", "files", src).code == 0
+    packs = sorted((p for p in (cli.repo / "data").rglob("*") if p.is_file()), key=os.path.getsize)
+    tree_pack, data_pack = packs[0], packs[-1]  # listings are small, file data is large
+    data_pack.unlink()
+    res = cli("check")
+    assert res.code == DataDamagedError.exit_code and data_pack.name in res.out + res.err
+    out = tmp_path / "out"
+    res = cli("restore", "latest", "--target", out, "--ignore-errors")
+    assert res.code == 1 and "data" in res.err  # the files listed as incomplete
+    tree_pack.unlink()
+    res = cli("check")
+    assert res.code == DataDamagedError.exit_code, res.err
+    assert tree_pack.name in res.out + res.err

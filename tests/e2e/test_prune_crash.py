@@ -130,16 +130,20 @@ def test_prune_killed_at_random_moments(cli: Cli, tmp_path: Path) -> None:
     env = {**os.environ, **cli.env}
     kills = 0
     for round_ in range(8):
-        write_tree(src, 200 + round_, files=10, size=200_000)
+        # Half of the files only in the forgotten snapshot, half in both and in the same
+        # packs: prune has to repack (copy the live half) before it can delete.
+        write_tree(src, 200 + round_, files=12, size=200_000)
         gone = cli("backup", "files", src, "--json").json_lines()[-1]["snapshot_id"]
-        digest = write_tree(src, 300 + round_, files=10, size=200_000)
+        for i in range(6, 12):
+            (src / f"f{i}").unlink()
+        digest = tree_digest(src)
         assert cli("backup", "files", src, "--tag", "kept").code == 0
         assert cli("forget", str(gone)).code == 0
         proc = subprocess.Popen(
-            [_stratavault(), "prune", "--max-unused", "0%", "--limit-upload", "4096"],
+            [_stratavault(), "prune", "--max-unused", "0%", "--limit-upload", "1024"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-        time.sleep(rng.uniform(0.25, 1.5))
+        time.sleep(rng.uniform(0.2, 1.2))  # start-up ~0.3-1 s, repacking ~2 s at 1 MiB/s
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1

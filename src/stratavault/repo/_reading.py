@@ -5,7 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from stratavault.errors import DataDamagedError, IntegrityError
+from stratavault.errors import (
+    ChunkNotFoundError,
+    DataDamagedError,
+    IntegrityError,
+    ObjectNotFoundError,
+)
 from stratavault.repo import _formats as F
 from stratavault.repo._crypto import (
     AuthenticationFailed,
@@ -19,6 +24,7 @@ from stratavault.repo._packs import parse_pack_tail
 from stratavault.storage import Storage
 
 __all__ = [
+    "get_range",
     "open_blob",
     "open_document",
     "read_pack_blobs",
@@ -68,6 +74,14 @@ def _ranges(entries: list[tuple[bytes, Entry]]) -> Iterator[list[tuple[bytes, En
         yield group
 
 
+def get_range(storage: Storage, pack: str, offset: int, length: int) -> bytes:
+    """Bytes of a pack; a pack the index names but the backend lacks is data damage."""
+    try:
+        return storage.get(pack, offset, length)
+    except ObjectNotFoundError as exc:
+        raise ChunkNotFoundError(f"reading pack {pack} - missing from the backend") from exc
+
+
 def read_pack_blobs(
     storage: Storage, keys: MasterKeys, pack: str, entries: list[tuple[bytes, Entry]]
 ) -> Iterator[tuple[bytes, bytes]]:
@@ -75,7 +89,7 @@ def read_pack_blobs(
     for group in _ranges(entries):
         start = group[0][1].offset
         end = max(e.offset + e.stored for _, e in group)
-        data = memoryview(storage.get(pack, start, end - start))
+        data = memoryview(get_range(storage, pack, start, end - start))
         for chunk_id, entry in group:
             blob = data[entry.offset - start : entry.offset - start + entry.stored]
             yield chunk_id, open_blob(keys, pack, chunk_id, entry, blob)
@@ -89,7 +103,7 @@ def read_pack_sealed(
     for group in _ranges(entries):
         start = group[0][1].offset
         end = max(e.offset + e.stored for _, e in group)
-        data = memoryview(storage.get(pack, start, end - start))
+        data = memoryview(get_range(storage, pack, start, end - start))
         for chunk_id, entry in group:
             blob = data[entry.offset - start : entry.offset - start + entry.stored]
             open_blob(keys, pack, chunk_id, entry, blob)

@@ -299,7 +299,7 @@ class Repository:
         """The plaintext of a chunk, verified; ChunkNotFoundError / IntegrityError."""
         pack, entry, blob = self._locate(chunk_id)
         if blob is None:
-            blob = self.storage.get(pack, entry.offset, entry.stored)
+            blob = _reading.get_range(self.storage, pack, entry.offset, entry.stored)
         return _reading.open_blob(self._keys, pack, chunk_id, entry, blob)
 
     def read_chunks(self, chunk_ids: Iterable[ChunkId]) -> Iterator[tuple[ChunkId, bytes]]:
