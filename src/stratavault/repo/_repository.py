@@ -150,7 +150,7 @@ class Repository:
             "created": dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="seconds"),
             "chunker": {
                 "files": {"algorithm": "fastcdc", "min": 256 << 10, "avg": 1 << 20, "max": 4 << 20},
-                "disks": {"algorithm": "fixed", "size": 4 << 20},
+                "disks": {"algorithm": "fixed", "size": 256 << 10},
             },
             "defaults": {"compression": "zstd", "level": 3, "pack_bytes": F.PACK_TARGET_BYTES},
         }
