@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from stratavault import __version__
-from stratavault.errors import Interrupted
+from stratavault.errors import Interrupted, UsageError
 from stratavault.jobs._backup_sources import (
     absolute_roots,
     ancestors,
@@ -362,10 +362,13 @@ def _finishancestors(run: _Run, dirs: dict[str, _Dir]) -> Node:
 def _pick_parent(
     repo: Repository, options: BackupFilesOptions, paths: list[str]
 ) -> Snapshot | None:
-    snaps = load_snapshots(repo, damaged=[])  # a damaged snapshot is no parent
-    if options.parent:
+    snaps = [s for s in load_snapshots(repo, damaged=[]) if s.tree is not None]
+    if options.parent:  # (damaged snapshots and disk snapshots are no parents)
         sid = repo.resolve_snapshot_id(options.parent)
-        return next(s for s in snaps if s.id == sid)
+        found = [s for s in snaps if s.id == sid]
+        if not found:
+            raise UsageError(f"parent snapshot {options.parent}: not a readable file snapshot")
+        return found[0]
     same = select_snapshots(snaps, hosts=[options.host], paths=paths)
     return latest(same) if same else None
 
