@@ -314,7 +314,9 @@ def flr_dump(
     result = FlrResult()
     with (
         _open_path(repo, snapshot, ref) as (fs, parts, entry, _where),
-        tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar,
+        tarfile.open(
+            fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=_TAR_BLOCK_BYTES
+        ) as tar,
     ):
         setattr(tar, "copybufsize", _TAR_BLOCK_BYTES)  # whole blocks, not 16 KiB copies  # noqa: B010
         top = parts[-1] if parts else "."
