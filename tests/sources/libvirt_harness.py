@@ -150,7 +150,13 @@ class Domain:
     folder: Path
     disks: list[Path]
     guest_agent: bool = False
+    boot: tuple[Path, Path, str] | None = None
+    """Direct kernel boot of a real guest: (kernel, initrd, command line); None: OS-less."""
     aliases: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def serial_log(self) -> Path:
+        return self.folder / "serial.log"
 
     @property
     def domain(self) -> Any:
@@ -170,25 +176,52 @@ class Domain:
                 f"<channel type='unix'><source mode='bind' path='{self.folder}/qga.sock'/>"
                 "<target type='virtio' name='org.qemu.guest_agent.0'/></channel>"
             )
-        kind = "kvm" if ACCEL == "kvm" else "qemu"
+        kind, memory, boot, cpu = "kvm" if ACCEL == "kvm" else "qemu", 64, "", ""
+        if self.boot is not None:  # a Linux guest boots only under TCG here
+            kernel, initrd, cmdline = self.boot
+            kind, memory, cpu = "qemu", 256, "<cpu mode='maximum'/>"
+            boot = f"<kernel>{kernel}</kernel><initrd>{initrd}</initrd><cmdline>{cmdline}</cmdline>"
+            devices.append(
+                f"<serial type='file'><source path='{self.serial_log}'/><target port='0'/></serial>"
+            )
         return (
-            f"<domain type='{kind}'><name>{self.name}</name><memory unit='MiB'>64</memory>"
-            "<vcpu>1</vcpu><os><type arch='x86_64' machine='q35'>hvm</type></os><devices>"
+            f"<domain type='{kind}'><name>{self.name}</name><memory unit='MiB'>{memory}</memory>"
+            f"<vcpu>1</vcpu>{cpu}<os><type arch='x86_64' machine='q35'>hvm</type>{boot}</os>"
+            "<on_reboot>destroy</on_reboot><devices>"
             "<emulator>/usr/bin/qemu-system-x86_64</emulator>"
             f"{''.join(devices)}<controller type='usb' model='none'/>"
             "<memballoon model='none'/></devices></domain>"
         )
 
-    def start(self) -> None:
-        """Start the domain paused (SeaBIOS would burn a core; writes work all the same)."""
+    def start(self, *, paused: bool = True) -> None:
+        """Start the domain, by default paused (SeaBIOS would burn a core; writes work)."""
         import libvirt
 
-        self.domain.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+        self.domain.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED if paused else 0)
         root = ET.fromstring(self.domain.XMLDesc(0))
         self.aliases = {
             str(d.find("target").get("dev")): str(d.find("alias").get("name"))  # type: ignore[union-attr]
             for d in root.iterfind("./devices/disk")
         }
+
+    def wait_for(self, marker: str, timeout_s: float = 120.0) -> None:
+        """Wait until ``marker`` appears on the real guest's serial console."""
+        deadline = time.monotonic() + timeout_s
+        while marker not in self.serial_log.read_text(errors="replace"):
+            assert self.domain.isActive(), self.serial_log.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, f"{marker!r} not seen after {timeout_s} s"
+            time.sleep(0.1)
+
+    def wait_for_agent(self, timeout_s: float = 60.0) -> None:
+        """Wait until libvirt sees the guest agent's channel connected."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            root = ET.fromstring(self.domain.XMLDesc(0))
+            states = [t.get("state") for t in root.iterfind("./devices/channel/target")]
+            if "connected" in states:
+                return
+            assert time.monotonic() < deadline, f"guest agent not connected after {timeout_s} s"
+            time.sleep(0.1)
 
     def shut_down(self) -> None:
         """A clean QEMU exit (SIGTERM): persistent bitmaps are stored in the images."""
@@ -238,10 +271,15 @@ def make_domain(libvirtd: Libvirtd, short_tmp: Path) -> Iterator[Callable[..., D
         *,
         fmts: tuple[str, ...] | None = None,
         guest_agent: bool = False,
+        boot: tuple[Path, Path, str] | None = None,
+        disks: list[Path] | None = None,
     ) -> Domain:
+        """OS-less with fresh disks; or, with ``boot`` and ``disks``, a real guest."""
         folder = short_tmp / f"dom{len(made)}"
         folder.mkdir()
-        disks = []
+        if disks is not None:
+            sizes_mib = ()
+        disks = list(disks or [])
         for i, size in enumerate(sizes_mib):
             fmt = fmts[i] if fmts else "qcow2"
             disk = folder / f"disk{i}.{fmt}"
@@ -250,7 +288,9 @@ def make_domain(libvirtd: Libvirtd, short_tmp: Path) -> Iterator[Callable[..., D
             )
             disks.append(disk)
         name = f"sv-{os.getpid()}-{len(made)}-{folder.parent.name[-6:]}"
-        domain = Domain(libvirtd, connection, name, folder, disks, guest_agent=guest_agent)
+        domain = Domain(
+            libvirtd, connection, name, folder, disks, guest_agent=guest_agent, boot=boot
+        )
         connection.defineXML(domain.xml())
         made.append(domain)
         return domain

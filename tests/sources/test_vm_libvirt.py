@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
@@ -9,12 +11,18 @@ from pathlib import Path
 import pytest
 
 from stratavault.errors import SourceError
+from stratavault.jobs import BackupDisksOptions, NbdDiskSource, RestoreDiskOptions, backup_disks
+from stratavault.jobs import restore_disk as restore_disk_job
+from stratavault.repo import KdfParams, Repository
+from stratavault.snapshot import Snapshot
 from stratavault.sources import (
     DiskExport,
     LibvirtBackup,
     LibvirtDomain,
     remove_libvirt_backup_leftovers,
 )
+from stratavault.storage import MemoryStorage
+from tests.guest.build import GuestImage, make_data_disk
 from tests.sources.libvirt_harness import Domain, Libvirtd, libvirtd, make_domain
 from tests.sources.vm_harness import (
     KiB,
@@ -265,3 +273,101 @@ def test_lookup_by_uuid_unknown_domains_and_leftover_jobs(
         assert dom.checkpoints() == ["stratavault-2"]
     with pytest.raises(SourceError, match="no domain with that name or UUID"):
         LibvirtDomain("no-such-domain", uri=libvirtd.uri)
+
+
+def backup_into(repo: Repository, backup: LibvirtBackup, parent: Snapshot | None) -> Snapshot:
+    """What the backup job does with a VM backup's exports (as jobs.backup_vm does)."""
+    sources = [NbdDiskSource(export) for export in backup.exports]
+    config = {**backup.config, "consistency": backup.consistency_text}
+    options = BackupDisksOptions(
+        host="h", paths=("dom",), kind="vm", parent=parent.id if parent else None,
+        workers=2, vm_config=config,
+    )  # fmt: skip
+    try:
+        return backup_disks(repo, sources, options)
+    finally:
+        for source in sources:
+            source.close()
+
+
+def restored_equals(repo: Repository, snap: Snapshot, disk: str, ref: Path) -> bool:
+    out = ref.with_suffix(".restored.raw")
+    restore_disk_job(repo, snap, RestoreDiskOptions(target=out, disk=disk))
+    argv = ["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(out), str(ref)]
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+    out.unlink()
+    return result.returncode == 0
+
+
+def test_the_backup_job_stores_libvirt_exports_like_qmp_ones(
+    make_domain: Callable[..., Domain], libvirtd: Libvirtd, short_tmp: Path
+) -> None:
+    repo = Repository.init(
+        MemoryStorage(), b"pw", cache_dir=short_tmp / "cache", kdf=KdfParams.fast()
+    )
+    dom = make_domain((32, 16))
+    dom.start()
+    writes_a = [(0x11, 0, 1 * MiB), (0x12, 9 * MiB, 64 * KiB)]
+    writes_b = [(0x21, 2 * MiB, 128 * KiB)]
+    for pattern, offset, length in writes_a:
+        dom.write("vda", pattern, offset, length)
+    for pattern, offset, length in writes_b:
+        dom.write("vdb", pattern, offset, length)
+    scratch = short_tmp / "scratch"
+    with LibvirtDomain(dom.name, uri=libvirtd.uri) as domain:
+        with LibvirtBackup(domain, scratch) as backup:
+            full = backup_into(repo, backup, None)
+        assert {d.name: d.bitmap for d in full.disks} == {
+            "vda": "stratavault-1",
+            "vdb": "stratavault-1",
+        }
+        assert full.vm_config is not None and full.vm_config["domain_xml"].startswith("<domain")
+        writes_a.append((0x13, 20 * MiB, 64 * KiB))
+        dom.write("vda", 0x13, 20 * MiB, 64 * KiB)
+        expected = {d.name: d.bitmap for d in full.disks if d.bitmap}
+        with LibvirtBackup(domain, scratch, expected_bitmaps=expected) as backup:
+            assert all(e.bitmap_context for e in backup.exports)
+            incremental = backup_into(repo, backup, full)
+    ref_a = reference_image(short_tmp / "ra.qcow2", 32 * MiB, writes_a)
+    ref_b = reference_image(short_tmp / "rb.qcow2", 16 * MiB, writes_b)
+    assert restored_equals(repo, incremental, "vda", ref_a)
+    assert restored_equals(repo, incremental, "vdb", ref_b)
+
+
+def test_a_real_guest_is_frozen_through_libvirts_agent_and_its_data_disk_is_clean(
+    make_domain: Callable[..., Domain],
+    libvirtd: Libvirtd,
+    short_tmp: Path,
+    test_guest_image: GuestImage,
+) -> None:
+    import libvirt_qemu
+
+    image = test_guest_image
+    disks = [image.boot_overlay(short_tmp / "boot.qcow2"), make_data_disk(short_tmp / "d.qcow2")]
+    cmdline = image.append("sv.writer=1", "sv.writer_interval=0.05")
+    dom = make_domain(guest_agent=True, boot=(image.kernel, image.initrd, cmdline), disks=disks)
+    dom.start(paused=False)
+    dom.wait_for("stratavault-guest: writer started")
+    dom.wait_for_agent()
+    copy = short_tmp / "data.raw"
+    with LibvirtDomain(dom.name, uri=libvirtd.uri) as domain:
+        start = time.monotonic()
+        with LibvirtBackup(domain, short_tmp / "s") as backup:
+            took = time.monotonic() - start
+            assert backup.consistency_text == "application-consistent (fs frozen)"
+            assert backup.frozen_s is not None
+            print(f"guest frozen for {backup.frozen_s * 1000:.0f} ms (TCG, through libvirt)")
+            assert backup.frozen_s < 5
+            vdb = backup.exports[1]
+            subprocess.run(["qemu-img", "convert", "-O", "raw", vdb.uri, str(copy)], check=True)
+        status = libvirt_qemu.qemuAgentCommand(
+            dom.domain, '{"execute": "guest-fsfreeze-status"}', 30, 0
+        )
+        assert '"thawed"' in status
+    # Frozen ext4 has its journal checkpointed: the point in time needs no replay, fsck is clean.
+    features = subprocess.run(
+        ["dumpe2fs", "-h", str(copy)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "needs_recovery" not in features
+    subprocess.run(["e2fsck", "-fn", str(copy)], check=True, capture_output=True)
+    assert took < 60
