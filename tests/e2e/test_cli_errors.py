@@ -250,8 +250,12 @@ def test_ctrl_c_during_restore_stops_promptly(cli: Cli, tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    time.sleep(1.0)
-    assert proc.poll() is None, "restore ended before it was interrupted"
+    deadline = time.monotonic() + 30
+    while not any(target.rglob("*")):  # Ctrl-C once files are being written
+        assert proc.poll() is None, "restore ended before it was interrupted"
+        assert time.monotonic() < deadline, "restore wrote nothing in 30 s"
+        time.sleep(0.05)
+    time.sleep(0.5)
     started = time.monotonic()
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=60)

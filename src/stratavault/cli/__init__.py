@@ -13,7 +13,12 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 def main() -> None:
     """Entry point of the ``stratavault`` console script."""
-    sys.exit(run())
+    try:
+        code = run()
+    except KeyboardInterrupt:  # Ctrl-C before the command set up its own handling
+        print("stratavault: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
 
 
 __all__ = ["main", "run"]
