@@ -152,6 +152,14 @@ def test_a_failed_backup_keeps_the_chain_and_loses_no_change(
                 LibvirtBackup(domain, short_tmp / "other").__enter__()
             assert dom.checkpoints() == ["stratavault-1", "stratavault-2"]
         assert dom.checkpoints() == ["stratavault-2"]
+        # libvirt refuses the job (the socket path is taken): nothing is left behind.
+        blocked = short_tmp / "blocked"
+        (blocked / "nbd.sock").mkdir(parents=True)
+        with pytest.raises(SourceError, match="starting the backup job of the libvirt domain") as e:
+            LibvirtBackup(domain, blocked, expected_bitmaps={"vda": "stratavault-2"}).__enter__()
+        assert "'nbd-server-start'" in str(e.value)
+        assert dom.job_type() == 0
+        assert dom.checkpoints() == ["stratavault-2"]
 
 
 def test_kill_9_breaks_the_checkpoint_and_the_backup_falls_back_to_a_full_read(
@@ -224,6 +232,7 @@ def test_a_shut_off_domain_is_read_from_its_images_and_its_chain_continues(
                 short_tmp / "a.qcow2", 32 * MiB, [(0x11, 0, 128 * KiB), (0x33, 2 * MiB, 64 * KiB)]
             )
             assert_same(vda, ref)
+        assert list(scratch.iterdir()) == []
         assert dom.checkpoints() == ["stratavault-1"]
         dom.start()
         dom.write("vda", 0x44, 4 * MiB, 64 * KiB)

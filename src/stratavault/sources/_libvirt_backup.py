@@ -184,7 +184,6 @@ class LibvirtBackup:
                 self._start_job(plans, name)
             except libvirt.libvirtError as again:
                 raise self._error("starting the backup job with full reads", again) from again
-        self._job_started = True
         self._plans = list(plans)
 
     def _plan(self, disk: DomainDisk, checkpoints: Mapping[str, set[str]]) -> _Plan:
@@ -218,9 +217,10 @@ class LibvirtBackup:
         thaw = self._freeze()
         try:
             self.domain.domain.backupBegin(backup_xml, checkpoint_xml, 0)
+            self._job_started = True  # from here on, teardown aborts the job
+            self.checkpoint = name if checkpoint_xml else None
         finally:
             thaw()
-        self.checkpoint = name if checkpoint_xml else None
 
     def _backup_xml(self, plans: Sequence[_Plan]) -> str:
         disks = []
@@ -377,10 +377,10 @@ class LibvirtBackup:
         errors: list[str] = []
         images, self._images = self._images, None
         if images is not None:
-            try:
-                images.close()
-            except SourceError as exc:
-                errors.append(str(exc))
+            self._try(errors, images.close)
+            for folder in self.scratch_dir.glob("img[0-9]*"):
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # ImageExport leaves its emptied folder
             return errors
         if self._job_started:
             self._job_started = False
