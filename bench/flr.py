@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,9 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import BENCH_DIR, machine_info  # noqa: E402
-
-from stratavault.jobs import (  # noqa: E402
+from _harness import BENCH_DIR, machine_info
+from stratavault.jobs import (
     BackupDisksOptions,
     FlrRestoreOptions,
     backup_disks,
@@ -41,10 +39,10 @@ from stratavault.jobs import (  # noqa: E402
     flr_restore,
     parse_flr_ref,
 )
-from stratavault.repo import KdfParams, Repository  # noqa: E402
-from stratavault.snapshot import Snapshot  # noqa: E402
-from stratavault.sources import RawDiskSource  # noqa: E402
-from stratavault.storage import LocalStorage  # noqa: E402
+from stratavault.repo import KdfParams, Repository
+from stratavault.snapshot import Snapshot
+from stratavault.sources import RawDiskSource
+from stratavault.storage import LocalStorage
 
 MiB = 1 << 20
 BIG = 100 * MiB
@@ -74,13 +72,33 @@ def make_images(work: Path) -> dict[str, Path]:
     for i in range(ENTRIES):
         (many / f"file-{i:05d}.txt").write_text(f"{i}\n")
     images["ext4-many"] = work / "ext4-many.img"
-    sh("mke2fs", "-q", "-F", "-t", "ext4", "-N", "30000", "-d", many.parent, images["ext4-many"], "200M")
+    sh(
+        "mke2fs",
+        "-q",
+        "-F",
+        "-t",
+        "ext4",
+        "-N",
+        "30000",
+        "-d",
+        many.parent,
+        images["ext4-many"],
+        "200M",
+    )
     proto = work / "many.proto"
     lines = ["/", "0 0", "d--755 0 0", "many d--755 0 0"]
     lines += [f"file-{i:05d}.txt ---644 0 0 {many / f'file-{i:05d}.txt'}" for i in range(ENTRIES)]
     proto.write_text("\n".join([*lines, "$", "$"]) + "\n")
     images["xfs-many"] = work / "xfs-many.img"
-    sh("mkfs.xfs", "-q", "-f", "-d", f"agcount=2,file,name={images['xfs-many']},size=300m", "-p", proto)
+    sh(
+        "mkfs.xfs",
+        "-q",
+        "-f",
+        "-d",
+        f"agcount=2,file,name={images['xfs-many']},size=300m",
+        "-p",
+        proto,
+    )
     return images
 
 
@@ -123,49 +141,62 @@ def run(work: Path, runs: int) -> dict[str, object]:
             snaps[name] = backup_disks(repo, [source], BackupDisksOptions(paths=(str(path),)))
     results: dict[str, object] = {"runs": runs, "file_bytes": BIG, "entries": ENTRIES}
     for name in ("ext4-big", "ntfs-big"):
-        snap, disk = snaps[name], images[name].name
-        ref = parse_flr_ref(f"{snap.id}:{disk}/big.bin")
-        counter = iter(range(1000))
-
-        def restore(ref=ref, snap=snap) -> None:  # noqa: ANN001
-            target = work / f"out-{next(counter)}"
-            flr_restore(repo, snap, ref, FlrRestoreOptions(target=target))
-            assert (target / "big.bin").stat().st_size == BIG
-            shutil.rmtree(target)
-
-        def dump(ref=ref, snap=snap) -> None:  # noqa: ANN001
-            with open(os.devnull, "wb") as sink:
-                flr_dump(repo, snap, ref, sink)
-
-        seconds, all_s = best(runs, restore)
-        dump_s, _ = best(runs, dump)
-        cli_s = cli_time(work, ["restore", f"{snap.id}:{disk}/big.bin", "--target", work / "cli-out", "-q"])
-        shutil.rmtree(work / "cli-out", ignore_errors=True)
-        results[f"restore_{name}"] = {
-            "seconds": round(seconds, 3),
-            "MB_per_s": round(BIG / seconds / 1e6, 1),
-            "all_seconds": [round(s, 3) for s in all_s],
-            "dump_MB_per_s": round(BIG / dump_s / 1e6, 1),
-            "cli_seconds": round(cli_s, 3),
-            "cli_MB_per_s": round(BIG / cli_s / 1e6, 1),
-        }
+        results[f"restore_{name}"] = measure_restore(work, repo, snaps[name], images[name], runs)
     for name in ("ext4-many", "xfs-many"):
-        snap, disk = snaps[name], images[name].name
-        ref = parse_flr_ref(f"{snap.id}:{disk}/many")
-
-        def listing(ref=ref, snap=snap) -> None:  # noqa: ANN001
-            count = sum(1 for _ in flr_list(repo, snap, ref))
-            assert count == ENTRIES, count
-
-        seconds, all_s = best(runs, listing)
-        cli_s = cli_time(work, ["ls", f"{snap.id}:{disk}/many", "--no-recursive", "-l"])
-        results[f"list_{name}"] = {
-            "seconds": round(seconds, 3),
-            "all_seconds": [round(s, 3) for s in all_s],
-            "cli_seconds": round(cli_s, 3),
-        }
+        results[f"list_{name}"] = measure_list(work, repo, snaps[name], images[name], runs)
     repo.close()
     return results
+
+
+def measure_restore(
+    work: Path, repo: Repository, snap: Snapshot, image: Path, runs: int
+) -> dict[str, object]:
+    """flr_restore and flr_dump of the 100 MiB file (library), and the restore command."""
+    ref = parse_flr_ref(f"{snap.id}:{image.name}/big.bin")
+    counter = iter(range(1000))
+
+    def restore() -> None:
+        target = work / f"out-{next(counter)}"
+        flr_restore(repo, snap, ref, FlrRestoreOptions(target=target))
+        assert (target / "big.bin").stat().st_size == BIG
+        shutil.rmtree(target)
+
+    def dump() -> None:
+        with open(os.devnull, "wb") as sink:
+            flr_dump(repo, snap, ref, sink)
+
+    seconds, all_s = best(runs, restore)
+    dump_s, _ = best(runs, dump)
+    out = work / "cli-out"
+    cli_s = cli_time(work, ["restore", f"{snap.id}:{image.name}/big.bin", "--target", out, "-q"])
+    shutil.rmtree(out, ignore_errors=True)
+    return {
+        "seconds": round(seconds, 3),
+        "MB_per_s": round(BIG / seconds / 1e6, 1),
+        "all_seconds": [round(s, 3) for s in all_s],
+        "dump_MB_per_s": round(BIG / dump_s / 1e6, 1),
+        "cli_seconds": round(cli_s, 3),
+        "cli_MB_per_s": round(BIG / cli_s / 1e6, 1),
+    }
+
+
+def measure_list(
+    work: Path, repo: Repository, snap: Snapshot, image: Path, runs: int
+) -> dict[str, object]:
+    """flr_list of the 20,000-entry folder (library), and ``ls --no-recursive -l``."""
+    ref = parse_flr_ref(f"{snap.id}:{image.name}/many")
+
+    def listing() -> None:
+        count = sum(1 for _ in flr_list(repo, snap, ref))
+        assert count == ENTRIES, count
+
+    seconds, all_s = best(runs, listing)
+    cli_s = cli_time(work, ["ls", f"{snap.id}:{image.name}/many", "--no-recursive", "-l"])
+    return {
+        "seconds": round(seconds, 3),
+        "all_seconds": [round(s, 3) for s in all_s],
+        "cli_seconds": round(cli_s, 3),
+    }
 
 
 def cli_time(work: Path, args: list[str | Path]) -> float:

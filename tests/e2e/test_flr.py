@@ -157,6 +157,25 @@ def test_mbr_logical_partition(cli: Cli, tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.infra("lvm2", "loop devices")
+def test_lvm_logical_volume(cli: Cli, tmp_path: Path) -> None:
+    img.need_tools()
+    img.lvm_tools()
+    tree = img.make_tree(tmp_path / "tree")
+    vg = img.lvm_disk(tree, tmp_path / "lvm.img")
+    _backup(cli, tmp_path / "lvm.img")
+    rows = cli("ls", "latest:lvm.img", "--json").json_lines()
+    assert [(r["name"], r["filesystem"]) for r in rows] == [
+        ("p1", "fat16"),
+        ("p2", "lvm2"),
+        (f"{vg}-root", "ext4"),
+        (f"{vg}-data--x", "fat16"),
+    ]
+    done = cli("restore", f"latest:lvm.img:{vg}-root/", "--target", tmp_path / "out")
+    assert done.code == 0, done.err
+    _compare(tree, tmp_path / "out", skip=("lost+found",))
+
+
 def test_ntfs_and_large_file_streamed(cli: Cli, tmp_path: Path) -> None:
     img.need_tools()
     big = os.urandom(100 * MiB)

@@ -149,6 +149,28 @@ def test_ntfs_and_xfs(tmp_path: Path) -> None:
     assert b"".join(flr_read(fs, found["data.bin"], path="d")) == payload.read_bytes()
 
 
+@pytest.mark.infra("lvm2", "loop devices")
+def test_lvm_logical_volumes_in_a_gpt_partition(tmp_path: Path) -> None:
+    img.need_tools()
+    img.lvm_tools()
+    tree = img.make_tree(tmp_path / "tree")
+    vg = img.lvm_disk(tree, tmp_path / "lvm.img")
+    image = tmp_path / "lvm.img"
+    volumes = list_volumes(image.open("rb"), image.stat().st_size, where="lvm")
+    assert [(v.name, v.type, v.label, v.size_bytes, v.filesystem) for v in volumes] == [
+        ("p1", "0fc63daf-8483-4772-8e79-3d69d8477de4", "", 16 << 20, "fat16"),
+        ("p2", "e6d6d379-f507-44c2-a23c-238f2a3df928", "", 64 << 20, "lvm2"),
+        (f"{vg}-root", "lvm", vg, 24 << 20, "ext4"),
+        (f"{vg}-data--x", "lvm", vg, 16 << 20, "fat16"),
+    ]
+    found, errors = _walk(_fs(image, f"{vg}-root"))
+    assert errors == [] and found["etc/secret"].uid == 1234
+    fs = _fs(image, f"{vg}-data--x")
+    _, entry = flr_lookup(fs, "/etc/deep/deeper/data.bin", where="lvm")
+    data = b"".join(flr_read(fs, entry, path="data.bin"))
+    assert data == (tree / "etc/deep/deeper/data.bin").read_bytes()
+
+
 @pytest.fixture
 def evil(tmp_path: Path) -> Path:
     """ext4 with entries named '..' and 'a/b', a folder that contains itself, a symlink loop."""

@@ -31,7 +31,7 @@ class FlrVolume:
     number: int
     """Partition number (0 for the whole disk and for logical volumes)."""
     offset: int
-    """Byte offset on the disk (of the first extent, for a logical volume)."""
+    """Byte offset on the disk (of its physical volume, for a logical volume)."""
     size_bytes: int
     type: str
     """Partition type: "0x83" (MBR), a GPT type GUID, "lvm" for a logical volume, "" for p0."""
@@ -192,7 +192,11 @@ def _volume(
     kind: str,
     fh: Any,
     lock: threading.Lock,
+    *,
+    start: int | None = None,
 ) -> FlrVolume:
+    """A volume that reads ``size`` bytes of ``fh`` from ``start`` (default: ``offset``)."""
+    at = offset if start is None else start
     return FlrVolume(
         name,
         number,
@@ -201,7 +205,7 @@ def _volume(
         ptype,
         label,
         kind,
-        _open=lambda: VolumeWindow(fh, offset, size, lock),
+        _open=lambda: VolumeWindow(fh, at, size, lock),
     )
 
 
@@ -241,8 +245,8 @@ def _logical_volumes(pv: FlrVolume, where: str) -> list[FlrVolume]:
         lvm = LVM2(pv.open())
         vg = lvm.volume_group
         found = []
-        for lv in vg.logical_volumes or []:
-            if not lv.is_visible():
+        for lv in (vg.logical_volumes or {}).values():
+            if not lv.is_visible:
                 continue
             found.append((lv, lv.open()))
     except Exception as exc:
@@ -254,6 +258,17 @@ def _logical_volumes(pv: FlrVolume, where: str) -> list[FlrVolume]:
         lock = threading.Lock()
         head = _head(VolumeWindow(stream, 0, size, lock))
         volumes.append(
-            _volume(name, 0, pv.offset, size, "lvm", vg.name, detect_filesystem(head), stream, lock)
+            _volume(
+                name,
+                0,
+                pv.offset,
+                size,
+                "lvm",
+                vg.name,
+                detect_filesystem(head),
+                stream,
+                lock,
+                start=0,
+            )
         )
     return volumes
