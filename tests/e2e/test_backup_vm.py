@@ -267,3 +267,36 @@ def test_backup_vm_and_restore_vm_from_the_command_line(
     assert cmp.returncode == 0
     bad = cli("restore", "vm", "latest", "--target", target)
     assert bad.code == 2 and "--to DIR" in bad.err
+
+
+def test_changed_only_restore_onto_a_stopped_qcow2_uses_its_bitmap(
+    cli: Cli, short_tmp: Path
+) -> None:
+    disk = short_tmp / "vm.qcow2"
+    original = [(0x71, 0, 4 * MiB), (0x72, 20 * MiB, 1 * MiB)]
+    reference_image(disk, 32 * MiB, original)
+    assert cli("init").code == 0
+    assert cli("backup", "image", disk, "-q").code == 0  # creates the bitmap chain
+    # The VM ran on after the backup: 2 regions rewritten (the bitmap records them).
+    subprocess.run(
+        ["qemu-io", "-c", "write -P 0x99 1M 64k", "-c", "write -P 0x98 28M 512k", str(disk)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    res = cli("restore", "disk", "latest", "--onto", disk, "--changed-only", "--json")
+    assert res.code == 0, res.err
+    doc = res.json_lines()[-1]
+    assert doc["bitmap_used"] is True and doc["bytes_read"] == 0
+    # 1 chunk (256 KiB) around 1M and 2 around 28M..28.5M: written, nothing else.
+    assert doc["chunks_written"] + doc["chunks_zeroed"] == 3, doc
+    ref = reference_image(short_tmp / "ref.qcow2", 32 * MiB, original)
+    assert subprocess.run(["qemu-img", "compare", str(disk), str(ref)], check=False).returncode == 0
+    # Without the bitmap (removed), the same restore compares instead, and is still right.
+    subprocess.run(
+        ["qemu-io", "-c", "write -P 0x97 8M 64k", str(disk)], check=True, capture_output=True
+    )
+    subprocess.run(["qemu-img", "bitmap", "--remove", str(disk), "stratavault-1"], check=True)
+    res = cli("restore", "disk", "latest", "--onto", disk, "--changed-only", "--json")
+    doc = res.json_lines()[-1]
+    assert res.code == 0 and doc["bitmap_used"] is False and doc["bytes_read"] > 0
+    assert "no bitmap" in str(doc["bitmap_problem"])
+    assert subprocess.run(["qemu-img", "compare", str(disk), str(ref)], check=False).returncode == 0

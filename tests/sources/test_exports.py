@@ -33,6 +33,7 @@ def test_exported_members() -> None:
         "GuestAgent",
         "IMAGE_FORMATS",
         "ImageExport",
+        "ImageServer",
         "LibvirtBackup",
         "LibvirtDomain",
         "OwnerNames",

@@ -135,7 +135,14 @@ def run_disk(ns: argparse.Namespace, word: str, options: GlobalOptions) -> int:
         result = restore_disk(repo, snap, job, progress=progress, cancel=Cancellation())
     for issue in result.issues:
         out.warn(issue)
-    if ns.changed_only:
+    if result.bitmap_used:
+        out.text(
+            f"the disk still has the snapshot's dirty bitmap: {result.chunks_unchanged} of "
+            f"{result.chunks} chunks unchanged since, nothing read"
+        )
+    elif ns.changed_only:
+        if result.bitmap_problem:
+            out.text(f"dirty bitmap not usable ({result.bitmap_problem}): comparing instead")
         out.text(
             f"compared {result.chunks} chunks ({format_bytes(result.bytes_read)} read): "
             f"{result.chunks_unchanged} unchanged"

@@ -32,6 +32,9 @@ class NbdDiskTarget:
     """Its old content is unknown: zero chunks are written as zeroes."""
 
     def __init__(self, uri: str, size_bytes: int) -> None:
+        self.changed: list[tuple[int, int]] | None = None
+        """What changed on the export since the snapshot, when a dirty bitmap tells: then
+        a changed-only restore writes exactly that and reads nothing."""
         self.uri = uri
         self.size_bytes = size_bytes
         self._local = threading.local()

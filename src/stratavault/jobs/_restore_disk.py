@@ -13,7 +13,9 @@ format its server serves.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import threading
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
@@ -36,9 +38,10 @@ from stratavault.jobs._progress import (
     Ticker,
     now,
 )
+from stratavault.nbd import connect
 from stratavault.repo import Repository
 from stratavault.snapshot import DiskIndex, DiskRef, Snapshot, load_disk_index
-from stratavault.sources import RawDiskTarget, convert_image
+from stratavault.sources import ImageServer, RawDiskTarget, convert_image, probe_image_format
 from stratavault.types import ChunkId
 
 __all__ = [
@@ -90,6 +93,11 @@ class RestoreDiskResult:
     bytes_downloaded: int = 0
     """Plaintext bytes of the chunks read from the repository."""
     chunks_verified: int = 0
+    bitmap_used: bool = False
+    """--changed-only onto an image that still had the snapshot's dirty bitmap: only what it
+    marks was written, nothing was read."""
+    bitmap_problem: str | None = None
+    """Why that bitmap could not be used (then the disk was compared instead)."""
     issues: list[str] = field(default_factory=list)
     """Verification failures, as disk ranges."""
 
@@ -174,6 +182,12 @@ class _DiskRestore:
         data there.
         """
         size, count = self.index.chunk_bytes, self.index.chunk_count
+        changed = getattr(self.target, "changed", None)
+        if changed is not None:  # a dirty bitmap since this snapshot: read nothing
+            differ = np.zeros(count, np.bool_)
+            for first, n in chunk_runs(changed, self.index.size_bytes, size):
+                differ[first : first + n] = True
+            return differ
         extents = self.target.data_extents()
         readable = list(chunk_runs(extents, self.index.size_bytes, size))
         differ = self.index.data_mask()
@@ -302,7 +316,7 @@ def _check_options(options: RestoreDiskOptions) -> None:
             raise UsageError("an NBD export has the server's format: leave out --format")
         return
     if options.onto and options.format != "raw":
-        raise UsageError("--onto writes a raw file or block device; --format must be raw")
+        raise UsageError("--onto keeps the existing disk's format: leave out --format")
     if options.onto and not options.target.exists():
         raise UsageError(f"--onto {options.target}: no such file or device")
 
@@ -323,15 +337,50 @@ def restore_disk(
     _check_options(options)
     progress = progress or NullProgress()
     with repo.lock(exclusive=False):
-        index = load_disk_index(repo, select_disk(snapshot, options.disk))
+        ref = select_disk(snapshot, options.disk)
+        index = load_disk_index(repo, ref)
         if isinstance(options.target, str):
             with NbdDiskTarget(options.target, index.size_bytes) as nbd:
                 run = _DiskRestore(repo, index, nbd, options, progress, cancel or Cancellation())
                 run.run()
+        elif options.onto and _is_image(options.target):
+            run = _restore_onto_image(repo, ref, index, options, progress, cancel)
         else:
             run = _restore_to_file(repo, index, options.target, options, progress, cancel)
     progress.done(run.state)
     return run.result
+
+
+def _is_image(path: Path) -> bool:
+    """An existing file in a format other than raw (qcow2, vmdk...)."""
+    return path.is_file() and probe_image_format(path) != "raw"
+
+
+def _restore_onto_image(
+    repo: Repository,
+    ref: DiskRef,
+    index: DiskIndex,
+    options: RestoreDiskOptions,
+    progress: Progress,
+    cancel: Cancellation | None,
+) -> _DiskRestore:
+    """Onto an existing qcow2 (or other format) through qemu-storage-daemon. With
+    ``changed_only``, when the image still has the bitmap the snapshot recorded (a stopped
+    VM's disk since that backup), only what it marks is written and nothing is read."""
+    bitmap = ref.bitmap if options.changed_only and ref.bitmap else None
+    with contextlib.ExitStack() as stack:
+        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-onto-", dir="/tmp"))
+        server = stack.enter_context(ImageServer(options.target, scratch, bitmap=bitmap))
+        nbd = stack.enter_context(NbdDiskTarget(server.uri, index.size_bytes))
+        if server.bitmap_context is not None:
+            with connect(server.uri, meta_contexts=[server.bitmap_context]) as client:
+                extents = client.extents(server.bitmap_context)
+                nbd.changed = [(e.offset, e.length) for e in extents if e.flags & 1]
+        run = _DiskRestore(repo, index, nbd, options, progress, cancel or Cancellation())
+        run.result.bitmap_used = server.bitmap_context is not None
+        run.result.bitmap_problem = server.bitmap_problem
+        run.run()
+    return run
 
 
 def _restore_to_file(

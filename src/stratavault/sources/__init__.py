@@ -24,7 +24,7 @@ from stratavault.sources._flr import FlrEvent, flr_lookup, flr_read, flr_walk
 from stratavault.sources._flr_fs import FILESYSTEMS, FlrEntry, FlrFilesystem, open_filesystem
 from stratavault.sources._flr_volumes import FlrVolume, list_volumes
 from stratavault.sources._guest_agent import GuestAgent
-from stratavault.sources._image_export import IMAGE_FORMATS, ImageExport
+from stratavault.sources._image_export import IMAGE_FORMATS, ImageExport, ImageServer
 from stratavault.sources._libvirt import DEFAULT_LIBVIRT_URI, DomainDisk, LibvirtDomain
 from stratavault.sources._libvirt_backup import LibvirtBackup, remove_libvirt_backup_leftovers
 from stratavault.sources._qmp import QmpSession
@@ -73,6 +73,7 @@ __all__ = [
     "FsRestorer",
     "GuestAgent",
     "ImageExport",
+    "ImageServer",
     "LibvirtBackup",
     "LibvirtDomain",
     "OwnerNames",

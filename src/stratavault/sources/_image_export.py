@@ -23,7 +23,7 @@ from stratavault.sources._export import DiskExport, ExportSession
 from stratavault.sources._qmp import QmpSession
 from stratavault.sources._vm import disk_by_node
 
-__all__ = ["IMAGE_FORMATS", "ImageExport"]
+__all__ = ["IMAGE_FORMATS", "ImageExport", "ImageServer"]
 
 IMAGE_FORMATS = ("qcow2", "raw", "vmdk", "vhdx", "vdi")
 """Image formats :class:`ImageExport` serves."""
@@ -167,3 +167,54 @@ class ImageExport:
         with contextlib.suppress(OSError):
             (self.scratch_dir / "qsd.qmp").unlink()
         return errors
+
+
+class ImageServer(ImageExport):
+    """A disk image served *writable* over NBD for the time of a ``with`` block (to restore
+    onto it), with its dirty bitmap ``bitmap`` exported when that bitmap is usable: then
+    :attr:`bitmap_context` lists what changed since the backup that created it."""
+
+    def __init__(
+        self,
+        image: str | os.PathLike[str],
+        scratch_dir: str | os.PathLike[str],
+        *,
+        bitmap: str | None = None,
+    ) -> None:
+        super().__init__(image, scratch_dir, track_changes=False)
+        self.bitmap = bitmap
+        self.uri = ""
+        self.bitmap_context: str | None = None
+        self.bitmap_problem: str | None = None
+        """Why the bitmap cannot be used (absent, inconsistent, not recording)."""
+
+    def __enter__(self) -> ImageServer:
+        fmt = self.fmt or _probe_format(self.image)
+        if fmt not in IMAGE_FORMATS:
+            raise SourceError(f"serving the image {self.image} - unsupported format {fmt!r}")
+        self.scratch_dir.mkdir(parents=True, exist_ok=True)
+        socket_path = self.scratch_dir / "serve.sock"
+        try:
+            self._session = self._start_daemon(fmt, True)
+            export: dict[str, object] = {
+                "type": "nbd", "id": "serve", "node-name": _NODE, "name": "disk",
+                "writable": True,
+            }  # fmt: skip
+            if self.bitmap:
+                found = {b.name: b for b in disk_by_node(self._session, _NODE).bitmaps}
+                bitmap = found.get(self.bitmap)
+                if bitmap is None:
+                    self.bitmap_problem = f"the image has no bitmap {self.bitmap}"
+                elif bitmap.inconsistent or not bitmap.recording:
+                    self.bitmap_problem = f"bitmap {self.bitmap} is inconsistent or disabled"
+                else:
+                    export["bitmaps"] = [self.bitmap]
+                    self.bitmap_context = f"qemu:dirty-bitmap:{self.bitmap}"
+            addr = {"type": "unix", "data": {"path": os.fspath(socket_path)}}
+            self._session.execute("nbd-server-start", {"addr": addr})
+            self._session.execute("block-export-add", export)
+        except BaseException:
+            self._stop_daemon()
+            raise
+        self.uri = f"nbd+unix:///disk?socket={socket_path}"
+        return self
