@@ -15,11 +15,23 @@ from pathlib import Path
 
 import pytest
 
+from stratavault.errors import UsageError
+from stratavault.jobs import FlrRef, parse_flr_ref
 from tests.e2e.conftest import Cli
 from tests.sources import flr_images as img
 
 pytestmark = pytest.mark.infra("image tools")
 MiB = 1 << 20
+
+
+def test_flr_references_parse() -> None:
+    assert parse_flr_ref("latest:vda") == FlrRef("latest", "vda", None, "/")
+    assert parse_flr_ref("3f2a:vda:p2/etc/hosts") == FlrRef("3f2a", "vda", "p2", "/etc/hosts")
+    assert parse_flr_ref("3f2a:disk.img:vg0-root/") == FlrRef("3f2a", "disk.img", "vg0-root", "/")
+    assert parse_flr_ref("latest:vda/home") == FlrRef("latest", "vda", None, "/home")
+    for bad in ("latest", "latest:", ":vda/x"):
+        with pytest.raises(UsageError):
+            parse_flr_ref(bad)
 
 
 def _backup(cli: Cli, image: Path) -> None:

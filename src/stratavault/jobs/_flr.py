@@ -18,10 +18,10 @@ import contextlib
 import os
 import stat
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from stratavault.errors import SourceError, UsageError
 from stratavault.jobs._disk_reader import DiskReader, open_disk_reader
@@ -189,7 +189,7 @@ def flr_list(
                 yield f"{prefix}/{event.path}", event.entry
 
 
-def _collector(issues: list[FlrIssue], prefix: str) -> Any:
+def _collector(issues: list[FlrIssue], prefix: str) -> Callable[[str, Exception], None]:
     def on_error(path: str, exc: Exception) -> None:
         issues.append(FlrIssue(prefix + path, str(exc)))
 
