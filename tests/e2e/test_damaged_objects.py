@@ -106,3 +106,19 @@ def test_deleted_packs_are_damage_not_a_storage_failure(cli: Cli, tmp_path: Path
     res = cli("check")
     assert res.code == DataDamagedError.exit_code, res.err
     assert tree_pack.name in res.out + res.err
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_damaged_or_deleted_key_file(cli: Cli, tmp_path: Path, damage: str) -> None:
+    _two_snapshots(cli, tmp_path)
+    (key,) = (cli.repo / "keys").iterdir()
+    saved = key.read_bytes()
+    if damage == "delete":
+        key.unlink()
+    else:
+        key.write_bytes(saved[:50])
+    res = cli("snapshots")
+    assert res.code == DataDamagedError.exit_code
+    assert ("no key slots" in res.err) if damage == "delete" else (key.name in res.err)
+    key.write_bytes(saved)  # put back: everything works again
+    assert cli("check", "--read-data").code == 0
