@@ -29,6 +29,7 @@ operation, the object and the cause ("reading pack data/ab/abcd… - truncated")
     ├── NbdError                           exit 15 an NBD peer failed, refused or went silent
     │   └── NbdProtocolError               exit 15 an NBD peer sent malformed or truncated data
     ├── IncompleteSnapshotError            exit 4  snapshot saved, but some files were unreadable
+    ├── VerificationFailedError            exit 16 verify --boot: the VM showed no sign of life
     ├── RestoreError                       exit 1  restore could not write something
     │   └── UnsafePathError                exit 1  a name would escape the restore target
     └── Interrupted                        exit 130 stopped by Ctrl-C, repository left consistent
@@ -68,6 +69,7 @@ __all__ = [
     "UnsafePathError",
     "UnsupportedFormatError",
     "UsageError",
+    "VerificationFailedError",
 ]
 
 
@@ -198,6 +200,12 @@ class IncompleteSnapshotError(StratavaultError):
     exit_code = 4
 
 
+class VerificationFailedError(StratavaultError):
+    """A restore test (``verify --boot``) ran, and the restored VM showed no sign of life."""
+
+    exit_code = 16
+
+
 class RestoreError(StratavaultError):
     """Restore could not write something to the target."""
 
@@ -224,6 +232,7 @@ EXIT_CODES: dict[int, str] = {
     13: "unsupported repository format version",
     14: "backend full: no space left",
     15: "NBD peer failed, refused the request or broke the protocol",
+    16: "verify --boot: the restored VM showed no sign of life in time",
     130: "interrupted (Ctrl-C); the repository is consistent",
 }
 """Exit codes of the ``stratavault`` command, documented in the README."""

@@ -54,6 +54,7 @@ from stratavault.jobs._restore_disk import (
 )
 from stratavault.jobs._restore_files import RestoreOptions, RestoreResult, restore_files
 from stratavault.jobs._restore_vm import RestoreVmOptions, RestoreVmResult, restore_vm, vm_command
+from stratavault.jobs._serve import ChunkStoreBackend, ServeOptions, SnapshotServer, serve_snapshot
 
 __all__ = [
     "DEFAULT_DISK_CHUNK_BYTES",
@@ -64,6 +65,7 @@ __all__ = [
     "BackupVmOptions",
     "Cancellation",
     "CheckResult",
+    "ChunkStoreBackend",
     "CopyOptions",
     "CopyResult",
     "Damage",
@@ -90,7 +92,9 @@ __all__ = [
     "RestoreResult",
     "RestoreVmOptions",
     "RestoreVmResult",
+    "ServeOptions",
     "SnapshotRepair",
+    "SnapshotServer",
     "SnapshotSize",
     "Subset",
     "backup_disks",
@@ -118,6 +122,7 @@ __all__ = [
     "restore_files",
     "restore_vm",
     "select_disk",
+    "serve_snapshot",
     "set_protection",
     "shares_chunk_ids",
     "snapshot_size",
