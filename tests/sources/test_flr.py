@@ -182,9 +182,11 @@ def evil(tmp_path: Path) -> Path:
     (tree / "d" / "f").write_text("fine\n")
     os.symlink("loop", tree / "loop")
     os.symlink("/d", tree / "abs")
+    os.symlink("x" * 100, tree / "long")
     image = tmp_path / "evil.img"
     img.run("mke2fs", "-q", "-F", "-t", "ext4", "-O", "^metadata_csum", "-d", tree, image, "8M")
     img.run("debugfs", "-w", "-R", "link /d /d/back", image)  # a folder inside itself
+    img.run("debugfs", "-w", "-R", "sif /long size 100000", image)  # a symlink of 100 kB
     data = bytearray(image.read_bytes())
     for old, new in ((b"\x02\x01Q9", b"\x02\x01.."), (b"\x03\x01aXb", b"\x03\x01a/b")):
         assert data.count(old) == 1
@@ -203,6 +205,8 @@ def test_crafted_names_and_loops_are_reported_not_followed(evil: Path) -> None:
     assert isinstance(messages["/'..'"], UnsafePathError)
     assert isinstance(messages["/'a/b'"], UnsafePathError)
     assert "contains itself" in str(messages["/d/back"])
+    assert "/long - corrupt: ValueError: symlink target of 100000 bytes" in str(messages["/long"])
+    assert "abs" in found and "loop" in found  # the walk went on after the broken entry
     with pytest.raises(SourceError, match="too many symlinks"):
         flr_lookup(fs, "/loop/x", where="evil")
     # An absolute symlink in the middle of a path is resolved inside the filesystem.

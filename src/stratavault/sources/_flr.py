@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from stratavault.errors import SourceError, UnsafePathError
-from stratavault.sources._flr_fs import FlrEntry, FlrFilesystem
+from stratavault.sources._flr_fs import BROKEN, FlrEntry, FlrFilesystem
 from stratavault.types import EntryType
 
 __all__ = [
@@ -108,17 +108,25 @@ def flr_lookup(fs: FlrFilesystem, path: str, *, where: str) -> tuple[list[str], 
 
 
 def _find(fs: FlrFilesystem, folder: FlrEntry, name: str, shown: str, where: str) -> FlrEntry:
+    fold = fs.kind.startswith(("fat", "ntfs"))  # names match without regard to case
     try:
-        for entry in fs.iterdir(folder):
-            if entry.name == name or (
-                fs.kind.startswith(("fat", "ntfs")) and entry.name.lower() == name.lower()
-            ):
-                return entry
+        found = next(
+            (e for e in fs.iterdir(folder) if e.name == name or (fold and _same(e.name, name))),
+            None,
+        )
     except SourceError:
         raise
     except Exception as exc:
         raise SourceError(f"reading folder of {shown} on {where} - corrupt: {exc}") from exc
-    raise SourceError(f"looking up {shown} on {where} - no such file or folder")
+    if found is None:
+        raise SourceError(f"looking up {shown} on {where} - no such file or folder")
+    if found.type == BROKEN:
+        raise SourceError(f"looking up {shown} on {where} - corrupt: {found.node}")
+    return found
+
+
+def _same(a: str, b: str) -> bool:
+    return a.lower() == b.lower()
 
 
 def flr_walk(
@@ -155,6 +163,9 @@ def flr_walk(
                     f"reading {shown} - name {entry.name!r} would escape the restore target"
                 ),
             )
+            continue
+        if entry.type == BROKEN:
+            on_error(_show(here), SourceError(f"reading {_show(here)} - corrupt: {entry.node}"))
             continue
         yield FlrEvent(here, entry)
         if entry.type != EntryType.DIR or not recursive:

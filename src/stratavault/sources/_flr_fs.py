@@ -11,14 +11,22 @@ from __future__ import annotations
 
 import datetime as dt
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from stratavault.errors import SourceError
 from stratavault.types import EntryType
 
-__all__ = ["FILESYSTEMS", "FlrEntry", "FlrFilesystem", "detect_filesystem", "open_filesystem"]
+__all__ = [
+    "BROKEN",
+    "FILESYSTEMS",
+    "FlrEntry",
+    "FlrFilesystem",
+    "broken_entry",
+    "detect_filesystem",
+    "open_filesystem",
+]
 
 FILESYSTEMS = ("ext2", "ext3", "ext4", "xfs", "fat12", "fat16", "fat32", "ntfs")
 """Filesystems that can be read (Btrfs is recognised, not read: see docs/flr.md)."""
@@ -90,6 +98,24 @@ class FlrFilesystem:
         raise NotImplementedError
 
 
+BROKEN = "broken"
+"""The ``type`` of an entry whose metadata could not be read (``node`` holds the reason)."""
+
+
+def broken_entry(name: str, exc: BaseException) -> FlrEntry:
+    """An entry listed in a folder whose own metadata is unreadable (reported, not restored)."""
+    text = str(exc).strip().splitlines()
+    why = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return FlrEntry(name=name, type=BROKEN, mode=0, node=why)
+
+
+def _guarded(name: str, make: Callable[[str, Any], FlrEntry], node: Any) -> FlrEntry:
+    try:
+        return make(name, node)
+    except Exception as exc:  # the libraries' parse errors have no common base
+        return broken_entry(name, exc)
+
+
 def _type_of(mode: int) -> str:
     return _TYPES.get(stat.S_IFMT(mode), EntryType.FILE)
 
@@ -112,7 +138,7 @@ class _UnixFs(FlrFilesystem):
             if name in dots:
                 dots.discard(name)
                 continue
-            yield self._entry(name if name is not None else "", node)
+            yield _guarded(name if name is not None else "", self._entry, node)
 
     def open(self, entry: FlrEntry) -> BinaryIO:
         stream: BinaryIO = entry.node.open()
@@ -217,18 +243,22 @@ class _FatFs(FlrFilesystem):
             if name in dots and not node.ldirents:
                 dots.discard(name)
                 continue
-            is_dir = node.is_directory()
-            yield FlrEntry(
-                name=name,
-                type=EntryType.DIR if is_dir else EntryType.FILE,
-                mode=0o755 if is_dir else 0o644,
-                size=0 if is_dir else node.size,
-                mtime_ns=_ns(node.mtime),
-                atime_ns=_ns(node.atime),
-                ctime_ns=_ns(node.ctime),
-                inode=node.cluster or 0,
-                node=node,
-            )
+            yield _guarded(name, self._entry, node)
+
+    @staticmethod
+    def _entry(name: str, node: Any) -> FlrEntry:
+        is_dir = node.is_directory()
+        return FlrEntry(
+            name=name,
+            type=EntryType.DIR if is_dir else EntryType.FILE,
+            mode=0o755 if is_dir else 0o644,
+            size=0 if is_dir else node.size,
+            mtime_ns=_ns(node.mtime),
+            atime_ns=_ns(node.atime),
+            ctime_ns=_ns(node.ctime),
+            inode=node.cluster or 0,
+            node=node,
+        )
 
     def open(self, entry: FlrEntry) -> BinaryIO:
         stream: BinaryIO = entry.node.open()
@@ -263,10 +293,14 @@ class _NtfsFs(FlrFilesystem):
             if name in dots and folder.inode == 5:
                 dots.discard(name)
                 continue
-            record = index_entry.dereference()
+            try:
+                record = index_entry.dereference()
+            except Exception as exc:  # a dangling or corrupt MFT reference
+                yield broken_entry(name, exc)
+                continue
             if record.segment < 24 and folder.inode == 5:  # $MFT, $Bitmap... metadata files
                 continue
-            yield self._entry(name, record)
+            yield _guarded(name, self._entry, record)
 
     def _entry(self, name: str, record: Any) -> FlrEntry:
         info = record.attributes.STANDARD_INFORMATION
@@ -336,25 +370,33 @@ def open_filesystem(fh: BinaryIO, kind: str, *, where: str) -> FlrFilesystem:
         what = f"a {kind} filesystem" if kind else "no filesystem this program knows"
         raise SourceError(f"opening {where} - it holds {what} (readable: {', '.join(FILESYSTEMS)})")
     try:
-        if kind.startswith("ext"):
-            from dissect.extfs import ExtFS
-
-            return _ExtFs(ExtFS(fh), kind)
-        if kind == "xfs":
-            from dissect.xfs import XFS
-
-            return _XfsFs(XFS(fh), kind)
-        if kind.startswith("fat"):
-            from dissect.fat import FATFS
-
-            return _FatFs(FATFS(fh), kind)
-        from dissect.ntfs import NTFS
-
-        return _NtfsFs(NTFS(fh))
+        fs = _open(fh, kind)
+        if fs.root().type != EntryType.DIR:
+            raise ValueError("the root is not a folder")
+        return fs
     except ImportError as exc:
         raise SourceError(f"opening {where} - the dissect library for {kind} is missing") from exc
     except Exception as exc:  # the library's parse errors have no common base
         raise SourceError(f"opening {kind} filesystem on {where} - corrupt: {_why(exc)}") from exc
+
+
+def _open(fh: BinaryIO, kind: str) -> FlrFilesystem:
+    """The adapter for ``kind``, importing its dissect library now."""
+    if kind.startswith("ext"):
+        from dissect.extfs import ExtFS
+
+        return _ExtFs(ExtFS(fh), kind)
+    if kind == "xfs":
+        from dissect.xfs import XFS
+
+        return _XfsFs(XFS(fh), kind)
+    if kind.startswith("fat"):
+        from dissect.fat import FATFS
+
+        return _FatFs(FATFS(fh), kind)
+    from dissect.ntfs import NTFS
+
+    return _NtfsFs(NTFS(fh))
 
 
 def _why(exc: BaseException) -> str:
