@@ -188,6 +188,18 @@ def test_lvm_logical_volume(cli: Cli, tmp_path: Path) -> None:
     _compare(tree, tmp_path / "out", skip=("lost+found",))
 
 
+@pytest.mark.infra("btrfs")
+def test_btrfs_restore(cli: Cli, tmp_path: Path) -> None:
+    img.need_tools()
+    img.btrfs_tools()
+    tree = img.make_tree(tmp_path / "tree")
+    img.btrfs_image(tree, tmp_path / "btrfs.img")
+    _backup(cli, tmp_path / "btrfs.img")
+    done = cli("restore", "latest:btrfs.img/", "--target", tmp_path / "out")
+    assert done.code == 0, done.err
+    _compare(tree, tmp_path / "out")
+
+
 def test_ntfs_and_large_file_streamed(cli: Cli, tmp_path: Path) -> None:
     img.need_tools()
     big = os.urandom(100 * MiB)

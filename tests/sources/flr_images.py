@@ -222,3 +222,21 @@ def _lvm_report(tool: str, common: list[str], fields: str, what: str) -> list[st
         check=True,
     )
     return [line.strip() for line in done.stdout.splitlines() if line.strip()]
+
+
+def btrfs_tools() -> None:
+    """Skip (a failure under CI) without mkfs.btrfs or the dissect.btrfs library."""
+    import importlib.util
+
+    if shutil.which("mkfs.btrfs") is None:
+        pytest.skip("mkfs.btrfs missing (scripts/setup.sh installs btrfs-progs)")
+    if importlib.util.find_spec("dissect.btrfs") is None:
+        pytest.skip("dissect.btrfs is not installed")
+
+
+def btrfs_image(tree: Path, image: Path, size_mib: int = 128) -> None:
+    """A Btrfs filesystem of ``tree`` (mkfs.btrfs --rootdir: no mount)."""
+    image.unlink(missing_ok=True)
+    with image.open("wb") as f:
+        f.truncate(size_mib * MiB)
+    run("mkfs.btrfs", "-q", "-f", "--rootdir", tree, image)

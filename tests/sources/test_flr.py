@@ -171,6 +171,31 @@ def test_lvm_logical_volumes_in_a_gpt_partition(tmp_path: Path) -> None:
     assert data == (tree / "etc/deep/deeper/data.bin").read_bytes()
 
 
+@pytest.mark.infra("btrfs")
+def test_btrfs_entries_match_the_source_tree(tmp_path: Path) -> None:
+    img.need_tools()
+    img.btrfs_tools()
+    tree = img.make_tree(tmp_path / "tree")
+    img.btrfs_image(tree, tmp_path / "b.img")
+    fs = _fs(tmp_path / "b.img", "p0")
+    assert fs.kind == "btrfs"
+    found, errors = _walk(fs)
+    assert errors == []
+    assert set(found) == {str(p.relative_to(tree)) for p in tree.rglob("*")}
+    for rel, entry in found.items():
+        st = (tree / rel).lstat()
+        assert (entry.mode, entry.uid, entry.gid) == (
+            stat.S_IMODE(st.st_mode),
+            st.st_uid,
+            st.st_gid,
+        )
+        assert entry.mtime_ns == st.st_mtime_ns, rel
+    assert found["hosts-hardlink"].inode == found["etc/hosts"].inode
+    assert found["abs-link"].link_target == "/etc/passwd"
+    data = b"".join(flr_read(fs, found["etc/deep/deeper/data.bin"], path="data.bin"))
+    assert data == (tree / "etc/deep/deeper/data.bin").read_bytes()
+
+
 @pytest.fixture
 def evil(tmp_path: Path) -> Path:
     """ext4 with entries named '..' and 'a/b', a folder that contains itself, a symlink loop."""

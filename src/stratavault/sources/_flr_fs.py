@@ -28,8 +28,8 @@ __all__ = [
     "open_filesystem",
 ]
 
-FILESYSTEMS = ("ext2", "ext3", "ext4", "xfs", "fat12", "fat16", "fat32", "ntfs")
-"""Filesystems that can be read (Btrfs is recognised, not read: see docs/flr.md)."""
+FILESYSTEMS = ("ext2", "ext3", "ext4", "xfs", "btrfs", "fat12", "fat16", "fat32", "ntfs")
+"""Filesystems that can be read (Btrfs when ``dissect.btrfs`` is installed)."""
 
 MAX_LINK_BYTES = 4096
 """A symlink target longer than this is corrupt (Linux allows 4095 bytes)."""
@@ -219,6 +219,55 @@ class _XfsFs(_UnixFs):
         )
 
 
+class _BtrfsFs(FlrFilesystem):
+    """Btrfs: the default subvolume; other subvolumes appear as folders inside it.
+
+    Inode numbers restart in every subvolume, so an entry's ``inode`` is the subvolume id
+    and the inode number together (what hard links and loop detection compare).
+    """
+
+    kind = "btrfs"
+
+    def __init__(self, fs: Any) -> None:
+        self.fs = fs
+
+    def root(self) -> FlrEntry:
+        return self._entry("", self.fs.root)
+
+    def iterdir(self, folder: FlrEntry) -> Iterator[FlrEntry]:
+        dots = {".", ".."}
+        for name, node in folder.node.iterdir():
+            if name in dots:
+                dots.discard(name)
+                continue
+            yield _guarded(name, self._entry, node)
+
+    def open(self, entry: FlrEntry) -> BinaryIO:
+        stream: BinaryIO = entry.node.open()
+        return stream
+
+    def _entry(self, name: str, node: Any) -> FlrEntry:
+        raw = node.inode
+        kind = _type_of(raw.mode)
+        size = node.size
+        return FlrEntry(
+            name=name,
+            type=kind,
+            mode=stat.S_IMODE(raw.mode),
+            uid=raw.uid,
+            gid=raw.gid,
+            size=size if kind == EntryType.FILE else 0,
+            mtime_ns=node.mtime_ns,
+            atime_ns=node.atime_ns,
+            ctime_ns=node.ctime_ns,
+            nlink=raw.nlink,
+            inode=(node.subvolume.objectid << 40) | node.inum,
+            link_target=_UnixFs._link(node, size) if kind == EntryType.SYMLINK else None,
+            rdev=raw.rdev if kind in (EntryType.CHARDEV, EntryType.BLOCKDEV) else 0,
+            node=node,
+        )
+
+
 def _ns(when: dt.datetime) -> int:
     """Nanoseconds since the epoch of a naive (FAT: local, taken as UTC) or aware datetime."""
     if when.tzinfo is None:
@@ -394,6 +443,10 @@ def _open(fh: BinaryIO, kind: str) -> FlrFilesystem:
         from dissect.fat import FATFS
 
         return _FatFs(FATFS(fh), kind)
+    if kind == "btrfs":
+        from dissect.btrfs import Btrfs
+
+        return _BtrfsFs(Btrfs(fh))
     from dissect.ntfs import NTFS
 
     return _NtfsFs(NTFS(fh))
