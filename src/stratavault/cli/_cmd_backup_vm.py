@@ -10,6 +10,7 @@ from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._disk_report import report_disk_backup
 from stratavault.cli._output import Output, make_progress
 from stratavault.jobs import DEFAULT_DISK_CHUNK_BYTES, BackupVmOptions, backup_vm
+from stratavault.sources import DEFAULT_LIBVIRT_URI
 
 
 def register_vm(
@@ -17,12 +18,18 @@ def register_vm(
 ) -> None:
     """Add ``backup vm`` to the ``backup`` command."""
     v = kinds.add_parser(
-        "vm", parents=[common], help="back up a running QEMU VM (all disks, incremental)"
+        "vm", parents=[common], help="back up a running VM (QEMU or libvirt; all disks)"
+    )
+    which = v.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--libvirt", metavar="DOMAIN", default="", help="a libvirt domain (name or UUID)"
     )
     v.add_argument(
+        "--connect", default=DEFAULT_LIBVIRT_URI, metavar="URI", help="libvirt connection URI"
+    )
+    which.add_argument(
         "--qmp",
         type=Path,
-        required=True,
         metavar="SOCKET",
         help="the VM's QMP unix socket (QEMU serves one client per monitor: give the backup "
         "a monitor of its own, e.g. -qmp unix:/run/vm1-backup.qmp,server=on,wait=off)",
@@ -53,6 +60,8 @@ def run_vm(ns: argparse.Namespace, options: GlobalOptions) -> int:
     out = Output(json_mode=options.json, quiet=options.quiet)
     job = BackupVmOptions(
         qmp_socket=ns.qmp,
+        libvirt_domain=ns.libvirt,
+        libvirt_uri=ns.connect,
         name=ns.name,
         guest_agent_socket=ns.guest_agent,
         tags=tuple(ns.tag),
