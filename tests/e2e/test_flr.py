@@ -75,6 +75,8 @@ def test_ls_partitions_and_files_of_a_gpt_disk(cli: Cli, gpt: Path) -> None:
         ("p1", "ext4", 40 * MiB),
         ("p2", "fat32", 40 * MiB),
     ]
+    assert rows[0]["type"] == "partition"
+    assert rows[0]["partition_type"] == "0fc63daf-8483-4772-8e79-3d69d8477de4"
     text = cli("ls", "latest:gpt.img")
     assert "p1" in text.out and "ext4" in text.out and "fat32" in text.out
     listing = cli("ls", "latest:gpt.img:p1/", "--json")
@@ -108,6 +110,8 @@ def test_restore_ext4_and_fat_partitions(cli: Cli, gpt: Path, tmp_path: Path) ->
     _compare(gpt / "etc" / "deep", tmp_path / "out" / "deep")
     single = cli("restore", "latest:gpt.img:p1/etc/secret", "--target", tmp_path / "out" / "one")
     assert single.code == 0 and (tmp_path / "out" / "one" / "secret").read_text() == "s3cr3t\n"
+    refused = cli("restore", "latest:gpt.img:p1/etc", "--target", tmp_path / "x", "--verify")
+    assert refused.code == 2 and "file snapshots" in refused.err
     fat = tmp_path / "out" / "fat"
     done = cli("restore", "latest:gpt.img:p2/etc", "--target", fat, "--json")
     assert done.code == 0, done.err

@@ -12,7 +12,7 @@ import stat
 
 from stratavault.cli._context import GlobalOptions
 from stratavault.cli._output import Output, format_bytes, make_progress
-from stratavault.errors import RestoreError
+from stratavault.errors import RestoreError, UsageError
 from stratavault.jobs import (
     Cancellation,
     FlrIssue,
@@ -95,6 +95,11 @@ def restore_flr(
     """Restore a path of a filesystem inside a disk snapshot into ``--target``."""
     out = Output(json_mode=options.json, quiet=options.quiet)
     ref = parse_flr_ref(word)
+    if ns.include or ns.exclude or ns.verify or ns.ignore_errors:
+        raise UsageError(
+            "restore: --include, --exclude, --verify and --ignore-errors are for file "
+            "snapshots, not for files out of a disk snapshot"
+        )
     job = FlrRestoreOptions(target=ns.target, numeric_owner=ns.numeric_owner)
     progress = make_progress(json_mode=options.json, quiet=options.quiet)
     result = flr_restore(repo, snap, ref, job, progress=progress, cancel=Cancellation())

@@ -53,7 +53,7 @@ class FlrVolume:
             "number": self.number,
             "offset": self.offset,
             "size": self.size_bytes,
-            "type": self.type,
+            "partition_type": self.type,
             "label": self.label,
             "filesystem": self.filesystem,
         }
