@@ -17,31 +17,48 @@ __all__ = ["OpenPack", "SealedPack", "pack_name", "parse_pack_tail", "seal_pack"
 
 @dataclass(slots=True)
 class OpenPack:
-    """A pack being filled: the blobs in order plus their header records."""
+    """A pack being filled: its bytes so far (one buffer, so sealing copies nothing) plus
+    the header records of its blobs."""
 
     number: int
-    blobs: list[bytes | memoryview] = field(default_factory=list)
+    data: bytearray = field(default_factory=bytearray)
     ids: list[bytes] = field(default_factory=list)
     kinds: list[int] = field(default_factory=list)
     raws: list[int] = field(default_factory=list)
-    size: int = 0
+    offsets: list[int] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        """Bytes of the blobs so far."""
+        return len(self.data)
+
+    @property
+    def count(self) -> int:
+        """Number of blobs."""
+        return len(self.ids)
 
     def append(self, chunk_id: bytes, kind: int, blob: bytes | memoryview, raw_len: int) -> int:
-        """Add an encrypted blob; return its offset in the pack."""
-        offset = self.size
-        self.blobs.append(blob)
+        """Add an encrypted blob (copied into the pack); return its offset in the pack."""
+        offset = len(self.data)
+        self.data += blob
         self.ids.append(chunk_id)
         self.kinds.append(kind)
         self.raws.append(raw_len)
-        self.size += len(blob)
+        self.offsets.append(offset)
         return offset
 
-    def blob(self, chunk_id: bytes) -> bytes | memoryview | None:
-        """The stored blob of ``chunk_id`` if it is in this pack (linear; packs are small)."""
+    def blob(self, chunk_id: bytes) -> bytes | None:
+        """A copy of the stored blob of ``chunk_id`` if it is in this pack (linear; packs
+        are small). A copy, because the buffer may still grow."""
         for i, cid in enumerate(self.ids):
             if cid == chunk_id:
-                return self.blobs[i]
+                last = self._blobs_end if self._blobs_end >= 0 else len(self.data)
+                end = self.offsets[i + 1] if i + 1 < len(self.offsets) else last
+                return bytes(self.data[self.offsets[i] : end])
         return None
+
+    _blobs_end: int = -1
+    """Where the blobs end once the pack is sealed (-1 while it is open)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +67,7 @@ class SealedPack:
 
     number: int
     name: str
-    data: bytes
+    data: memoryview
     entries: npt.NDArray[np.void]
 
 
@@ -60,22 +77,24 @@ def pack_name(hex_hash: str) -> str:
 
 
 def seal_pack(keys: MasterKeys, pack: OpenPack) -> SealedPack:
-    """Build the pack bytes: blobs, encrypted header, trailer; name it by its hash."""
-    count = len(pack.blobs)
+    """Finish the pack in place: append the encrypted header and its length; name it by
+    its hash. The pack's buffer becomes the sealed pack's bytes (nothing is copied)."""
+    count = pack.count
+    blobs_end = len(pack.data)
     entries = np.zeros(count, dtype=HEADER_ENTRY)
-    lengths = np.fromiter((len(b) for b in pack.blobs), dtype=np.uint64, count=count)
-    offsets = np.concatenate(([0], np.cumsum(lengths)[:-1])) if count else lengths
+    offsets = np.array(pack.offsets, dtype=np.uint64)
+    ends = np.append(offsets[1:], np.uint64(blobs_end)) if count else offsets
     entries["kind"] = pack.kinds
     entries["id"] = pack.ids
     entries["offset"] = offsets
-    entries["stored"] = lengths
+    entries["stored"] = ends - offsets
     entries["raw"] = pack.raws
     header = F.PACK_HEADER_PREFIX.pack(F.PACK_HEADER_MAGIC, F.PACK_HEADER_VERSION, count)
     sealed_header = keys.seal(header + entries.tobytes(), F.AD_PACK_HEADER)
-    data = b"".join([*pack.blobs, sealed_header, F.PACK_TRAILER.pack(len(sealed_header))])
-    # Chunks in flight stay readable, now from the sealed bytes: the blobs can go.
-    view = memoryview(data)
-    pack.blobs = [view[int(o) : int(o) + int(n)] for o, n in zip(offsets, lengths, strict=True)]
+    pack._blobs_end = blobs_end
+    pack.data += sealed_header
+    pack.data += F.PACK_TRAILER.pack(len(sealed_header))
+    data = memoryview(pack.data)
     return SealedPack(pack.number, pack_name(content_hash(data)), data, entries)
 
 

@@ -397,7 +397,7 @@ class Repository:
         with self._lock:
             packs, self._open_packs = list(self._open_packs.values()), {}
         for pack in packs:
-            if pack.blobs:
+            if pack.count:
                 self._uploader.submit(pack)
         self._uploader.wait()
         self._raise_failure()
