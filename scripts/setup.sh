@@ -29,6 +29,7 @@ DEB_PACKAGES=(
     qemu-system-x86 qemu-utils qemu-block-extra libnbd-bin nbdkit python3-libnbd
     libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
     busybox-static cpio e2fsprogs dosfstools mtools ntfs-3g xfsprogs fdisk debootstrap
+    lvm2 btrfs-progs
     chromium chromium-driver
 )
 
