@@ -8,7 +8,6 @@ naming the socket, the command and QEMU's message.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import concurrent.futures
 import contextlib
@@ -19,9 +18,10 @@ import threading
 from collections.abc import Coroutine, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
+if TYPE_CHECKING:  # imported when a session starts: asyncio and qemu.qmp cost ~10 MB
+    from qemu.qmp import EventListener, QMPClient
 
 from stratavault.errors import SourceError
 
@@ -45,6 +45,8 @@ class QmpSession:
         """Process id of the QEMU at the other end (SO_PEERCRED), when known."""
         self.greeting: dict[str, Any] = {}
         self._lock = threading.RLock()
+        import asyncio
+
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name=f"qmp {self.socket_path.name}", daemon=True
@@ -77,6 +79,8 @@ class QmpSession:
             ) from exc
 
         async def connect() -> None:
+            from qemu.qmp import EventListener, QMPClient
+
             client = QMPClient(f"stratavault:{self.socket_path.name}")
             listener = EventListener()
             client.register_listener(listener)
@@ -96,6 +100,8 @@ class QmpSession:
         with self._lock:
             client, self._client = self._client, None
             if client is not None and self._loop.is_running():
+                from qemu.qmp import QMPError
+
                 with contextlib.suppress(
                     QMPError, OSError, EOFError, concurrent.futures.TimeoutError
                 ):
@@ -199,11 +205,17 @@ class QmpSession:
         return self._client
 
     def _submit(self, coro: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
+        import asyncio
+
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
     def _run(
         self, coro: Coroutine[Any, Any, _T], *, what: str, timeout_s: float | None = None
     ) -> _T:
+        import asyncio
+
+        from qemu.qmp import ExecuteError, QMPError
+
         timeout = self.timeout_s if timeout_s is None else timeout_s
         # The timeout acts inside the loop, so a late coroutine is cancelled there, cleanly.
         future = self._submit(asyncio.wait_for(coro, timeout))
