@@ -23,9 +23,11 @@ rate, and faster than restic. Results go to bench/results/<name>.json.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -36,21 +38,20 @@ from pathlib import Path
 from typing import Any
 
 from _harness import (
+    BENCH_DIR,
     PROJECT_ROOT,
     BenchError,
-    Benchmark,
-    Phase,
     ResticTool,
     StratavaultTool,
     Tool,
     drop_caches,
-    format_results,
-    write_results,
+    machine_info,
+    run_measured,
 )
 from files import generated_bytes, regular_files, tree_summary
 
 sys.path.insert(0, str(PROJECT_ROOT))
-from tests.s3server import S3Server, _port_base, _start, _wait_ready, secret, stop  # noqa: E402
+from tests.s3server import S3Server, _port_base, _start, _wait_ready, secret, stop
 
 BUCKET = "bench"
 
@@ -60,12 +61,12 @@ class S3Stratavault(StratavaultTool):
     """stratavault with its repository in the bucket."""
 
     endpoint: str = ""
+    prefix: str = "stratavault"
 
     def env(self) -> dict[str, str]:
         env = super().env()
-        env["STRATAVAULT_REPOSITORY"] = f"s3:{self.endpoint}/{BUCKET}/stratavault"
+        env["STRATAVAULT_REPOSITORY"] = f"s3:{self.endpoint}/{BUCKET}/{self.prefix}"
         env.update(AWS_ACCESS_KEY_ID="admin", AWS_SECRET_ACCESS_KEY=secret("admin"))
-        self.repo.mkdir(parents=True, exist_ok=True)  # the harness measures it: empty here
         return env
 
 
@@ -74,12 +75,12 @@ class S3Restic(ResticTool):
     """restic with its repository in the bucket."""
 
     endpoint: str = ""
+    prefix: str = "restic"
 
     def env(self) -> dict[str, str]:
         env = super().env()
-        env["RESTIC_REPOSITORY"] = f"s3:{self.endpoint}/{BUCKET}/restic"
+        env["RESTIC_REPOSITORY"] = f"s3:{self.endpoint}/{BUCKET}/{self.prefix}"
         env.update(AWS_ACCESS_KEY_ID="admin", AWS_SECRET_ACCESS_KEY=secret("admin"))
-        self.repo.mkdir(parents=True, exist_ok=True)
         return env
 
 
@@ -184,7 +185,8 @@ class RawTransfer:
 
 
 def run(args: argparse.Namespace, server: S3Server) -> int:
-    """Every measurement, in order; print the ratios and write the results."""
+    """Every measurement, ``--repeat`` times (each round in a fresh prefix, tools taking
+    turns, so that the load of a shared machine hits all alike); medians are compared."""
     workdir = args.workdir.resolve()
     base, info = dataset(workdir, args.files, int(args.size_gib * 2**30))
     src = workdir / "src-s3"
@@ -195,75 +197,103 @@ def run(args: argparse.Namespace, server: S3Server) -> int:
     server.client().create_bucket(Bucket=BUCKET)
     drop = not args.no_drop_cache
     raw = RawTransfer(server, args.threads)
-    results: dict[str, Any] = {"dataset": info, "threads": args.threads}
     print(f"dataset: {info['files']} files, {info['bytes'] / 2**30:.2f} GiB; {server.endpoint}")
-    results["raw_put"] = _timed(drop, lambda: raw.put_files(src, "raw"))
-    print(f"  raw put    {results['raw_put']['seconds']:8.2f} s")
-    restored = workdir / "raw-get"
-    results["raw_get"] = _timed(drop, lambda: raw.get_files("raw", restored))
+    samples: dict[str, list[dict[str, float]]] = {}
+    for round_ in range(1, args.repeat + 1):
+        for name, sample in _round(args, raw, server, src, expected, round_, drop).items():
+            samples.setdefault(name, []).append(sample)
+            print(f"  round {round_} {name:<20} {sample['seconds']:8.2f} s", flush=True)
+    shutil.rmtree(src)
+    return _report(args, samples, info)
+
+
+def _round(
+    args: argparse.Namespace, raw: RawTransfer, server: S3Server, src: Path,
+    expected: tuple[int, int], round_: int, drop: bool,
+) -> dict[str, dict[str, float]]:  # fmt: skip
+    """One round of every measurement, each tool's repository under its own prefix."""
+    out: dict[str, dict[str, float]] = {}
+    out["raw put"] = _timed(drop, lambda: raw.put_files(src, f"raw{round_}"))
+    restored = args.workdir.resolve() / "raw-get"
+    out["raw get"] = _timed(drop, lambda: raw.get_files(f"raw{round_}", restored))
     shutil.rmtree(restored)
-    print(f"  raw get    {results['raw_get']['seconds']:8.2f} s")
-
-    home = workdir / "tools-s3"
+    home = args.workdir.resolve() / "tools-s3"
     tools: list[Tool] = [
-        S3Stratavault("stratavault", home / "stratavault", endpoint=server.endpoint),
-        S3Restic("restic", home / "restic", note="zstd auto, repository v2", endpoint=server.endpoint),
+        S3Stratavault("stratavault", home / "stratavault", endpoint=server.endpoint,
+                      prefix=f"stratavault{round_}"),
+        S3Restic("restic", home / "restic", endpoint=server.endpoint, prefix=f"restic{round_}"),
     ]  # fmt: skip
-
-    def check_restore(tool: Tool, target: Path) -> str:
+    for tool in tools:
+        shutil.rmtree(tool.home, ignore_errors=True)
+        tool.home.mkdir(parents=True)
+        run_measured(tool.init_cmd(), tool.env(), tool.home, tool.home / "init.log")
+        out[f"{tool.name} backup"] = _measured(tool, tool.backup_cmd([src], 1), tool.home, drop)
+    for tool in tools:
+        target = args.workdir.resolve() / "restore" / tool.name
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        out[f"{tool.name} restore"] = _measured(tool, tool.restore_cmd(target, 1), target, drop)
         got = tree_summary(tool.restored_root(target, src))
         if got != expected:
             raise BenchError(f"{tool.name} restored {got} (files, bytes), expected {expected}")
-        return f"restore ok ({got[0]} files)"
+        shutil.rmtree(target)
+    stored = raw.listing(f"stratavault{round_}")
+    sizes = [size for _, size in stored]
+    out["raw pack put"] = _timed(drop, lambda: raw.put_sizes(sizes, f"packs{round_}"))
+    out["raw pack get"] = _timed(drop, lambda: raw.get_all(f"packs{round_}"))
+    out["stratavault stored"] = {"seconds": 0.0, "bytes": sum(sizes), "objects": len(sizes)}
+    restic_bytes = sum(size for _, size in raw.listing(f"restic{round_}"))
+    out["restic stored"] = {"seconds": 0.0, "bytes": restic_bytes}
+    return out
 
-    phases = [Phase("backup", "backup"), Phase("restore", "restore")]
-    bench = Benchmark(tools, phases, [src], workdir, check_restore, drop)
-    bench.run()
-    stored = raw.listing("stratavault")
-    results["stratavault_objects"] = {"count": len(stored), "bytes": sum(s for _, s in stored)}
-    results["restic_objects_bytes"] = sum(s for _, s in raw.listing("restic"))
-    results["raw_pack_put"] = _timed(drop, lambda: raw.put_sizes([s for _, s in stored], "packs"))
-    results["raw_pack_get"] = _timed(drop, lambda: raw.get_all("packs"))
-    shutil.rmtree(src)
-    return _report(args, bench, results, info["bytes"])
+
+def _measured(tool: Tool, cmd: list[str], cwd: Path, drop: bool) -> dict[str, float]:
+    if drop:
+        drop_caches()
+    seconds, rss_kib = run_measured(cmd, tool.env(), cwd, tool.home / "last.log")
+    return {"seconds": seconds, "peak_rss_mib": rss_kib / 1024}
 
 
 def _report(
-    args: argparse.Namespace, bench: Benchmark, results: dict[str, Any], data_bytes: int
+    args: argparse.Namespace, samples: dict[str, list[dict[str, float]]], info: dict[str, int]
 ) -> int:
-    seconds = {(m.tool, m.phase): m.seconds for m in bench.measurements}
-    backup, restore = seconds[("stratavault", "backup")], seconds[("stratavault", "restore")]
+    median = {name: statistics.median(s["seconds"] for s in runs) for name, runs in samples.items()}
+    backup, restore = median["stratavault backup"], median["stratavault restore"]
     ratios = {
-        "backup_vs_raw_put": results["raw_put"]["seconds"] / backup,
-        "restore_vs_raw_get": results["raw_get"]["seconds"] / restore,
-        "backup_vs_raw_pack_put": results["raw_pack_put"]["seconds"] / backup,
-        "restore_vs_raw_pack_get": results["raw_pack_get"]["seconds"] / restore,
-        "restic_backup_over_stratavault": seconds[("restic", "backup")] / backup,
-        "restic_restore_over_stratavault": seconds[("restic", "restore")] / restore,
+        "backup_vs_raw_put": median["raw put"] / backup,
+        "restore_vs_raw_get": median["raw get"] / restore,
+        "backup_vs_raw_pack_put": median["raw pack put"] / backup,
+        "restore_vs_raw_pack_get": median["raw pack get"] / restore,
+        "restic_backup_over_stratavault": median["restic backup"] / backup,
+        "restic_restore_over_stratavault": median["restic restore"] / restore,
     }
-    results["rates_mb_per_s"] = {
-        "stratavault_backup": data_bytes / backup / 1e6,
-        "stratavault_restore": data_bytes / restore / 1e6,
-    }
-    results["ratios"] = ratios
-    results["targets_met"] = {
+    targets = {
         "backup >= 80 % of raw put": ratios["backup_vs_raw_put"] >= 0.8,
         "restore >= 80 % of raw get": ratios["restore_vs_raw_get"] >= 0.8,
         "backup faster than restic": ratios["restic_backup_over_stratavault"] > 1,
         "restore faster than restic": ratios["restic_restore_over_stratavault"] > 1,
     }
-    print()
-    print(format_results(bench.measurements, baseline="stratavault"))
-    for name in ("raw_put", "raw_get", "raw_pack_put", "raw_pack_get"):
-        r = results[name]
-        print(f"{name:<13} {r['seconds']:8.2f} s  {r['bytes'] / 2**20:9.1f} MiB  "
-              f"{r['mb_per_s']:7.1f} MB/s")  # fmt: skip
-    print("rates (stratavault rate / baseline rate, same data; >= 0.8 is the target):")
+    print(f"\nmedians of {args.repeat} rounds (page cache dropped: {not args.no_drop_cache}):")
+    for name, runs in samples.items():
+        if not name.endswith("stored"):
+            spread = ", ".join(f"{r['seconds']:.2f}" for r in runs)
+            print(f"  {name:<20} {median[name]:8.2f} s   ({spread})")
+    stored = samples["stratavault stored"][0]["bytes"]
+    print(f"  stored: stratavault {stored / 2**20:.1f} MiB, "
+          f"restic {samples['restic stored'][0]['bytes'] / 2**20:.1f} MiB")  # fmt: skip
+    print("ratios (baseline time / stratavault time = stratavault rate / baseline rate):")
     for name, value in ratios.items():
         print(f"  {name:<32} {value:5.2f}")
-    for target, met in results["targets_met"].items():
-        print(f"  {'met ' if met else 'MISSED'} {target}")
-    path = write_results(args.name, bench, results, baseline="stratavault")
+    for target, met in targets.items():
+        print(f"  {'met   ' if met else 'MISSED'} {target}")
+    path = BENCH_DIR / "results" / f"{args.name}.json"
+    doc = {
+        "name": args.name, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine_info(), "page_cache_dropped": not args.no_drop_cache,
+        "dataset": info, "threads": args.threads, "repeat": args.repeat,
+        "median_seconds": median, "samples": samples, "ratios": ratios, "targets_met": targets,
+    }  # fmt: skip
+    path.write_text(json.dumps(doc, indent=2) + "\n")
     print(f"\nresults: {path}")
     return 0
 
@@ -275,6 +305,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="raw transfers at once")
     parser.add_argument("--workdir", type=Path, default=Path("/var/tmp/stratavault-bench"))
     parser.add_argument("--name", default="s3")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds; medians are compared")
     parser.add_argument("--no-drop-cache", action="store_true")
     args = parser.parse_args()
     if PROJECT_ROOT in (args.workdir.resolve(), *args.workdir.resolve().parents):

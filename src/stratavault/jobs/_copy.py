@@ -123,6 +123,9 @@ def copy_snapshots(
                         copies[original] = copier.copy(snap, original, parent)
                         result.copied.append((snap.id, copies[original]))
                     state.files_done += 1
+        except BaseException:
+            cancel.cancel()  # Ctrl-C or a failure: running tasks stop at their next chunk
+            raise
         finally:
             copier.close()
         progress.done(state)
@@ -278,5 +281,5 @@ class _Copier:
         return save_disk_index(self.target, copied, path=ref.path, bitmap=ref.bitmap)
 
     def close(self) -> None:
-        """Stop the worker threads."""
-        self.pool.shutdown(wait=True)
+        """Stop the worker threads (tasks not started yet are dropped)."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
