@@ -30,6 +30,7 @@ from stratavault.cli import (
     _cmd_snapshots,
     _cmd_stats,
     _cmd_unlock,
+    _cmd_verify,
 )
 from stratavault.cli._context import GlobalOptions
 from stratavault.errors import EXIT_CODES, Interrupted, StratavaultError
@@ -50,6 +51,7 @@ COMMANDS: tuple[ModuleType, ...] = (
     _cmd_prune,
     _cmd_protect,
     _cmd_check,
+    _cmd_verify,
     _cmd_copy,
     _cmd_repair,
     _cmd_cat,

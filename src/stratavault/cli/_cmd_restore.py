@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from stratavault.cli._cmd_restore_vm import run_vm
+from stratavault.cli._cmd_restore_vm import run_instant, run_vm
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._flr import restore_flr
 from stratavault.cli._output import Output, format_bytes, make_progress
@@ -89,6 +89,23 @@ def register(
     v = p.add_argument_group("VMs")
     v.add_argument("--start", action="store_true", help="vm: start it from the restored disks")
     v.add_argument("--name", default="", help="vm, with --start: its name (default: NAME-restored)")
+    v.add_argument(
+        "--instant",
+        action="store_true",
+        help="vm: start it now on disks served from the repository (--to: its run folder)",
+    )
+    v.add_argument(
+        "--migrate-to",
+        type=Path,
+        metavar="DIR",
+        help="vm, --instant: then move the disks here",
+    )
+    v.add_argument(
+        "--migrate-limit",
+        type=int,
+        metavar="KiB/s",
+        help="vm, --migrate-to: limit the copy of each disk (spare the storage)",
+    )
     p.set_defaults(run=run)
 
 
@@ -96,11 +113,15 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Dispatch: ``restore disk ...`` or a restore of files."""
     words: list[str] = ns.words
     if words[0] == "vm":
-        if len(words) != 2 or ns.target or ns.onto or ns.changed_only or ns.to is None:
+        if len(words) != 2 or ns.target or ns.onto or ns.changed_only:
             raise UsageError("usage: restore vm SNAPSHOT --to DIR [--format F] [--start]")
+        if ns.instant:
+            return run_instant(ns, words[1], options)
+        if ns.to is None or ns.migrate_to is not None:
+            raise UsageError("usage: restore vm SNAPSHOT --to DIR (--migrate-to needs --instant)")
         return run_vm(ns, words[1], options)
-    if ns.start or ns.name:
-        raise UsageError("restore: --start and --name are for restore vm")
+    if ns.start or ns.name or ns.instant or ns.migrate_to or ns.migrate_limit:
+        raise UsageError("restore: --start, --name, --instant, --migrate-to are for restore vm")
     if words[0] == "disk":  # never a snapshot reference: those are 'latest' or hex
         if len(words) != 2 or ns.target or ns.include or ns.exclude or ns.ignore_errors:
             raise UsageError("usage: restore disk SNAPSHOT[:DISK] --to FILE|DEVICE (or --onto)")

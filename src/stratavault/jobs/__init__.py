@@ -35,6 +35,12 @@ from stratavault.jobs._flr import (
     parse_flr_ref,
 )
 from stratavault.jobs._forget import ForgetGroup, forget_snapshots
+from stratavault.jobs._instant import (
+    InstantOptions,
+    InstantVm,
+    migrate_instant_vm,
+    start_instant_vm,
+)
 from stratavault.jobs._nbd_source import NbdDiskSource
 from stratavault.jobs._progress import Cancellation, NullProgress, Progress, ProgressState
 from stratavault.jobs._protect import set_protection
@@ -55,6 +61,7 @@ from stratavault.jobs._restore_disk import (
 from stratavault.jobs._restore_files import RestoreOptions, RestoreResult, restore_files
 from stratavault.jobs._restore_vm import RestoreVmOptions, RestoreVmResult, restore_vm, vm_command
 from stratavault.jobs._serve import ChunkStoreBackend, ServeOptions, SnapshotServer, serve_snapshot
+from stratavault.jobs._verify import BootCheckOptions, BootCheckResult, verify_boot
 
 __all__ = [
     "DEFAULT_DISK_CHUNK_BYTES",
@@ -63,6 +70,8 @@ __all__ = [
     "BackupDisksOptions",
     "BackupFilesOptions",
     "BackupVmOptions",
+    "BootCheckOptions",
+    "BootCheckResult",
     "Cancellation",
     "CheckResult",
     "ChunkStoreBackend",
@@ -79,6 +88,8 @@ __all__ = [
     "FlrResult",
     "FlrSession",
     "ForgetGroup",
+    "InstantOptions",
+    "InstantVm",
     "NbdDiskSource",
     "NullProgress",
     "Progress",
@@ -113,6 +124,7 @@ __all__ = [
     "list_disk_volumes",
     "list_entries",
     "live_chunk_ids",
+    "migrate_instant_vm",
     "open_disk_reader",
     "parse_flr_ref",
     "prune",
@@ -127,5 +139,7 @@ __all__ = [
     "shares_chunk_ids",
     "snapshot_size",
     "split_snapshot_ref",
+    "start_instant_vm",
+    "verify_boot",
     "vm_command",
 ]

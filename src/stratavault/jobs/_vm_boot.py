@@ -1,0 +1,149 @@
+"""Booting a backed-up VM straight from served disks: qcow2 overlays on NBD exports, the
+stored QEMU command line pointed at them, and QEMU started detached. Shared by instant
+recovery and ``verify --boot``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from stratavault.errors import RestoreError, SourceError
+from stratavault.jobs._restore_vm import vm_command
+from stratavault.sources import QmpSession
+
+__all__ = [
+    "boot_command",
+    "make_overlays",
+    "process_alive",
+    "read_pid",
+    "start_qemu",
+    "wait_gone",
+]
+
+_NETWORK_OPTIONS = ("-netdev", "-nic", "-net")
+
+
+def make_overlays(
+    uris: Mapping[str, str], sizes: Mapping[str, int], folder: Path
+) -> dict[str, Path]:
+    """A qcow2 overlay in ``folder`` per disk, backed by its NBD export (raw): the guest's
+    writes stay local, the export is only read."""
+    overlays: dict[str, Path] = {}
+    for name, uri in uris.items():
+        path = folder / f"{Path(name).stem or 'disk'}-instant.qcow2"
+        cmd = ["qemu-img", "create", "-q", "-u", "-f", "qcow2", "-b", uri, "-F", "raw",
+               str(path), str(sizes[name])]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RestoreError(f"creating the overlay {path} on {uri} - {done.stderr.strip()}")
+        overlays[name] = path
+    return overlays
+
+
+def _as_qcow2(arg: str, overlays: Mapping[str, Path]) -> str:
+    """An option that names an overlay opens it as qcow2 (the original may have been raw)."""
+    if not any(str(p) in arg for p in overlays.values()):
+        return arg
+    arg = re.sub(r"(^|,)driver=raw(,|$)", r"\1driver=qcow2\2", arg)
+    return re.sub(r"(^|,)format=raw(,|$)", r"\1format=qcow2\2", arg)
+
+
+def _isolate(argv: list[str], console: Path) -> list[str]:
+    """No network (every -netdev/-nic/-net and NIC device out, ``-nic none`` in) and one
+    serial console into ``console``."""
+    out: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg in (*_NETWORK_OPTIONS, "-serial"):
+            next(args, None)
+            continue
+        if arg == "-device":
+            value = next(args, "")
+            if "netdev=" not in value:
+                out += [arg, value]
+            continue
+        out.append(arg)
+    return [*out, "-nic", "none", "-serial", f"file:{console}"]
+
+
+def boot_command(
+    config: Mapping[str, Any],
+    overlays: Mapping[str, Path],
+    name: str,
+    run_dir: Path,
+    *,
+    console: Path | None = None,
+) -> list[str]:
+    """The stored command line on the overlays (see ``vm_command``), with ``-pidfile
+    run_dir/qemu.pid``; with ``console``, isolated: no network, serial console to that file."""
+    argv = [_as_qcow2(a, overlays) for a in vm_command(config, overlays, name, run_dir)]
+    if console is not None:
+        argv = _isolate(argv, console)
+    return [*argv, "-pidfile", str(run_dir / "qemu.pid")]
+
+
+def start_qemu(
+    command: list[str], run_dir: Path, *, timeout_s: float = 30.0
+) -> subprocess.Popen[bytes]:
+    """Start QEMU in its own session (it outlives this process), wait for its QMP socket
+    ``run_dir/qmp.sock`` and let it run when it starts paused."""
+    log = (run_dir / "qemu.log").open("ab")
+    try:
+        proc = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
+    except OSError as exc:
+        raise SourceError(f"starting QEMU for {run_dir} - {exc.strerror or exc}") from exc
+    finally:
+        log.close()
+    qmp = run_dir / "qmp.sock"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            tail = (run_dir / "qemu.log").read_text(errors="replace")[-800:]
+            raise SourceError(f"starting QEMU for {run_dir} - it exited: {tail.strip()}")
+        with contextlib.suppress(SourceError):
+            with QmpSession(qmp, timeout_s=5) as session:
+                if session.execute("query-status").get("status") in ("prelaunch", "paused"):
+                    session.execute("cont")
+            return proc
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise SourceError(f"starting QEMU for {run_dir} - no QMP socket after {timeout_s:g} s")
+        time.sleep(0.05)
+
+
+def process_alive(pid: int) -> bool:
+    """True while process ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def read_pid(path: Path) -> int | None:
+    """The pid in a pid file, or None when absent or unreadable."""
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def wait_gone(pid: int, timeout_s: float) -> bool:
+    """Wait until ``pid`` is gone; False after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while process_alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.05)
+    return True
