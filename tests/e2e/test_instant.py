@@ -41,6 +41,7 @@ def backup_paused_guest(
     data_files: Mapping[str, bytes] | None = None,
     broken: bool = False,
     boot_size: int | None = None,
+    extra_args: tuple[str, ...] = (),
 ) -> None:
     """Back up the test guest, paused before it ran (no boot needed): its disks and its
     QEMU command line. ``broken``: its root filesystem is destroyed first."""
@@ -48,7 +49,9 @@ def backup_paused_guest(
     if broken:
         break_root_filesystem(boot)
     data = make_data_disk(folder / "data0.qcow2", data_files or {"hello.txt": b"hello\n"})
-    vm = GuestVM(image, [boot, data], append, log_path=folder / "serial.log", extra_args=["-S"])
+    vm = GuestVM(
+        image, [boot, data], append, log_path=folder / "serial.log", extra_args=["-S", *extra_args]
+    )
     try:
         vm.start()
         deadline = time.monotonic() + 30

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import shutil
 import signal
 import tempfile
@@ -70,6 +71,7 @@ def verify_boot(repo: Repository, snapshot: Snapshot, options: BootCheckOptions)
             overlays = make_overlays(served.uris, sizes, run_dir)
             name = f"{config.get('name') or 'vm'}-verify"
             command = boot_command(config, overlays, name, run_dir, console=console)
+            (log_dir / f"command-{snapshot.short_id}.txt").write_text(shlex.join(command) + "\n")
             started = time.monotonic()
             proc = start_qemu(command, run_dir)
             try:
