@@ -19,8 +19,9 @@ lint:           ## ruff, mypy, import-linter
 	$(VENV)/mypy bench scripts
 	$(VENV)/lint-imports
 
-bench:          ## file-backup benchmark against restic and borg (slow, uses /var/tmp)
+bench:          ## file- and disk-image benchmarks against restic and borg (slow, uses /var/tmp)
 	$(VENV)/python bench/files.py $(BENCH_ARGS)
+	$(VENV)/python bench/disks.py $(DISK_BENCH_ARGS)
 
 demo:           ## back up, change, back up, restore and compare a sample tree
 	./scripts/demo.sh
