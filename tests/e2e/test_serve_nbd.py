@@ -102,9 +102,9 @@ def test_export_reads_like_a_full_restore(cli: Cli, short_tmp: Path) -> None:
 
 def test_writable_export_keeps_the_backup(cli: Cli, short_tmp: Path) -> None:
     _, full = _backup(cli, short_tmp)
-    sock = short_tmp / "nbd.sock"
-    with _serving(cli, "latest", "--writable", "--socket", sock) as exports:
+    with _serving(cli, "latest", "--writable", "--listen", "127.0.0.1:0") as exports:
         (uri,) = exports.values()
+        assert uri.startswith("nbd://127.0.0.1:")  # TCP, on the port the system chose
         for cmd in ("write -P 0xab 4097 70000", "write -z 20M 1M", "discard 40M 8M"):
             done = _run("qemu-io", "-f", "raw", "-c", cmd, uri)
             assert done.returncode == 0 and "error" not in done.stdout.lower(), done
