@@ -25,8 +25,8 @@ from stratavault.nbd import (
     ServerConnection,
     SimpleReply,
     connect,
+    constants as c,
 )
-from stratavault.nbd import constants as c
 
 Behaviour = Callable[[socket.socket, ServerConnection, Request], None]
 

@@ -7,8 +7,7 @@ import random
 from collections.abc import Callable
 
 from stratavault.errors import NbdProtocolError
-from stratavault.nbd import NEED_DATA, PAUSED, ClientConnection, ServerConnection
-from stratavault.nbd import constants as c
+from stratavault.nbd import NEED_DATA, PAUSED, ClientConnection, ServerConnection, constants as c
 
 
 def server_stream() -> tuple[bytes, list[tuple[int, int, int]]]:

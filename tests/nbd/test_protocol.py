@@ -32,8 +32,8 @@ from stratavault.nbd import (
     ServerGreeting,
     ServerState,
     SimpleReply,
+    constants as c,
 )
-from stratavault.nbd import constants as c
 
 
 def pump(data: bytes, into: ClientConnection | ServerConnection) -> list[object]:

@@ -11,8 +11,13 @@ from pathlib import Path
 import pytest
 
 from stratavault.errors import SourceError
-from stratavault.jobs import BackupDisksOptions, NbdDiskSource, RestoreDiskOptions, backup_disks
-from stratavault.jobs import restore_disk as restore_disk_job
+from stratavault.jobs import (
+    BackupDisksOptions,
+    NbdDiskSource,
+    RestoreDiskOptions,
+    backup_disks,
+    restore_disk as restore_disk_job,
+)
 from stratavault.repo import KdfParams, Repository
 from stratavault.snapshot import Snapshot
 from stratavault.sources import (

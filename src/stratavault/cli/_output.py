@@ -117,11 +117,11 @@ class BarProgress:
         from rich.progress import (
             BarColumn,
             DownloadColumn,
+            Progress as RichProgress,
             TextColumn,
             TimeRemainingColumn,
             TransferSpeedColumn,
         )
-        from rich.progress import Progress as RichProgress
 
         self._bar = RichProgress(
             TextColumn("{task.description}"),

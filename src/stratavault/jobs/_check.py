@@ -198,6 +198,7 @@ def check_repository(
     with repo.lock(exclusive=False):
         damaged: list[tuple[str, str]] = []
         snapshots = load_snapshots(repo, damaged=damaged)
+        repo.refresh_index()  # a backup that finished meanwhile indexed its packs first
         checker.result.snapshots = len(snapshots) + len(damaged)
         for sid, problem in damaged:
             fix = "restore the object from a copy, or remove it with `forget`"

@@ -136,6 +136,7 @@ def _carry_out(
         result.postponed.append((plan, locks))
         return
     new = [s for s in load_snapshots(repo) if s.id not in plan.snapshots]
+    repo.refresh_index()  # backups that wrote those snapshots indexed their packs first
     result.finished.append(repo.gc_finish(plan, live_chunk_ids(repo, new)))
 
 
@@ -158,7 +159,9 @@ def prune(
     if dry_run:
         with repo.lock(exclusive=False):
             result.postponed = [(p, []) for p in repo.gc_pending()[0]]
-            result.plan = _plan(repo, load_snapshots(repo), max_unused, cancel)
+            snapshots = load_snapshots(repo)
+            repo.refresh_index()
+            result.plan = _plan(repo, snapshots, max_unused, cancel)
         return result
     with repo.prune_lock() as own:
         plans, result.damaged_plans = repo.gc_pending()
@@ -167,6 +170,7 @@ def prune(
         for plan in plans:
             _carry_out(repo, plan, own, wait_s, result)
         snapshots = load_snapshots(repo)
+        repo.refresh_index()  # knows every chunk of the snapshots just listed
         result.plan = _plan(repo, snapshots, max_unused, cancel)
         if result.plan.delete or result.plan.repack:
             pending = repo.gc_start(result.plan, [s.id for s in snapshots])

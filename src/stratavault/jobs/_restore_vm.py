@@ -118,14 +118,11 @@ def _restore_disks(
                 "would not match the command line; restore without --start and adapt it"
             )
         target = options.target_dir / f"{Path(ref.name).stem}.{fmt}"
+        disk_options = RestoreDiskOptions(
+            target=target, disk=ref.name, format=fmt, verify=options.verify
+        )
         result.results.append(
-            restore_disk(
-                repo,
-                snapshot,
-                RestoreDiskOptions(target=target, disk=ref.name, format=fmt, verify=options.verify),
-                progress=progress,
-                cancel=cancel,
-            )  # fmt: skip
+            restore_disk(repo, snapshot, disk_options, progress=progress, cancel=cancel)
         )
         result.disks[ref.name] = target
 

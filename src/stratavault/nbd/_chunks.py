@@ -6,9 +6,7 @@ import struct
 from collections.abc import Iterable
 
 from stratavault.errors import NbdProtocolError
-from stratavault.nbd import _constants as c
-from stratavault.nbd import _events as ev
-from stratavault.nbd import _wire as w
+from stratavault.nbd import _constants as c, _events as ev, _wire as w
 
 
 def parse_chunk(

@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from stratavault.errors import NbdError, NbdProtocolError
-from stratavault.nbd import _constants as c
-from stratavault.nbd import _events as ev
+from stratavault.nbd import _constants as c, _events as ev
 from stratavault.nbd._protocol import ClientConnection
 from stratavault.nbd._wire import error_name
 

@@ -6,8 +6,7 @@ import os
 from collections.abc import Sequence
 
 from stratavault.errors import NbdError, NbdProtocolError
-from stratavault.nbd import _constants as c
-from stratavault.nbd import _events as ev
+from stratavault.nbd import _constants as c, _events as ev
 from stratavault.nbd._address import NbdAddress
 from stratavault.nbd._client import NbdClient, first_event, negotiate_events
 from stratavault.nbd._protocol import ClientConnection, ClientState

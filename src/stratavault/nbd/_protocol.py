@@ -28,9 +28,7 @@ import struct
 from enum import Enum
 
 from stratavault.errors import NbdProtocolError
-from stratavault.nbd import _constants as c
-from stratavault.nbd import _events as ev
-from stratavault.nbd import _wire as w
+from stratavault.nbd import _constants as c, _events as ev, _wire as w
 from stratavault.nbd._chunks import parse_chunk
 from stratavault.nbd._server_protocol import ServerConnection
 

@@ -14,8 +14,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from stratavault.errors import NbdError, StratavaultError
-from stratavault.nbd import _constants as c
-from stratavault.nbd import _events as ev
+from stratavault.nbd import _constants as c, _events as ev
 from stratavault.nbd._backend import ExportBackend
 from stratavault.nbd._server_protocol import ServerConnection, ServerState
 

@@ -7,10 +7,7 @@ from collections.abc import Iterable
 from enum import Enum
 
 from stratavault.errors import NbdProtocolError
-from stratavault.nbd import _chunks as ch
-from stratavault.nbd import _constants as c
-from stratavault.nbd import _events as ev
-from stratavault.nbd import _wire as w
+from stratavault.nbd import _chunks as ch, _constants as c, _events as ev, _wire as w
 
 NextEvent = ev.Event | ev._Sentinel
 _KNOWN_CLIENT_FLAGS = c.FLAG_C_FIXED_NEWSTYLE | c.FLAG_C_NO_ZEROES

@@ -3,27 +3,22 @@
 The on-backend format is described byte by byte in ``docs/format.md``.
 """
 
-from stratavault.repo._collect import GcResult
-from stratavault.repo._crypto import ChunkSealer, KdfParams
-from stratavault.repo._gc import GcPlan, PendingDeletion
-from stratavault.repo._keys import KeyInfo
-from stratavault.repo._locks import LockInfo
-from stratavault.repo._repository import (
-    Repository,
-    default_cache_dir,
-)
-from stratavault.repo._values import ChunkInfo, RepoStats
+from __future__ import annotations
 
-__all__ = [
-    "ChunkInfo",
-    "ChunkSealer",
-    "GcPlan",
-    "GcResult",
-    "KdfParams",
-    "KeyInfo",
-    "LockInfo",
-    "PendingDeletion",
-    "RepoStats",
-    "Repository",
-    "default_cache_dir",
-]
+from typing import TYPE_CHECKING
+
+from stratavault._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from stratavault.repo._collect import GcResult as GcResult
+    from stratavault.repo._crypto import ChunkSealer as ChunkSealer, KdfParams as KdfParams
+    from stratavault.repo._gc import GcPlan as GcPlan, PendingDeletion as PendingDeletion
+    from stratavault.repo._keys import KeyInfo as KeyInfo
+    from stratavault.repo._locks import LockInfo as LockInfo
+    from stratavault.repo._repository import (
+        Repository as Repository,
+        default_cache_dir as default_cache_dir,
+    )
+    from stratavault.repo._values import ChunkInfo as ChunkInfo, RepoStats as RepoStats
+
+__all__, __getattr__ = lazy_exports(__name__, __file__)

@@ -24,8 +24,7 @@ from stratavault.errors import (
     RepositoryNotFoundError,
     UnsupportedFormatError,
 )
-from stratavault.repo import _collect, _immutable, _keyring, _reading, _snapshots
-from stratavault.repo import _formats as F
+from stratavault.repo import _collect, _formats as F, _immutable, _keyring, _reading, _snapshots
 from stratavault.repo._crypto import (
     ChunkSealer,
     KdfParams,
@@ -504,6 +503,11 @@ class Repository:
         with self._locker.hold(PRUNE) as name:
             self._resync_index()
             yield name
+
+    def refresh_index(self) -> None:
+        """Read index objects written by other clients since this one last looked (call
+        after listing snapshots to be sure every chunk they reference is known)."""
+        self._resync_index()
 
     def _resync_index(self) -> None:
         with self._lock:

@@ -9,101 +9,98 @@
   outside it; file content may arrive in any order from several threads.
 """
 
-from stratavault.sources._bitmap_chain import DEFAULT_BITMAP_PREFIX
-from stratavault.sources._entry import (
-    EntryMetadata,
-    EntryType,
-    FileStamp,
-    FsEntry,
-    OwnerNames,
-    same_file_stat,
-)
-from stratavault.sources._exclude import ExcludeMatcher, read_exclude_file
-from stratavault.sources._export import DiskExport, remove_backup_leftovers
-from stratavault.sources._flr import FlrEvent, flr_lookup, flr_read, flr_walk
-from stratavault.sources._flr_fs import FILESYSTEMS, FlrEntry, FlrFilesystem, open_filesystem
-from stratavault.sources._flr_volumes import FlrVolume, list_volumes
-from stratavault.sources._guest_agent import GuestAgent
-from stratavault.sources._image_export import IMAGE_FORMATS, ImageExport, ImageServer
-from stratavault.sources._libvirt import DEFAULT_LIBVIRT_URI, DomainDisk, LibvirtDomain
-from stratavault.sources._libvirt_backup import LibvirtBackup, remove_libvirt_backup_leftovers
-from stratavault.sources._qmp import QmpSession
-from stratavault.sources._raw_disk import (
-    RawDiskSource,
-    RawDiskTarget,
-    convert_image,
-    probe_image_format,
-)
-from stratavault.sources._read import (
-    DEFAULT_READ_BUFFER_BYTES,
-    FileChangedError,
-    SparseFileReader,
-    prefetch_files,
-    prefetch_metadata,
-    read_file_extents,
-)
-from stratavault.sources._restore import ZEROS, FsRestorer, RestoreFile, RestoreIssue
-from stratavault.sources._safe_dirs import RelPath, check_name
-from stratavault.sources._vm import DirtyBitmap, VmDisk, list_vm_disks, vm_config
-from stratavault.sources._vm_backup import Consistency, VmBackup, find_guest_agent_socket
-from stratavault.sources._walk import ErrorHandler, read_xattrs, walk
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_BITMAP_PREFIX",
-    "DEFAULT_LIBVIRT_URI",
-    "DEFAULT_READ_BUFFER_BYTES",
-    "FILESYSTEMS",
-    "IMAGE_FORMATS",
-    "ZEROS",
-    "Consistency",
-    "DirtyBitmap",
-    "DiskExport",
-    "DomainDisk",
-    "EntryMetadata",
-    "EntryType",
-    "ErrorHandler",
-    "ExcludeMatcher",
-    "FileChangedError",
-    "FileStamp",
-    "FlrEntry",
-    "FlrEvent",
-    "FlrFilesystem",
-    "FlrVolume",
-    "FsEntry",
-    "FsRestorer",
-    "GuestAgent",
-    "ImageExport",
-    "ImageServer",
-    "LibvirtBackup",
-    "LibvirtDomain",
-    "OwnerNames",
-    "QmpSession",
-    "RawDiskSource",
-    "RawDiskTarget",
-    "RelPath",
-    "RestoreFile",
-    "RestoreIssue",
-    "SparseFileReader",
-    "VmBackup",
-    "VmDisk",
-    "check_name",
-    "convert_image",
-    "find_guest_agent_socket",
-    "flr_lookup",
-    "flr_read",
-    "flr_walk",
-    "list_vm_disks",
-    "list_volumes",
-    "open_filesystem",
-    "prefetch_files",
-    "prefetch_metadata",
-    "probe_image_format",
-    "read_exclude_file",
-    "read_file_extents",
-    "read_xattrs",
-    "remove_backup_leftovers",
-    "remove_libvirt_backup_leftovers",
-    "same_file_stat",
-    "vm_config",
-    "walk",
-]
+from typing import TYPE_CHECKING
+
+from stratavault._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from stratavault.sources._bitmap_chain import DEFAULT_BITMAP_PREFIX as DEFAULT_BITMAP_PREFIX
+    from stratavault.sources._entry import (
+        EntryMetadata as EntryMetadata,
+        EntryType as EntryType,
+        FileStamp as FileStamp,
+        FsEntry as FsEntry,
+        OwnerNames as OwnerNames,
+        same_file_stat as same_file_stat,
+    )
+    from stratavault.sources._exclude import (
+        ExcludeMatcher as ExcludeMatcher,
+        read_exclude_file as read_exclude_file,
+    )
+    from stratavault.sources._export import (
+        DiskExport as DiskExport,
+        remove_backup_leftovers as remove_backup_leftovers,
+    )
+    from stratavault.sources._flr import (
+        FlrEvent as FlrEvent,
+        flr_lookup as flr_lookup,
+        flr_read as flr_read,
+        flr_walk as flr_walk,
+    )
+    from stratavault.sources._flr_fs import (
+        FILESYSTEMS as FILESYSTEMS,
+        FlrEntry as FlrEntry,
+        FlrFilesystem as FlrFilesystem,
+        open_filesystem as open_filesystem,
+    )
+    from stratavault.sources._flr_volumes import (
+        FlrVolume as FlrVolume,
+        list_volumes as list_volumes,
+    )
+    from stratavault.sources._guest_agent import GuestAgent as GuestAgent
+    from stratavault.sources._image_export import (
+        IMAGE_FORMATS as IMAGE_FORMATS,
+        ImageExport as ImageExport,
+        ImageServer as ImageServer,
+    )
+    from stratavault.sources._libvirt import (
+        DEFAULT_LIBVIRT_URI as DEFAULT_LIBVIRT_URI,
+        DomainDisk as DomainDisk,
+        LibvirtDomain as LibvirtDomain,
+    )
+    from stratavault.sources._libvirt_backup import (
+        LibvirtBackup as LibvirtBackup,
+        remove_libvirt_backup_leftovers as remove_libvirt_backup_leftovers,
+    )
+    from stratavault.sources._qmp import QmpSession as QmpSession
+    from stratavault.sources._raw_disk import (
+        RawDiskSource as RawDiskSource,
+        RawDiskTarget as RawDiskTarget,
+        convert_image as convert_image,
+        probe_image_format as probe_image_format,
+    )
+    from stratavault.sources._read import (
+        DEFAULT_READ_BUFFER_BYTES as DEFAULT_READ_BUFFER_BYTES,
+        FileChangedError as FileChangedError,
+        SparseFileReader as SparseFileReader,
+        prefetch_files as prefetch_files,
+        prefetch_metadata as prefetch_metadata,
+        read_file_extents as read_file_extents,
+    )
+    from stratavault.sources._restore import (
+        ZEROS as ZEROS,
+        FsRestorer as FsRestorer,
+        RestoreFile as RestoreFile,
+        RestoreIssue as RestoreIssue,
+    )
+    from stratavault.sources._safe_dirs import RelPath as RelPath, check_name as check_name
+    from stratavault.sources._vm import (
+        DirtyBitmap as DirtyBitmap,
+        VmDisk as VmDisk,
+        list_vm_disks as list_vm_disks,
+        vm_config as vm_config,
+    )
+    from stratavault.sources._vm_backup import (
+        Consistency as Consistency,
+        VmBackup as VmBackup,
+        find_guest_agent_socket as find_guest_agent_socket,
+    )
+    from stratavault.sources._walk import (
+        ErrorHandler as ErrorHandler,
+        read_xattrs as read_xattrs,
+        walk as walk,
+    )
+
+__all__, __getattr__ = lazy_exports(__name__, __file__)

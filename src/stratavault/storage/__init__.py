@@ -8,33 +8,29 @@ copies of a remote repository's metadata), :class:`FaultyStorage` (tests).
 :func:`open_storage` turns a location string into a backend.
 """
 
-from stratavault.storage._appendonly import AppendOnlyStorage
-from stratavault.storage._base import ObjectInfo, Storage, StorageProperties, check_name
-from stratavault.storage._cache import CachedStorage
-from stratavault.storage._faulty import FaultyStorage
-from stratavault.storage._local import LocalStorage
-from stratavault.storage._memory import MemoryStorage
-from stratavault.storage._open import open_storage
-from stratavault.storage._ratelimit import RateLimitedStorage
-from stratavault.storage._readonly import ReadOnlyStorage
-from stratavault.storage._retry import RetryingStorage
-from stratavault.storage._s3 import S3Storage
-from stratavault.storage._wrapper import StorageWrapper
+from __future__ import annotations
 
-__all__ = [
-    "AppendOnlyStorage",
-    "CachedStorage",
-    "FaultyStorage",
-    "LocalStorage",
-    "MemoryStorage",
-    "ObjectInfo",
-    "RateLimitedStorage",
-    "ReadOnlyStorage",
-    "RetryingStorage",
-    "S3Storage",
-    "Storage",
-    "StorageProperties",
-    "StorageWrapper",
-    "check_name",
-    "open_storage",
-]
+from typing import TYPE_CHECKING
+
+from stratavault._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from stratavault.storage._appendonly import AppendOnlyStorage as AppendOnlyStorage
+    from stratavault.storage._base import (
+        ObjectInfo as ObjectInfo,
+        Storage as Storage,
+        StorageProperties as StorageProperties,
+        check_name as check_name,
+    )
+    from stratavault.storage._cache import CachedStorage as CachedStorage
+    from stratavault.storage._faulty import FaultyStorage as FaultyStorage
+    from stratavault.storage._local import LocalStorage as LocalStorage
+    from stratavault.storage._memory import MemoryStorage as MemoryStorage
+    from stratavault.storage._open import open_storage as open_storage
+    from stratavault.storage._ratelimit import RateLimitedStorage as RateLimitedStorage
+    from stratavault.storage._readonly import ReadOnlyStorage as ReadOnlyStorage
+    from stratavault.storage._retry import RetryingStorage as RetryingStorage
+    from stratavault.storage._s3 import S3Storage as S3Storage
+    from stratavault.storage._wrapper import StorageWrapper as StorageWrapper
+
+__all__, __getattr__ = lazy_exports(__name__, __file__)
