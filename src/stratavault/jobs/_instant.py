@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from stratavault.errors import Interrupted, RestoreError, SourceError, UsageError
 from stratavault.jobs._progress import Cancellation, Progress, ProgressState
@@ -98,6 +99,9 @@ def start_instant_vm(repo: Repository, snapshot: Snapshot, options: InstantOptio
         )
     run_dir = options.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
+    running = read_pid(run_dir / "qemu.pid")
+    if running is not None and process_alive(running):
+        raise UsageError(f"restore vm --instant: a VM (pid {running}) still runs in {run_dir}")
     for stale in ("qemu.pid", "nbd.sock", "qmp.sock"):
         with contextlib.suppress(FileNotFoundError):
             (run_dir / stale).unlink()
@@ -106,7 +110,7 @@ def start_instant_vm(repo: Repository, snapshot: Snapshot, options: InstantOptio
         raise UsageError(f"restore vm --instant: {run_dir} is too long a path for unix sockets")
     server_pid = _spawn_server(repo, snapshot, sock, run_dir)
     try:
-        exports = {d.name: f"nbd+unix:///{d.name}?socket={sock}" for d in snapshot.disks}
+        exports = {d.name: f"nbd+unix:///{quote(d.name)}?socket={sock}" for d in snapshot.disks}
         sizes = {d.name: d.size_bytes for d in snapshot.disks}
         overlays = make_overlays(exports, sizes, run_dir)
         name = options.name or f"{config.get('name') or snapshot.paths[0]}-instant"
