@@ -119,3 +119,34 @@ def test_backup_through_five_percent_transient_faults(s3_server: S3Server, tmp_p
     assert faulty.faults >= 8  # the faults did happen, and were ridden out
     assert describe(tmp_path / "out" / src.relative_to("/")) == describe(src)
     storage.close()
+
+
+def test_cli_cache_options_reach_the_object_cache_and_check_reads_the_bucket(
+    cli: Cli, s3_server: S3Server, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "file").write_bytes(os.urandom(50_000))
+    bucket = s3_server.new_bucket()
+    _use_s3(cli, s3_server, bucket)
+    mine = tmp_path / "my-cache"
+    assert cli("--cache-dir", mine, "init").code == 0
+    assert cli("--cache-dir", mine, "backup", "files", src, "-q").code == 0
+    assert {p.parent.name for p in (mine / "objects").rglob("*") if p.is_file()} >= {
+        "snapshots", "index", "keys"
+    }  # fmt: skip
+    nothing = tmp_path / "unused-cache"
+    assert cli("--no-cache", "--cache-dir", nothing, "snapshots", "-q").code == 0
+    assert not nothing.exists()
+
+    # damage the snapshot in the bucket (same size): the cached copy still reads well,
+    # but check authenticates what the bucket holds
+    admin = s3_server.client()
+    (key,) = [o["Key"] for o in admin.list_objects_v2(Bucket=bucket, Prefix="repo/snapshots/")
+              ["Contents"]]  # fmt: skip
+    body = bytearray(admin.get_object(Bucket=bucket, Key=key)["Body"].read())
+    body[40] ^= 1
+    admin.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+    assert cli("--cache-dir", mine, "snapshots", "-q").code == 0
+    check = cli("--cache-dir", mine, "check")
+    assert check.code == 12, check.out + check.err
