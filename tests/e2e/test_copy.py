@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -238,4 +241,36 @@ def test_seeding_an_s3_repository_from_a_local_copy(
     assert result.code == 0, result.err
     out = tmp_path / "out"
     _with_target(cli, back, tmp_path, "restore", "latest", "--target", out, "--verify")
+    assert describe(out / src.relative_to("/")) == describe(src)
+
+
+def test_copy_killed_midway_resumes_without_sending_again(cli: Cli, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):  # 48 MB of incompressible data: three 16 MiB packs
+        (src / f"f{i}").write_bytes(os.urandom(4_000_000))
+    target = _setup(cli, tmp_path)
+    assert cli("backup", "files", src, "-q").code == 0
+    env = {**os.environ, **cli.env}
+    args = [
+        str(Path(sys.executable).with_name("stratavault")), "--limit-upload", "16384", "copy",
+        "--from", str(cli.repo), "--to", str(target), "--to-password-file",
+        str(tmp_path / "other-pass"), "-q",
+    ]  # fmt: skip
+    proc = subprocess.Popen(args, env=env)
+    deadline = time.monotonic() + 60
+    try:
+        while not [p for p in (target / "data").rglob("*") if p.is_file() and "tmp" not in p.name]:
+            assert proc.poll() is None and time.monotonic() < deadline, "no pack landed"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not list((target / "snapshots").glob("*"))  # killed before the snapshot
+    resumed = _copy(cli, target, tmp_path)
+    assert len(resumed["copied"]) == 1
+    assert resumed["chunks_added"] < resumed["chunks_read"]  # what landed was reused
+    _with_target(cli, target, tmp_path, "check", "--read-data")
+    out = tmp_path / "out"
+    _with_target(cli, target, tmp_path, "restore", "latest", "--target", out, "--verify")
     assert describe(out / src.relative_to("/")) == describe(src)
