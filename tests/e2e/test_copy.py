@@ -274,3 +274,25 @@ def test_copy_killed_midway_resumes_without_sending_again(cli: Cli, tmp_path: Pa
     out = tmp_path / "out"
     _with_target(cli, target, tmp_path, "restore", "latest", "--target", out, "--verify")
     assert describe(out / src.relative_to("/")) == describe(src)
+
+
+def test_copy_names_a_damaged_source_snapshot_and_copies_the_rest(cli: Cli, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(100_000))
+    target = _setup(cli, tmp_path)
+    assert cli("backup", "files", src, "-q").code == 0
+    (src / "g").write_bytes(os.urandom(100_000))
+    assert cli("backup", "files", src, "-q").code == 0
+    damaged = sorted((cli.repo / "snapshots").iterdir())[0]
+    body = bytearray(damaged.read_bytes())
+    body[30] ^= 1
+    damaged.write_bytes(bytes(body))
+    result = cli(
+        "copy", "--from", cli.repo, "--to", target, "--to-password-file",
+        tmp_path / "other-pass",
+    )  # fmt: skip
+    assert result.code == 12, result.err
+    assert f"snapshot {damaged.name[:8]} is damaged" in result.err
+    assert "1 copied, 0 skipped" in result.out
+    assert len(_with_target(cli, target, tmp_path, "snapshots", "--json").json()) == 1

@@ -7,6 +7,7 @@ import argparse
 from stratavault.cli._context import GlobalOptions
 from stratavault.cli._output import Output, format_bytes, make_progress
 from stratavault.cli._passphrases import add_from_password_options, open_other_repo
+from stratavault.errors import DataDamagedError
 from stratavault.jobs import Cancellation, CopyOptions, CopyResult, copy_snapshots
 
 
@@ -48,6 +49,11 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     ):
         result = copy_snapshots(source, target, selection, progress=progress, cancel=Cancellation())
     report(out, result)
+    if result.damaged:
+        raise DataDamagedError(
+            f"copy from {ns.source} - {len(result.damaged)} snapshot object(s) could not be "
+            "read and were not copied (run `check` on the source)"
+        )
     return 0
 
 
@@ -55,6 +61,8 @@ def report(out: Output, result: CopyResult) -> None:
     """One line per snapshot, then the totals; or one JSON document."""
     for source_id, target_id in result.copied:
         out.text(f"copied snapshot {source_id[:8]} as {target_id[:8]}")
+    for snapshot_id, problem in result.damaged:
+        out.warn(f"not copied: snapshot {snapshot_id[:8]} is damaged: {problem}")
     for source_id, target_id in result.skipped:
         out.text(f"skipped snapshot {source_id[:8]}: already copied as {target_id[:8]}")
     mode = "shared chunk ids" if result.shared_ids else "different chunk-id keys"
@@ -73,5 +81,6 @@ def report(out: Output, result: CopyResult) -> None:
             "bytes_read": result.bytes_read,
             "chunks_added": result.chunks_added,
             "bytes_added_stored": result.bytes_added_stored,
+            "damaged": [{"id": i, "problem": p} for i, p in result.damaged],
         }
     )

@@ -82,6 +82,8 @@ class CopyResult:
     bytes_added_stored: int = 0
     """Chunks the target lacked, and what they take there (what was uploaded, but packs'
     headers and index objects)."""
+    damaged: list[tuple[str, str]] = field(default_factory=list)
+    """``(id, problem)`` of source snapshot objects that could not be read (not copied)."""
 
 
 def shares_chunk_ids(source: Repository, target: Repository) -> bool:
@@ -104,7 +106,7 @@ def copy_snapshots(
     result = CopyResult(shared_ids=shares_chunk_ids(source, target))
     with source.lock(exclusive=False), target.lock(exclusive=False):
         target.recover_unindexed_packs()  # what an interrupted copy uploaded is reused
-        wanted = _select(source, options)
+        wanted = _select(source, options, result.damaged)
         originals = _originals(source)
         copies = {original: sid for sid, original in _originals(target).items()}
         state = ProgressState("copy", files_total=len(wanted))
@@ -132,8 +134,10 @@ def copy_snapshots(
     return result
 
 
-def _select(source: Repository, options: CopyOptions) -> list[Snapshot]:
-    everything = load_snapshots(source)
+def _select(
+    source: Repository, options: CopyOptions, damaged: list[tuple[str, str]]
+) -> list[Snapshot]:
+    everything = load_snapshots(source, damaged=damaged)
     if options.snapshot_ids:
         ids = {source.resolve_snapshot_id(ref) for ref in options.snapshot_ids}
         everything = [s for s in everything if s.id in ids]
