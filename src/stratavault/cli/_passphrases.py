@@ -18,9 +18,12 @@ def add_from_password_options(p: argparse.ArgumentParser, side: str = "from") ->
     p.add_argument(
         f"--{side}-password-file",
         type=Path,
+        metavar="FILE",
         help=f"passphrase of the --{side} repository (default: the usual passphrase)",
     )
-    p.add_argument(f"--{side}-password-command", help="run this to get that passphrase")
+    p.add_argument(
+        f"--{side}-password-command", metavar="CMD", help="run this to get that passphrase"
+    )
 
 
 def passphrase_for(options: GlobalOptions, ns: argparse.Namespace, side: str) -> bytes:
