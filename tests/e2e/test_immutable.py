@@ -89,19 +89,20 @@ def test_prune_keeps_locked_packs_and_says_until_when(
     cli: Cli, s3_server: S3Server, tmp_path: Path
 ) -> None:
     """Objects written "a day ago" (the storage's clock is set back) lose their retention
-    in seconds; the pack prune writes when it repacks is locked for a day. Forgetting the
-    old snapshots leaves that pack unused: prune keeps it, names the date, and a second
-    prune still does. The repository stays whole."""
+    in seconds. The pack a first prune writes when it repacks keeps its retention a little
+    longer; forgetting the old snapshots leaves it unused: prune keeps it and names the
+    date, a second prune still does, and a prune after the date deletes it. The repository
+    stays whole throughout."""
     bucket = s3_server.new_bucket(object_lock=True)
     _use_s3(cli, s3_server, bucket)
-    offset = [dt.timedelta(days=-1, seconds=10)]
+    offset = [dt.timedelta(days=-1, seconds=6)]
     storage = S3Storage(
         bucket, "repo", **s3_server.credentials(),
         clock=lambda: dt.datetime.now(dt.UTC) + offset[0],
     )  # fmt: skip
     a, b, d = os.urandom(400_000), os.urandom(400_000), os.urandom(300_000)
     src, keep = tmp_path / "src", tmp_path / "keep"
-    expires = time.monotonic() + 10
+    expires = time.monotonic() + 6
     cache = tmp_path / "cache"
     with Repository.init(
         storage, PASSPHRASE, cache_dir=cache, kdf=KdfParams.fast(), immutable_days=1
@@ -114,8 +115,10 @@ def test_prune_keeps_locked_packs_and_says_until_when(
             repo.remove_snapshot(kept.id)
         time.sleep(max(0.0, expires - time.monotonic()) + 1)
         repo.remove_snapshot(old1.id)  # its retention is over
-        first = prune(repo, max_unused=0.0)  # repacks `a` into a new pack, locked for a day
+        offset[0] = dt.timedelta(days=-1, seconds=15)
+        first = prune(repo, max_unused=0.0)  # repacks `a` into a pack retained for 15 s
         assert first.deleted_packs >= 2 and not first.locked_packs
+        unlocked_at = time.monotonic() + 15
         repo.remove_snapshot(old2.id)
 
     report = cli("prune", "--json")
@@ -124,7 +127,7 @@ def test_prune_keeps_locked_packs_and_says_until_when(
     locked = doc["locked_packs"]
     assert len(locked) == 1, doc
     until = dt.datetime.fromisoformat(locked[0]["retain_until"])
-    assert abs(until - (dt.datetime.now(dt.UTC) + dt.timedelta(days=1))) < dt.timedelta(minutes=2)
+    assert abs(until - dt.datetime.now(dt.UTC)) < dt.timedelta(seconds=30)
     text = cli("prune")
     assert text.code == 0 and "could not delete 1 unused packs yet" in text.out, text.out
     assert f"until {until:%Y-%m-%d %H:%M} UTC" in text.out
@@ -138,3 +141,14 @@ def test_prune_keeps_locked_packs_and_says_until_when(
     out = tmp_path / "out"
     assert (result := cli("restore", kept.id, "--target", out, "--verify")).code == 0, result.err
     assert describe(out / keep.relative_to("/")) == describe(keep)
+
+    time.sleep(max(0.0, unlocked_at - time.monotonic()) + 1)
+    after = cli("prune", "--json")
+    assert after.code == 0, after.err
+    doc = after.json_lines()[-1]
+    assert doc["locked_packs"] == [] and doc["deleted_packs"] == 1, doc
+    listing = s3_server.client().list_objects_v2(Bucket=bucket, Prefix="repo/")["Contents"]
+    keys = {o["Key"] for o in listing}
+    assert f"repo/{locked[0]['pack']}" not in keys
+    assert not [k for k in keys if k.startswith("repo/gc/")]  # the plan is done
+    assert (check := cli("check", "--read-data")).code == 0, check.out + check.err
