@@ -88,38 +88,44 @@ def _write(folder: Path, files: dict[str, bytes]) -> Path:
 def test_prune_keeps_locked_packs_and_says_until_when(
     cli: Cli, s3_server: S3Server, tmp_path: Path
 ) -> None:
-    """Objects written "a day ago" (the storage's clock is set back) lose their retention
-    in seconds. The pack a first prune writes when it repacks keeps its retention a little
-    longer; forgetting the old snapshots leaves it unused: prune keeps it and names the
-    date, a second prune still does, and a prune after the date deletes it. The repository
-    stays whole throughout."""
+    """Objects written "a day ago" lose their retention in seconds: the storage's clock
+    (retention from each write) and the repository's (prune extends the retention of what
+    is in use from its "now") are set back. The pack a first prune writes when it repacks is
+    retained a little longer than the snapshot that uses it; once that snapshot is
+    forgotten, prune keeps the pack and names the date, a second prune still does, and a
+    prune after the date deletes it. The repository stays whole throughout."""
     bucket = s3_server.new_bucket(object_lock=True)
     _use_s3(cli, s3_server, bucket)
-    offset = [dt.timedelta(days=-1, seconds=6)]
+    written = [dt.timedelta(days=-1, seconds=4)]
+    now = [written[0]]
     storage = S3Storage(
         bucket, "repo", **s3_server.credentials(),
-        clock=lambda: dt.datetime.now(dt.UTC) + offset[0],
+        clock=lambda: dt.datetime.now(dt.UTC) + written[0],
     )  # fmt: skip
     a, b, d = os.urandom(400_000), os.urandom(400_000), os.urandom(300_000)
     src, keep = tmp_path / "src", tmp_path / "keep"
-    expires = time.monotonic() + 6
+    start = time.monotonic()
     cache = tmp_path / "cache"
     with Repository.init(
-        storage, PASSPHRASE, cache_dir=cache, kdf=KdfParams.fast(), immutable_days=1
-    ) as repo:
+        storage, PASSPHRASE, cache_dir=cache, kdf=KdfParams.fast(), immutable_days=1,
+        clock=lambda: time.time() + now[0].total_seconds(),
+    ) as repo:  # fmt: skip
         old1 = backup_files(repo, BackupFilesOptions(paths=(_write(src, {"a": a, "b": b}),)))
         old2 = backup_files(repo, BackupFilesOptions(paths=(_write(src, {"a": a}),)))
-        offset[0] = dt.timedelta(0)  # from now on, a day of retention
+        written[0] = now[0] = dt.timedelta(0)  # from now on, a day of retention
         kept = backup_files(repo, BackupFilesOptions(paths=(_write(keep, {"d": d}),)))
         with pytest.raises(ObjectLockedError):
             repo.remove_snapshot(kept.id)
-        time.sleep(max(0.0, expires - time.monotonic()) + 1)
+        time.sleep(max(0.0, start + 5 - time.monotonic()))
         repo.remove_snapshot(old1.id)  # its retention is over
-        offset[0] = dt.timedelta(days=-1, seconds=15)
-        first = prune(repo, max_unused=0.0)  # repacks `a` into a pack retained for 15 s
+        start = time.monotonic()
+        written[0], now[0] = dt.timedelta(days=-1, seconds=16), dt.timedelta(days=-1, seconds=7)
+        first = prune(repo, max_unused=0.0)  # repacks `a` into a pack retained for 16 s
         assert first.deleted_packs >= 2 and not first.locked_packs
-        unlocked_at = time.monotonic() + 15
+        assert first.retention_extended >= 3  # old2 and what it uses: 7 s
+        time.sleep(max(0.0, start + 8 - time.monotonic()))
         repo.remove_snapshot(old2.id)
+    unlocked_at = start + 17
 
     report = cli("prune", "--json")
     assert report.code == 0, report.err
@@ -152,3 +158,37 @@ def test_prune_keeps_locked_packs_and_says_until_when(
     assert f"repo/{locked[0]['pack']}" not in keys
     assert not [k for k in keys if k.startswith("repo/gc/")]  # the plan is done
     assert (check := cli("check", "--read-data")).code == 0, check.out + check.err
+
+
+def test_prune_extends_the_retention_of_what_is_in_use(
+    cli: Cli, s3_server: S3Server, tmp_path: Path
+) -> None:
+    """Retention counts from each write: prune extends it for the objects still in use,
+    so that the first backup's packs stay protected as long as later snapshots use them."""
+    bucket = s3_server.new_bucket(object_lock=True)
+    _use_s3(cli, s3_server, bucket)
+    storage = S3Storage(
+        bucket, "repo", **s3_server.credentials(),
+        clock=lambda: dt.datetime.now(dt.UTC) - dt.timedelta(days=1, seconds=-120),
+    )  # fmt: skip
+    src = _write(tmp_path / "src", {"a": os.urandom(300_000)})
+    with Repository.init(
+        storage, PASSPHRASE, cache_dir=tmp_path / "cache", kdf=KdfParams.fast(), immutable_days=1
+    ) as repo:
+        backup_files(repo, BackupFilesOptions(paths=(src,)))
+    admin = s3_server.client()
+    objects = [o["Key"] for o in admin.list_objects_v2(Bucket=bucket, Prefix="repo/")["Contents"]]
+    kept = [k for k in objects if not k.startswith(("repo/index/", "repo/locks/"))]
+    assert len(kept) >= 5  # config, key, data and tree packs, snapshot
+
+    def retained(key: str) -> dt.timedelta:
+        until = admin.head_object(Bucket=bucket, Key=key)["ObjectLockRetainUntilDate"]
+        return until - dt.datetime.now(dt.UTC)
+
+    assert all(retained(k) < dt.timedelta(minutes=3) for k in kept)  # written "a day ago"
+    result = cli("prune", "--json")
+    assert result.code == 0, result.err
+    assert result.json_lines()[-1]["retention_extended"] == len(kept)
+    assert all(retained(k) > dt.timedelta(hours=23) for k in kept)
+    again = cli("prune")  # nothing to shorten, nothing lost: a second prune extends again
+    assert again.code == 0 and f"retention of {len(kept)} objects in use extended" in again.out

@@ -100,6 +100,8 @@ def report(out: Output, result: PruneResult) -> None:
     if not result.dry_run:
         out.text(f"deleted {result.deleted_packs} packs, {format_bytes(result.deleted_bytes)}")
     locked = _report_locked(out, result)
+    if result.retention_extended:
+        out.text(f"object lock: retention of {result.retention_extended} objects in use extended")
     postponed = []
     for plan_left, locks in result.postponed:
         who = ", ".join(f"{lock.host} pid {lock.pid}" for lock in locks) or "-"
@@ -111,6 +113,7 @@ def report(out: Output, result: PruneResult) -> None:
     doc.update(
         deleted_packs=result.deleted_packs, deleted_bytes=result.deleted_bytes,
         postponed=postponed, damaged_plans=result.damaged_plans, locked_packs=locked,
+        retention_extended=result.retention_extended,
     )  # fmt: skip
     out.data(doc)
 

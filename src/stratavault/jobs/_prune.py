@@ -41,6 +41,8 @@ class PruneResult:
     postponed: list[tuple[PendingDeletion, list[LockInfo]]] = field(default_factory=list)
     """Deletions that wait for these locks (running backups) to go."""
     damaged_plans: list[str] = field(default_factory=list)
+    retention_extended: int = 0
+    """Objects whose object lock retention was extended (immutable repositories)."""
 
     @property
     def deleted_packs(self) -> int:
@@ -175,6 +177,7 @@ def prune(
         if result.plan.delete or result.plan.repack:
             pending = repo.gc_start(result.plan, [s.id for s in snapshots])
             _carry_out(repo, pending, own, wait_s, result)
+        result.retention_extended = repo.extend_retention(repo.indexed_packs())
     return result
 
 

@@ -10,12 +10,19 @@ retention.
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from stratavault.errors import IntegrityError, UsageError
+from stratavault.repo import _formats as F
 from stratavault.storage import S3Storage, Storage
 
-__all__ = ["apply", "days"]
+__all__ = ["apply", "days", "extend"]
+
+_THREADS = 8
+"""Retention requests in flight at once (each is small)."""
 
 
 def days(config: dict[str, Any], storage: Storage) -> int | None:
@@ -62,3 +69,23 @@ def apply(storage: Storage, retention_days: int | None, *, creating: bool) -> No
             )
         return
     s3.lock_days = max(s3.lock_days or 0, retention_days)
+
+
+def extend(storage: Storage, config: dict[str, Any], packs: Iterable[str], now: float) -> int:
+    """Retain ``packs``, every snapshot, every key slot and the config for the config's
+    ``immutable_days`` from ``now`` (Unix seconds); return how many objects were extended.
+
+    Retention counts from an object's write, so without this a pack that every new snapshot
+    still uses would lose its protection N days after the first backup wrote it. Nothing to
+    do for a repository that is not immutable or not on S3.
+    """
+    retention_days = days(config, storage)
+    s3 = _s3(storage)
+    if retention_days is None or s3 is None:
+        return 0
+    until = dt.datetime.fromtimestamp(now, dt.UTC) + dt.timedelta(days=retention_days)
+    names = [*packs, F.CONFIG_NAME]
+    for prefix in (F.SNAPSHOTS_PREFIX, F.KEYS_PREFIX):
+        names.extend(o.name for o in storage.list(prefix))
+    with ThreadPoolExecutor(_THREADS, thread_name_prefix="retain") as pool:
+        return sum(pool.map(lambda name: s3.extend_retention(name, until), sorted(names)))

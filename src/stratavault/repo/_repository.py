@@ -549,6 +549,11 @@ class Repository:
         with suppress(ObjectNotFoundError):
             self.storage.delete(name)
 
+    def extend_retention(self, packs: Iterable[str]) -> int:
+        """On an immutable repository: keep ``packs``, every snapshot, key slot and the config
+        under object lock for ``immutable_days`` from now; the number of objects extended."""
+        return _immutable.extend(self.storage, self.config, packs, self._clock())
+
     def break_stale_locks(self) -> int:
         """Remove locks of dead processes on this host and locks not refreshed for 30 min."""
         return self._locker.break_locks(stale_only=True)

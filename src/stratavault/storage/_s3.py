@@ -246,6 +246,25 @@ class S3Storage:
         until = head.get("ObjectLockRetainUntilDate")
         return until.astimezone(dt.UTC) if isinstance(until, dt.datetime) else None
 
+    def extend_retention(self, name: str, until: dt.datetime) -> bool:
+        """Keep ``name`` under COMPLIANCE retention until at least ``until``; False when it was
+        retained longer already (the store refuses to shorten a retention)."""
+        key = self._key(name)
+        retention = {"Mode": "COMPLIANCE", "RetainUntilDate": until}
+        try:
+            self._call(
+                "retain", name,
+                lambda: self._client.put_object_retention(
+                    Bucket=self.bucket, Key=key, Retention=retention
+                ),
+            )  # fmt: skip
+        except PermissionDeniedError:
+            current = self.retained_until(name)
+            if current is None or current < until:
+                raise
+            return False
+        return True
+
     def _retention(self, name: str) -> dict[str, Any]:
         if self.lock_days is None or name.startswith(_UNLOCKED_PREFIX):
             return {}
