@@ -21,7 +21,6 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 from xml.sax.saxutils import quoteattr
@@ -36,7 +35,7 @@ from stratavault.sources._libvirt import (
     libvirt_errors,
     libvirt_module,
 )
-from stratavault.sources._vm_backup import Consistency
+from stratavault.sources._vm_backup import Consistency, LiveBackup
 
 __all__ = ["LibvirtBackup", "remove_libvirt_backup_leftovers"]
 
@@ -55,7 +54,7 @@ class _Plan:
     full_read_reason: str | None
 
 
-class LibvirtBackup:
+class LibvirtBackup(LiveBackup):
     """A backup of every disk of a libvirt domain, as a context manager.
 
     Running (or paused) domain: entering starts one pull-mode libvirt backup job
@@ -85,19 +84,10 @@ class LibvirtBackup:
         checkpoint_prefix: str = DEFAULT_BITMAP_PREFIX,
         quiesce: bool = True,
     ) -> None:
+        super().__init__(scratch_dir, expected_bitmaps)
         self.domain = domain
-        self.scratch_dir = Path(scratch_dir)
-        self.expected_bitmaps = dict(expected_bitmaps or {})
         self.checkpoint_prefix = checkpoint_prefix
         self.quiesce = quiesce
-        self.consistency = Consistency.CRASH
-        self.consistency_detail = "no agent"
-        """Why the point in time has its consistency ("fs frozen", "no agent", a failure)."""
-        self.frozen_s: float | None = None
-        """How long the guest's file systems stayed frozen (None: they were not)."""
-        self.config: dict[str, Any] = {}
-        """The domain's configuration (:meth:`LibvirtDomain.config`, with ``domain_xml``)."""
-        self.exports: list[DiskExport] = []
         self.checkpoint: str | None = None
         """The checkpoint this backup created (None: none, e.g. a stopped domain)."""
         self.removed_checkpoints: list[str] = []
@@ -107,11 +97,6 @@ class LibvirtBackup:
         self._job_started = False
         self._images: contextlib.ExitStack | None = None
         self._plans: list[_Plan] = []
-
-    @property
-    def consistency_text(self) -> str:
-        """E.g. "application-consistent (fs frozen)" or "crash-consistent (no agent)"."""
-        return f"{self.consistency.value} ({self.consistency_detail})"
 
     def __enter__(self) -> LibvirtBackup:
         self.scratch_dir.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from stratavault.sources._guest_agent import GuestAgent
 from stratavault.sources._qmp import QmpSession
 from stratavault.sources._vm import list_vm_disks, vm_config
 
-__all__ = ["Consistency", "VmBackup", "find_guest_agent_socket"]
+__all__ = ["Consistency", "LiveBackup", "VmBackup", "find_guest_agent_socket"]
 
 _AGENT_PORT_NAME = "org.qemu.guest_agent.0"
 
@@ -32,7 +32,31 @@ class Consistency(enum.StrEnum):
     """As if the power was cut at that instant (no agent, or it did not answer)."""
 
 
-class VmBackup:
+class LiveBackup:
+    """What every live backup session (QMP or libvirt) tells once it has started: the
+    exported disks, the configuration and how consistent the point in time is."""
+
+    def __init__(
+        self, scratch_dir: str | os.PathLike[str], expected_bitmaps: Mapping[str, str] | None
+    ) -> None:
+        self.scratch_dir = Path(scratch_dir)
+        self.expected_bitmaps = dict(expected_bitmaps or {})
+        self.consistency = Consistency.CRASH
+        self.consistency_detail = "no agent"
+        """Why the point in time has its consistency ("fs frozen", "no agent", a failure)."""
+        self.frozen_s: float | None = None
+        """How long the guest's file systems stayed frozen (None: they were not)."""
+        self.config: dict[str, Any] = {}
+        """The VM's configuration, taken at the start."""
+        self.exports: list[DiskExport] = []
+
+    @property
+    def consistency_text(self) -> str:
+        """E.g. "application-consistent (fs frozen)" or "crash-consistent (no agent)"."""
+        return f"{self.consistency.value} ({self.consistency_detail})"
+
+
+class VmBackup(LiveBackup):
     """A live backup of every disk of a running VM, as a context manager.
 
     Entering rotates the dirty bitmaps and starts image fleecing of all disks in
@@ -58,29 +82,15 @@ class VmBackup:
         find_guest_agent: bool = True,
         freeze_timeout_s: float = 10.0,
     ) -> None:
+        super().__init__(scratch_dir, expected_bitmaps)
         self.session = session
-        self.scratch_dir = Path(scratch_dir)
-        self.expected_bitmaps = dict(expected_bitmaps or {})
         self.bitmap_prefix = bitmap_prefix
         self.guest_agent_socket = Path(guest_agent_socket) if guest_agent_socket else None
         self.find_guest_agent = find_guest_agent
         self.freeze_timeout_s = freeze_timeout_s
-        self.consistency = Consistency.CRASH
-        self.consistency_detail = "no agent"
-        """Why the point in time has its consistency ("fs frozen", "no agent", a failure)."""
-        self.frozen_s: float | None = None
-        """How long the guest's file systems stayed frozen (None: they were not)."""
-        self.config: dict[str, Any] = {}
-        """The VM's configuration (:func:`vm_config`) taken at the start."""
-        self.exports: list[DiskExport] = []
         self._export: ExportSession | None = None
         self._agent: GuestAgent | None = None
         self._frozen_at: float | None = None
-
-    @property
-    def consistency_text(self) -> str:
-        """E.g. "application-consistent (fs frozen)" or "crash-consistent (no agent)"."""
-        return f"{self.consistency.value} ({self.consistency_detail})"
 
     def __enter__(self) -> VmBackup:
         self.scratch_dir.mkdir(parents=True, exist_ok=True)
