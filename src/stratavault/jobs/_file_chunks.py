@@ -15,13 +15,16 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from stratavault.chunking import CdcChunker
 from stratavault.jobs._progress import Cancellation
-from stratavault.repo import ChunkSealer, Repository
 from stratavault.snapshot import ContentRun
 from stratavault.sources import SparseFileReader, prefetch_files
 from stratavault.types import BlobKind, ChunkId
+
+if TYPE_CHECKING:  # worker processes need neither (numpy and the rest stay unloaded there)
+    from stratavault.repo import ChunkSealer, Repository
 
 __all__ = [
     "FileChunkResult",
