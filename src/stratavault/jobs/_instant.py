@@ -321,6 +321,7 @@ def _wait_ready(
     state = ProgressState(phase="migrate", bytes_total=sum(vm.sizes.values()))
     state.started = time.monotonic()
     report: Callable[[ProgressState], None] = progress.update if progress else lambda _s: None
+    first_len: dict[str, int] = {}
     while True:
         if cancel is not None and cancel.cancelled:
             raise Interrupted("migration cancelled; the VM runs on from its instant overlays")
@@ -330,6 +331,7 @@ def _wait_ready(
                 raise RestoreError(
                     f"migrating disk {disk} - the mirror stopped{_job_error(session, job)}"
                 )
+        _lift_limit_after_first_pass(session, {j: running[j] for j in jobs}, first_len)
         state.bytes_done = sum(int(j.get("offset", 0)) for j in running.values())
         report(state)
         if all(running[job].get("ready") for job in jobs):
@@ -337,6 +339,20 @@ def _wait_ready(
                 progress.done(state)
             return
         time.sleep(_POLL_S)
+
+
+def _lift_limit_after_first_pass(
+    session: QmpSession, running: dict[str, dict[str, Any]], first_len: dict[str, int]
+) -> None:
+    """Once a rate-limited mirror has copied what the disk held when it started, let it
+    copy at full speed: a guest that writes faster than the limit would otherwise keep it
+    from ever being in sync."""
+    for job, info in running.items():
+        total, offset = int(info.get("len", 0)), int(info.get("offset", 0))
+        if total > 0:
+            first_len.setdefault(job, total)
+        if info.get("speed") and job in first_len and offset >= first_len[job]:
+            session.execute("block-job-set-speed", {"device": job, "speed": 0})
 
 
 def _job_error(session: QmpSession, job: str) -> str:
