@@ -176,8 +176,13 @@ def test_instant_vm_moves_to_local_disks_keeping_the_guest_writes(
     assert cli("check", "--read-data").code == 0
 
 
-def test_killed_during_the_move_leaves_the_instant_vm_running(
-    cli: Cli, test_guest_image: GuestImage, short_tmp: Path, instant_cleanup: list[Path]
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "Ctrl-C"])
+def test_interrupted_during_the_move_leaves_the_instant_vm_running(
+    cli: Cli,
+    test_guest_image: GuestImage,
+    short_tmp: Path,
+    instant_cleanup: list[Path],
+    sig: signal.Signals,
 ) -> None:
     backup_paused_guest(cli, test_guest_image, short_tmp, append=("sv.writer=1",))
     run, local = short_tmp / "run", short_tmp / "local"
@@ -187,8 +192,10 @@ def test_killed_during_the_move_leaves_the_instant_vm_running(
     qemu, server = int(str(doc["qemu_pid"])), int(str(doc["server_pid"]))
     time.sleep(2)
     assert proc.poll() is None
-    proc.kill()  # SIGKILL: no clean-up of any kind
-    proc.communicate()
+    proc.send_signal(sig)  # SIGKILL: no clean-up of any kind
+    _, err = proc.communicate(timeout=60)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "runs on from its instant overlays" in err, err
     wait_console(run / "serial.log", WRITER, 180, qemu)
     assert _alive(server) and _alive(qemu)
     first = _counter(run / "qga.sock")
@@ -196,6 +203,9 @@ def test_killed_during_the_move_leaves_the_instant_vm_running(
     assert _counter(run / "qga.sock") > first  # the guest runs and writes on its overlays
     assert _read_guest_file(run / "qga.sock", "/data/hello.txt") == b"hello\n"
     with QmpSession(run / "qmp.sock") as qmp:
+        jobs = qmp.execute("query-block-jobs")
+        # Ctrl-C cancels the copies; after SIGKILL they go on in QEMU, never switched over
+        assert (jobs == []) if sig == signal.SIGINT else len(jobs) == 2
         qmp.execute("quit")
     deadline = time.monotonic() + 15
     while _alive(server):  # the serving process ends with QEMU
