@@ -26,8 +26,7 @@ from pathlib import Path
 
 from stratavault.errors import UsageError
 from stratavault.jobs._disk_reader import DEFAULT_CACHE_BYTES, DiskReader, open_disk_reader
-from stratavault.nbd import FileBackend, NbdServer
-from stratavault.nbd import constants as c
+from stratavault.nbd import FileBackend, NbdServer, constants as c
 from stratavault.repo import Repository
 from stratavault.snapshot import Snapshot
 
