@@ -59,9 +59,10 @@ from stratavault.jobs._restore_disk import (
     select_disk,
 )
 from stratavault.jobs._restore_files import RestoreOptions, RestoreResult, restore_files
-from stratavault.jobs._restore_vm import RestoreVmOptions, RestoreVmResult, restore_vm, vm_command
+from stratavault.jobs._restore_vm import RestoreVmOptions, RestoreVmResult, restore_vm
 from stratavault.jobs._serve import ChunkStoreBackend, ServeOptions, SnapshotServer, serve_snapshot
 from stratavault.jobs._verify import BootCheckOptions, BootCheckResult, verify_boot
+from stratavault.jobs._vm_boot import vm_command
 
 __all__ = [
     "DEFAULT_DISK_CHUNK_BYTES",

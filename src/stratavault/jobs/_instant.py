@@ -37,7 +37,6 @@ from urllib.parse import quote
 
 from stratavault.errors import Interrupted, RestoreError, SourceError, UsageError
 from stratavault.jobs._progress import Cancellation, Progress, ProgressState
-from stratavault.jobs._restore_vm import vm_command
 from stratavault.jobs._serve import ServeOptions, serve_snapshot
 from stratavault.jobs._vm_boot import (
     boot_command,
@@ -45,6 +44,7 @@ from stratavault.jobs._vm_boot import (
     process_alive,
     read_pid,
     start_qemu,
+    vm_command,
     wait_gone,
 )
 from stratavault.repo import Repository

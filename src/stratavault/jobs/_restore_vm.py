@@ -3,30 +3,24 @@ new name from the restored disks."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import re
-import subprocess
-import time
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stratavault.errors import RestoreError, SourceError, UsageError
+from stratavault.errors import RestoreError, UsageError
 from stratavault.jobs._progress import Cancellation, Progress
 from stratavault.jobs._restore_disk import RestoreDiskOptions, RestoreDiskResult, restore_disk
+from stratavault.jobs._vm_boot import start_qemu, vm_command
 from stratavault.repo import Repository
 from stratavault.snapshot import Snapshot
-from stratavault.sources import QmpSession
 
-__all__ = ["RestoreVmOptions", "RestoreVmResult", "restore_vm", "vm_command"]
+__all__ = ["RestoreVmOptions", "RestoreVmResult", "restore_vm"]
 
 _STARTABLE_FORMATS = ("raw", "qcow2")
-_SOCKET_OPTIONS = ("-qmp", "-chardev", "-monitor", "-serial", "-vnc", "-qmp-pretty")
-_DROPPED_FLAGS = ("-daemonize",)
-_DROPPED_WITH_VALUE = ("-pidfile",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,50 +54,6 @@ def _original_formats(config: Mapping[str, Any]) -> dict[str, str]:
     return {str(d["device"]): str(d.get("format", "raw")) for d in config.get("disks", [])}
 
 
-def _rewrite_socket_paths(arg: str, run_dir: Path) -> str:
-    """Point unix sockets and files of a monitor/chardev option into ``run_dir``."""
-    arg = re.sub(r"(path=)([^,]+)", lambda m: m[1] + str(run_dir / Path(m[2]).name), arg)
-    arg = re.sub(r"(unix:)([^,]+)", lambda m: m[1] + str(run_dir / Path(m[2]).name), arg)
-    return re.sub(r"(file:)([^,]+)", lambda m: m[1] + str(run_dir / Path(m[2]).name), arg)
-
-
-def vm_command(
-    config: Mapping[str, Any], disks: Mapping[str, Path], name: str, run_dir: Path
-) -> list[str]:
-    """The stored QEMU command line with the restored disks in place of the original
-    images, the new name, its monitors and consoles in ``run_dir`` (plus a QMP socket
-    ``run_dir/qmp.sock``), and no ``-daemonize``/``-pidfile``."""
-    argv = config.get("argv")
-    if not argv:
-        raise RestoreError("starting the restored VM - the snapshot has no QEMU command line")
-    files = {str(d["filename"]): disks[str(d["device"])] for d in config.get("disks", [])}
-    out: list[str] = []
-    args = iter(argv)
-    for arg in args:
-        if arg in _DROPPED_FLAGS:
-            continue
-        if arg in _DROPPED_WITH_VALUE:
-            next(args, None)
-            continue
-        if arg == "-name":
-            next(args, None)
-            out += ["-name", name]
-            continue
-        out.append(arg)
-        if arg in _SOCKET_OPTIONS:
-            value = next(args, None)
-            if value is not None:
-                out.append(_rewrite_socket_paths(value, run_dir))
-    rewritten = []
-    for arg in out:
-        for old, new in files.items():
-            arg = arg.replace(old, str(new))
-        rewritten.append(arg)
-    if "-name" not in rewritten:
-        rewritten += ["-name", name]
-    return [*rewritten, "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off"]
-
-
 def _restore_disks(
     repo: Repository, snapshot: Snapshot, options: RestoreVmOptions,
     progress: Progress | None, cancel: Cancellation | None, result: RestoreVmResult,
@@ -125,34 +75,6 @@ def _restore_disks(
             restore_disk(repo, snapshot, disk_options, progress=progress, cancel=cancel)
         )
         result.disks[ref.name] = target
-
-
-def _start(command: list[str], run_dir: Path, resume: bool) -> tuple[int, Path]:
-    """Start QEMU detached; wait for its QMP socket; resume it when it starts paused."""
-    log = (run_dir / "qemu.log").open("ab")
-    try:
-        proc = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
-        )
-    except OSError as exc:
-        raise SourceError(f"starting the restored VM - {exc.strerror or exc}") from exc
-    finally:
-        log.close()
-    qmp = run_dir / "qmp.sock"
-    deadline = time.monotonic() + 15
-    while True:
-        if proc.poll() is not None:
-            tail = (run_dir / "qemu.log").read_text(errors="replace")[-500:]
-            raise SourceError(f"starting the restored VM - QEMU exited: {tail.strip()}")
-        with contextlib.suppress(SourceError):
-            with QmpSession(qmp, timeout_s=5) as session:
-                if resume and session.execute("query-status").get("status") == "prelaunch":
-                    session.execute("cont")
-            return proc.pid, qmp
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise SourceError(f"starting the restored VM - no QMP socket at {qmp} after 15 s")
-        time.sleep(0.1)
 
 
 def restore_vm(
@@ -177,16 +99,12 @@ def restore_vm(
         name = options.name or f"{config.get('name') or snapshot.paths[0]}-restored"
         result.command = vm_command(config, result.disks, name, options.target_dir)
         (options.target_dir / "start.sh").write_text(
-            "#!/bin/sh\nexec " + " ".join(_quote(a) for a in result.command) + "\n"
+            "#!/bin/sh\nexec " + shlex.join(result.command) + "\n"
         )
         os.chmod(options.target_dir / "start.sh", 0o755)
     if options.start:
         if result.command is None:
             raise RestoreError("restore vm --start: the snapshot has no QEMU command line")
-        resume = config.get("status") == "running"
-        result.pid, result.qmp_socket = _start(result.command, options.target_dir, resume)
+        process = start_qemu(result.command, options.target_dir)
+        result.pid, result.qmp_socket = process.pid, options.target_dir / "qmp.sock"
     return result
-
-
-def _quote(arg: str) -> str:
-    return arg if re.fullmatch(r"[\w@%+=:,./-]+", arg) else "'" + arg.replace("'", "'\\''") + "'"

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from stratavault.errors import RestoreError, SourceError
-from stratavault.jobs._restore_vm import vm_command
 from stratavault.sources import QmpSession
 
 __all__ = [
@@ -23,10 +22,59 @@ __all__ = [
     "process_alive",
     "read_pid",
     "start_qemu",
+    "vm_command",
     "wait_gone",
 ]
 
 _NETWORK_OPTIONS = ("-netdev", "-nic", "-net")
+_SOCKET_OPTIONS = ("-chardev", "-monitor", "-serial", "-vnc")
+_DROPPED_FLAGS = ("-daemonize",)
+_DROPPED_WITH_VALUE = ("-pidfile", "-qmp", "-qmp-pretty")
+"""The original's own QMP monitors go: the restored VM gets ``run_dir/qmp.sock``."""
+
+
+def _rewrite_socket_paths(arg: str, run_dir: Path) -> str:
+    """Point unix sockets and files of a monitor/chardev option into ``run_dir``."""
+    arg = re.sub(r"(path=)([^,]+)", lambda m: m[1] + str(run_dir / Path(m[2]).name), arg)
+    arg = re.sub(r"(unix:)([^,]+)", lambda m: m[1] + str(run_dir / Path(m[2]).name), arg)
+    return re.sub(r"(file:)([^,]+)", lambda m: m[1] + str(run_dir / Path(m[2]).name), arg)
+
+
+def vm_command(
+    config: Mapping[str, Any], disks: Mapping[str, Path], name: str, run_dir: Path
+) -> list[str]:
+    """The stored QEMU command line with the restored disks in place of the original
+    images, the new name, its monitors and consoles in ``run_dir`` (plus a QMP socket
+    ``run_dir/qmp.sock``), and no ``-daemonize``/``-pidfile``."""
+    argv = config.get("argv")
+    if not argv:
+        raise RestoreError("starting the restored VM - the snapshot has no QEMU command line")
+    files = {str(d["filename"]): disks[str(d["device"])] for d in config.get("disks", [])}
+    out: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg in _DROPPED_FLAGS:
+            continue
+        if arg in _DROPPED_WITH_VALUE:
+            next(args, None)
+            continue
+        if arg == "-name":
+            next(args, None)
+            out += ["-name", name]
+            continue
+        out.append(arg)
+        if arg in _SOCKET_OPTIONS:
+            value = next(args, None)
+            if value is not None:
+                out.append(_rewrite_socket_paths(value, run_dir))
+    rewritten = []
+    for arg in out:
+        for old, new in files.items():
+            arg = arg.replace(old, str(new))
+        rewritten.append(arg)
+    if "-name" not in rewritten:
+        rewritten += ["-name", name]
+    return [*rewritten, "-qmp", f"unix:{run_dir / 'qmp.sock'},server=on,wait=off"]
 
 
 def make_overlays(
