@@ -1,6 +1,13 @@
 """Disk-image benchmark: stratavault against restic and borg on the same 2 GiB ext4 image.
 
     .venv/bin/python bench/disks.py [--runs 1] [--workdir DIR] [--tools stratavault,restic,borg]
+                                    [--src SRC] [--chunk-kib N] [--name disks]
+
+``--src`` runs stratavault from another source folder (e.g. ``git archive HEAD src`` unpacked,
+while other engineers' half-done edits are in the working tree); its bytecode is compiled
+first, as an installation does (PYTHONDONTWRITEBYTECODE is set on these machines, so every
+command would otherwise compile all its modules). ``--chunk-kib`` sets stratavault's disk
+chunk size. Results go to bench/results/NAME.json.
 
 Dataset (built once, cached in WORKDIR/disk-dataset-vN): a 2 GiB raw image holding a real
 ext4 file system (``mke2fs -d``) filled with ~1.3 GiB of files copied from /usr, and a
@@ -22,7 +29,8 @@ Each run, with fresh repositories:
 7. sparse-64g: stratavault backs up (fresh repository) a 64 GiB sparse raw image holding the
    base image at its start and 24 MiB elsewhere; its peak memory is compared with the full
    backup of the 2 GiB image.
-The page cache is dropped before every timed command. Targets are checked on the medians.
+The page cache is dropped before every timed command. Each target is a ratio computed within
+each run (the tools of one run share the machine's load), judged on the median over runs.
 """
 
 from __future__ import annotations
