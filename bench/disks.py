@@ -513,6 +513,7 @@ def main() -> int:
         f"{int(ds.info['changed_bytes']) >> 20} MiB; load {os.getloadavg()[0]:.1f}"
     )
     runs: list[list[Measurement]] = []
+    load = os.getloadavg()[0]
     try:
         for number in range(1, args.runs + 1):
             runs.append(one_run(ds, workdir, names, number, args))
@@ -531,7 +532,8 @@ def main() -> int:
         "name": args.name,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine_info(),
-        "load_at_start": os.getloadavg()[0],
+        "load_at_start": load,
+        "load_at_end": os.getloadavg()[0],
         "dataset": info,
         "summary": summary,
         "targets": targets_doc,
