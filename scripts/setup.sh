@@ -94,6 +94,9 @@ build_venv() {
 
 install_debian_packages
 build_venv
+# Byte-compile the sources: where PYTHONDONTWRITEBYTECODE is set (it is on these machines),
+# every command would otherwise compile its modules again (~0.1 s of each start-up).
+.venv/bin/python -m compileall -q src/stratavault
 log "set-up done in $ROOT ($(.venv/bin/python -V))"
 if [ "$RUN_DEMO" -eq 1 ]; then
     log "running scripts/demo.sh"
