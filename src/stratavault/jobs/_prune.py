@@ -121,7 +121,7 @@ def _wait_for(repo: Repository, plan: PendingDeletion, own: str, wait_s: float) 
     """The locks blocking ``plan``, after waiting up to ``wait_s`` for them to go."""
     deadline = time.monotonic() + wait_s
     while True:
-        locks = repo.gc_blocked_by(plan, own)
+        locks = repo.gc.blocked_by(plan, own)
         if not locks or time.monotonic() >= deadline:
             return locks
         time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
@@ -134,12 +134,12 @@ def _carry_out(
     locks = _wait_for(repo, plan, own, wait_s)  # locks first, then snapshots: see _gc.py
     if locks:
         if plan.blocking_locks is None:
-            repo.gc_record_blocking(plan, locks)
+            repo.gc.record_blocking(plan, locks)
         result.postponed.append((plan, locks))
         return
     new = [s for s in load_snapshots(repo) if s.id not in plan.snapshots]
     repo.refresh_index()  # backups that wrote those snapshots indexed their packs first
-    result.finished.append(repo.gc_finish(plan, live_chunk_ids(repo, new)))
+    result.finished.append(repo.gc.finish(plan, live_chunk_ids(repo, new)))
 
 
 def prune(
@@ -160,22 +160,22 @@ def prune(
     result = PruneResult(dry_run=dry_run)
     if dry_run:
         with repo.lock(exclusive=False):
-            result.postponed = [(p, []) for p in repo.gc_pending()[0]]
+            result.postponed = [(p, []) for p in repo.gc.pending()[0]]
             snapshots = load_snapshots(repo)
             repo.refresh_index()
             result.plan = _plan(repo, snapshots, max_unused, cancel)
         return result
     with repo.prune_lock() as own:
-        plans, result.damaged_plans = repo.gc_pending()
+        plans, result.damaged_plans = repo.gc.pending()
         for name in result.damaged_plans:
-            repo.gc_drop_plan(name)
+            repo.gc.drop_plan(name)
         for plan in plans:
             _carry_out(repo, plan, own, wait_s, result)
         snapshots = load_snapshots(repo)
         repo.refresh_index()  # knows every chunk of the snapshots just listed
         result.plan = _plan(repo, snapshots, max_unused, cancel)
         if result.plan.delete or result.plan.repack:
-            pending = repo.gc_start(result.plan, [s.id for s in snapshots])
+            pending = repo.gc.start(result.plan, [s.id for s in snapshots])
             _carry_out(repo, pending, own, wait_s, result)
         result.retention_extended = repo.extend_retention(repo.indexed_packs())
     return result
@@ -184,7 +184,7 @@ def prune(
 def _plan(
     repo: Repository, snapshots: list[Snapshot], max_unused: float, cancel: Cancellation | None
 ) -> GcPlan:
-    plan = repo.gc_plan(live_chunk_ids(repo, snapshots, cancel), max_unused=max_unused)
+    plan = repo.gc.plan(live_chunk_ids(repo, snapshots, cancel), max_unused=max_unused)
     if plan.lost_chunks:
         raise DataDamagedError(
             f"prune of {repo.storage.properties.location} - {plan.lost_chunks} chunk(s) that "

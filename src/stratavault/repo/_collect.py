@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stratavault.errors import ObjectLockedError, ObjectNotFoundError
-from stratavault.repo import _formats as F
-from stratavault.repo._gc import GcPlan, Ids, PendingDeletion, read_plans, write_plan
-from stratavault.repo._index import Entry
+from stratavault.repo import _formats as F, _indexing
+from stratavault.repo._gc import GcPlan, Ids, PendingDeletion, compute_plan, read_plans, write_plan
+from stratavault.repo._index import ChunkIndex, Entry
 from stratavault.repo._locks import LockInfo
 from stratavault.repo._reading import read_pack_header, read_pack_sealed
 from stratavault.types import BlobKind, ChunkId
@@ -25,7 +25,7 @@ from stratavault.types import BlobKind, ChunkId
 if TYPE_CHECKING:
     from stratavault.repo._repository import Repository
 
-__all__ = ["GcResult", "blocked_by", "finish", "pending", "start"]
+__all__ = ["GarbageCollector", "GcResult"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +140,7 @@ def finish(repo: Repository, plan: PendingDeletion, new_live: Ids) -> GcResult:
             restored.append((pack, header))
             needed = needed[~np.isin(needed, header["id"])]
     if restored:
-        repo._index_packs(restored)
+        _indexing.index_packs(repo, restored)
         repo._save_cache()
     keep = {name for name, _ in restored}
     deleted = deleted_bytes = 0
@@ -158,12 +158,75 @@ def finish(repo: Repository, plan: PendingDeletion, new_live: Ids) -> GcResult:
         deleted += 1
         deleted_bytes += sizes[pack]
     if not locked:
-        repo.gc_drop_plan(plan.name)
+        drop_plan(repo, plan.name)
     found = tuple(sorted(locked.items()))
     return GcResult(deleted, deleted_bytes, tuple(sorted(keep)), len(needed), found)
+
+
+def pending_index(repo: Repository) -> ChunkIndex:
+    """The chunks of packs a prune took out of the index but has not deleted yet.
+
+    A backup that ran beside that prune may have used them (its snapshot is complete: the
+    next prune puts such packs back into the index). Reading falls back to them;
+    deduplication never does.
+    """
+    planned = planned_packs(repo)
+    sizes = {o.name: o.size_bytes for o in repo.storage.list(F.DATA_PREFIX) if o.name in planned}
+    pending = ChunkIndex()
+    for name, size in sorted(sizes.items()):
+        header = read_pack_header(repo.storage, repo._keys, name, size)
+        if header is not None:
+            pending.add_pack(name, header)
+    return pending
 
 
 def planned_packs(repo: Repository) -> set[str]:
     """Every pack some readable plan object names (never re-indexed by a backup)."""
     plans, _damaged = pending(repo)
     return {pack for plan in plans for pack in plan.packs}
+
+
+def drop_plan(repo: Repository, name: str) -> None:
+    """Remove a (damaged) plan object; its packs are indexed again by the next backup."""
+    with suppress(ObjectNotFoundError):
+        repo.storage.delete(name)
+
+
+class GarbageCollector:
+    """Prune's operations on one repository (``repo.gc``); the rule is in ``_gc.py``."""
+
+    def __init__(self, repo: Repository) -> None:
+        self._repo = repo
+
+    def plan(self, live: Ids, *, max_unused: float) -> GcPlan:
+        """What a prune would delete and repack, given the sorted unique ids of every live
+        chunk."""
+        repo = self._repo
+        repo.flush()
+        sizes = {obj.name: obj.size_bytes for obj in repo.storage.list(F.DATA_PREFIX)}
+        with repo._lock:
+            return compute_plan(repo._index, sizes, live, max_unused=max_unused)
+
+    def start(self, plan: GcPlan, snapshots: list[str]) -> PendingDeletion:
+        """Repack, write the plan object, rewrite the index without the planned packs."""
+        return start(self._repo, plan, snapshots)
+
+    def pending(self) -> tuple[list[PendingDeletion], list[str]]:
+        """Pending deletions on the backend (oldest first) and names of damaged plan objects."""
+        return pending(self._repo)
+
+    def blocked_by(self, plan: PendingDeletion, own_lock: str) -> list[LockInfo]:
+        """Locks that keep ``plan`` from being carried out now."""
+        return blocked_by(self._repo, plan, own_lock)
+
+    def record_blocking(self, plan: PendingDeletion, locks: list[LockInfo]) -> str:
+        """Write down which locks block ``plan``; return the plan object's new name."""
+        return record_blocking(self._repo, plan, locks)
+
+    def finish(self, plan: PendingDeletion, new_live: Ids) -> GcResult:
+        """Delete ``plan``'s packs, keeping those that chunks in ``new_live`` need."""
+        return finish(self._repo, plan, new_live)
+
+    def drop_plan(self, name: str) -> None:
+        """Remove a (damaged) plan object; its packs are indexed again by the next backup."""
+        drop_plan(self._repo, name)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 import threading
@@ -17,14 +16,20 @@ from typing import Any
 from stratavault.errors import (
     ChunkNotFoundError,
     DataDamagedError,
-    IntegrityError,
     ObjectExistsError,
     ObjectNotFoundError,
     RepositoryExistsError,
-    RepositoryNotFoundError,
-    UnsupportedFormatError,
 )
-from stratavault.repo import _collect, _formats as F, _immutable, _keyring, _reading, _snapshots
+from stratavault.repo import (
+    _collect,
+    _formats as F,
+    _immutable,
+    _indexing,
+    _keyring,
+    _reading,
+    _snapshots,
+)
+from stratavault.repo._config import new_config, read_config
 from stratavault.repo._crypto import (
     ChunkSealer,
     KdfParams,
@@ -33,10 +38,9 @@ from stratavault.repo._crypto import (
     compress,
     content_hash,
 )
-from stratavault.repo._gc import GcPlan, Ids, PendingDeletion, compute_plan
 from stratavault.repo._index import ChunkIndex, Entry, decode_index_object, encode_index_object
 from stratavault.repo._keys import KeyInfo
-from stratavault.repo._locks import EXCLUSIVE, PRUNE, SHARED, Locker, LockInfo
+from stratavault.repo._locks import EXCLUSIVE, PRUNE, SHARED, Locker
 from stratavault.repo._packs import OpenPack, SealedPack
 from stratavault.repo._uploader import Uploader
 from stratavault.repo._values import ChunkInfo, RepoStats
@@ -143,19 +147,8 @@ class Repository:
                 f"creating repository at {storage.properties.location} - a config already exists"
             )
         now = clock()
-        config: dict[str, Any] = {
-            "version": F.FORMAT_VERSION,
-            "id": os.urandom(32).hex(),
-            "created": dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="seconds"),
-            "chunker": {
-                "files": {"algorithm": "fastcdc", "min": 256 << 10, "avg": 1 << 20, "max": 4 << 20},
-                "disks": {"algorithm": "fixed", "size": 256 << 10},
-            },
-            "defaults": {"compression": "zstd", "level": 3, "pack_bytes": F.PACK_TARGET_BYTES},
-        }
+        config = new_config(now, immutable_days)
         keys = MasterKeys.generate()
-        if immutable_days is not None:
-            config["immutable_days"] = immutable_days
         if copy_params_from is not None:
             config["chunker"] = copy_params_from.config["chunker"]
             shared_id_key = copy_params_from._keys.material[F.KEY_BYTES :]
@@ -262,24 +255,12 @@ class Repository:
         return pending.packs[indexed.pack], indexed, None
 
     def _pending_index(self) -> ChunkIndex:
-        """Chunks of packs a prune took out of the index but has not deleted yet.
-
-        A backup that ran beside that prune may have used them (its snapshot is complete:
-        the next prune puts such packs back into the index). Reading falls back to them;
-        deduplication never does. Loaded once per session, when first needed.
-        """
+        """Chunks of packs a prune took out of the index but has not deleted yet (see
+        :func:`_collect.pending_index`); loaded once per session, when first needed."""
         with self._lock:
             if self._pending is not None:
                 return self._pending
-        planned = _collect.planned_packs(self)
-        sizes = {
-            o.name: o.size_bytes for o in self.storage.list(F.DATA_PREFIX) if o.name in planned
-        }
-        pending = ChunkIndex()
-        for name, size in sorted(sizes.items()):
-            header = _reading.read_pack_header(self.storage, self._keys, name, size)
-            if header is not None:
-                pending.add_pack(name, header)
+        pending = _collect.pending_index(self)
         with self._lock:
             self._pending = pending
         return pending
@@ -408,13 +389,7 @@ class Repository:
 
     def damaged_index_names(self) -> list[str]:
         """Read and authenticate every index object (not the cache); return the damaged ones."""
-        damaged = []
-        for obj in self.storage.list(F.INDEX_PREFIX):
-            try:
-                self._read_index_object(obj.name)
-            except DataDamagedError:
-                damaged.append(obj.name)
-        return sorted(damaged)
+        return _indexing.damaged_index_names(self)
 
     def rebuild_index(self) -> tuple[int, list[str]]:
         """Index every pack afresh from its own header, then delete the old index objects.
@@ -424,38 +399,11 @@ class Repository:
         ones are removed, so a crash leaves at worst both. Pending deletions of prune are
         cancelled (their packs are indexed again). Hold the exclusive lock.
         """
-        self.flush()
-        old = {obj.name for obj in self.storage.list(F.INDEX_PREFIX)}
-        found, unreadable = _reading.read_pack_headers(self.storage, self._keys)
-        with self._lock:
-            self._index, self._index_objects = ChunkIndex(), set()
-        self._index_packs(found)
-        for name in sorted(old - self._index_objects):
-            self.storage.delete(name)
-        for plan in self.storage.list(F.GC_PREFIX):
-            self.storage.delete(plan.name)
-        self._save_cache()
-        return len(found), unreadable
+        return _indexing.rebuild_index(self)
 
     def recover_unindexed_packs(self) -> int:
         """Index packs that no index object mentions (left by a crash); return their count."""
-        self.flush()
-        with self._lock:
-            known = set(self._index.packs)
-        known |= _collect.planned_packs(self)  # prune is deleting them: never re-index
-        found, _unreadable = _reading.read_pack_headers(self.storage, self._keys, skip=known)
-        self._index_packs(found)
-        self._save_cache()
-        return len(found)
-
-    def _index_packs(self, found: list[tuple[str, Any]]) -> None:
-        """Add packs' header entries to the index and write index objects for them."""
-        for start in range(0, len(found), self._opt.index_every_packs):
-            batch = found[start : start + self._opt.index_every_packs]
-            with self._lock:
-                for name, entries in batch:
-                    self._index.add_pack(name, entries)
-            self._write_index(batch)
+        return _indexing.recover_unindexed_packs(self)
 
     # --- snapshots ------------------------------------------------------------------------------
 
@@ -517,37 +465,10 @@ class Repository:
 
     # --- garbage collection (prune; the rule is in _gc.py and docs/format.md) -------------------
 
-    def gc_plan(self, live: Ids, *, max_unused: float) -> GcPlan:
-        """What a prune would delete and repack, given the sorted unique ids of every live chunk."""
-        self.flush()
-        sizes = {obj.name: obj.size_bytes for obj in self.storage.list(F.DATA_PREFIX)}
-        with self._lock:
-            return compute_plan(self._index, sizes, live, max_unused=max_unused)
-
-    def gc_start(self, plan: GcPlan, snapshots: list[str]) -> PendingDeletion:
-        """Repack, write the plan object, rewrite the index without the planned packs."""
-        return _collect.start(self, plan, snapshots)
-
-    def gc_pending(self) -> tuple[list[PendingDeletion], list[str]]:
-        """Pending deletions on the backend (oldest first) and names of damaged plan objects."""
-        return _collect.pending(self)
-
-    def gc_blocked_by(self, plan: PendingDeletion, own_lock: str) -> list[LockInfo]:
-        """Locks that keep ``plan`` from being carried out now."""
-        return _collect.blocked_by(self, plan, own_lock)
-
-    def gc_record_blocking(self, plan: PendingDeletion, locks: list[LockInfo]) -> str:
-        """Write down which locks block ``plan``; return the plan object's new name."""
-        return _collect.record_blocking(self, plan, locks)
-
-    def gc_finish(self, plan: PendingDeletion, new_live: Ids) -> _collect.GcResult:
-        """Delete ``plan``'s packs, keeping those that chunks in ``new_live`` need."""
-        return _collect.finish(self, plan, new_live)
-
-    def gc_drop_plan(self, name: str) -> None:
-        """Remove a (damaged) plan object; its packs are indexed again by the next backup."""
-        with suppress(ObjectNotFoundError):
-            self.storage.delete(name)
+    @property
+    def gc(self) -> _collect.GarbageCollector:
+        """Prune's operations on this repository."""
+        return _collect.GarbageCollector(self)
 
     def extend_retention(self, packs: Iterable[str]) -> int:
         """On an immutable repository: keep ``packs``, every snapshot, key slot and the config
@@ -619,25 +540,3 @@ class Repository:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def read_config(storage: Storage) -> dict[str, Any]:
-    """The public config object; RepositoryNotFoundError / UnsupportedFormatError."""
-    where = storage.properties.location
-    try:
-        raw = storage.get(F.CONFIG_NAME)
-    except ObjectNotFoundError as exc:
-        raise RepositoryNotFoundError(f"opening repository at {where} - no config object") from exc
-    try:
-        config: dict[str, Any] = json.loads(raw)
-        version = config["version"]
-        if not isinstance(version, int) or not isinstance(config["id"], str):
-            raise ValueError("version or id has the wrong type")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise IntegrityError(f"reading config of repository at {where} - malformed: {exc}") from exc
-    if version > F.FORMAT_VERSION:
-        raise UnsupportedFormatError(
-            f"opening repository at {where} - format version {version} is newer than "
-            f"{F.FORMAT_VERSION}, the newest this program knows; upgrade stratavault"
-        )
-    return config

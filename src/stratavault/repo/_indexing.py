@@ -1,0 +1,67 @@
+"""Index maintenance of a repository: checking, rebuilding and recovering index objects.
+
+The repository's public methods call these (they work on its private state).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from stratavault.errors import DataDamagedError
+from stratavault.repo import _collect, _formats as F, _reading
+from stratavault.repo._index import ChunkIndex
+
+if TYPE_CHECKING:
+    from stratavault.repo._repository import Repository
+
+__all__ = ["damaged_index_names", "index_packs", "rebuild_index", "recover_unindexed_packs"]
+
+
+def damaged_index_names(repo: Repository) -> list[str]:
+    """Read and authenticate every index object (not the cache); return the damaged ones."""
+    damaged = []
+    for obj in repo.storage.list(F.INDEX_PREFIX):
+        try:
+            repo._read_index_object(obj.name)
+        except DataDamagedError:
+            damaged.append(obj.name)
+    return sorted(damaged)
+
+
+def rebuild_index(repo: Repository) -> tuple[int, list[str]]:
+    """See :meth:`Repository.rebuild_index`."""
+    repo.flush()
+    old = {obj.name for obj in repo.storage.list(F.INDEX_PREFIX)}
+    found, unreadable = _reading.read_pack_headers(repo.storage, repo._keys)
+    with repo._lock:
+        repo._index, repo._index_objects = ChunkIndex(), set()
+    index_packs(repo, found)
+    for name in sorted(old - repo._index_objects):
+        repo.storage.delete(name)
+    for plan in repo.storage.list(F.GC_PREFIX):
+        repo.storage.delete(plan.name)
+    repo._save_cache()
+    return len(found), unreadable
+
+
+def recover_unindexed_packs(repo: Repository) -> int:
+    """See :meth:`Repository.recover_unindexed_packs`."""
+    repo.flush()
+    with repo._lock:
+        known = set(repo._index.packs)
+    known |= _collect.planned_packs(repo)  # prune is deleting them: never re-index
+    found, _unreadable = _reading.read_pack_headers(repo.storage, repo._keys, skip=known)
+    index_packs(repo, found)
+    repo._save_cache()
+    return len(found)
+
+
+def index_packs(repo: Repository, found: list[tuple[str, Any]]) -> None:
+    """Add packs' header entries to the index and write index objects for them."""
+    step = repo._opt.index_every_packs
+    for start in range(0, len(found), step):
+        batch = found[start : start + step]
+        with repo._lock:
+            for name, entries in batch:
+                repo._index.add_pack(name, entries)
+        repo._write_index(batch)
