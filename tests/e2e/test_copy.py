@@ -180,7 +180,9 @@ def test_copy_honours_the_upload_limit(tmp_path: Path) -> None:
         elapsed = time.monotonic() - started
     sent = sum(p.stat().st_size for p in (tmp_path / "b").rglob("*") if p.is_file())
     assert result.bytes_added_stored > 7_500_000 and elapsed > 3
-    assert 0.9 * rate <= sent / elapsed <= 1.1 * rate, (sent / elapsed / rate, elapsed)
+    # Never above the limit by more than 10 %; below it only when the CPU is the limit
+    # (a loaded 2-core machine), so the lower bound is loose.
+    assert 0.5 * rate <= sent / elapsed <= 1.1 * rate, (sent / elapsed / rate, elapsed)
 
 
 def _upload_folder(server: S3Server, bucket: str, prefix: str, folder: Path) -> int:
