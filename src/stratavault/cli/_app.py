@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import signal
 import sys
 from collections.abc import Sequence
@@ -11,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 
 from stratavault import __version__
+from stratavault._malloc import tune_malloc
 from stratavault.cli import (
     _cmd_backup,
     _cmd_cat,
@@ -149,22 +149,9 @@ def _options(ns: argparse.Namespace) -> GlobalOptions:
     )
 
 
-def _limit_malloc_arenas() -> None:
-    """Use one malloc arena: with worker threads, glibc's per-thread arenas hold on to
-    large freed buffers and inflate peak memory by 100 MB or more (measured in bench/)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_ARENA_MAX, 1)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to tune
-
-
-_M_ARENA_MAX = -8
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (documented in ``--help``)."""
-    _limit_malloc_arenas()
+    tune_malloc()
     parser = build_parser()
     try:
         ns = parser.parse_args(argv)

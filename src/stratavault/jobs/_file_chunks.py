@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from stratavault._malloc import tune_malloc
 from stratavault.chunking import CdcChunker
 from stratavault.jobs._progress import Cancellation
 from stratavault.snapshot import ContentRun
@@ -173,6 +174,7 @@ def init_seal_worker(sealer: ChunkSealer, level: int) -> None:
     global _worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
+    tune_malloc()
     _worker = (sealer, level)
 
 
