@@ -15,7 +15,7 @@ from stratavault.errors import (
     UsageError,
 )
 from stratavault.repo import KdfParams, Repository
-from stratavault.storage import FaultyStorage, MemoryStorage
+from stratavault.storage import FaultyStorage, MemoryStorage, StorageWrapper
 from stratavault.types import BlobKind, ChunkId
 
 from .conftest import PASS, SMALL_PACK, open_repo, random_chunks
@@ -215,3 +215,31 @@ def test_local_storage_round_trip(tmp_path: Path) -> None:
         ids = add_all(repo, chunks)
     with Repository.open(storage, PASS, cache_dir=tmp_path / "c") as again:
         assert [again.read_chunk(i) for i in ids] == chunks
+
+
+class _CountingGets(StorageWrapper):
+    def __init__(self, inner: MemoryStorage) -> None:
+        super().__init__(inner)
+        self.gets = 0
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        self.gets += 1
+        return super().get(name, offset, length)
+
+
+def test_trees_are_read_in_windows(repo: Repository, storage: MemoryStorage, cache: Path) -> None:
+    """Reading a snapshot's trees costs about one read per pack, not one per folder (what an
+    incremental backup from a remote repository pays in requests)."""
+    ids = []
+    for data in random_chunks(300, 2_000):
+        cid = repo.chunk_id(data)
+        repo.add_chunk(cid, data, BlobKind.TREE)
+        ids.append((cid, data))
+    repo.close()
+    counting = _CountingGets(storage)
+    with Repository.open(counting, PASS, cache_dir=cache) as again:
+        before = counting.gets
+        for cid, data in reversed(ids):  # root first: the order a walk asks for them
+            assert again.read_chunk(cid) == data
+        packs = len(list(storage.list("data/")))
+        assert counting.gets - before <= packs + 1 < len(ids) // 10

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +25,7 @@ from stratavault.repo._packs import parse_pack_tail
 from stratavault.storage import Storage
 
 __all__ = [
+    "WindowCache",
     "get_range",
     "open_blob",
     "open_document",
@@ -80,6 +82,34 @@ def get_range(storage: Storage, pack: str, offset: int, length: int) -> bytes:
         return storage.get(pack, offset, length)
     except ObjectNotFoundError as exc:
         raise ChunkNotFoundError(f"reading pack {pack} - missing from the backend") from exc
+
+
+class WindowCache:
+    """The last few ranges read from packs around tree blobs, so that walking a snapshot's
+    trees reads a pack in a few large pieces instead of one read per folder.
+
+    A window ends at the blob asked for: trees are written as folders close (children
+    before their parent), and read from the root down, so the next trees asked for lie
+    just before the last one.
+    """
+
+    def __init__(self, window: int = 1 << 20, windows: int = 4) -> None:
+        self._window, self._windows = window, windows
+        self._cached: list[tuple[str, int, bytes]] = []
+        self._lock = threading.Lock()
+
+    def get(self, storage: Storage, pack: str, offset: int, length: int) -> bytes:
+        """``length`` bytes of ``pack`` at ``offset``, from a cached window when possible."""
+        with self._lock:
+            for name, start, data in self._cached:
+                if name == pack and start <= offset and offset + length <= start + len(data):
+                    return data[offset - start : offset - start + length]
+        start = max(0, offset + length - max(self._window, length))
+        data = get_range(storage, pack, start, offset + length - start)
+        with self._lock:
+            self._cached.append((pack, start, data))
+            del self._cached[: -self._windows]
+        return data[offset - start :]
 
 
 def read_pack_blobs(

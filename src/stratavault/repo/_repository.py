@@ -97,6 +97,7 @@ class Repository:
         self._index = ChunkIndex()
         self._index_objects: set[str] = set()
         self._pending: ChunkIndex | None = None
+        self._tree_windows = _reading.WindowCache()
         self._inflight: dict[bytes, tuple[OpenPack, Entry]] = {}
         self._open_packs: dict[int, OpenPack] = {}
         """The pack being filled, per blob kind: trees go into packs of their own, so the
@@ -278,7 +279,9 @@ class Repository:
     def read_chunk(self, chunk_id: ChunkId) -> bytes:
         """The plaintext of a chunk, verified; ChunkNotFoundError / IntegrityError."""
         pack, entry, blob = self._locate(chunk_id)
-        if blob is None:
+        if blob is None and entry.kind == BlobKind.TREE:
+            blob = self._tree_windows.get(self.storage, pack, entry.offset, entry.stored)
+        elif blob is None:
             blob = _reading.get_range(self.storage, pack, entry.offset, entry.stored)
         return _reading.open_blob(self._keys, pack, chunk_id, entry, blob)
 
