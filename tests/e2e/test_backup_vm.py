@@ -25,6 +25,7 @@ from stratavault.jobs import (
     restore_disk,
     restore_vm,
     vm_command,
+    without_network,
 )
 from stratavault.repo import KdfParams, Repository
 from stratavault.snapshot import Snapshot
@@ -236,6 +237,10 @@ def test_vm_command_rewrites_disks_sockets_and_name(tmp_path: Path) -> None:
     assert f"file={tmp_path}/b.raw" in text and f'"filename":"{tmp_path}/a.qcow2"' in text
     assert f"path={tmp_path}/qga.sock" in text and f"file:{tmp_path}/old-serial.log" in text
     assert argv[-2:] == ["-qmp", f"unix:{tmp_path}/qmp.sock,server=on,wait=off"]
+    with_nic = [*argv, "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0"]
+    isolated = without_network(with_nic)
+    assert "-netdev" not in isolated and "virtio-net-pci,netdev=n0" not in isolated
+    assert isolated[-2:] == ["-nic", "none"] and "-blockdev" in isolated
 
 
 def test_backup_vm_and_restore_vm_from_the_command_line(

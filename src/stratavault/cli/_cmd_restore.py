@@ -88,6 +88,9 @@ def register(
     )
     v = p.add_argument_group("VMs")
     v.add_argument("--start", action="store_true", help="vm: start it from the restored disks")
+    v.add_argument(
+        "--no-network", action="store_true", help="vm: without its network devices (-nic none)"
+    )
     v.add_argument("--name", default="", help="vm, with --start: its name (default: NAME-restored)")
     v.add_argument(
         "--instant",
@@ -120,8 +123,10 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
         if ns.to is None or ns.migrate_to is not None:
             raise UsageError("usage: restore vm SNAPSHOT --to DIR (--migrate-to needs --instant)")
         return run_vm(ns, words[1], options)
-    if ns.start or ns.name or ns.instant or ns.migrate_to or ns.migrate_limit:
-        raise UsageError("restore: --start, --name, --instant, --migrate-to are for restore vm")
+    if ns.start or ns.name or ns.instant or ns.migrate_to or ns.migrate_limit or ns.no_network:
+        raise UsageError(
+            "restore: --start, --name, --no-network, --instant, --migrate-to are for restore vm"
+        )
     if words[0] == "disk":  # never a snapshot reference: those are 'latest' or hex
         if len(words) != 2 or ns.target or ns.include or ns.exclude or ns.ignore_errors:
             raise UsageError("usage: restore disk SNAPSHOT[:DISK] --to FILE|DEVICE (or --onto)")

@@ -26,8 +26,9 @@ def run_vm(ns: argparse.Namespace, ref: str, options: GlobalOptions) -> int:
     """Restore every disk and the configuration; with --start, start the VM."""
     out = Output(json_mode=options.json, quiet=options.quiet)
     job = RestoreVmOptions(
-        target_dir=Path(ns.to), format=ns.format, start=ns.start, name=ns.name, verify=ns.verify
-    )
+        target_dir=Path(ns.to), format=ns.format, start=ns.start, name=ns.name,
+        verify=ns.verify, no_network=ns.no_network,
+    )  # fmt: skip
     progress = make_progress(json_mode=options.json, quiet=options.quiet)
     with open_repo(options) as repo:
         snap = find_snapshot(repo, ref)

@@ -121,6 +121,9 @@ if TYPE_CHECKING:
         BootCheckResult as BootCheckResult,
         verify_boot as verify_boot,
     )
-    from stratavault.jobs._vm_boot import vm_command as vm_command
+    from stratavault.jobs._vm_boot import (
+        vm_command as vm_command,
+        without_network as without_network,
+    )
 
 __all__, __getattr__ = lazy_exports(__name__, __file__)

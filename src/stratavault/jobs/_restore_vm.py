@@ -14,7 +14,7 @@ from typing import Any
 from stratavault.errors import RestoreError, UsageError
 from stratavault.jobs._progress import Cancellation, Progress
 from stratavault.jobs._restore_disk import RestoreDiskOptions, RestoreDiskResult, restore_disk
-from stratavault.jobs._vm_boot import start_qemu, vm_command
+from stratavault.jobs._vm_boot import start_qemu, vm_command, without_network
 from stratavault.repo import Repository
 from stratavault.snapshot import Snapshot
 
@@ -32,6 +32,9 @@ class RestoreVmOptions:
     """Format of every restored disk; default: each disk's original format when it is raw
     or qcow2, else qcow2."""
     start: bool = False
+    no_network: bool = False
+    """Start the VM without its network devices (``-nic none``): a copy that must not meet
+    the original on the network."""
     name: str = ""
     """Name of the started VM (default: the original name + "-restored")."""
     verify: bool = False
@@ -98,6 +101,8 @@ def restore_vm(
     if config.get("argv"):
         name = options.name or f"{config.get('name') or snapshot.paths[0]}-restored"
         result.command = vm_command(config, result.disks, name, options.target_dir)
+        if options.no_network:
+            result.command = without_network(result.command)
         (options.target_dir / "start.sh").write_text(
             "#!/bin/sh\nexec " + shlex.join(result.command) + "\n"
         )

@@ -24,6 +24,7 @@ __all__ = [
     "start_qemu",
     "vm_command",
     "wait_gone",
+    "without_network",
 ]
 
 _NETWORK_OPTIONS = ("-netdev", "-nic", "-net")
@@ -102,13 +103,13 @@ def _as_qcow2(arg: str, overlays: Mapping[str, Path]) -> str:
     return re.sub(r"(^|,)format=raw(,|$)", r"\1format=qcow2\2", arg)
 
 
-def _isolate(argv: list[str], console: Path) -> list[str]:
-    """No network (every -netdev/-nic/-net and NIC device out, ``-nic none`` in) and one
-    serial console into ``console``."""
+def without_network(argv: list[str], *, drop: tuple[str, ...] = ()) -> list[str]:
+    """The command line with no network: every -netdev/-nic/-net option and NIC device
+    (and the options in ``drop``) out, ``-nic none`` in."""
     out: list[str] = []
     args = iter(argv)
     for arg in args:
-        if arg in (*_NETWORK_OPTIONS, "-serial"):
+        if arg in (*_NETWORK_OPTIONS, *drop):
             next(args, None)
             continue
         if arg == "-device":
@@ -117,7 +118,12 @@ def _isolate(argv: list[str], console: Path) -> list[str]:
                 out += [arg, value]
             continue
         out.append(arg)
-    return [*out, "-nic", "none", "-serial", f"file:{console}"]
+    return [*out, "-nic", "none"]
+
+
+def _isolate(argv: list[str], console: Path) -> list[str]:
+    """No network and one serial console into ``console``."""
+    return [*without_network(argv, drop=("-serial",)), "-serial", f"file:{console}"]
 
 
 def boot_command(
