@@ -12,13 +12,13 @@ readers that want the same missing chunk wait for one fetch.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import threading
 from collections import OrderedDict, deque
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+from stratavault._positional import PositionalReader
 from stratavault.errors import IntegrityError
 from stratavault.jobs._restore_disk import select_disk
 from stratavault.repo import Repository
@@ -38,7 +38,7 @@ _STREAMS = 16
 """Recent read ends remembered to recognise sequential readers among concurrent ones."""
 
 
-class DiskReader(io.RawIOBase):
+class DiskReader(PositionalReader):
     """One disk of a snapshot as a seekable, read-only binary file; thread-safe.
 
     ``read``/``seek``/``tell`` share one position (serialised by a lock); ``read_at`` and
@@ -65,8 +65,6 @@ class DiskReader(io.RawIOBase):
         self._capacity = max(cache_bytes // self.chunk_bytes, 2)
         ahead = max(readahead_bytes // self.chunk_bytes, 1)
         self._ahead = min(ahead, max(self._capacity // 2, 1))
-        self._pos = 0
-        self._pos_lock = threading.Lock()
         self._lock = threading.Lock()
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._inflight: dict[bytes, Future[bytes]] = {}
@@ -83,41 +81,6 @@ class DiskReader(io.RawIOBase):
     def size(self) -> int:
         """Size of the disk in bytes."""
         return self._size
-
-    def readable(self) -> bool:
-        """Always true."""
-        return True
-
-    def seekable(self) -> bool:
-        """Always true."""
-        return True
-
-    def tell(self) -> int:
-        """The current position."""
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        """Move the position (past the end is allowed; reads there return ``b""``)."""
-        with self._pos_lock:
-            base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}.get(whence)
-            if base is None:
-                raise ValueError(f"disk {self.name}: bad whence {whence}")
-            if base + offset < 0:
-                raise ValueError(f"disk {self.name}: seek to negative offset {base + offset}")
-            self._pos = base + offset
-            return self._pos
-
-    def read(self, size: int | None = -1) -> bytes:
-        """Up to ``size`` bytes from the position (all the rest when ``size`` < 0)."""
-        with self._pos_lock:
-            want = self._size - self._pos if size is None or size < 0 else size
-            data = self.read_at(self._pos, want)
-            self._pos += len(data)
-            return data
-
-    def readall(self) -> bytes:
-        """Everything from the position to the end."""
-        return self.read(-1)
 
     def readinto(self, buffer: WriteableBuffer) -> int:
         """Fill ``buffer`` from the position; the number of bytes read."""

@@ -8,11 +8,11 @@ table, and ``VG-LV`` (device-mapper style) for an LVM2 logical volume.
 
 from __future__ import annotations
 
-import io
 import threading
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from stratavault._positional import PositionalReader
 from stratavault.errors import SourceError
 from stratavault.sources._flr_fs import detect_filesystem
 
@@ -59,7 +59,7 @@ class FlrVolume:
         }
 
 
-class VolumeWindow(io.RawIOBase):
+class VolumeWindow(PositionalReader):
     """Bytes ``offset`` .. ``offset + size`` of ``fh`` as a seekable file (never beyond).
 
     Uses ``fh.read_at(offset, size)`` when ``fh`` has it (position-free, thread-safe), else
@@ -68,56 +68,27 @@ class VolumeWindow(io.RawIOBase):
 
     def __init__(self, fh: Any, offset: int, size: int, lock: threading.Lock) -> None:
         super().__init__()
-        self._fh, self._offset, self.size = fh, offset, size
-        self._pos = 0
+        self._fh, self._offset, self._size = fh, offset, size
         self._lock = lock
-        self._read_at = getattr(fh, "read_at", None)
+        self._fh_read_at = getattr(fh, "read_at", None)
 
-    def readable(self) -> bool:
-        """Always true."""
-        return True
+    @property
+    def size(self) -> int:
+        """Size of the volume in bytes."""
+        return self._size
 
-    def seekable(self) -> bool:
-        """Always true."""
-        return True
-
-    def tell(self) -> int:
-        """The current position."""
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        """Move the position."""
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
-        if base + offset < 0:
-            raise ValueError(f"seek to negative offset {base + offset}")
-        self._pos = base + offset
-        return self._pos
-
-    def read(self, size: int | None = -1) -> bytes:
-        """Up to ``size`` bytes from the position (the rest of the volume when < 0)."""
-        left = max(0, self.size - self._pos)
-        want = left if size is None or size < 0 else min(size, left)
-        if want == 0:
+    def read_at(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset`` of the volume (never beyond its end)."""
+        length = max(0, min(length, self._size - offset))
+        if length == 0:
             return b""
-        if self._read_at is not None:
-            data: bytes = self._read_at(self._offset + self._pos, want)
-        else:
-            with self._lock:
-                self._fh.seek(self._offset + self._pos)
-                data = self._fh.read(want)
-        self._pos += len(data)
+        if self._fh_read_at is not None:
+            data: bytes = self._fh_read_at(self._offset + offset, length)
+            return data
+        with self._lock:
+            self._fh.seek(self._offset + offset)
+            data = self._fh.read(length)
         return data
-
-    def readall(self) -> bytes:
-        """The rest of the volume."""
-        return self.read(-1)
-
-    def readinto(self, buffer: Any) -> int:
-        """Fill ``buffer`` from the position."""
-        view = memoryview(buffer).cast("B")
-        data = self.read(len(view))
-        view[: len(data)] = data
-        return len(data)
 
 
 def _head(stream: Any) -> bytes:
