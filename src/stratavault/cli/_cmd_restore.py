@@ -44,6 +44,13 @@ def register(
         "SNAPSHOT:DISK[:PARTITION]/PATH restores files out of its filesystem",
     )
     p.add_argument("-t", "--target", type=Path, help="files: folder to restore into")
+    _add_disk_options(p)
+    _add_file_options(p)
+    _add_vm_options(p)
+    p.set_defaults(run=run)
+
+
+def _add_disk_options(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("disks")
     d.add_argument(
         "--to", metavar="FILE|DEVICE|NBD-URI", help="disk: new file, a device or an NBD export"
@@ -61,6 +68,9 @@ def register(
         action="store_true",
         help="disk, with --onto: compare and write only the chunks that differ",
     )
+
+
+def _add_file_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-i",
         "--include",
@@ -86,6 +96,9 @@ def register(
     p.add_argument(
         "--numeric-owner", action="store_true", help="restore owners by number, not by name"
     )
+
+
+def _add_vm_options(p: argparse.ArgumentParser) -> None:
     v = p.add_argument_group("VMs")
     v.add_argument("--start", action="store_true", help="vm: start it from the restored disks")
     v.add_argument(
@@ -109,7 +122,6 @@ def register(
         metavar="KiB/s",
         help="vm, --migrate-to: limit the copy of each disk (spare the storage)",
     )
-    p.set_defaults(run=run)
 
 
 def run(ns: argparse.Namespace, options: GlobalOptions) -> int:

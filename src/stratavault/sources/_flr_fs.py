@@ -147,6 +147,29 @@ class _UnixFs(FlrFilesystem):
     def _entry(self, name: str, node: Any) -> FlrEntry:
         raise NotImplementedError
 
+    def _unix_entry(
+        self, name: str, node: Any, mode: int, uid: int, gid: int, nlink: int, rdev: int
+    ) -> FlrEntry:
+        """The entry of an inode of a Unix filesystem (ext, XFS), from its raw fields."""
+        kind = _type_of(mode)
+        size = node.size
+        return FlrEntry(
+            name=name,
+            type=kind,
+            mode=stat.S_IMODE(mode),
+            uid=uid,
+            gid=gid,
+            size=size if kind == EntryType.FILE else 0,
+            mtime_ns=node.mtime_ns,
+            atime_ns=node.atime_ns,
+            ctime_ns=node.ctime_ns,
+            nlink=nlink,
+            inode=node.inum,
+            link_target=self._link(node, size) if kind == EntryType.SYMLINK else None,
+            rdev=rdev,
+            node=node,
+        )
+
     @staticmethod
     def _link(node: Any, size: int) -> str:
         if size > MAX_LINK_BYTES:
@@ -158,28 +181,12 @@ class _UnixFs(FlrFilesystem):
 class _ExtFs(_UnixFs):
     def _entry(self, name: str, node: Any) -> FlrEntry:
         raw = node.inode
-        mode = raw.i_mode
-        kind = _type_of(mode)
-        size = node.size
         rdev = 0
-        if kind in (EntryType.CHARDEV, EntryType.BLOCKDEV):
+        if _type_of(raw.i_mode) in (EntryType.CHARDEV, EntryType.BLOCKDEV):
             rdev = _ext_rdev(bytes(raw.i_block))
-        return FlrEntry(
-            name=name,
-            type=kind,
-            mode=stat.S_IMODE(mode),
-            uid=raw.i_uid | (raw.i_uid_high << 16),
-            gid=raw.i_gid | (raw.i_gid_high << 16),
-            size=size if kind == EntryType.FILE else 0,
-            mtime_ns=node.mtime_ns,
-            atime_ns=node.atime_ns,
-            ctime_ns=node.ctime_ns,
-            nlink=raw.i_links_count,
-            inode=node.inum,
-            link_target=self._link(node, size) if kind == EntryType.SYMLINK else None,
-            rdev=rdev,
-            node=node,
-        )
+        uid = raw.i_uid | (raw.i_uid_high << 16)
+        gid = raw.i_gid | (raw.i_gid_high << 16)
+        return self._unix_entry(name, node, raw.i_mode, uid, gid, raw.i_links_count, rdev)
 
 
 def _ext_rdev(block: bytes) -> int:
@@ -199,24 +206,7 @@ class _XfsFs(_UnixFs):
 
     def _entry(self, name: str, node: Any) -> FlrEntry:
         raw = node.inode
-        mode = raw.di_mode
-        kind = _type_of(mode)
-        size = node.size
-        return FlrEntry(
-            name=name,
-            type=kind,
-            mode=stat.S_IMODE(mode),
-            uid=raw.di_uid,
-            gid=raw.di_gid,
-            size=size if kind == EntryType.FILE else 0,
-            mtime_ns=node.mtime_ns,
-            atime_ns=node.atime_ns,
-            ctime_ns=node.ctime_ns,
-            nlink=raw.di_nlink,
-            inode=node.inum,
-            link_target=self._link(node, size) if kind == EntryType.SYMLINK else None,
-            node=node,
-        )
+        return self._unix_entry(name, node, raw.di_mode, raw.di_uid, raw.di_gid, raw.di_nlink, 0)
 
 
 class _BtrfsFs(FlrFilesystem):
