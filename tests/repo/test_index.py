@@ -59,6 +59,22 @@ def test_ids_with_trailing_zero_bytes() -> None:
     index.merge_pending()
     assert index.lookup(a) == Entry(0, 0, 1, 1, 1)
     assert index.lookup(b) is None
+    assert index.missing([a, b]) == {b}
+
+
+def test_missing_checks_many_ids_across_runs_and_fresh_entries() -> None:
+    ids = [os.urandom(30) + b"\0\0" if i % 50 == 0 else os.urandom(32) for i in range(1000)]
+    index = ChunkIndex()
+    for start, stop in ((0, 600), (600, 800)):  # two sorted runs
+        for i in range(start, stop):
+            index.add(ids[i], Entry(0, 0, i, 1, 1))
+        index.merge_pending()
+    for i in range(800, 900):  # still in the session dict
+        index.add(ids[i], Entry(0, 0, i, 1, 1))
+    assert index.missing(ids) == set(ids[900:])
+    assert index.missing(ids[:900]) == set()
+    assert all((c in index) is (c not in index.missing([c])) for c in ids[::37])
+    assert ChunkIndex().missing(ids[:3]) == set(ids[:3])
 
 
 def test_cache_written_extended_and_rebuilt(tmp_path: Path) -> None:

@@ -270,8 +270,10 @@ def _plan(
     if source.size_bytes != old.size_bytes:  # resized: read what the parent did not have whole
         tail = min(source.size_bytes, old.size_bytes) // old.chunk_bytes * old.chunk_bytes
         extents.append((tail, source.size_bytes - tail))
-    for number, cid in list(index.entries()):
-        if not repo.has_chunk(cid):  # removed since (damaged and repaired): read it again
+    entries = list(index.entries())
+    missing = repo.missing_chunks([cid for _, cid in entries])
+    for number, cid in entries:
+        if cid in missing:  # removed since (damaged and repaired): read it again
             start, end = index.chunk_range(number)
             extents.append((start, end - start))
             index.put(number, None)

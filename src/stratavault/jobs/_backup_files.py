@@ -52,7 +52,6 @@ from stratavault.snapshot import (
     NodeType,
     Snapshot,
     SnapshotSummary,
-    content_runs,
     latest,
     load_snapshots,
     save_snapshot,
@@ -179,9 +178,10 @@ class _Run:
     # -- files ---------------------------------------------------------------
     def add_file(self, entry: FsEntry, node: Node, container: _Dir) -> None:
         """Reuse the parent's content for an unchanged file, else schedule a read."""
-        old = self.parents.lookup(entry.parent, entry.name)
+        listing = self.parents.listing(entry.parent)
+        old = listing.by_name.get(entry.name)
         self.summary.bytes_processed += entry.size
-        content = self._unchanged_content(old, entry) if old is not None else None
+        content = self._unchanged_content(old, listing, entry) if old is not None else None
         if content is not None:
             node.content = content
             self.summary.files_unmodified += 1
@@ -223,9 +223,13 @@ class _Run:
         """Stop the readers: wait for running tasks, drop queued ones when cancelling."""
         self.readers.shutdown(cancel=cancel)
 
-    def _unchanged_content(self, old: dict[str, Any], entry: FsEntry) -> list[ContentRun] | None:
-        """The parent's content runs if the file looks unchanged since then, else None."""
-        if old.get("type") != NodeType.FILE or "error" in old or self.options.force_read:
+    def _unchanged_content(
+        self, old: dict[str, Any], listing: ParentListing, entry: FsEntry
+    ) -> list[ContentRun] | None:
+        """The parent's content runs if the file looks unchanged since then and its
+        chunks are all stored, else None."""
+        runs = listing.content.get(entry.name)
+        if runs is None or self.options.force_read:
             return None
         stamp = FileStamp(
             old.get("size", -1),
@@ -233,15 +237,7 @@ class _Run:
             old.get("ctime_ns", -1),
             old.get("inode", -1),
         )
-        if not same_file_stat(stamp, entry.stamp):
-            return None
-        try:
-            runs = content_runs(old)
-        except (KeyError, TypeError, ValueError):
-            return None
-        if all(cid is None or self.repo.has_chunk(cid) for cid, _ in runs):
-            return runs
-        return None
+        return runs if same_file_stat(stamp, entry.stamp) else None
 
     def _count_bytes(self, n: int) -> None:
         with self.lock:
@@ -295,9 +291,8 @@ class _Run:
         """Store the folder's listing, or reuse the parent's tree when it is the same."""
         docs = tree_docs(d.children)
         old = d.old
-        same = old is not None and old.tree is not None and docs == old.docs
-        if same and old and old.tree and self.repo.has_chunk(old.tree):
-            return old.tree
+        if old is not None and old.tree is not None and docs == old.docs:
+            return old.tree  # read from the repository a moment ago: stored
         return save_tree_docs(self.repo, docs)
 
     def finish_closed(self, *, block: bool) -> None:

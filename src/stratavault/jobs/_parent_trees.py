@@ -13,7 +13,7 @@ from typing import Any
 
 from stratavault.errors import DataDamagedError
 from stratavault.repo import Repository
-from stratavault.snapshot import NodeType, TreeDocs, load_tree_docs
+from stratavault.snapshot import ContentRun, NodeType, TreeDocs, content_runs, load_tree_docs
 from stratavault.types import ChunkId
 
 __all__ = ["ParentListing", "ParentTrees"]
@@ -21,11 +21,15 @@ __all__ = ["ParentListing", "ParentTrees"]
 
 @dataclass(slots=True)
 class ParentListing:
-    """One folder of the parent snapshot: its tree id and entries (JSON form)."""
+    """One folder of the parent snapshot: its tree id (read from the repository, so
+    stored) and entries (JSON form)."""
 
     tree: ChunkId | None = None
     docs: TreeDocs = field(default_factory=list)
     by_name: dict[str, dict[str, Any]] = field(default_factory=dict)
+    content: dict[str, list[ContentRun]] = field(default_factory=dict)
+    """The content runs of the complete files whose chunks are all stored, by name:
+    what an unchanged file may reuse."""
 
 
 _EMPTY = ParentListing()
@@ -74,4 +78,24 @@ class ParentTrees:
             docs = load_tree_docs(self._repo, tree_id)
         except (DataDamagedError, ValueError):
             return _EMPTY
-        return ParentListing(tree_id, docs, {d["name"]: d for d in docs if "name" in d})
+        by_name = {d["name"]: d for d in docs if "name" in d}
+        return ParentListing(tree_id, docs, by_name, self._reusable(by_name))
+
+    def _reusable(self, by_name: dict[str, dict[str, Any]]) -> dict[str, list[ContentRun]]:
+        """Content of the folder's complete files, checked against the index at once."""
+        content: dict[str, list[ContentRun]] = {}
+        for name, doc in by_name.items():
+            if doc.get("type") == NodeType.FILE and "error" not in doc:
+                try:
+                    content[name] = content_runs(doc)
+                except (KeyError, TypeError, ValueError):
+                    continue
+        ids = [cid for runs in content.values() for cid, _ in runs if cid is not None]
+        missing = self._repo.missing_chunks(ids) if ids else set()
+        if missing:
+            content = {
+                name: runs
+                for name, runs in content.items()
+                if not any(cid in missing for cid, _ in runs)
+            }
+        return content

@@ -147,6 +147,20 @@ class ChunkIndex:
     def __contains__(self, chunk_id: bytes) -> bool:
         return chunk_id in self._pending or self._find(chunk_id) is not None
 
+    def missing(self, chunk_ids: list[bytes]) -> set[bytes]:
+        """The ids of ``chunk_ids`` that are not in the index: one vectorized binary search
+        per run for the whole list (a folder's files at once), not one per id."""
+        wanted = [c for c in chunk_ids if c not in self._pending]
+        if not wanted:
+            return set()
+        keys = np.array(wanted, dtype="S32")
+        found = np.zeros(len(keys), dtype=bool)
+        for ids in self._ids:
+            pos = ids.searchsorted(keys)
+            inside = pos < len(ids)
+            found[inside] |= ids[pos[inside]] == keys[inside]
+        return {wanted[i] for i in np.flatnonzero(~found)}
+
     def merged(self) -> Array:
         """All entries as one sorted array (merges everything)."""
         self.merge_pending()
