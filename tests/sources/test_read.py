@@ -154,11 +154,21 @@ def test_prefetch_files_ignores_missing_and_special_files(tmp_path: Path) -> Non
     assert data.read_bytes() == b"x" * 100_000
 
 
-def test_prefetch_metadata_walks_everything_and_survives_errors(tmp_path: Path) -> None:
+def test_prefetch_metadata_counts_files_and_survives_errors(tmp_path: Path) -> None:
     from stratavault.sources import prefetch_metadata
 
     for i in range(5):
         (tmp_path / "a" / f"d{i}").mkdir(parents=True)
-        (tmp_path / "a" / f"d{i}" / "f").write_text("x")
+        (tmp_path / "a" / f"d{i}" / "f").write_text("x" * (i + 1))
     os.symlink("/nonexistent", tmp_path / "a" / "dangling")
-    assert prefetch_metadata([str(tmp_path / "a"), str(tmp_path / "missing")]) == 11
+    (tmp_path / "single").write_bytes(b"12345678")
+    roots = [str(tmp_path / "a"), str(tmp_path / "missing"), str(tmp_path / "single")]
+    assert prefetch_metadata(roots) == (6, 15 + 8)
+    excluded = prefetch_metadata(roots, excludes=[str(tmp_path / "a" / "d[01]")])
+    assert excluded == (4, 12 + 8)
+    locked = tmp_path / "a" / "d4"
+    locked.chmod(0)
+    try:
+        assert prefetch_metadata(roots)[0] == (5 if os.geteuid() != 0 else 6)
+    finally:
+        locked.chmod(0o755)

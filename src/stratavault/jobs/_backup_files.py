@@ -28,11 +28,11 @@ from typing import Any
 from stratavault import __version__
 from stratavault.errors import Interrupted, UsageError
 from stratavault.jobs._backup_sources import (
+    TreeScan,
     absolute_roots,
     ancestors,
     entry_of,
     node_from_entry,
-    start_metadata_prefetch,
 )
 from stratavault.jobs._file_readers import Batch, FileReaders, FileResults
 from stratavault.jobs._parent_trees import ParentListing, ParentTrees
@@ -60,7 +60,7 @@ from stratavault.snapshot import (
     select_snapshots,
     tree_docs,
 )
-from stratavault.sources import FileStamp, FsEntry, same_file_stat, walk
+from stratavault.sources import FileStamp, FsEntry, read_exclude_file, same_file_stat, walk
 from stratavault.types import ChunkId
 
 __all__ = ["BackupFilesOptions", "backup_files"]
@@ -391,45 +391,38 @@ def backup_files(
         paths = [str(r) for r in roots]
         parent = _pick_parent(repo, options, paths)
         run = _Run(repo, options, parent, progress, cancel)
-        scan = threading.Thread(target=_scan_totals, args=(run, roots), name="scan", daemon=True)
-        if options.scan_totals:
-            scan.start()
-        # An incremental backup mostly walks: read the inodes ahead in another process.
-        prefetch = (
-            start_metadata_prefetch(roots, one_file_system=options.one_file_system)
-            if parent is not None
-            else None
-        )
+        scan = _start_tree_scan(run, roots) if parent is not None or options.scan_totals else None
         try:
             with Ticker(progress, run.state):
                 snapshot = _run_and_save(run, roots, paths, parent, started, t0)
+                if scan is not None:
+                    scan.finish()
         finally:
-            if prefetch is not None:
-                prefetch.kill()
-                prefetch.join()
-        if scan.is_alive():
-            scan.join()  # it walks what the backup walked: it is about done
+            if scan is not None:
+                scan.stop()
     progress.done(run.state)
     return snapshot
 
 
-def _scan_totals(run: _Run, roots: list[PurePosixPath]) -> None:
-    """Set the progress totals from a walk of its own (errors are the backup's to report)."""
-    files = size = 0
+def _start_tree_scan(run: _Run, roots: list[PurePosixPath]) -> TreeScan | None:
+    """Start the process that reads the inodes ahead of the walk (an incremental backup
+    mostly walks) and counts the totals that progress shows; None if it cannot start
+    (it only makes the backup faster and its progress nicer)."""
     opts = run.options
-    for entry in walk(
-        [Path(r) for r in roots],
-        excludes=opts.excludes,
-        exclude_files=opts.exclude_files,
-        one_file_system=opts.one_file_system,
-        on_error=lambda _path, _exc: None,
-    ):
-        if run.cancel.cancelled:
-            return
-        if entry.type == NodeType.FILE:
-            files += 1
-            size += entry.size
-    run.state.files_total, run.state.bytes_total = files, size
+    patterns = [*opts.excludes, *(p for f in opts.exclude_files for p in read_exclude_file(f))]
+
+    def set_totals(totals: tuple[int, int]) -> None:
+        run.state.files_total, run.state.bytes_total = totals
+
+    try:
+        return TreeScan(
+            roots,
+            one_file_system=opts.one_file_system,
+            excludes=patterns,
+            on_totals=set_totals if opts.scan_totals else None,
+        )
+    except OSError:
+        return None
 
 
 def _run_and_save(

@@ -76,7 +76,6 @@ if TYPE_CHECKING:
         FileChangedError as FileChangedError,
         SparseFileReader as SparseFileReader,
         prefetch_files as prefetch_files,
-        prefetch_metadata as prefetch_metadata,
         read_file_extents as read_file_extents,
     )
     from stratavault.sources._restore import (
@@ -99,6 +98,8 @@ if TYPE_CHECKING:
     )
     from stratavault.sources._walk import (
         ErrorHandler as ErrorHandler,
+        TreeTotals as TreeTotals,
+        prefetch_metadata as prefetch_metadata,
         read_xattrs as read_xattrs,
         walk as walk,
     )

@@ -16,7 +16,6 @@ __all__ = [
     "FileChangedError",
     "SparseFileReader",
     "prefetch_files",
-    "prefetch_metadata",
     "read_file_extents",
 ]
 
@@ -254,34 +253,3 @@ def _same_content_stamp(before: FileStamp, after: FileStamp) -> bool:
         after.mtime_ns,
         after.ctime_ns,
     )
-
-
-def prefetch_metadata(roots: list[str], one_file_system: bool = False) -> int:
-    """Walk ``roots`` reading every entry's inode (``lstat``) so that a walk that follows
-    finds them in the kernel's cache; return the number of entries seen.
-
-    Meant to run in a process of its own beside the real walk: with a cold cache the real
-    walk then waits for the disk far less. Errors are ignored (the real walk reports them).
-    """
-    seen = 0
-    stack: list[tuple[str, int]] = []
-    for root in roots:
-        try:
-            stack.append((root, os.lstat(root).st_dev))
-        except OSError:
-            continue
-    while stack:
-        directory, device = stack.pop()
-        try:
-            with os.scandir(directory) as it:
-                for entry in it:
-                    seen += 1
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    if stat.S_ISDIR(st.st_mode) and not (one_file_system and st.st_dev != device):
-                        stack.append((entry.path, device))
-        except OSError:
-            continue
-    return seen

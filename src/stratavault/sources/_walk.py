@@ -11,12 +11,15 @@ from pathlib import Path
 from stratavault.sources._entry import EntryType, FsEntry, OwnerNames
 from stratavault.sources._exclude import ExcludeMatcher, read_exclude_file
 
-__all__ = ["ErrorHandler", "read_xattrs", "walk"]
+__all__ = ["ErrorHandler", "TreeTotals", "prefetch_metadata", "read_xattrs", "walk"]
 
 ErrorHandler = Callable[[Path, OSError], None]
 """Called with the path and the error for every entry or directory that cannot be read."""
 
 _NO_XATTR_SUPPORT = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
+TreeTotals = tuple[int, int]
+"""Regular files below some paths and their bytes: ``(files, bytes)``."""
+
 # A directory being listed: (its path, depth of its children, device of the root, children left).
 _Frame = tuple[str, int, int, Iterator[os.DirEntry[str]]]
 
@@ -47,6 +50,52 @@ def walk(
     walker = _Walker(ExcludeMatcher(patterns), one_file_system, on_error)
     for root in paths:
         yield from walker.walk_root(os.path.abspath(os.fspath(root)))
+
+
+def prefetch_metadata(
+    roots: Sequence[str], one_file_system: bool = False, excludes: Sequence[str] = ()
+) -> TreeTotals:
+    """Walk ``roots`` reading every entry's inode (``lstat``) and return the number of
+    regular files and their bytes, leaving out what ``excludes`` matches (the totals of
+    what a backup of ``roots`` reads at most).
+
+    Meant to run in a process of its own beside the real walk: with a cold cache that
+    walk then waits for the disk far less, and a progress display gets its totals without
+    a second walk competing for the interpreter. Errors are ignored (the real walk
+    reports them); the order is not the real walk's.
+    """
+    matcher = ExcludeMatcher(excludes)
+    files = size = 0
+    stack: list[tuple[str, int]] = []
+    for root in roots:
+        try:
+            st = os.lstat(root)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            stack.append((root, st.st_dev))
+        elif stat.S_ISREG(st.st_mode):
+            files, size = files + 1, size + st.st_size
+    while stack:
+        directory, device = stack.pop()
+        try:
+            with os.scandir(directory) as it:
+                children = list(it)
+        except OSError:
+            continue
+        for entry in children:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            is_dir = stat.S_ISDIR(st.st_mode)
+            if matcher and matcher.excluded(entry.path, is_dir=is_dir):
+                continue
+            if is_dir and not (one_file_system and st.st_dev != device):
+                stack.append((entry.path, device))
+            elif stat.S_ISREG(st.st_mode):
+                files, size = files + 1, size + st.st_size
+    return files, size
 
 
 class _Walker:
