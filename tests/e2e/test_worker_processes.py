@@ -28,6 +28,19 @@ def _contents(repo: Repository, snap: Snapshot) -> dict[str, list[ContentRun]]:
     return {path: node.content for path, node in list_entries(repo, snap) if node.type == "file"}
 
 
+def _listing(repo: Repository, snap: Snapshot) -> list[dict[str, Any]]:
+    """Every node as stored, but access times (a backup that reads changes them), chunk
+    ids (keyed per repository) and so the ids of the folders' listings."""
+    nodes = []
+    for path, node in list_entries(repo, snap):
+        doc = node.to_json()
+        doc.pop("atime_ns")
+        doc.pop("subtree", None)
+        doc["content"] = [n for _, n in doc.get("content", [])]
+        nodes.append({"path": path, **doc})
+    return nodes
+
+
 def test_processes_and_threads_store_the_same_content(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -65,3 +78,45 @@ def test_processes_and_threads_store_the_same_content(
     assert not result.issues
     assert describe(target / src.relative_to("/")) == describe(src)
     assert os.listdir(target / src.relative_to("/") / "small")
+
+
+def test_walking_in_a_child_process_gives_the_same_snapshot(tmp_path: Path) -> None:
+    """An incremental backup of a large tree walks in a child process: the same listings,
+    the same unchanged, changed and new files, unreadable folders reported by path."""
+    src = tmp_path / "src"
+    src.mkdir()
+    build_sample_tree(src)
+    locked = src / "locked"
+    locked.mkdir()
+    (locked / "inside").write_bytes(b"x")
+    repos = {
+        after: Repository.init(
+            LocalStorage(tmp_path / f"repo{after}"), b"pw", cache_dir=None, kdf=KdfParams.fast()
+        )
+        for after in (0, 10**9)  # 0: walk in a child process when there is a parent
+    }
+    for repo in repos.values():
+        backup_files(repo, BackupFilesOptions(paths=(src,)))
+    (src / "docs" / "a.txt").write_text("changed\n")
+    (src / "added").write_bytes(os.urandom(5000))
+    locked.chmod(0)  # as root the walk still lists it; otherwise an error by path
+    try:
+        snaps = {
+            after: backup_files(
+                repo, BackupFilesOptions(paths=(src,), walk_process_after_entries=after)
+            )
+            for after, repo in repos.items()
+        }
+    finally:
+        locked.chmod(0o755)
+    child, here = snaps[0], snaps[10**9]
+    assert _listing(repos[0], child) == _listing(repos[10**9], here)
+    assert (child.summary.files_changed, child.summary.files_new) == (1, 1)
+    assert child.summary.files_unmodified == here.summary.files_unmodified > 5
+    assert [e.path for e in child.errors] == [e.path for e in here.errors]
+    target = tmp_path / "restored"
+    assert not restore_files(repos[0], child, RestoreOptions(target=target)).issues
+    for repo in repos.values():
+        repo.close()
+    (target / locked.relative_to("/")).chmod(0o755)  # backed up while it was 0
+    assert describe(target / src.relative_to("/")) == describe(src)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -57,8 +57,13 @@ def comparable(entry: FsEntry) -> tuple[object, ...]:
     )  # fmt: skip
 
 
-def walk_all(root: Path, on_error: Callable[[Path, OSError], None] | None = None) -> list[FsEntry]:
+def walk_all(
+    root: Path,
+    on_error: Callable[[Path, OSError], None] | None = None,
+    *,
+    walker: Callable[..., Iterator[FsEntry]] = walk,
+) -> list[FsEntry]:
     def fail(path: Path, exc: OSError) -> None:
         raise AssertionError(f"unexpected walk error at {path}: {exc}")
 
-    return list(walk([root], on_error=on_error or fail))
+    return list(walker([root], on_error=on_error or fail))

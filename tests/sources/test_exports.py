@@ -68,6 +68,7 @@ def test_exported_members() -> None:
         "same_file_stat",
         "vm_config",
         "walk",
+        "walk_in_process",
     ]
     for name in sources.__all__:
         assert hasattr(sources, name)

@@ -6,13 +6,22 @@ import os
 import socket
 import stat
 import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from stratavault.errors import UsageError
-from stratavault.sources import EntryType, FileStamp, same_file_stat, walk
+from stratavault.sources import EntryType, FileStamp, FsEntry, same_file_stat, walk, walk_in_process
 from tests.sources.conftest import Errors, needs_root, walk_all
+
+Walker = Callable[..., Iterator[FsEntry]]
+
+
+@pytest.fixture(params=[walk, walk_in_process], ids=["in-process", "child-process"])
+def walker(request: pytest.FixtureRequest) -> Walker:
+    """Both walkers must give the same entries, errors and order."""
+    return request.param  # type: ignore[no-any-return]
 
 
 def make_tree(root: Path) -> None:
@@ -23,10 +32,10 @@ def make_tree(root: Path) -> None:
     (root / "c").symlink_to("a")
 
 
-def test_order_is_depth_first_sorted_with_parents(tmp_path: Path) -> None:
+def test_order_is_depth_first_sorted_with_parents(tmp_path: Path, walker: Walker) -> None:
     root = tmp_path / "t"
     make_tree(root)
-    entries = walk_all(root)
+    entries = walk_all(root, walker=walker)
     assert [str(Path(e.path).relative_to(tmp_path)) for e in entries] == [
         "t", "t/a", "t/b", "t/b/a", "t/b/z", "t/c",
     ]  # fmt: skip
@@ -36,12 +45,12 @@ def test_order_is_depth_first_sorted_with_parents(tmp_path: Path) -> None:
     assert [e.type for e in entries] == ["dir", "file", "dir", "file", "file", "symlink"]
 
 
-def test_metadata_comes_from_lstat(tmp_path: Path) -> None:
+def test_metadata_comes_from_lstat(tmp_path: Path, walker: Walker) -> None:
     root = tmp_path / "t"
     make_tree(root)
     os.chmod(root / "a", 0o4751)
     os.utime(root / "a", ns=(1_000_000_123, 2_000_000_456))
-    entry = {Path(e.path).relative_to(root).as_posix(): e for e in walk_all(root)}
+    entry = {Path(e.path).relative_to(root).as_posix(): e for e in walk_all(root, walker=walker)}
     a, link = entry["a"], entry["c"]
     st = os.lstat(root / "a")
     assert (a.mode, a.size, a.uid, a.gid) == (0o4751, 5, st.st_uid, st.st_gid)
@@ -53,7 +62,7 @@ def test_metadata_comes_from_lstat(tmp_path: Path) -> None:
 
 
 @needs_root
-def test_every_file_type(tmp_path: Path) -> None:
+def test_every_file_type(tmp_path: Path, walker: Walker) -> None:
     root = tmp_path / "t"
     root.mkdir()
     os.mkfifo(root / "fifo")
@@ -61,7 +70,7 @@ def test_every_file_type(tmp_path: Path) -> None:
     os.mknod(root / "loop", stat.S_IFBLK | 0o600, os.makedev(7, 0))
     with socket.socket(socket.AF_UNIX) as sock:
         sock.bind(str(root / "sock"))
-        entries = {e.name: e for e in walk_all(root)}
+        entries = {e.name: e for e in walk_all(root, walker=walker)}
     assert entries["fifo"].type is EntryType.FIFO
     assert entries["null"].type is EntryType.CHARDEV
     assert entries["null"].rdev == os.makedev(1, 3)
@@ -70,41 +79,41 @@ def test_every_file_type(tmp_path: Path) -> None:
     assert entries["sock"].type is EntryType.SOCKET
 
 
-def test_xattrs_and_acls_are_read(tmp_path: Path) -> None:
+def test_xattrs_and_acls_are_read(tmp_path: Path, walker: Walker) -> None:
     root = tmp_path / "t"
     make_tree(root)
     os.setxattr(root / "a", "user.note", b"\x00\xffbinary")
     subprocess.run(["setfacl", "-m", "u:nobody:rw", str(root / "a")], check=True)
     subprocess.run(["setfacl", "-d", "-m", "g:nogroup:rx", str(root / "b")], check=True)
-    entry = {Path(e.path).relative_to(root).as_posix(): e for e in walk_all(root)}
+    entry = {Path(e.path).relative_to(root).as_posix(): e for e in walk_all(root, walker=walker)}
     assert entry["a"].xattrs["user.note"] == b"\x00\xffbinary"
     assert "system.posix_acl_access" in entry["a"].xattrs
     assert "system.posix_acl_default" in entry["b"].xattrs
     assert entry["c"].xattrs == {}  # not the xattrs of the link's target
 
 
-def test_non_utf8_names_survive(tmp_path: Path) -> None:
+def test_non_utf8_names_survive(tmp_path: Path, walker: Walker) -> None:
     root = tmp_path / "t"
     root.mkdir()
     raw = b"caf\xe9-\xff"
     with open(os.path.join(os.fsencode(root), raw), "wb") as f:
         f.write(b"x")
-    (entry,) = walk_all(root)[1:]
+    (entry,) = walk_all(root, walker=walker)[1:]
     assert entry.name_bytes == raw
     assert os.fsencode(entry.path) == os.fsencode(root) + b"/" + raw
     assert os.path.exists(entry.path)
 
 
-def test_sorted_by_name_bytes(tmp_path: Path) -> None:
+def test_sorted_by_name_bytes(tmp_path: Path, walker: Walker) -> None:
     root = tmp_path / "t"
     root.mkdir()
     names = [b"\xff", b"B", b"a", b"\xc3\xa9", b"_"]
     for n in names:
         open(os.path.join(os.fsencode(root), n), "wb").close()
-    assert [e.name_bytes for e in walk_all(root)[1:]] == sorted(names)
+    assert [e.name_bytes for e in walk_all(root, walker=walker)[1:]] == sorted(names)
 
 
-def test_excludes_prune_subtrees(tmp_path: Path) -> None:
+def test_excludes_prune_subtrees(tmp_path: Path, walker: Walker) -> None:
     root = tmp_path / "t"
     for rel in ["keep.txt", "x.tmp", "cache/big", "deep/er/cache/f", "deep/er/keep", "abs/y"]:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +122,7 @@ def test_excludes_prune_subtrees(tmp_path: Path) -> None:
     exclude_file.write_text(f"# comment\n\n  {root}/abs  \n")
     seen = [
         str(Path(e.path).relative_to(root))
-        for e in walk(
+        for e in walker(
             [root], excludes=["*.tmp", "**/cache"], exclude_files=[exclude_file],
             on_error=Errors(),
         )
@@ -121,18 +130,20 @@ def test_excludes_prune_subtrees(tmp_path: Path) -> None:
     assert seen == [".", "deep", "deep/er", "deep/er/keep", "keep.txt"]
 
 
-def test_excluded_root_and_missing_exclude_file(tmp_path: Path, errors: Errors) -> None:
+def test_excluded_root_and_missing_exclude_file(
+    tmp_path: Path, errors: Errors, walker: Walker
+) -> None:
     root = tmp_path / "t"
     make_tree(root)
-    assert list(walk([root], excludes=[str(root)], on_error=errors)) == []
+    assert list(walker([root], excludes=[str(root)], on_error=errors)) == []
     with pytest.raises(UsageError, match="exclude file"):
-        list(walk([root], exclude_files=[tmp_path / "nope"], on_error=errors))
+        list(walker([root], exclude_files=[tmp_path / "nope"], on_error=errors))
 
 
-def test_missing_root_is_reported(tmp_path: Path, errors: Errors) -> None:
+def test_missing_root_is_reported(tmp_path: Path, errors: Errors, walker: Walker) -> None:
     root = tmp_path / "t"
     make_tree(root)
-    entries = list(walk([tmp_path / "gone", root / "a"], on_error=errors))
+    entries = list(walker([tmp_path / "gone", root / "a"], on_error=errors))
     assert [e.name for e in entries] == ["a"]
     assert [(p.name, type(e)) for p, e in errors] == [("gone", FileNotFoundError)]
 
@@ -157,7 +168,7 @@ def test_vanishing_entries_are_reported_and_walk_goes_on(tmp_path: Path, errors:
 
 @needs_root
 @pytest.mark.infra("root")
-def test_one_file_system_lists_mount_points_empty(tmp_path: Path) -> None:
+def test_one_file_system_lists_mount_points_empty(tmp_path: Path, walker: Walker) -> None:
     root = tmp_path / "t"
     make_tree(root)
     mnt = root / "b" / "mnt"
@@ -165,9 +176,9 @@ def test_one_file_system_lists_mount_points_empty(tmp_path: Path) -> None:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
     try:
         (mnt / "inside").write_bytes(b"x")
-        names = [Path(e.path).relative_to(root).as_posix() for e in walk_all(root)]
+        names = [Path(e.path).relative_to(root).as_posix() for e in walk_all(root, walker=walker)]
         assert "b/mnt/inside" in names
-        entries = list(walk([root], one_file_system=True, on_error=Errors()))
+        entries = list(walker([root], one_file_system=True, on_error=Errors()))
         names = [Path(e.path).relative_to(root).as_posix() for e in entries]
         assert "b/mnt" in names and "b/mnt/inside" not in names
         assert "b/z" in names
@@ -190,3 +201,25 @@ def test_same_file_stat(tmp_path: Path) -> None:
     moved = FileStamp(before.size, before.mtime_ns, before.ctime_ns, before.inode + 1)
     assert not same_file_stat(before, moved)
     assert same_file_stat(before, moved, ignore_inode=True)
+
+
+def test_walk_in_process_stops_its_child_and_reports_its_death(tmp_path: Path) -> None:
+    import multiprocessing
+
+    from stratavault.errors import SourceError
+
+    root = tmp_path / "t"
+    for i in range(3000):  # more than one message
+        (root / f"d{i // 100}").mkdir(parents=True, exist_ok=True)
+        (root / f"d{i // 100}" / f"f{i}").write_bytes(b"")
+    entries = walk_in_process([root], on_error=Errors())
+    assert next(entries).path == str(root)
+    entries.close()  # the consumer stops early: the child goes
+    assert multiprocessing.active_children() == []
+    entries = walk_in_process([root], on_error=Errors())
+    next(entries)
+    for child in multiprocessing.active_children():
+        child.kill()
+    with pytest.raises(SourceError, match="walking the files ended early"):
+        list(entries)
+    assert multiprocessing.active_children() == []

@@ -6,15 +6,14 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.process
 import os
-import signal
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path, PurePosixPath
 from typing import cast
 
+from stratavault._process import die_with_parent
 from stratavault.errors import SourceError
-from stratavault.jobs._file_chunks import die_with_parent
 from stratavault.snapshot import Node
 from stratavault.sources import FsEntry, TreeTotals, prefetch_metadata, walk
 
@@ -85,7 +84,6 @@ def _prefetch_child(
     roots: list[str], one_file_system: bool, excludes: list[str], totals: Connection
 ) -> None:
     """The read-ahead process: ends with the backup, however that ends."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
     totals.send(prefetch_metadata(roots, one_file_system, excludes))
 

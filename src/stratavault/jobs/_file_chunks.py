@@ -9,15 +9,13 @@ the sealed blob; the main process then adds the blobs it does not have yet.
 
 from __future__ import annotations
 
-import ctypes
-import os
-import signal
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from stratavault._malloc import tune_malloc
+from stratavault._process import die_with_parent
 from stratavault.chunking import CdcChunker
 from stratavault.jobs._progress import Cancellation
 from stratavault.snapshot import ContentRun
@@ -31,7 +29,6 @@ __all__ = [
     "FileChunkResult",
     "chunk_file",
     "chunk_files",
-    "die_with_parent",
     "init_seal_worker",
     "seal_files",
     "store_sealed",
@@ -172,23 +169,9 @@ def init_seal_worker(sealer: ChunkSealer, level: int) -> None:
     """Set up a worker process: Ctrl-C is the main process's to handle, and the worker
     dies with the main process (also when that one is killed with SIGKILL)."""
     global _worker
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
     tune_malloc()
     _worker = (sealer, level)
-
-
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """Make this (worker) process get SIGKILL when its parent process dies (Linux)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        return  # not Linux/glibc: the worker ends when its task queue closes
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def seal_files(paths: list[str]) -> list[FileChunkResult | OSError]:
