@@ -8,17 +8,10 @@ from pathlib import Path
 
 from stratavault.cli._cmd_backup_vm import register_vm
 from stratavault.cli._context import GlobalOptions, open_repo
+from stratavault.cli._defaults import DEFAULT_DISK_CHUNK_BYTES
 from stratavault.cli._disk_report import report_disk_backup
 from stratavault.cli._output import Output, format_bytes, make_progress, shows_progress
 from stratavault.errors import IncompleteSnapshotError
-from stratavault.jobs import (
-    DEFAULT_DISK_CHUNK_BYTES,
-    BackupDisksOptions,
-    BackupFilesOptions,
-    Cancellation,
-    backup_files,
-    backup_images,
-)
 
 
 def register(
@@ -122,6 +115,8 @@ def _level(text: str) -> int:
 
 def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Back up and print the summary; exit 4 when some files could not be read."""
+    from stratavault.jobs import BackupFilesOptions, Cancellation, backup_files
+
     out = Output(json_mode=options.json, quiet=options.quiet)
     job = BackupFilesOptions(
         paths=tuple(ns.paths),
@@ -168,6 +163,8 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
 
 def run_image(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Back up raw images / block devices into one snapshot and print the summary."""
+    from stratavault.jobs import BackupDisksOptions, backup_images
+
     out = Output(json_mode=options.json, quiet=options.quiet)
     files = [p.absolute() for p in ns.files]
     job = BackupDisksOptions(

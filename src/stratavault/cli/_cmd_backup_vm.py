@@ -7,10 +7,9 @@ import socket
 from pathlib import Path
 
 from stratavault.cli._context import GlobalOptions, open_repo
+from stratavault.cli._defaults import DEFAULT_DISK_CHUNK_BYTES, DEFAULT_LIBVIRT_URI
 from stratavault.cli._disk_report import report_disk_backup
 from stratavault.cli._output import Output, make_progress
-from stratavault.jobs import DEFAULT_DISK_CHUNK_BYTES, BackupVmOptions, backup_vm
-from stratavault.sources import DEFAULT_LIBVIRT_URI
 
 
 def register_vm(
@@ -25,7 +24,10 @@ def register_vm(
         "--libvirt", metavar="DOMAIN", default="", help="a libvirt domain (name or UUID)"
     )
     v.add_argument(
-        "--connect", default=DEFAULT_LIBVIRT_URI, metavar="URI", help="libvirt connection URI"
+        "--connect",
+        default=DEFAULT_LIBVIRT_URI,
+        metavar="URI",
+        help=f"libvirt connection URI (default {DEFAULT_LIBVIRT_URI})",
     )
     which.add_argument(
         "--qmp",
@@ -57,6 +59,8 @@ def register_vm(
 
 def run_vm(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Back up the VM and print the summary."""
+    from stratavault.jobs import BackupVmOptions, backup_vm
+
     out = Output(json_mode=options.json, quiet=options.quiet)
     job = BackupVmOptions(
         qmp_socket=ns.qmp,

@@ -8,8 +8,6 @@ import sys
 
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.errors import UsageError
-from stratavault.jobs import split_snapshot_ref
-from stratavault.snapshot import encode_tree, find_snapshot, load_tree, resolve_path
 from stratavault.types import CHUNK_ID_BYTES, ChunkId
 
 KINDS = ("config", "snapshot", "tree", "blob")
@@ -27,6 +25,9 @@ def register(
 
 def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Write the object to stdout (JSON for documents, raw bytes for blobs)."""
+    from stratavault.jobs import split_snapshot_ref
+    from stratavault.snapshot import encode_tree, find_snapshot, load_tree, resolve_path
+
     if ns.kind != "config" and not ns.ref:
         raise UsageError(f"cat {ns.kind}: an id is needed")
     with open_repo(options) as repo:

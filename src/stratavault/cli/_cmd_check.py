@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._output import Output, make_progress
 from stratavault.errors import DataDamagedError
-from stratavault.jobs import Cancellation, Subset, check_repository
+
+if TYPE_CHECKING:
+    from stratavault.jobs import Subset
 
 
 def register(
@@ -30,6 +33,8 @@ def register(
 
 
 def _subset(text: str) -> Subset:
+    from stratavault.jobs import Subset
+
     try:
         return Subset.parse(text)
     except ValueError as exc:
@@ -38,6 +43,8 @@ def _subset(text: str) -> Subset:
 
 def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Check and print a report naming each damaged object and what uses it."""
+    from stratavault.jobs import Cancellation, check_repository
+
     out = Output(json_mode=options.json, quiet=options.quiet)
     progress = make_progress(json_mode=options.json, quiet=options.quiet)
     with open_repo(options, object_cache=False) as repo:  # the backend's own objects

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from stratavault.cli._context import GlobalOptions
 from stratavault.cli._output import Output, format_bytes, make_progress
 from stratavault.cli._passphrases import add_from_password_options, open_other_repo
 from stratavault.errors import DataDamagedError
-from stratavault.jobs import Cancellation, CopyOptions, CopyResult, copy_snapshots
+
+if TYPE_CHECKING:
+    from stratavault.jobs import CopyResult
 
 
 def register(
@@ -35,6 +38,8 @@ def register(
 
 def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Copy and report what was copied, skipped and sent."""
+    from stratavault.jobs import Cancellation, CopyOptions, copy_snapshots
+
     out = Output(json_mode=options.json, quiet=options.quiet)
     selection = CopyOptions(
         snapshot_ids=tuple(ns.snapshot_ids),

@@ -6,8 +6,6 @@ import argparse
 
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._output import Output
-from stratavault.jobs import diff_snapshots
-from stratavault.snapshot import find_snapshot
 
 
 def register(
@@ -22,6 +20,9 @@ def register(
 
 def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Print one line per change (+ added, - removed, M modified, U metadata) and totals."""
+    from stratavault.jobs import diff_snapshots
+    from stratavault.snapshot import find_snapshot
+
     out = Output(json_mode=options.json, quiet=options.quiet)
     counts = {"+": 0, "-": 0, "M": 0, "U": 0}
     added = removed = 0

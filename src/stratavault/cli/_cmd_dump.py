@@ -11,8 +11,6 @@ from typing import IO
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._output import Output, format_bytes
 from stratavault.errors import RestoreError, UsageError
-from stratavault.jobs import Cancellation, flr_dump, parse_flr_ref
-from stratavault.snapshot import find_snapshot
 
 
 def register(
@@ -36,6 +34,9 @@ def register(
 
 def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Write the tar; exit 1 (after the stream is complete) when entries were left out."""
+    from stratavault.jobs import Cancellation, flr_dump, parse_flr_ref
+    from stratavault.snapshot import find_snapshot
+
     out = Output(json_mode=False, quiet=options.quiet, stream=sys.stderr)
     ref = parse_flr_ref(ns.ref)
     if ns.output is None and sys.stdout.isatty():

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import re
+from typing import TYPE_CHECKING
 
 from stratavault.cli._cmd_prune import add_prune_options, run_prune
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._output import Output
 from stratavault.errors import UsageError
-from stratavault.jobs import ForgetGroup, forget_snapshots
-from stratavault.snapshot import RetentionPolicy
+
+if TYPE_CHECKING:
+    from stratavault.jobs import ForgetGroup
 
 _DURATION = re.compile(r"(\d+)([ywdh]|m)")
 _UNIT_HOURS = {"y": 365 * 24, "m": 30 * 24, "w": 7 * 24, "d": 24, "h": 1}
@@ -78,6 +80,9 @@ def register(
 
 def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Apply the policy per group and print the decisions."""
+    from stratavault.jobs import forget_snapshots
+    from stratavault.snapshot import RetentionPolicy
+
     policy = RetentionPolicy(
         last=ns.keep_last,
         hourly=ns.keep_hourly,

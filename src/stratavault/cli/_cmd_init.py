@@ -9,7 +9,6 @@ from pathlib import Path
 from stratavault.cli._context import GlobalOptions, kdf_params, read_new_passphrase, storage_for
 from stratavault.cli._output import Output
 from stratavault.cli._passphrases import add_from_password_options, open_other_repo
-from stratavault.repo import Repository
 
 
 def register(
@@ -37,6 +36,8 @@ def register(
 
 def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Create the repository and print its id."""
+    from stratavault.repo import Repository
+
     out = Output(json_mode=options.json, quiet=options.quiet)
     passphrase = read_new_passphrase(ns.new_password_file, options, may_reuse_current=True)
     with ExitStack() as stack:

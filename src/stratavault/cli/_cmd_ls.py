@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import stat
+from typing import TYPE_CHECKING
 
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._flr import ls_flr
 from stratavault.cli._output import Output, format_bytes
-from stratavault.jobs import describe_disks, list_entries, split_snapshot_ref
-from stratavault.repo import Repository
-from stratavault.snapshot import Node, Snapshot, find_snapshot
+
+if TYPE_CHECKING:
+    from stratavault.repo import Repository
+    from stratavault.snapshot import Node, Snapshot
 
 _TYPE_CHAR = {
     "dir": "d",
@@ -67,6 +69,9 @@ def _long(path: str, node: Node) -> str:
 
 def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Print the entries below the path, parents first."""
+    from stratavault.jobs import list_entries, split_snapshot_ref
+    from stratavault.snapshot import find_snapshot
+
     out = Output(json_mode=options.json, quiet=options.quiet)
     ref, path = split_snapshot_ref(ns.snapshot)
     with open_repo(options) as repo:
@@ -85,6 +90,8 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
 
 def _list_disks(out: Output, repo: Repository, snap: Snapshot) -> None:
     """A snapshot of disks: one line per disk."""
+    from stratavault.jobs import describe_disks
+
     disks = describe_disks(repo, snap)
     for d in disks:
         out.data({"type": "disk", **d.to_json()})

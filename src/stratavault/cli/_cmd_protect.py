@@ -6,8 +6,6 @@ import argparse
 
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._output import Output
-from stratavault.jobs import set_protection
-from stratavault.snapshot import find_snapshot
 
 
 def register(
@@ -25,6 +23,9 @@ def register(
 
 def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Set or clear the flag; the snapshot gets a new id."""
+    from stratavault.jobs import set_protection
+    from stratavault.snapshot import find_snapshot
+
     out = Output(json_mode=options.json, quiet=options.quiet)
     with open_repo(options) as repo:
         snap = find_snapshot(repo, ns.snapshot)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._output import Output, format_bytes
-from stratavault.jobs import PruneResult, prune
-from stratavault.repo import Repository
+
+if TYPE_CHECKING:
+    from stratavault.jobs import PruneResult
+    from stratavault.repo import Repository
 
 
 def parse_fraction(text: str) -> float:
@@ -59,6 +61,8 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
 
 def run_prune(repo: Repository, ns: argparse.Namespace, out: Output) -> PruneResult:
     """Prune ``repo`` with the options in ``ns`` and print the report (also for forget)."""
+    from stratavault.jobs import prune
+
     result = prune(
         repo, max_unused=ns.max_unused, dry_run=getattr(ns, "dry_run", False), wait_s=ns.wait
     )

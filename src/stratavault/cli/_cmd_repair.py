@@ -7,7 +7,6 @@ import argparse
 
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._output import Output, make_progress
-from stratavault.jobs import Cancellation, repair_index, repair_snapshots
 
 
 def register(
@@ -37,6 +36,8 @@ def register(
 
 def run_index(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Rebuild and report what was done."""
+    from stratavault.jobs import repair_index
+
     out = Output(json_mode=options.json, quiet=options.quiet)
     with open_repo(options) as repo:
         result = repair_index(repo)
@@ -59,6 +60,8 @@ def run_index(ns: argparse.Namespace, options: GlobalOptions) -> int:
 
 def run_snapshots(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Repair (or with --dry-run list) damaged snapshots and report each change."""
+    from stratavault.jobs import Cancellation, repair_snapshots
+
     out = Output(json_mode=options.json, quiet=options.quiet)
     progress = make_progress(json_mode=options.json, quiet=options.quiet)
     with open_repo(options) as repo:

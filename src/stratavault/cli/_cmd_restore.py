@@ -9,19 +9,10 @@ from pathlib import Path
 
 from stratavault.cli._cmd_restore_vm import run_instant, run_vm
 from stratavault.cli._context import GlobalOptions, open_repo
+from stratavault.cli._defaults import DISK_FORMATS
 from stratavault.cli._flr import restore_flr
 from stratavault.cli._output import Output, format_bytes, make_progress
 from stratavault.errors import RestoreError, UsageError
-from stratavault.jobs import (
-    DISK_FORMATS,
-    Cancellation,
-    RestoreDiskOptions,
-    RestoreOptions,
-    restore_disk,
-    restore_files,
-    split_snapshot_ref,
-)
-from stratavault.snapshot import find_snapshot
 
 
 def register(
@@ -154,6 +145,9 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
 
 def run_disk(ns: argparse.Namespace, word: str, options: GlobalOptions) -> int:
     """Restore one disk; exit 1 when verification finds a difference."""
+    from stratavault.jobs import Cancellation, RestoreDiskOptions, restore_disk
+    from stratavault.snapshot import find_snapshot
+
     out = Output(json_mode=options.json, quiet=options.quiet)
     ref, _, disk = word.partition(":")
     if (ns.to is None) == (ns.onto is None):
@@ -202,6 +196,9 @@ def run_disk(ns: argparse.Namespace, word: str, options: GlobalOptions) -> int:
 
 def run_files(ns: argparse.Namespace, word: str, options: GlobalOptions) -> int:
     """Restore files and report; exit 1 if some entries could not be restored."""
+    from stratavault.jobs import Cancellation, RestoreOptions, restore_files, split_snapshot_ref
+    from stratavault.snapshot import find_snapshot
+
     out = Output(json_mode=options.json, quiet=options.quiet)
     ref, path = split_snapshot_ref(word)
     job = RestoreOptions(

@@ -5,25 +5,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._output import Output, format_bytes, make_progress
 from stratavault.errors import Interrupted, UsageError
-from stratavault.jobs import (
-    InstantOptions,
-    RestoreVmOptions,
-    migrate_instant_vm,
-    restore_vm,
-    start_instant_vm,
-)
-from stratavault.snapshot import find_snapshot
 
 
 def run_vm(ns: argparse.Namespace, ref: str, options: GlobalOptions) -> int:
     """Restore every disk and the configuration; with --start, start the VM."""
+    from stratavault.jobs import RestoreVmOptions, restore_vm
+    from stratavault.snapshot import find_snapshot
+
     out = Output(json_mode=options.json, quiet=options.quiet)
     job = RestoreVmOptions(
         target_dir=Path(ns.to), format=ns.format, start=ns.start, name=ns.name,
@@ -60,10 +54,18 @@ def run_vm(ns: argparse.Namespace, ref: str, options: GlobalOptions) -> int:
 def run_instant(ns: argparse.Namespace, ref: str, options: GlobalOptions) -> int:
     """Start the VM on served disks; with --migrate-to, move them to local disks and stay
     until QEMU has switched over."""
+    from stratavault.jobs import InstantOptions, migrate_instant_vm, start_instant_vm
+    from stratavault.snapshot import find_snapshot
+
     out = Output(json_mode=options.json, quiet=options.quiet)
     if ns.start or ns.format or ns.verify:
         raise UsageError("restore vm --instant: --start, --format and --verify do not apply")
-    run_dir = Path(ns.to) if ns.to else Path(tempfile.mkdtemp(prefix="sv-instant-", dir="/tmp"))
+    if ns.to:
+        run_dir = Path(ns.to)
+    else:
+        import tempfile
+
+        run_dir = Path(tempfile.mkdtemp(prefix="sv-instant-", dir="/tmp"))
     started = time.monotonic()
     with open_repo(options) as repo:
         snap = find_snapshot(repo, ref)

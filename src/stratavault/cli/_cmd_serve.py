@@ -12,8 +12,6 @@ from pathlib import Path
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._output import Output
 from stratavault.errors import UsageError
-from stratavault.jobs import ServeOptions, serve_snapshot
-from stratavault.snapshot import find_snapshot
 
 
 def register(
@@ -55,6 +53,9 @@ def _tcp(listen: str | None) -> tuple[str, int]:
 
 def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Serve until Ctrl-C or SIGTERM; exit 0 then."""
+    from stratavault.jobs import ServeOptions, serve_snapshot
+    from stratavault.snapshot import find_snapshot
+
     out = Output(json_mode=options.json, quiet=options.quiet)
     if ns.overlay_dir is not None and not ns.writable:
         raise UsageError("serve-nbd: --overlay-dir goes with --writable")

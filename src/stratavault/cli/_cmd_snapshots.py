@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._output import Output, format_bytes
-from stratavault.snapshot import Snapshot, load_snapshots, select_snapshots
+
+if TYPE_CHECKING:
+    from stratavault.snapshot import Snapshot
 
 
 def register(
@@ -46,6 +49,8 @@ def snapshot_json(s: Snapshot) -> dict[str, object]:
 
 def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Print the matching snapshots, oldest first."""
+    from stratavault.snapshot import load_snapshots, select_snapshots
+
     out = Output(json_mode=options.json, quiet=options.quiet)
     damaged: list[tuple[str, str]] = []
     with open_repo(options) as repo:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._output import Output, format_bytes
-from stratavault.jobs import describe_disks, snapshot_size
-from stratavault.repo import Repository
-from stratavault.snapshot import Snapshot, find_snapshot
+
+if TYPE_CHECKING:
+    from stratavault.repo import Repository
+    from stratavault.snapshot import Snapshot
 
 
 def register(
@@ -22,6 +24,9 @@ def register(
 
 def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Print sizes: repository totals, and the snapshot's restore size if one is given."""
+    from stratavault.jobs import snapshot_size
+    from stratavault.snapshot import find_snapshot
+
     out = Output(json_mode=options.json, quiet=options.quiet)
     with open_repo(options) as repo:
         st = repo.stats()
@@ -64,6 +69,8 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
 
 def _disk_stats(out: Output, repo: Repository, snap: Snapshot) -> dict[str, object]:
     """A snapshot of disks: per disk its size, the data it holds and its distinct chunks."""
+    from stratavault.jobs import describe_disks
+
     disks = describe_disks(repo, snap)
     for d in disks:
         out.text(

@@ -9,8 +9,6 @@ from pathlib import Path
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._output import Output
 from stratavault.errors import UsageError, VerificationFailedError
-from stratavault.jobs import BootCheckOptions, verify_boot
-from stratavault.snapshot import find_snapshot
 
 
 def register(
@@ -40,6 +38,9 @@ def register(
 
 def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Boot, watch, report; raise VerificationFailedError on failure."""
+    from stratavault.jobs import BootCheckOptions, verify_boot
+    from stratavault.snapshot import find_snapshot
+
     if not ns.boot:
         raise UsageError("verify: say what to verify: --boot")
     if ns.timeout <= 0:

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import getpass
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stratavault.errors import NoPassphraseError, PassphraseError, UsageError
-from stratavault.repo import KdfParams, Repository, default_cache_dir
-from stratavault.storage import RateLimitedStorage, Storage, open_storage
+
+if TYPE_CHECKING:  # imported where used: a command that needs no repository does not load them
+    from stratavault.repo import KdfParams, Repository
+    from stratavault.storage import Storage
 
 __all__ = ["GlobalOptions", "open_repo", "read_new_passphrase", "read_passphrase", "storage_for"]
 
@@ -54,10 +55,16 @@ class GlobalOptions:
         if self.cache_dir:
             return self.cache_dir
         env = os.environ.get(ENV_CACHE_DIR)
-        return Path(env) if env else default_cache_dir()
+        if env:
+            return Path(env)
+        from stratavault.repo import default_cache_dir
+
+        return default_cache_dir()
 
 
 def _from_command(command: str) -> bytes:
+    import subprocess
+
     result = subprocess.run(command, shell=True, capture_output=True, check=False)
     if result.returncode != 0:
         raise NoPassphraseError(
@@ -84,6 +91,8 @@ def read_passphrase(options: GlobalOptions, *, prompt: str = "repository passphr
     if env_cmd := os.environ.get(ENV_PASSWORD_COMMAND):
         return _from_command(env_cmd)
     if sys.stdin.isatty():
+        import getpass
+
         return getpass.getpass(prompt).encode()
     raise NoPassphraseError(
         f"no passphrase: use --password-file, --password-command, {ENV_PASSWORD_FILE} "
@@ -113,6 +122,8 @@ def read_new_passphrase(
     elif may_reuse_current and _has_passphrase_source(options):
         secret = read_passphrase(options)
     elif sys.stdin.isatty():
+        import getpass
+
         secret = getpass.getpass("new passphrase: ").encode()
         if getpass.getpass("repeat new passphrase: ").encode() != secret:
             raise PassphraseError("the two passphrases differ")
@@ -125,7 +136,11 @@ def read_new_passphrase(
 
 def kdf_params() -> KdfParams | None:
     """Cheap key derivation for tests only (``STRATAVAULT_INSECURE_FAST_KDF=1``)."""
-    return KdfParams.fast() if os.environ.get(ENV_FAST_KDF) == "1" else None
+    if os.environ.get(ENV_FAST_KDF) != "1":
+        return None
+    from stratavault.repo import KdfParams
+
+    return KdfParams.fast()
 
 
 def storage_for(
@@ -137,6 +152,8 @@ def storage_for(
     (``--cache-dir``; none with ``--no-cache``); ``object_cache=False`` reads every object
     from the backend itself (``check`` authenticates what the backend holds).
     """
+    from stratavault.storage import RateLimitedStorage, open_storage
+
     cache: Path | bool | None = options.effective_cache_dir if object_cache else None
     storage = open_storage(location or options.repository_location, cache_dir=cache)
     if options.limit_upload_kib or options.limit_download_kib:
@@ -152,6 +169,8 @@ def storage_for(
 def open_repo(options: GlobalOptions, *, object_cache: bool = True) -> Iterator[Repository]:
     """Open the repository named by the options with the user's passphrase
     (``object_cache``: see :func:`storage_for`)."""
+    from stratavault.repo import Repository
+
     storage = storage_for(options, object_cache=object_cache)
     try:
         repo = Repository.open(

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from stratavault.cli._output import Output, format_bytes
 from stratavault.errors import IncompleteSnapshotError
-from stratavault.snapshot import Snapshot
+
+if TYPE_CHECKING:
+    from stratavault.snapshot import Snapshot
 
 
 def report_disk_backup(out: Output, snap: Snapshot) -> int:

@@ -9,22 +9,17 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import stat
+from typing import TYPE_CHECKING
 
 from stratavault.cli._context import GlobalOptions
 from stratavault.cli._output import Output, format_bytes, make_progress
 from stratavault.errors import RestoreError, UsageError
-from stratavault.jobs import (
-    Cancellation,
-    FlrIssue,
-    FlrRestoreOptions,
-    flr_list,
-    flr_restore,
-    list_disk_volumes,
-    parse_flr_ref,
-)
-from stratavault.repo import Repository
-from stratavault.snapshot import Snapshot
-from stratavault.sources import FlrEntry
+
+if TYPE_CHECKING:
+    from stratavault.jobs import FlrIssue
+    from stratavault.repo import Repository
+    from stratavault.snapshot import Snapshot
+    from stratavault.sources import FlrEntry
 
 __all__ = ["flr_entry_json", "ls_flr", "restore_flr"]
 
@@ -61,6 +56,8 @@ def ls_flr(
     out: Output, repo: Repository, snap: Snapshot, word: str, *, long: bool, recursive: bool
 ) -> int:
     """List partitions (``SNAPSHOT:DISK``) or entries (``SNAPSHOT:DISK[:PART]/PATH``)."""
+    from stratavault.jobs import flr_list, list_disk_volumes, parse_flr_ref
+
     ref = parse_flr_ref(word)
     if ref.volume is None and "/" not in word:
         volumes = list_disk_volumes(repo, snap, ref.disk)
@@ -93,6 +90,8 @@ def restore_flr(
     ns: argparse.Namespace, repo: Repository, snap: Snapshot, word: str, options: GlobalOptions
 ) -> int:
     """Restore a path of a filesystem inside a disk snapshot into ``--target``."""
+    from stratavault.jobs import Cancellation, FlrRestoreOptions, flr_restore, parse_flr_ref
+
     out = Output(json_mode=options.json, quiet=options.quiet)
     ref = parse_flr_ref(word)
     if ns.include or ns.exclude or ns.verify or ns.ignore_errors:

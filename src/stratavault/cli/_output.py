@@ -6,9 +6,10 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from stratavault.jobs import NullProgress, Progress, ProgressState
+if TYPE_CHECKING:
+    from stratavault.jobs import Progress, ProgressState
 
 __all__ = [
     "JsonProgress",
@@ -167,8 +168,9 @@ def shows_progress(*, json_mode: bool, quiet: bool) -> bool:
 
 def make_progress(*, json_mode: bool, quiet: bool) -> Progress:
     """The progress reporter fitting the output mode and terminal."""
-
     if quiet:
+        from stratavault.jobs import NullProgress
+
         return NullProgress()
     if json_mode:
         return JsonProgress()
@@ -177,6 +179,15 @@ def make_progress(*, json_mode: bool, quiet: bool) -> Progress:
     return _WarningsOnly()
 
 
-class _WarningsOnly(NullProgress):
+class _WarningsOnly:
+    """Progress that shows only the warnings (stderr is not a terminal)."""
+
+    def update(self, state: ProgressState) -> None:
+        """Ignore."""
+
     def warn(self, text: str) -> None:
+        """Print the warning on stderr."""
         print(f"warning: {text}", file=sys.stderr)
+
+    def done(self, state: ProgressState) -> None:
+        """Ignore."""

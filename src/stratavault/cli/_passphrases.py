@@ -6,9 +6,12 @@ import argparse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stratavault.cli._context import GlobalOptions, read_passphrase, storage_for
-from stratavault.repo import Repository
+
+if TYPE_CHECKING:
+    from stratavault.repo import Repository
 
 __all__ = ["add_from_password_options", "open_other_repo", "passphrase_for"]
 
@@ -41,6 +44,8 @@ def open_other_repo(
     options: GlobalOptions, location: str, ns: argparse.Namespace, side: str = "from"
 ) -> Iterator[Repository]:
     """Open ``location`` with the ``side`` passphrase, the cache and limits of ``options``."""
+    from stratavault.repo import Repository
+
     storage = storage_for(options, location=location)
     try:
         with Repository.open(

@@ -1,0 +1,127 @@
+"""Start-up of the command line: building the parser loads no job, repository or NBD code;
+a command loads what it runs, not what the other commands need.
+
+Each command runs in a fresh interpreter (this process has imported everything already),
+which then reports ``sys.modules``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from stratavault.jobs import DEFAULT_DISK_CHUNK_BYTES, DISK_FORMATS
+from stratavault.sources import DEFAULT_LIBVIRT_URI
+from tests.e2e.conftest import Cli
+
+_PROBE = """
+import json, sys
+from stratavault.cli import run
+code = run(sys.argv[2:])
+with open(sys.argv[1], "w") as f:
+    json.dump({"code": code, "modules": sorted(sys.modules)}, f)
+"""
+
+# What no command that lists or backs up needs: other commands' job code, the NBD server,
+# asyncio (QMP), urllib.request/http.client (pulled in by xml.sax.saxutils).
+NOT_FOR_LISTING = (
+    "stratavault.jobs",
+    "stratavault.nbd",
+    "stratavault.sources",
+    "asyncio",
+    "urllib.request",
+    "http.client",
+    "xml.sax.saxutils",
+    "rich",
+)
+OTHER_COMMANDS_JOBS = (
+    "stratavault.jobs._restore_files",
+    "stratavault.jobs._restore_disk",
+    "stratavault.jobs._restore_vm",
+    "stratavault.jobs._serve",
+    "stratavault.jobs._flr",
+    "stratavault.jobs._forget",
+    "stratavault.jobs._copy",
+    "stratavault.jobs._prune",
+    "stratavault.jobs._check",
+    "stratavault.jobs._verify",
+    "stratavault.jobs._instant",
+    "stratavault.jobs._backup_files",
+    "asyncio",
+    "rich",
+)
+
+
+def _imports(cli: Cli, tmp_path: Path, *args: str | Path) -> tuple[int, set[str]]:
+    """Exit code of ``stratavault ARGS`` in a fresh interpreter, and the modules it loaded."""
+    report = tmp_path / "modules.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(report), *map(str, args)],
+        env={**os.environ, **cli.env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert report.exists(), proc.stderr
+    doc = json.loads(report.read_text())
+    return doc["code"], set(doc["modules"])
+
+
+def _loaded(modules: set[str], names: tuple[str, ...]) -> list[str]:
+    """The modules of ``names`` (or below them) that were loaded."""
+    return sorted(m for m in modules if any(m == n or m.startswith(n + ".") for n in names))
+
+
+def test_version_and_help_load_no_layer_below_the_cli(cli: Cli, tmp_path: Path) -> None:
+    heavy = (
+        *NOT_FOR_LISTING,
+        "stratavault.repo",
+        "stratavault.storage",
+        "stratavault.snapshot",
+        "numpy",
+        "zstandard",
+        "cryptography",
+        "botocore",
+    )
+    for args in (["--version"], ["--help"], ["restore", "--help"], ["backup", "vm", "--help"]):
+        code, modules = _imports(cli, tmp_path, *args)
+        assert code == 0, args
+        assert _loaded(modules, heavy) == [], args
+
+
+def test_snapshots_loads_no_job_or_nbd_code(cli: Cli, tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "f").write_bytes(b"x" * 1000)
+    assert cli("init").code == 0
+    assert cli("backup", "files", tmp_path / "src", "-q").code == 0
+    code, modules = _imports(cli, tmp_path, "snapshots", "--json")
+    assert code == 0
+    assert "stratavault.snapshot" in modules  # it did list them
+    # stratavault.repo._collect (numpy) is still loaded: the repository imports it.
+    assert _loaded(modules, NOT_FOR_LISTING) == []
+
+
+def test_backup_image_loads_no_other_commands_job_code(cli: Cli, tmp_path: Path) -> None:
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(os.urandom(1 << 20))
+    assert cli("init").code == 0
+    code, modules = _imports(cli, tmp_path, "backup", "image", disk, "-q")
+    assert code == 0
+    assert "stratavault.jobs._backup_disk" in modules  # it did back up
+    assert _loaded(modules, OTHER_COMMANDS_JOBS) == []
+
+
+def test_help_shows_the_defaults_of_the_layers_below(cli: Cli) -> None:
+    """The parser keeps copies of these (their modules are heavy): they must not drift."""
+    pages = {}
+    for args in (("restore",), ("backup", "image"), ("backup", "vm")):
+        result = cli(*args, "--help")
+        assert result.code == 0
+        pages[args] = " ".join(result.out.split())
+    assert "{" + ",".join(DISK_FORMATS) + "}" in pages[("restore",)]
+    assert f"(default {DEFAULT_DISK_CHUNK_BYTES >> 10})" in pages[("backup", "image")]
+    assert f"(default {DEFAULT_LIBVIRT_URI})" in pages[("backup", "vm")]
