@@ -2,7 +2,7 @@
 
 Their own modules (``jobs._backup_disk``, ``jobs._restore_disk``, ``sources._libvirt``) load
 numpy, the repository and the NBD code; building the parser must not, so that every command
-starts fast. tests/test_cli_startup.py checks that the copies equal the originals.
+starts fast. tests/e2e/test_cli_startup.py checks that the copies equal the originals.
 """
 
 from __future__ import annotations
