@@ -52,6 +52,8 @@ OTHER_COMMANDS_JOBS = (
     "stratavault.jobs._backup_files",
     "asyncio",
     "rich",
+    "urllib.request",
+    "http.client",
 )
 
 

@@ -23,7 +23,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
-from xml.sax.saxutils import quoteattr
 
 from stratavault.errors import SourceError
 from stratavault.sources._bitmap_chain import DEFAULT_BITMAP_PREFIX, generation
@@ -52,6 +51,13 @@ class _Plan:
     checkpointed: bool
     """Whether the new checkpoint tracks this disk (qcow2, writable)."""
     full_read_reason: str | None
+
+
+def _quoteattr(value: str) -> str:
+    """An XML attribute value with its quotes (xml.sax.saxutils loads urllib: only when used)."""
+    from xml.sax.saxutils import quoteattr as quote
+
+    return quote(value)
 
 
 class LibvirtBackup(LiveBackup):
@@ -212,15 +218,15 @@ class LibvirtBackup(LiveBackup):
         for i, plan in enumerate(plans):
             mode = "backupmode='full'"
             if plan.incremental:
-                mode = f"backupmode='incremental' incremental={quoteattr(plan.incremental)}"
+                mode = f"backupmode='incremental' incremental={_quoteattr(plan.incremental)}"
             scratch = self.scratch_dir / f"scratch-{i}-{self._token}.qcow2"
             disks.append(
-                f"<disk name={quoteattr(plan.disk.device)} backup='yes' type='file' {mode}>"
-                f"<driver type='qcow2'/><scratch file={quoteattr(os.fspath(scratch))}/></disk>"
+                f"<disk name={_quoteattr(plan.disk.device)} backup='yes' type='file' {mode}>"
+                f"<driver type='qcow2'/><scratch file={_quoteattr(os.fspath(scratch))}/></disk>"
             )
         return (
             "<domainbackup mode='pull'>"
-            f"<server transport='unix' socket={quoteattr(os.fspath(self.socket_path))}/>"
+            f"<server transport='unix' socket={_quoteattr(os.fspath(self.socket_path))}/>"
             f"<disks>{''.join(disks)}</disks></domainbackup>"
         )
 
@@ -405,7 +411,7 @@ def _checkpoint_xml(name: str, devices: Sequence[str], tracked: Sequence[str]) -
     if not tracked:
         return None
     disks = "".join(
-        f"<disk name={quoteattr(d)} checkpoint={quoteattr('bitmap' if d in tracked else 'no')}/>"
+        f"<disk name={_quoteattr(d)} checkpoint={_quoteattr('bitmap' if d in tracked else 'no')}/>"
         for d in devices
     )
     return (
