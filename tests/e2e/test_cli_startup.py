@@ -118,7 +118,7 @@ def test_backup_image_loads_no_other_commands_job_code(cli: Cli, tmp_path: Path)
 
 
 def test_help_shows_the_defaults_of_the_layers_below(cli: Cli) -> None:
-    """The parser keeps copies of these (their modules are heavy): they must not drift."""
+    """The parser shows the defaults the layers below use (stratavault/_defaults.py)."""
     pages = {}
     for args in (("restore",), ("backup", "image"), ("backup", "vm")):
         result = cli(*args, "--help")

@@ -6,9 +6,9 @@ import argparse
 import socket
 from pathlib import Path
 
+from stratavault._defaults import DEFAULT_DISK_CHUNK_BYTES
 from stratavault.cli._cmd_backup_vm import register_vm
 from stratavault.cli._context import GlobalOptions, open_repo
-from stratavault.cli._defaults import DEFAULT_DISK_CHUNK_BYTES
 from stratavault.cli._disk_report import report_disk_backup
 from stratavault.cli._output import Output, format_bytes, make_progress, shows_progress
 from stratavault.errors import IncompleteSnapshotError

@@ -6,8 +6,8 @@ import argparse
 import socket
 from pathlib import Path
 
+from stratavault._defaults import DEFAULT_DISK_CHUNK_BYTES, DEFAULT_LIBVIRT_URI
 from stratavault.cli._context import GlobalOptions, open_repo
-from stratavault.cli._defaults import DEFAULT_DISK_CHUNK_BYTES, DEFAULT_LIBVIRT_URI
 from stratavault.cli._disk_report import report_disk_backup
 from stratavault.cli._output import Output, make_progress
 

@@ -7,9 +7,9 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from stratavault._defaults import DISK_FORMATS
 from stratavault.cli._cmd_restore_vm import run_instant, run_vm
 from stratavault.cli._context import GlobalOptions, open_repo
-from stratavault.cli._defaults import DISK_FORMATS
 from stratavault.cli._flr import restore_flr
 from stratavault.cli._output import Output, format_bytes, make_progress
 from stratavault.errors import RestoreError, UsageError

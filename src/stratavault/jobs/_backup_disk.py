@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from stratavault import __version__
+from stratavault._defaults import DEFAULT_DISK_CHUNK_BYTES
 from stratavault.errors import SourceError, UsageError
 from stratavault.jobs._progress import (
     Cancellation,
@@ -57,7 +58,6 @@ __all__ = [
     "is_zero",
 ]
 
-DEFAULT_DISK_CHUNK_BYTES = 256 << 10
 """Default disk chunk size: see docs/format.md ("Disk indexes") for the measurement."""
 BITMAP_GRANULARITY_BYTES = 64 << 10
 """QEMU's default dirty-bitmap granularity; chunk sizes are multiples of it."""

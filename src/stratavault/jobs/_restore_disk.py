@@ -27,6 +27,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from stratavault._defaults import DISK_FORMATS
 from stratavault.errors import RestoreError, SnapshotNotFoundError, UsageError
 from stratavault.jobs._backup_disk import chunk_runs, is_zero
 from stratavault.jobs._nbd_disk import NbdDiskTarget, is_nbd_uri
@@ -52,8 +53,6 @@ __all__ = [
     "restore_disk",
     "select_disk",
 ]
-
-DISK_FORMATS = ("raw", "qcow2")
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any
 
+from stratavault._defaults import DEFAULT_LIBVIRT_URI
 from stratavault.errors import SourceError
 
 __all__ = ["DEFAULT_LIBVIRT_URI", "DomainDisk", "LibvirtDomain", "libvirt_module"]
 
-DEFAULT_LIBVIRT_URI = "qemu:///system"
 _AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 

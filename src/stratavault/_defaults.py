@@ -1,0 +1,18 @@
+"""Defaults that several layers share and the command line shows in ``--help``.
+
+In a module of their own, importing nothing, so that building the parser does not load
+the (heavy) modules that use them.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DEFAULT_DISK_CHUNK_BYTES", "DEFAULT_LIBVIRT_URI", "DISK_FORMATS"]
+
+DEFAULT_DISK_CHUNK_BYTES = 256 << 10
+"""Chunk size of new disks (measured trade-off in docs/format.md)."""
+
+DEFAULT_LIBVIRT_URI = "qemu:///system"
+"""The libvirt connection used when none is given."""
+
+DISK_FORMATS = ("raw", "qcow2")
+"""Formats a disk can be restored to."""
