@@ -85,31 +85,38 @@ def get_range(storage: Storage, pack: str, offset: int, length: int) -> bytes:
 
 
 class WindowCache:
-    """The last few ranges read from packs around tree blobs, so that walking a snapshot's
-    trees reads a pack in a few large pieces instead of one read per folder.
+    """Pieces of packs around tree blobs, so that walking a snapshot's trees reads each
+    part of a pack once, in large pieces, instead of once per folder.
 
-    A window ends at the blob asked for: trees are written as folders close (children
-    before their parent), and read from the root down, so the next trees asked for lie
-    just before the last one.
+    Pieces are aligned to ``window`` bytes (a blob that crosses the end of its piece is
+    read alone), and the ``windows`` used last are kept. Trees are written as folders
+    close (children before their parent) and read from the root down, so a walk moves
+    back and forth within a few neighbouring pieces; pieces that overlapped each other
+    made an unchanged backup of 12,300 folders copy ~470 MiB to read ~9 MiB of trees.
     """
 
-    def __init__(self, window: int = 1 << 20, windows: int = 4) -> None:
+    def __init__(self, window: int = 1 << 20, windows: int = 8) -> None:
         self._window, self._windows = window, windows
         self._cached: list[tuple[str, int, bytes]] = []
+        """``(pack, offset, data)``, the piece used last at the end."""
         self._lock = threading.Lock()
 
     def get(self, storage: Storage, pack: str, offset: int, length: int) -> bytes:
-        """``length`` bytes of ``pack`` at ``offset``, from a cached window when possible."""
+        """``length`` bytes of ``pack`` at ``offset``, from a cached piece when possible."""
         with self._lock:
-            for name, start, data in self._cached:
+            for i, piece in enumerate(self._cached):
+                name, start, data = piece
                 if name == pack and start <= offset and offset + length <= start + len(data):
+                    self._cached.append(self._cached.pop(i))
                     return data[offset - start : offset - start + length]
-        start = max(0, offset + length - max(self._window, length))
-        data = get_range(storage, pack, start, offset + length - start)
+        start = offset - offset % self._window
+        if offset + length > start + self._window:  # across a piece's end: rare, not kept
+            return get_range(storage, pack, offset, length)
+        data = get_range(storage, pack, start, self._window)  # clipped at the pack's end
         with self._lock:
             self._cached.append((pack, start, data))
             del self._cached[: -self._windows]
-        return data[offset - start :]
+        return data[offset - start : offset - start + length]
 
 
 def read_pack_blobs(
