@@ -75,6 +75,7 @@ def test_missing_checks_many_ids_across_runs_and_fresh_entries() -> None:
     assert index.missing(ids[:900]) == set()
     assert all((c in index) is (c not in index.missing([c])) for c in ids[::37])
     assert ChunkIndex().missing(ids[:3]) == set(ids[:3])
+    assert index.missing([ids[0], b"short", ids[950]]) == {b"short", ids[950]}
 
 
 def test_cache_written_extended_and_rebuilt(tmp_path: Path) -> None:

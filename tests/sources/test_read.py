@@ -163,7 +163,7 @@ def test_prefetch_metadata_counts_files_and_survives_errors(tmp_path: Path) -> N
     os.symlink("/nonexistent", tmp_path / "a" / "dangling")
     (tmp_path / "single").write_bytes(b"12345678")
     roots = [str(tmp_path / "a"), str(tmp_path / "missing"), str(tmp_path / "single")]
-    assert prefetch_metadata(roots) == (6, 15 + 8)
+    assert prefetch_metadata(roots) == prefetch_metadata(roots, threads=1) == (6, 15 + 8)
     excluded = prefetch_metadata(roots, excludes=[str(tmp_path / "a" / "d[01]")])
     assert excluded == (4, 12 + 8)
     locked = tmp_path / "a" / "d4"

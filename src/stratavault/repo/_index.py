@@ -150,16 +150,19 @@ class ChunkIndex:
     def missing(self, chunk_ids: list[bytes]) -> set[bytes]:
         """The ids of ``chunk_ids`` that are not in the index: one vectorized binary search
         per run for the whole list (a folder's files at once), not one per id."""
-        wanted = [c for c in chunk_ids if c not in self._pending]
+        wanted = [c for c in chunk_ids if c not in self._pending] if self._pending else chunk_ids
         if not wanted:
             return set()
-        keys = np.array(wanted, dtype="S32")
+        joined = b"".join(wanted)
+        if len(joined) != 32 * len(wanted):  # not all chunk ids: none of them can be here
+            return {c for c in wanted if len(c) != 32 or c not in self}
+        keys = np.frombuffer(joined, dtype="S32")
         found = np.zeros(len(keys), dtype=bool)
         for ids in self._ids:
-            pos = ids.searchsorted(keys)
-            inside = pos < len(ids)
-            found[inside] |= ids[pos[inside]] == keys[inside]
-        return {wanted[i] for i in np.flatnonzero(~found)}
+            if len(ids):
+                pos = np.minimum(ids.searchsorted(keys), len(ids) - 1)
+                found |= ids[pos] == keys
+        return set() if found.all() else {wanted[i] for i in np.flatnonzero(~found)}
 
     def merged(self) -> Array:
         """All entries as one sorted array (merges everything)."""

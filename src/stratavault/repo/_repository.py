@@ -11,7 +11,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from stratavault.errors import (
     ChunkNotFoundError,
@@ -194,8 +194,9 @@ class Repository:
         """Those of ``chunk_ids`` that are neither stored nor on their way into a pack
         (``has_chunk`` for many ids at once, much cheaper per id)."""
         with self._lock:
-            unknown = [c for c in chunk_ids if c not in self._inflight]
-            return {ChunkId(c) for c in self._index.missing(list(unknown))}
+            inflight = self._inflight
+            unknown = [c for c in chunk_ids if c not in inflight] if inflight else chunk_ids
+            return cast(set[ChunkId], self._index.missing(list(unknown)))
 
     def add_chunk(
         self,

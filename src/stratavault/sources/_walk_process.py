@@ -23,6 +23,7 @@ _BATCH = 512
 the pipe (and so the memory held) stays small when the consumer is slower."""
 
 _ENTRY, _ERROR, _USAGE, _DONE = range(4)
+_TYPES = {str(t): t for t in EntryType}
 _Record = tuple[int, Any]
 
 
@@ -70,7 +71,7 @@ def _records(receiver: Connection, on_error: ErrorHandler) -> Iterator[FsEntry]:
         for kind, value in batch:
             if kind == _ENTRY:
                 entry = FsEntry(*value)
-                entry.type = EntryType(entry.type)
+                entry.type = _TYPES[entry.type]
                 yield entry
             elif kind == _ERROR:
                 path, errno, strerror = value
