@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 from stratavault._defaults import DEFAULT_DISK_CHUNK_BYTES
+from stratavault._malloc import keep_freed_memory
 from stratavault.cli._cmd_backup_vm import register_vm
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._disk_report import report_disk_backup
@@ -163,6 +164,7 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
 
 def run_image(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Back up raw images / block devices into one snapshot and print the summary."""
+    keep_freed_memory()  # large buffers allocated and freed over and over
     from stratavault.jobs import BackupDisksOptions, backup_images
 
     out = Output(json_mode=options.json, quiet=options.quiet)

@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 
 from stratavault._defaults import DEFAULT_DISK_CHUNK_BYTES, DEFAULT_LIBVIRT_URI
+from stratavault._malloc import keep_freed_memory
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._disk_report import report_disk_backup
 from stratavault.cli._output import Output, make_progress
@@ -59,6 +60,7 @@ def register_vm(
 
 def run_vm(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Back up the VM and print the summary."""
+    keep_freed_memory()  # large buffers allocated and freed over and over
     from stratavault.jobs import BackupVmOptions, backup_vm
 
     out = Output(json_mode=options.json, quiet=options.quiet)

@@ -8,6 +8,7 @@ import dataclasses
 from pathlib import Path
 
 from stratavault._defaults import DISK_FORMATS
+from stratavault._malloc import keep_freed_memory
 from stratavault.cli._cmd_restore_vm import run_instant, run_vm
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._flr import restore_flr
@@ -145,6 +146,7 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
 
 def run_disk(ns: argparse.Namespace, word: str, options: GlobalOptions) -> int:
     """Restore one disk; exit 1 when verification finds a difference."""
+    keep_freed_memory()  # large buffers allocated and freed over and over
     from stratavault.jobs import Cancellation, RestoreDiskOptions, restore_disk
     from stratavault.snapshot import find_snapshot
 

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+from stratavault._malloc import keep_freed_memory
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._output import Output, format_bytes, make_progress
 from stratavault.errors import Interrupted, UsageError
@@ -15,6 +16,7 @@ from stratavault.errors import Interrupted, UsageError
 
 def run_vm(ns: argparse.Namespace, ref: str, options: GlobalOptions) -> int:
     """Restore every disk and the configuration; with --start, start the VM."""
+    keep_freed_memory()  # large buffers allocated and freed over and over
     from stratavault.jobs import RestoreVmOptions, restore_vm
     from stratavault.snapshot import find_snapshot
 
