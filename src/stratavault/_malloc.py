@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 
 __all__ = ["keep_freed_memory", "tune_malloc"]
@@ -34,7 +35,5 @@ def keep_freed_memory(limit_bytes: int = 32 << 20) -> None:
     image; with 32 MiB kept, 176,000, and the backup took 2.97 s instead of 3.81 s (a disk
     restore 1.80 s instead of 2.03 s) for 6 MiB more peak memory. Not for file backups: their
     worker processes would each keep it (peak +45 MiB for 4 % of speed)."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to tune
         ctypes.CDLL("libc.so.6").mallopt(_M_TRIM_THRESHOLD, limit_bytes)
-    except (OSError, AttributeError):
-        pass

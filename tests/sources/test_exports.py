@@ -44,6 +44,7 @@ def test_exported_members() -> None:
         "RestoreFile",
         "RestoreIssue",
         "SparseFileReader",
+        "TreeScan",
         "TreeTotals",
         "VmBackup",
         "VmDisk",

@@ -29,7 +29,6 @@ from typing import Any
 from stratavault import __version__
 from stratavault.errors import Interrupted, UsageError
 from stratavault.jobs._backup_sources import (
-    TreeScan,
     absolute_roots,
     ancestors,
     entry_of,
@@ -64,6 +63,7 @@ from stratavault.snapshot import (
 from stratavault.sources import (
     FileStamp,
     FsEntry,
+    TreeScan,
     read_exclude_file,
     same_file_stat,
     walk,

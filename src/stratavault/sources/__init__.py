@@ -103,6 +103,9 @@ if TYPE_CHECKING:
         read_xattrs as read_xattrs,
         walk as walk,
     )
-    from stratavault.sources._walk_process import walk_in_process as walk_in_process
+    from stratavault.sources._walk_process import (
+        TreeScan as TreeScan,
+        walk_in_process as walk_in_process,
+    )
 
 __all__, __getattr__ = lazy_exports(__name__, __file__)

@@ -1,22 +1,24 @@
-"""The walker run in a process of its own: the same entries, errors and order as
-:func:`walk`, with the system calls (``lstat``, ``listxattr``, ``scandir``) and the
-building of entries done beside the consumer instead of in its interpreter."""
+"""Walking in processes of their own: :func:`walk_in_process` gives the same entries,
+errors and order as :func:`walk`, with the system calls (``lstat``, ``listxattr``,
+``scandir``) and the building of entries done beside the consumer instead of in its
+interpreter; :class:`TreeScan` reads a tree's inodes ahead of a walk and counts it."""
 
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, cast
 
 from stratavault._process import die_with_parent
 from stratavault.errors import SourceError, UsageError
 from stratavault.sources._entry import EntryType, FsEntry
-from stratavault.sources._walk import ErrorHandler, walk
+from stratavault.sources._walk import ErrorHandler, TreeTotals, prefetch_metadata, walk
 
-__all__ = ["walk_in_process"]
+__all__ = ["TreeScan", "walk_in_process"]
 
 _BATCH = 512
 """Entries per message: big enough that pickling is cheap per entry, small enough that
@@ -122,3 +124,62 @@ def _fields(e: FsEntry) -> tuple[Any, ...]:
         e.group, e.size, e.mtime_ns, e.atime_ns, e.ctime_ns, e.inode, e.dev, e.nlink,
         e.rdev, e.link_target, dict(e.xattrs),
     )  # fmt: skip
+
+
+def _prefetch_child(
+    roots: list[str], one_file_system: bool, excludes: list[str], totals: Connection
+) -> None:
+    """The read-ahead process: ends with the backup, however that ends."""
+    die_with_parent()
+    totals.send(prefetch_metadata(roots, one_file_system, excludes))
+
+
+class TreeScan:
+    """A process that reads the tree's inodes ahead of the backup's walk (cold caches)
+    and counts the files and bytes to back up for ``on_totals`` (progress), beside the
+    walk rather than competing with it for the interpreter."""
+
+    def __init__(
+        self,
+        roots: Sequence[PurePosixPath],
+        *,
+        one_file_system: bool,
+        excludes: list[str],
+        on_totals: Callable[[TreeTotals], None] | None,
+    ) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._totals, child_end = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=_prefetch_child,
+            args=([str(r) for r in roots], one_file_system, excludes, child_end),
+            name="stratavault-prefetch",
+            daemon=True,
+        )
+        self._process.start()  # OSError when no process can be started
+        child_end.close()
+        self._waiter: threading.Thread | None = None
+        if on_totals is not None:
+            self._waiter = threading.Thread(
+                target=self._wait_totals, args=(on_totals,), name="totals", daemon=True
+            )
+            self._waiter.start()
+
+    def _wait_totals(self, on_totals: Callable[[TreeTotals], None]) -> None:
+        try:
+            totals = self._totals.recv()  # waits without holding the interpreter
+        except (EOFError, OSError):
+            return  # stopped before it was done
+        on_totals(cast(TreeTotals, totals))
+
+    def finish(self) -> None:
+        """Wait for the totals (the scan walks what the backup walked: it is about done)."""
+        if self._waiter is not None:
+            self._waiter.join()
+
+    def stop(self) -> None:
+        """End the process, done or not."""
+        self._process.kill()
+        self._process.join()
+        self._totals.close()
+        if self._waiter is not None:
+            self._waiter.join()
