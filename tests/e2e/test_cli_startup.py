@@ -36,6 +36,7 @@ NOT_FOR_LISTING = (
     "http.client",
     "xml.sax.saxutils",
     "rich",
+    "botocore",
 )
 OTHER_COMMANDS_JOBS = (
     "stratavault.jobs._restore_files",
@@ -54,6 +55,7 @@ OTHER_COMMANDS_JOBS = (
     "rich",
     "urllib.request",
     "http.client",
+    "botocore",
 )
 
 

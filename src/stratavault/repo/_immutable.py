@@ -13,11 +13,14 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stratavault.errors import IntegrityError, UsageError
 from stratavault.repo import _formats as F
-from stratavault.storage import S3Storage, Storage
+from stratavault.storage import Storage
+
+if TYPE_CHECKING:
+    from stratavault.storage import S3Storage
 
 __all__ = ["apply", "days", "extend"]
 
@@ -39,7 +42,10 @@ def days(config: dict[str, Any], storage: Storage) -> int | None:
 
 
 def _s3(storage: Storage) -> S3Storage | None:
-    """The S3 backend under the wrappers of ``storage``, if that is what it is."""
+    """The S3 backend under the wrappers of ``storage``, if that is what it is (boto3 is
+    loaded only here: only immutable repositories ask)."""
+    from stratavault.storage import S3Storage
+
     current: Any = storage
     while not isinstance(current, S3Storage):
         current = getattr(current, "inner", None)
@@ -80,7 +86,7 @@ def extend(storage: Storage, config: dict[str, Any], packs: Iterable[str], now: 
     do for a repository that is not immutable or not on S3.
     """
     retention_days = days(config, storage)
-    s3 = _s3(storage)
+    s3 = _s3(storage) if retention_days is not None else None
     if retention_days is None or s3 is None:
         return 0
     until = dt.datetime.fromtimestamp(now, dt.UTC) + dt.timedelta(days=retention_days)

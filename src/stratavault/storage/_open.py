@@ -15,7 +15,6 @@ from stratavault.storage._cache import CachedStorage
 from stratavault.storage._local import LocalStorage
 from stratavault.storage._memory import MemoryStorage
 from stratavault.storage._retry import RetryingStorage
-from stratavault.storage._s3 import S3Storage
 
 __all__ = ["ENV_S3_ENDPOINT", "open_storage"]
 
@@ -90,6 +89,8 @@ def _cache_root(cache_dir: Path | bool | None) -> Path | None:
 
 def _open_s3(location: str, cache_root: Path | None) -> Storage:
     """``s3:https://host:port/bucket/prefix`` or ``s3://bucket/prefix``."""
+    from stratavault.storage._s3 import S3Storage  # boto3 only for S3 locations
+
     rest = location[len("s3:") :]
     url = urlsplit(rest)
     if rest.startswith("//"):
