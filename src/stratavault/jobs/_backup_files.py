@@ -97,7 +97,7 @@ class BackupFilesOptions:
     """Small files go to worker processes once this many were sent to be read (starting the
     processes costs ~0.3 s, worth it only for backups that read many files)."""
     scan_totals: bool = False
-    """Count files and bytes in a second, parallel walk so progress can show an ETA."""
+    """Count files and bytes (in the read-ahead process) so progress can show an ETA."""
     max_closed_dirs: int = 1024
     """Finished folders waiting for their files before the walk pauses."""
     walk_process_after_entries: int = 10_000

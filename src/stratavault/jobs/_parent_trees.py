@@ -63,10 +63,6 @@ class ParentTrees:
         self._cache[directory] = found
         return found
 
-    def lookup(self, directory: str, name: str) -> dict[str, Any] | None:
-        """The parent snapshot's node document for ``directory/name``, if any."""
-        return self.listing(directory).by_name.get(name)
-
     def forget(self, directory: str) -> None:
         """Drop a listing that is no longer needed."""
         self._cache.pop(directory, None)
