@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,16 +13,25 @@ from stratavault.repo import _formats as F
 from stratavault.repo._crypto import AuthenticationFailed, MasterKeys, content_hash
 from stratavault.repo._dtypes import HEADER_ENTRY
 
-__all__ = ["OpenPack", "SealedPack", "pack_name", "parse_pack_tail", "seal_pack"]
+__all__ = [
+    "OpenPack",
+    "PackBuffers",
+    "SealedPack",
+    "pack_name",
+    "parse_pack_tail",
+    "seal_pack",
+]
 
 
 @dataclass(slots=True)
 class OpenPack:
     """A pack being filled: its bytes so far (one buffer, so sealing copies nothing) plus
-    the header records of its blobs."""
+    the header records of its blobs. ``data`` may be a buffer used before and longer than
+    the pack: only its first ``length`` bytes are the pack's."""
 
     number: int
     data: bytearray = field(default_factory=bytearray)
+    length: int = 0
     ids: list[bytes] = field(default_factory=list)
     kinds: list[int] = field(default_factory=list)
     raws: list[int] = field(default_factory=list)
@@ -30,7 +40,7 @@ class OpenPack:
     @property
     def size(self) -> int:
         """Bytes of the blobs so far."""
-        return len(self.data)
+        return self.length
 
     @property
     def count(self) -> int:
@@ -39,26 +49,59 @@ class OpenPack:
 
     def append(self, chunk_id: bytes, kind: int, blob: bytes | memoryview, raw_len: int) -> int:
         """Add an encrypted blob (copied into the pack); return its offset in the pack."""
-        offset = len(self.data)
-        self.data += blob
+        offset = self.length
+        self._write(blob)
         self.ids.append(chunk_id)
         self.kinds.append(kind)
         self.raws.append(raw_len)
         self.offsets.append(offset)
         return offset
 
+    def _write(self, data: bytes | memoryview) -> None:
+        end = self.length + len(data)
+        self.data[self.length : end] = data  # in place while the buffer is long enough
+        self.length = end
+
     def blob(self, chunk_id: bytes) -> bytes | None:
         """A copy of the stored blob of ``chunk_id`` if it is in this pack (linear; packs
         are small). A copy, because the buffer may still grow."""
         for i, cid in enumerate(self.ids):
             if cid == chunk_id:
-                last = self._blobs_end if self._blobs_end >= 0 else len(self.data)
+                last = self._blobs_end if self._blobs_end >= 0 else self.length
                 end = self.offsets[i + 1] if i + 1 < len(self.offsets) else last
                 return bytes(self.data[self.offsets[i] : end])
         return None
 
     _blobs_end: int = -1
     """Where the blobs end once the pack is sealed (-1 while it is open)."""
+
+
+class PackBuffers:
+    """Buffers of uploaded packs, kept to fill the next packs: a fresh 16 MiB buffer is
+    mapped anew and every page of it faulted in (the mmap threshold is 8 MiB), 4,096 page
+    faults per pack. At most ``keep`` are kept; thread-safe."""
+
+    def __init__(self, keep: int = 2) -> None:
+        self._keep = keep
+        self._spare: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> bytearray:
+        """A buffer for a new pack (its old bytes are overwritten as the pack fills)."""
+        with self._lock:
+            return self._spare.pop() if self._spare else bytearray()
+
+    def give(self, buffer: bytearray) -> None:
+        """Keep the buffer of a pack whose upload is done, unless some view of it is still
+        alive (then it cannot change size, and must not be overwritten either)."""
+        try:
+            buffer.append(0)
+            del buffer[-1:]
+        except BufferError:
+            return
+        with self._lock:
+            if len(self._spare) < self._keep:
+                self._spare.append(buffer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +123,7 @@ def seal_pack(keys: MasterKeys, pack: OpenPack) -> SealedPack:
     """Finish the pack in place: append the encrypted header and its length; name it by
     its hash. The pack's buffer becomes the sealed pack's bytes (nothing is copied)."""
     count = pack.count
-    blobs_end = len(pack.data)
+    blobs_end = pack.length
     entries = np.zeros(count, dtype=HEADER_ENTRY)
     offsets = np.array(pack.offsets, dtype=np.uint64)
     ends = np.append(offsets[1:], np.uint64(blobs_end)) if count else offsets
@@ -92,9 +135,9 @@ def seal_pack(keys: MasterKeys, pack: OpenPack) -> SealedPack:
     header = F.PACK_HEADER_PREFIX.pack(F.PACK_HEADER_MAGIC, F.PACK_HEADER_VERSION, count)
     sealed_header = keys.seal(header + entries.tobytes(), F.AD_PACK_HEADER)
     pack._blobs_end = blobs_end
-    pack.data += sealed_header
-    pack.data += F.PACK_TRAILER.pack(len(sealed_header))
-    data = memoryview(pack.data)
+    pack._write(sealed_header)
+    pack._write(F.PACK_TRAILER.pack(len(sealed_header)))
+    data = memoryview(pack.data)[: pack.length]
     return SealedPack(pack.number, pack_name(content_hash(data)), data, entries)
 
 

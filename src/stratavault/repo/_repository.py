@@ -41,7 +41,7 @@ from stratavault.repo._crypto import (
 from stratavault.repo._index import ChunkIndex, Entry, decode_index_object, encode_index_object
 from stratavault.repo._keys import KeyInfo
 from stratavault.repo._locks import EXCLUSIVE, PRUNE, SHARED, Locker
-from stratavault.repo._packs import OpenPack, SealedPack
+from stratavault.repo._packs import OpenPack, PackBuffers, SealedPack
 from stratavault.repo._uploader import Uploader
 from stratavault.repo._values import ChunkInfo, RepoStats
 from stratavault.storage import Storage
@@ -107,8 +107,9 @@ class Repository:
         self._unindexed: list[tuple[str, Any]] = []
         self._error: BaseException | None = None
         self._closed = False
+        self._buffers = PackBuffers()
         self._uploader = Uploader(
-            storage, keys, self._pack_done, self._pack_failed,
+            storage, keys, self._pack_done, self._pack_failed, self._buffers.give,
             threads=options.uploader_threads, queue_size=options.upload_queue,
         )  # fmt: skip
         self._locker = Locker(storage, keys, clock, options.lock_refresh_s)
@@ -236,7 +237,8 @@ class Repository:
                 return 0
             pack = self._open_packs.get(int(kind))
             if pack is None:
-                pack = self._open_packs[int(kind)] = OpenPack(self._next_pack)
+                pack = OpenPack(self._next_pack, self._buffers.take())
+                self._open_packs[int(kind)] = pack
                 self._next_pack += 1
             offset = pack.append(chunk_id, int(kind), blob, raw_len)
             self._inflight[chunk_id] = (pack, Entry(-1, int(kind), offset, len(blob), raw_len))

@@ -22,7 +22,8 @@ class Uploader:
 
     ``submit`` blocks while ``queue_size`` packs wait (backpressure). ``on_done`` is
     called in the uploader thread after a successful put, ``on_error`` after a
-    failed one; a failed pack is never passed to ``on_done``.
+    failed one; a failed pack is never passed to ``on_done``. ``on_uploaded`` then gets
+    the buffer of a pack that is done, to fill another pack with.
     """
 
     def __init__(
@@ -31,6 +32,7 @@ class Uploader:
         keys: MasterKeys,
         on_done: Callable[[SealedPack], None],
         on_error: Callable[[OpenPack, BaseException], None],
+        on_uploaded: Callable[[bytearray], None] = lambda _buffer: None,
         *,
         threads: int = 2,
         queue_size: int = 2,
@@ -39,6 +41,7 @@ class Uploader:
         self._keys = keys
         self._on_done = on_done
         self._on_error = on_error
+        self._on_uploaded = on_uploaded
         self._queue: queue.Queue[OpenPack | None] = queue.Queue(maxsize=queue_size)
         self._nthreads = threads
         self._threads: list[threading.Thread] = []
@@ -88,3 +91,5 @@ class Uploader:
             self._on_error(pack, exc)
             return
         self._on_done(sealed)
+        del sealed  # its view of the pack's buffer
+        self._on_uploaded(pack.data)
