@@ -208,18 +208,21 @@ def test_walk_in_process_stops_its_child_and_reports_its_death(tmp_path: Path) -
 
     from stratavault.errors import SourceError
 
+    def walkers() -> list[multiprocessing.process.BaseProcess]:
+        return [p for p in multiprocessing.active_children() if p.name == "stratavault-walk"]
+
     root = tmp_path / "t"
-    for i in range(3000):  # more than one message
+    for i in range(3000):  # more than the pipe holds: the child waits for the reader
         (root / f"d{i // 100}").mkdir(parents=True, exist_ok=True)
         (root / f"d{i // 100}" / f"f{i}").write_bytes(b"")
     entries = walk_in_process([root], on_error=Errors())
     assert next(entries).path == str(root)
     entries.close()  # the consumer stops early: the child goes
-    assert multiprocessing.active_children() == []
+    assert walkers() == []
     entries = walk_in_process([root], on_error=Errors())
     next(entries)
-    for child in multiprocessing.active_children():
-        child.kill()
+    (child,) = walkers()
+    child.kill()
     with pytest.raises(SourceError, match="walking the files ended early"):
         list(entries)
-    assert multiprocessing.active_children() == []
+    assert walkers() == []

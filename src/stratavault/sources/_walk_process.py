@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path, PurePosixPath
@@ -36,7 +36,7 @@ def walk_in_process(
     exclude_files: Sequence[Path] = (),
     one_file_system: bool = False,
     on_error: ErrorHandler,
-) -> Iterator[FsEntry]:
+) -> Generator[FsEntry, None, None]:
     """What :func:`walk` yields, walked by a child process that runs ahead of the
     consumer by a few hundred entries (the metadata is that of the moment the child
     read it). ``on_error`` is called in this process, in walk order. ``OSError`` at
