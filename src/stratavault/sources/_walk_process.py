@@ -55,7 +55,9 @@ def walk_in_process(
     return _receive(child, receiver, on_error)
 
 
-def _receive(child: BaseProcess, receiver: Connection, on_error: ErrorHandler) -> Iterator[FsEntry]:
+def _receive(
+    child: BaseProcess, receiver: Connection, on_error: ErrorHandler
+) -> Generator[FsEntry, None, None]:
     try:
         yield from _records(receiver, on_error)
     finally:
