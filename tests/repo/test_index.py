@@ -188,3 +188,35 @@ def test_recover_skips_damaged_packs(repo: Repository, storage: MemoryStorage) -
     storage.put("data/ab/" + "ab" * 32, b"not a pack at all")
     storage.put("data/cd/" + "cd" * 32, b"")
     assert repo.recover_unindexed_packs() == 0
+
+
+def test_index_objects_replaced_while_opening_are_listed_again(
+    repo: Repository, storage: MemoryStorage
+) -> None:
+    """A prune beside us rewrites the index (new objects first, then the old deleted)
+    between our listing of ``index/`` and our reading of it: we list again."""
+    from stratavault.repo._collect import rewrite_index
+    from stratavault.storage import StorageWrapper
+
+    chunks = random_chunks(40, 20_000)
+    ids = [repo.chunk_id(c) for c in chunks]
+    for cid, data in zip(ids, chunks, strict=True):
+        repo.add_chunk(cid, data)
+    repo.flush()
+    before = {o.name for o in storage.list("index/")}
+
+    class PruneBeside(StorageWrapper):
+        fired = False
+
+        def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+            if name.startswith("index/") and not self.fired:
+                self.fired = True
+                with open_repo(storage, None, index_every_packs=1) as other:
+                    rewrite_index(other)  # other groupings: other names
+                assert name not in {o.name for o in storage.list("index/")}
+            return super().get(name, offset, length)
+
+    racing = PruneBeside(storage)
+    with open_repo(racing, None) as again:
+        assert racing.fired and all(again.has_chunk(c) for c in ids)
+    assert not before & {o.name for o in storage.list("index/")}

@@ -58,6 +58,10 @@ def default_cache_dir() -> Path:
     return Path(base) / "stratavault"
 
 
+_SYNC_ATTEMPTS = 5
+"""Listings of ``index/`` before giving up when its objects keep changing under us."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Options:
     pack_target_bytes: int = F.PACK_TARGET_BYTES
@@ -353,7 +357,21 @@ class Repository:
         return decode_index_object(name, plain)
 
     def _sync_index(self) -> None:
-        """Load the cached chunk index and bring it up to date with ``index/``."""
+        """Load the cached chunk index and bring it up to date with ``index/``.
+
+        An index object that is gone between listing and reading was replaced by a prune
+        running beside us (it writes the new objects before it deletes the old): list
+        again.
+        """
+        for attempt in range(_SYNC_ATTEMPTS):
+            try:
+                self._sync_index_once()
+                return
+            except ObjectNotFoundError:
+                if attempt == _SYNC_ATTEMPTS - 1:
+                    raise
+
+    def _sync_index_once(self) -> None:
         names = {obj.name for obj in self.storage.list(F.INDEX_PREFIX)}
         cached = ChunkIndex.load(self._cache_dir) if self._cache_dir is not None else None
         index, covered = (
