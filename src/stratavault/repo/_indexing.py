@@ -7,14 +7,61 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from stratavault.errors import DataDamagedError
+from stratavault.errors import DataDamagedError, ObjectNotFoundError
 from stratavault.repo import _collect, _formats as F, _reading
 from stratavault.repo._index import ChunkIndex
 
 if TYPE_CHECKING:
     from stratavault.repo._repository import Repository
 
-__all__ = ["damaged_index_names", "index_packs", "rebuild_index", "recover_unindexed_packs"]
+__all__ = [
+    "damaged_index_names",
+    "index_packs",
+    "rebuild_index",
+    "recover_unindexed_packs",
+    "sync_index",
+]
+
+_SYNC_ATTEMPTS = 5
+"""Listings of ``index/`` before giving up when its objects keep changing under us."""
+
+
+def sync_index(repo: Repository) -> None:
+    """Load the cached chunk index and bring it up to date with ``index/``.
+
+    An index object that is gone between listing and reading was replaced by a prune
+    running beside us (it writes the new objects before it deletes the old): list again.
+    """
+    for attempt in range(_SYNC_ATTEMPTS):
+        try:
+            _sync_index_once(repo)
+            return
+        except ObjectNotFoundError:
+            if attempt == _SYNC_ATTEMPTS - 1:
+                raise
+
+
+def _sync_index_once(repo: Repository) -> None:
+    names = {obj.name for obj in repo.storage.list(F.INDEX_PREFIX)}
+    cache_dir = repo._cache_dir
+    cached = ChunkIndex.load(cache_dir) if cache_dir is not None else None
+    index, covered = cached if cached is not None and cached[1] <= names else (ChunkIndex(), set())
+    missing = sorted(names - covered)
+    damaged: list[str] = []
+    for name in missing:
+        try:
+            packs, entries = repo._read_index_object(name)
+        except DataDamagedError:
+            damaged.append(name)  # its packs look unindexed: `repair index` rebuilds
+            continue
+        numbers = [index.pack_number(p) for p in packs]
+        entries["pack"] = [numbers[n] for n in entries["pack"]]
+        index.add_entries(entries)
+    names -= set(damaged)  # not covered: read (and skipped) again at the next open
+    with repo._lock:
+        repo._index, repo._index_objects = index, names
+    if missing or covered != names:
+        repo._save_cache()
 
 
 def damaged_index_names(repo: Repository) -> list[str]:

@@ -15,7 +15,6 @@ from typing import Any, cast
 
 from stratavault.errors import (
     ChunkNotFoundError,
-    DataDamagedError,
     ObjectExistsError,
     ObjectNotFoundError,
     RepositoryExistsError,
@@ -56,10 +55,6 @@ def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/stratavault`` or ``~/.cache/stratavault``."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "stratavault"
-
-
-_SYNC_ATTEMPTS = 5
-"""Listings of ``index/`` before giving up when its objects keep changing under us."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,42 +352,8 @@ class Repository:
         return decode_index_object(name, plain)
 
     def _sync_index(self) -> None:
-        """Load the cached chunk index and bring it up to date with ``index/``.
-
-        An index object that is gone between listing and reading was replaced by a prune
-        running beside us (it writes the new objects before it deletes the old): list
-        again.
-        """
-        for attempt in range(_SYNC_ATTEMPTS):
-            try:
-                self._sync_index_once()
-                return
-            except ObjectNotFoundError:
-                if attempt == _SYNC_ATTEMPTS - 1:
-                    raise
-
-    def _sync_index_once(self) -> None:
-        names = {obj.name for obj in self.storage.list(F.INDEX_PREFIX)}
-        cached = ChunkIndex.load(self._cache_dir) if self._cache_dir is not None else None
-        index, covered = (
-            cached if cached is not None and cached[1] <= names else (ChunkIndex(), set())
-        )
-        missing = sorted(names - covered)
-        damaged: list[str] = []
-        for name in missing:
-            try:
-                packs, entries = self._read_index_object(name)
-            except DataDamagedError:
-                damaged.append(name)  # its packs look unindexed: `repair index` rebuilds
-                continue
-            numbers = [index.pack_number(p) for p in packs]
-            entries["pack"] = [numbers[n] for n in entries["pack"]]
-            index.add_entries(entries)
-        names -= set(damaged)  # not covered: read (and skipped) again at the next open
-        with self._lock:
-            self._index, self._index_objects = index, names
-        if missing or covered != names:
-            self._save_cache()
+        """Load the cached chunk index and bring it up to date with ``index/``."""
+        _indexing.sync_index(self)
 
     def _save_cache(self) -> None:
         if self._cache_dir is None:
