@@ -72,19 +72,16 @@ def prefetch_metadata(
     reports them); the order is not the real walk's.
     """
     scan = _CountingScan(ExcludeMatcher(excludes), one_file_system)
-    folders: list[tuple[str, int]] = []
+    work: queue.Queue[tuple[str, int] | None] = queue.Queue()
     for root in roots:
         try:
             st = os.lstat(root)
         except OSError:
             continue
         if stat.S_ISDIR(st.st_mode):
-            folders.append((root, st.st_dev))
+            work.put((root, st.st_dev))
         elif stat.S_ISREG(st.st_mode):
             scan.files, scan.bytes = scan.files + 1, scan.bytes + st.st_size
-    work: queue.Queue[tuple[str, int] | None] = queue.Queue()
-    for folder in folders:
-        work.put(folder)
 
     def worker() -> None:
         while (item := work.get()) is not None:
