@@ -6,10 +6,18 @@ the (heavy) modules that use them.
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_DISK_CHUNK_BYTES", "DEFAULT_LIBVIRT_URI", "DISK_FORMATS"]
+__all__ = [
+    "DEFAULT_DISK_CHUNK_BYTES",
+    "DEFAULT_DISK_FRAME_BYTES",
+    "DEFAULT_LIBVIRT_URI",
+    "DISK_FORMATS",
+]
 
 DEFAULT_DISK_CHUNK_BYTES = 256 << 10
 """Chunk size of new disks (measured trade-off in docs/format.md)."""
+
+DEFAULT_DISK_FRAME_BYTES = 1 << 20
+"""New neighbouring disk chunks are compressed together in frames of up to this size."""
 
 DEFAULT_LIBVIRT_URI = "qemu:///system"
 """The libvirt connection used when none is given."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from stratavault._defaults import DEFAULT_DISK_CHUNK_BYTES
 from stratavault._malloc import keep_freed_memory
-from stratavault.cli._cmd_backup_vm import register_vm
+from stratavault.cli._cmd_backup_vm import add_frame_size, register_vm
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._disk_report import report_disk_backup
 from stratavault.cli._output import Output, format_bytes, make_progress, shows_progress
@@ -81,6 +81,7 @@ def _register_image(
         metavar="KiB",
         help=f"disk chunk size in KiB (default {DEFAULT_DISK_CHUNK_BYTES >> 10})",
     )
+    add_frame_size(i)
     i.add_argument(
         "--compression",
         type=_level,
@@ -175,6 +176,7 @@ def run_image(ns: argparse.Namespace, options: GlobalOptions) -> int:
         paths=tuple(str(p) for p in files),
         parent=ns.parent,
         chunk_bytes=ns.chunk_size,
+        frame_bytes=ns.frame_size,
         compression_level=ns.compression,
     )
     progress = make_progress(json_mode=options.json, quiet=options.quiet)

@@ -6,7 +6,11 @@ import argparse
 import socket
 from pathlib import Path
 
-from stratavault._defaults import DEFAULT_DISK_CHUNK_BYTES, DEFAULT_LIBVIRT_URI
+from stratavault._defaults import (
+    DEFAULT_DISK_CHUNK_BYTES,
+    DEFAULT_DISK_FRAME_BYTES,
+    DEFAULT_LIBVIRT_URI,
+)
 from stratavault._malloc import keep_freed_memory
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._disk_report import report_disk_backup
@@ -53,9 +57,32 @@ def register_vm(
         metavar="KiB",
         help=f"disk chunk size of new disks in KiB (default {DEFAULT_DISK_CHUNK_BYTES >> 10})",
     )
+    add_frame_size(v)
     v.add_argument("--compression", type=int, default=3, metavar="LEVEL", help="zstd level")
     v.add_argument("--scratch-dir", type=Path, help="folder for fleecing overlays and sockets")
     v.set_defaults(run=run_vm)
+
+
+def add_frame_size(parser: argparse.ArgumentParser) -> None:
+    """``--frame-size``: how many bytes of new neighbouring disk chunks compress together."""
+    parser.add_argument(
+        "--frame-size",
+        type=_frame_size,
+        default=DEFAULT_DISK_FRAME_BYTES,
+        metavar="KiB",
+        help="compress new neighbouring disk chunks together in frames of up to this many"
+        f" KiB (default {DEFAULT_DISK_FRAME_BYTES >> 10}; the chunk size or 0: one by one)",
+    )
+
+
+def _frame_size(text: str) -> int:
+    try:
+        kib = int(text)
+    except ValueError:
+        kib = -1
+    if not 0 <= kib <= 16384:
+        raise argparse.ArgumentTypeError(f"frame size {text!r}: 0 to 16384 (KiB)")
+    return kib << 10
 
 
 def run_vm(ns: argparse.Namespace, options: GlobalOptions) -> int:
@@ -73,6 +100,7 @@ def run_vm(ns: argparse.Namespace, options: GlobalOptions) -> int:
         tags=tuple(ns.tag),
         host=ns.host,
         chunk_bytes=ns.chunk_size << 10,
+        frame_bytes=ns.frame_size,
         compression_level=ns.compression,
         scratch_dir=ns.scratch_dir,
     )

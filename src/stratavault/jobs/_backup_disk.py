@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from stratavault import __version__
-from stratavault._defaults import DEFAULT_DISK_CHUNK_BYTES
+from stratavault._defaults import DEFAULT_DISK_CHUNK_BYTES, DEFAULT_DISK_FRAME_BYTES
 from stratavault.errors import SourceError, UsageError
 from stratavault.jobs._progress import (
     Cancellation,
@@ -115,6 +115,9 @@ class BackupDisksOptions:
     chunk_bytes: int = DEFAULT_DISK_CHUNK_BYTES
     """Chunk size of new disks (a disk incremental on a parent keeps the parent's)."""
     compression_level: int = 3
+    frame_bytes: int = DEFAULT_DISK_FRAME_BYTES
+    """New neighbouring chunks are compressed together in frames of up to this many bytes
+    (one chunk per blob when it is at most the chunk size); see docs/format.md."""
     workers: int = 0
     """Threads reading and storing chunks (0: one per core)."""
     read_bytes: int = 8 << 20
@@ -187,18 +190,30 @@ class _DiskRun:
         if len(view) != end - start:
             raise SourceError(f"reading disk {source.name} at {start} - short read")
         piece = _Piece([], bytes_read=len(view))
-        level = self.options.compression_level
+        per_frame = max(1, self.options.frame_bytes // index.chunk_bytes)
+        frame: list[tuple[ChunkId, memoryview]] = []
         for i in range(count):
             chunk = view[i * index.chunk_bytes : (i + 1) * index.chunk_bytes]
             if is_zero(chunk):
+                self._store(frame, piece)
                 piece.chunks.append((first + i, None))
                 continue
             cid = self.repo.chunk_id(chunk)
-            stored = self.repo.add_chunk(cid, chunk, BlobKind.DATA, level=level)
-            piece.chunks_added += stored > 0
-            piece.bytes_stored += stored
             piece.chunks.append((first + i, cid))
+            frame.append((cid, chunk))
+            if len(frame) == per_frame:
+                self._store(frame, piece)
+        self._store(frame, piece)
         return piece
+
+    def _store(self, frame: list[tuple[ChunkId, memoryview]], piece: _Piece) -> None:
+        """Store the new ones of ``frame``'s neighbouring chunks together; empty ``frame``."""
+        if frame:
+            level = self.options.compression_level
+            added, stored = self.repo.add_chunks(frame, BlobKind.DATA, level=level)
+            piece.chunks_added += added
+            piece.bytes_stored += stored
+            frame.clear()
 
     def take(self, future: Future[_Piece], index: DiskIndex) -> None:
         piece = future.result()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from stratavault._defaults import DEFAULT_DISK_FRAME_BYTES
 from stratavault.errors import UsageError
 from stratavault.jobs._backup_disk import (
     DEFAULT_DISK_CHUNK_BYTES,
@@ -54,6 +55,7 @@ class BackupVmOptions:
     tags: tuple[str, ...] = ()
     host: str = field(default_factory=socket.gethostname)
     chunk_bytes: int = DEFAULT_DISK_CHUNK_BYTES
+    frame_bytes: int = DEFAULT_DISK_FRAME_BYTES
     compression_level: int = 3
     workers: int = 0
     scratch_dir: Path | None = None
@@ -154,6 +156,7 @@ def backup_vm(
         disk_options = BackupDisksOptions(
             tags=options.tags, host=options.host, paths=(name,), kind="vm",
             parent=parent.id if parent else None, chunk_bytes=options.chunk_bytes,
+            frame_bytes=options.frame_bytes,
             compression_level=options.compression_level, workers=options.workers,
             vm_config=config,
         )  # fmt: skip

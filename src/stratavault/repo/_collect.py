@@ -43,6 +43,10 @@ class GcResult:
     date; the plan object keeps naming them, so a later prune deletes them."""
 
 
+REFRAME_LEVEL = 3
+"""zstd level of frames whose live members prune compresses again (the disk default)."""
+
+
 def _copy_live_chunks(repo: Repository, names: list[str], copy: Any) -> None:
     """Write the live chunks of the packs to repack into new packs (verified on the way).
     ``copy`` holds index records whose ``pack`` numbers ``names``."""
@@ -51,9 +55,16 @@ def _copy_live_chunks(repo: Repository, names: list[str], copy: Any) -> None:
         entry = Entry(-1, int(rec["kind"]), int(rec["offset"]), int(rec["stored"]), int(rec["raw"]))
         by_pack[names[int(rec["pack"])]].append((bytes(rec["id"]).ljust(32, b"\0"), entry))
     for pack, entries in sorted(by_pack.items()):
-        wanted = dict(entries)
-        for cid, blob in read_pack_sealed(repo.storage, repo._keys, pack, entries):
-            repo.add_sealed(ChunkId(cid), blob, wanted[cid].raw, BlobKind(wanted[cid].kind))
+        for members, blob, frame in read_pack_sealed(repo.storage, repo._keys, pack, entries):
+            kind = BlobKind(members[0][1].kind & ~F.KIND_FRAMED)
+            if frame is None:
+                for cid, entry in members:
+                    repo.add_sealed(ChunkId(cid), blob, entry.raw, kind)
+            elif len(members) == len(frame.spans):  # every member lives: the frame moves
+                repo.add_sealed_frame([(ChunkId(c), e.raw) for c, e in members], blob, kind)
+            else:  # the live members are compressed again, together, without the others
+                live = [(ChunkId(c), memoryview(frame.member(c))) for c, _ in members]
+                repo.add_chunks(live, kind, level=REFRAME_LEVEL)
     repo.flush()
 
 

@@ -45,12 +45,26 @@ AD_SNAPSHOT: Final = b"stratavault/snapshot/v1\x00"
 AD_LOCK: Final = b"stratavault/lock/v1\x00"
 AD_KEY: Final = b"stratavault/key/v1\x00"
 AD_GC_PLAN: Final = b"stratavault/gc-plan/v1\x00"
+AD_FRAME: Final = b"stratavault/frame/v1\x00"
+"""A frame's AD also carries its kind byte (with ``KIND_FRAMED``); its members' ids are in
+its authenticated plaintext."""
 
 # --- codec byte: first byte of every plaintext that may be compressed ---------------------------
 CODEC_RAW: Final = 0
 CODEC_ZSTD: Final = 1
 COMPRESSED_MAX_RATIO: Final = 0.97
 """Compressed data is kept only when smaller than this fraction of the raw size."""
+
+# --- frames: several chunks compressed together in one blob ------------------------------------
+KIND_FRAMED: Final = 0x80
+"""Set in the kind byte of header and index entries of chunks that live in a frame; every
+member of a frame has the frame's offset and stored length, and its own raw length."""
+FRAME_COUNT: Final = struct.Struct("<H")
+"""A frame's plaintext: member count, then per member FRAME_MEMBER, then codec byte + payload
+of the members' bytes one after another."""
+FRAME_MEMBER: Final = struct.Struct("<32sI")
+"""chunk id, raw length"""
+FRAME_MAX_MEMBERS: Final = 64
 
 # --- packs --------------------------------------------------------------------------------------
 PACK_TARGET_BYTES: Final = 16 * 1024 * 1024

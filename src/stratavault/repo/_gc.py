@@ -101,6 +101,32 @@ def _home_entries(arr: Any, live: Ids, present: npt.NDArray[np.bool_]) -> Any:
     return idx[first]
 
 
+def _bytes_per_pack(entries: Any, npk: int) -> npt.NDArray[np.int64]:
+    """Stored bytes of the distinct blobs of ``entries`` per pack number: the members of a
+    frame share their frame's offset and stored length, which counts once."""
+    if not len(entries):
+        return np.zeros(npk, dtype=np.int64)
+    where = entries["pack"].astype(np.uint64) << np.uint64(32) | entries["offset"]
+    _, first = np.unique(where, return_index=True)
+    weights = entries["stored"][first]
+    return np.bincount(entries["pack"][first], weights=weights, minlength=npk).astype(np.int64)
+
+
+def _live_bytes_per_pack(arr: Any, home: Any, npk: int) -> npt.NDArray[np.int64]:
+    """Stored bytes per pack that the ``home`` entries of ``arr`` use: a frame's bytes in
+    the share of its live members' raw bytes (repacking recompresses the live ones)."""
+    if not len(home):
+        return np.zeros(npk, dtype=np.int64)
+    where = arr["pack"].astype(np.uint64) << np.uint64(32) | arr["offset"]
+    _, blob, inverse = np.unique(where, return_index=True, return_inverse=True)
+    blob_raw = np.bincount(inverse, weights=arr["raw"], minlength=len(blob))
+    raw = arr["raw"][home].astype(np.float64)
+    share = np.divide(raw, blob_raw[inverse[home]], out=np.ones_like(raw), where=raw > 0)
+    weights = arr["stored"][home] * np.minimum(share, 1.0)
+    live = np.bincount(arr["pack"][home], weights=weights, minlength=npk)
+    return np.ceil(live).astype(np.int64)  # a pack with a live chunk never counts 0
+
+
 def _choose_repacks(
     names: list[str], sizes: npt.NDArray[np.int64], live: npt.NDArray[np.int64],
     candidates: npt.NDArray[np.bool_], max_unused: float,
@@ -134,10 +160,9 @@ def compute_plan(
     present = np.array([n in sizes for n in names] or [False], dtype=bool)
     home = _home_entries(arr, live, present)
     npk = max(len(names), 1)
-    live_bytes = np.bincount(arr["pack"][home], weights=arr["stored"][home], minlength=npk)
-    live_bytes = live_bytes.astype(np.int64)
+    live_bytes = _live_bytes_per_pack(arr, home, npk)
+    blob_bytes = _bytes_per_pack(arr, npk)
     pack_sizes = np.array([sizes.get(n, 0) for n in names] or [0], dtype=np.int64)
-    blob_bytes = np.bincount(arr["pack"], weights=arr["stored"], minlength=npk).astype(np.int64)
     has_entries = np.zeros(npk, dtype=bool)
     has_entries[arr["pack"]] = True
     delete = present & has_entries & (live_bytes == 0)
@@ -157,7 +182,7 @@ def compute_plan(
         delete=tuple(names[i] for i in np.flatnonzero(delete)),
         repack=tuple(names[i] for i in repack),
         copy_chunks=len(copy),
-        copy_bytes=int(copy["stored"].sum()) if len(copy) else 0,
+        copy_bytes=int(_bytes_per_pack(copy, npk).sum()),
         missing_packs=tuple(n for n in names if n not in sizes),
         lost_chunks=len(lost),
         lost_examples=tuple(bytes(i).ljust(32, b"\0").hex() for i in lost[:5]),

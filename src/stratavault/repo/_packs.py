@@ -36,6 +36,7 @@ class OpenPack:
     kinds: list[int] = field(default_factory=list)
     raws: list[int] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
+    storeds: list[int] = field(default_factory=list)
 
     @property
     def size(self) -> int:
@@ -49,12 +50,21 @@ class OpenPack:
 
     def append(self, chunk_id: bytes, kind: int, blob: bytes | memoryview, raw_len: int) -> int:
         """Add an encrypted blob (copied into the pack); return its offset in the pack."""
+        return self.append_frame([(chunk_id, raw_len)], kind, blob)
+
+    def append_frame(
+        self, members: list[tuple[bytes, int]], kind: int, blob: bytes | memoryview
+    ) -> int:
+        """Add a blob holding ``members`` (``(chunk id, raw length)``; ``kind`` has
+        ``KIND_FRAMED`` when there are several); return its offset in the pack."""
         offset = self.length
         self._write(blob)
-        self.ids.append(chunk_id)
-        self.kinds.append(kind)
-        self.raws.append(raw_len)
-        self.offsets.append(offset)
+        for chunk_id, raw_len in members:
+            self.ids.append(chunk_id)
+            self.kinds.append(kind)
+            self.raws.append(raw_len)
+            self.offsets.append(offset)
+            self.storeds.append(len(blob))
         return offset
 
     def _write(self, data: bytes | memoryview) -> None:
@@ -63,17 +73,12 @@ class OpenPack:
         self.length = end
 
     def blob(self, chunk_id: bytes) -> bytes | None:
-        """A copy of the stored blob of ``chunk_id`` if it is in this pack (linear; packs
-        are small). A copy, because the buffer may still grow."""
+        """A copy of the stored blob of ``chunk_id`` (its frame's, for a framed chunk) if it
+        is in this pack (linear; packs are small). A copy: the buffer may still grow."""
         for i, cid in enumerate(self.ids):
             if cid == chunk_id:
-                last = self._blobs_end if self._blobs_end >= 0 else self.length
-                end = self.offsets[i + 1] if i + 1 < len(self.offsets) else last
-                return bytes(self.data[self.offsets[i] : end])
+                return bytes(self.data[self.offsets[i] : self.offsets[i] + self.storeds[i]])
         return None
-
-    _blobs_end: int = -1
-    """Where the blobs end once the pack is sealed (-1 while it is open)."""
 
 
 class PackBuffers:
@@ -123,18 +128,14 @@ def seal_pack(keys: MasterKeys, pack: OpenPack) -> SealedPack:
     """Finish the pack in place: append the encrypted header and its length; name it by
     its hash. The pack's buffer becomes the sealed pack's bytes (nothing is copied)."""
     count = pack.count
-    blobs_end = pack.length
     entries = np.zeros(count, dtype=HEADER_ENTRY)
-    offsets = np.array(pack.offsets, dtype=np.uint64)
-    ends = np.append(offsets[1:], np.uint64(blobs_end)) if count else offsets
     entries["kind"] = pack.kinds
     entries["id"] = pack.ids
-    entries["offset"] = offsets
-    entries["stored"] = ends - offsets
+    entries["offset"] = pack.offsets
+    entries["stored"] = pack.storeds
     entries["raw"] = pack.raws
     header = F.PACK_HEADER_PREFIX.pack(F.PACK_HEADER_MAGIC, F.PACK_HEADER_VERSION, count)
     sealed_header = keys.seal(header + entries.tobytes(), F.AD_PACK_HEADER)
-    pack._blobs_end = blobs_end
     pack._write(sealed_header)
     pack._write(F.PACK_TRAILER.pack(len(sealed_header)))
     data = memoryview(pack.data)[: pack.length]

@@ -20,6 +20,7 @@ from stratavault.repo._crypto import (
     content_hash,
     decompress,
 )
+from stratavault.repo._frames import Frame, frame_ad, is_framed
 from stratavault.repo._index import Entry
 from stratavault.repo._packs import parse_pack_tail
 from stratavault.storage import Storage
@@ -27,8 +28,10 @@ from stratavault.storage import Storage
 __all__ = [
     "WindowCache",
     "get_range",
+    "member",
     "open_blob",
     "open_document",
+    "open_frame",
     "read_pack_blobs",
     "read_pack_header",
     "read_pack_headers",
@@ -43,10 +46,12 @@ MAX_RANGE_BYTES = 32 << 20
 def open_blob(
     keys: MasterKeys, pack: str, chunk_id: bytes, entry: Entry, blob: bytes | memoryview
 ) -> bytes:
-    """Authenticate, decrypt and decompress one blob; IntegrityError naming pack and chunk."""
-    where = f"reading chunk {chunk_id.hex()} in pack {pack} at offset {entry.offset}"
-    if len(blob) != entry.stored:
-        raise IntegrityError(f"{where} - truncated: {len(blob)} of {entry.stored} bytes")
+    """Authenticate, decrypt and decompress one blob; IntegrityError naming pack and chunk.
+    For a chunk that lives in a frame, ``blob`` is the frame's."""
+    if is_framed(entry.kind):
+        return member(open_frame(keys, pack, entry, blob), pack, chunk_id, entry)
+    where = _where(pack, chunk_id, entry)
+    _check_length(where, entry, blob)
     try:
         data = decompress(keys.unseal(blob, blob_ad(entry.kind, chunk_id)), entry.raw)
     except AuthenticationFailed as exc:
@@ -56,6 +61,40 @@ def open_blob(
     if len(data) != entry.raw:
         raise IntegrityError(f"{where} - {len(data)} bytes, the index says {entry.raw}")
     return data
+
+
+def open_frame(keys: MasterKeys, pack: str, entry: Entry, blob: bytes | memoryview) -> Frame:
+    """Authenticate, decrypt and decode the frame a framed ``entry`` points at."""
+    where = f"reading frame in pack {pack} at offset {entry.offset}"
+    _check_length(where, entry, blob)
+    try:
+        plain = keys.unseal(blob, frame_ad(entry.kind))
+        return Frame.decode(plain, F.FRAME_MAX_MEMBERS * max(entry.raw, 1 << 20))
+    except AuthenticationFailed as exc:
+        raise IntegrityError(f"{where} - authentication failed (corrupt or swapped)") from exc
+    except ValueError as exc:
+        raise IntegrityError(f"{where} - {exc}") from exc
+
+
+def member(frame: Frame, pack: str, chunk_id: bytes, entry: Entry) -> bytes:
+    """One chunk of a decoded frame, checked against its index entry."""
+    try:
+        data = frame.member(chunk_id)
+    except ValueError as exc:
+        raise IntegrityError(f"{_where(pack, chunk_id, entry)} - {exc}") from exc
+    if len(data) != entry.raw:
+        where = _where(pack, chunk_id, entry)
+        raise IntegrityError(f"{where} - {len(data)} bytes, the index says {entry.raw}")
+    return data
+
+
+def _where(pack: str, chunk_id: bytes, entry: Entry) -> str:
+    return f"reading chunk {chunk_id.hex()} in pack {pack} at offset {entry.offset}"
+
+
+def _check_length(where: str, entry: Entry, blob: bytes | memoryview) -> None:
+    if len(blob) != entry.stored:
+        raise IntegrityError(f"{where} - truncated: {len(blob)} of {entry.stored} bytes")
 
 
 def _ranges(entries: list[tuple[bytes, Entry]]) -> Iterator[list[tuple[bytes, Entry]]]:
@@ -122,29 +161,47 @@ class WindowCache:
 def read_pack_blobs(
     storage: Storage, keys: MasterKeys, pack: str, entries: list[tuple[bytes, Entry]]
 ) -> Iterator[tuple[bytes, bytes]]:
-    """Yield ``(chunk id, plaintext)`` for ``entries`` of one pack, merging nearby reads."""
+    """Yield ``(chunk id, plaintext)`` for ``entries`` of one pack, merging nearby reads;
+    a frame is decoded once for all its members asked for."""
     for group in _ranges(entries):
         start = group[0][1].offset
         end = max(e.offset + e.stored for _, e in group)
         data = memoryview(get_range(storage, pack, start, end - start))
+        frame: tuple[int, Frame] | None = None
         for chunk_id, entry in group:
             blob = data[entry.offset - start : entry.offset - start + entry.stored]
-            yield chunk_id, open_blob(keys, pack, chunk_id, entry, blob)
+            if not is_framed(entry.kind):
+                yield chunk_id, open_blob(keys, pack, chunk_id, entry, blob)
+                continue
+            if frame is None or frame[0] != entry.offset:
+                frame = (entry.offset, open_frame(keys, pack, entry, blob))
+            yield chunk_id, member(frame[1], pack, chunk_id, entry)
 
 
 def read_pack_sealed(
     storage: Storage, keys: MasterKeys, pack: str, entries: list[tuple[bytes, Entry]]
-) -> Iterator[tuple[bytes, bytes]]:
-    """Yield ``(chunk id, stored blob)`` for ``entries`` of one pack, each verified first
-    (authenticated, decompressed, length checked), so a copy never spreads damage."""
+) -> Iterator[tuple[list[tuple[bytes, Entry]], bytes, Frame | None]]:
+    """Yield ``(entries, stored blob, frame)`` per blob of one pack that ``entries`` name:
+    one entry (frame None), or the members of a frame asked for and the decoded frame. Each
+    blob is verified first (authenticated, decompressed, lengths checked), so a copy never
+    spreads damage."""
     for group in _ranges(entries):
         start = group[0][1].offset
         end = max(e.offset + e.stored for _, e in group)
         data = memoryview(get_range(storage, pack, start, end - start))
+        by_blob: dict[int, list[tuple[bytes, Entry]]] = {}
         for chunk_id, entry in group:
-            blob = data[entry.offset - start : entry.offset - start + entry.stored]
-            open_blob(keys, pack, chunk_id, entry, blob)
-            yield chunk_id, bytes(blob)
+            by_blob.setdefault(entry.offset, []).append((chunk_id, entry))
+        for offset, members in by_blob.items():
+            first = members[0][1]
+            blob = data[offset - start : offset - start + first.stored]
+            frame = open_frame(keys, pack, first, blob) if is_framed(first.kind) else None
+            for chunk_id, entry in members:
+                if frame is None:
+                    open_blob(keys, pack, chunk_id, entry, blob)
+                else:
+                    member(frame, pack, chunk_id, entry)
+            yield members, bytes(blob), frame
 
 
 def open_document(storage: Storage, keys: MasterKeys, name: str, ad: bytes) -> bytes:

@@ -37,6 +37,7 @@ from stratavault.repo._crypto import (
     compress,
     content_hash,
 )
+from stratavault.repo._frames import FrameCache, is_framed, seal_frame
 from stratavault.repo._index import ChunkIndex, Entry, decode_index_object, encode_index_object
 from stratavault.repo._keys import KeyInfo
 from stratavault.repo._locks import EXCLUSIVE, PRUNE, SHARED, Locker
@@ -97,6 +98,7 @@ class Repository:
         self._index_objects: set[str] = set()
         self._pending: ChunkIndex | None = None
         self._tree_windows = _reading.WindowCache()
+        self._frames = FrameCache()
         self._inflight: dict[bytes, tuple[OpenPack, Entry]] = {}
         self._open_packs: dict[int, OpenPack] = {}
         """The pack being filled, per blob kind: trees go into packs of their own, so the
@@ -222,6 +224,27 @@ class Repository:
         repository (it holds the keys: hand it only to this program's own processes)."""
         return ChunkSealer(self._keys)
 
+    def add_chunks(
+        self,
+        chunks: list[tuple[ChunkId, memoryview]],
+        kind: BlobKind = BlobKind.DATA,
+        *,
+        level: int = 3,
+    ) -> tuple[int, int]:
+        """Store those of ``chunks`` (``(id, data)``, neighbours on a disk) not present,
+        compressed together in one frame; return ``(chunks added, stored bytes added)``."""
+        self._raise_failure()
+        missing = self.missing_chunks([cid for cid, _ in chunks])
+        new = list({cid: data for cid, data in chunks if cid in missing}.items())
+        if len(new) == 1:
+            stored = self.add_chunk(new[0][0], new[0][1], kind, level=level)
+            return int(stored > 0), stored
+        if not new:
+            return 0, 0
+        blob = seal_frame(self._keys, int(kind), new, level)
+        added = self.add_sealed_frame([(cid, len(data)) for cid, data in new], blob, kind)
+        return added, len(blob) if added else 0
+
     def add_sealed(
         self, chunk_id: ChunkId, blob: bytes, raw_len: int, kind: BlobKind = BlobKind.DATA
     ) -> int:
@@ -229,23 +252,37 @@ class Repository:
 
         Return stored bytes added (0 for a duplicate). An earlier failed upload is raised.
         """
+        return len(blob) if self._append(kind, [(chunk_id, raw_len)], blob) else 0
+
+    def add_sealed_frame(
+        self, members: list[tuple[ChunkId, int]], blob: bytes, kind: BlobKind = BlobKind.DATA
+    ) -> int:
+        """Store a frame blob (``(chunk id, raw length)`` of its members) for those of its
+        members not present; return how many that were (0: the frame is not stored)."""
+        return self._append(kind | F.KIND_FRAMED, members, blob)
+
+    def _append(self, kind: int, members: list[tuple[ChunkId, int]], blob: bytes) -> int:
+        """Append a blob to the open pack of its kind, indexing the members not present."""
         self._raise_failure()
         full: OpenPack | None = None
+        base = kind & ~F.KIND_FRAMED
         with self._lock:
-            if chunk_id in self._inflight or chunk_id in self._index:
+            new = [(c, r) for c, r in members if c not in self._inflight and c not in self._index]
+            if not new:
                 return 0
-            pack = self._open_packs.get(int(kind))
+            pack = self._open_packs.get(base)
             if pack is None:
                 pack = OpenPack(self._next_pack, self._buffers.take())
-                self._open_packs[int(kind)] = pack
+                self._open_packs[base] = pack
                 self._next_pack += 1
-            offset = pack.append(chunk_id, int(kind), blob, raw_len)
-            self._inflight[chunk_id] = (pack, Entry(-1, int(kind), offset, len(blob), raw_len))
+            offset = pack.append_frame(list(new), kind, blob)
+            for chunk_id, raw_len in new:
+                self._inflight[chunk_id] = (pack, Entry(-1, kind, offset, len(blob), raw_len))
             if pack.size >= self._opt.pack_target_bytes:
-                full = self._open_packs.pop(int(kind))
+                full = self._open_packs.pop(base)
         if full is not None:
             self._uploader.submit(full)
-        return len(blob)
+        return len(new)
 
     def _locate(self, chunk_id: bytes) -> tuple[str, Entry, bytes | memoryview | None]:
         with self._lock:
@@ -281,18 +318,34 @@ class Repository:
             return {name for name, _entries in self._index.by_pack()}
 
     def chunk_info(self, chunk_id: ChunkId) -> ChunkInfo:
-        """Pack name, offset, stored and raw length and kind of a chunk."""
+        """Pack name, offset, stored and raw length and kind of a chunk (a framed chunk's
+        offset and stored length are its frame's)."""
         pack, entry, _ = self._locate(chunk_id)
-        return ChunkInfo(pack, entry.offset, entry.stored, entry.raw, BlobKind(entry.kind))
+        kind = BlobKind(entry.kind & ~F.KIND_FRAMED)
+        return ChunkInfo(pack, entry.offset, entry.stored, entry.raw, kind)
 
     def read_chunk(self, chunk_id: ChunkId) -> bytes:
         """The plaintext of a chunk, verified; ChunkNotFoundError / IntegrityError."""
         pack, entry, blob = self._locate(chunk_id)
+        if is_framed(entry.kind):
+            return self._read_framed(pack, chunk_id, entry, blob)
         if blob is None and entry.kind == BlobKind.TREE:
             blob = self._tree_windows.get(self.storage, pack, entry.offset, entry.stored)
         elif blob is None:
             blob = _reading.get_range(self.storage, pack, entry.offset, entry.stored)
         return _reading.open_blob(self._keys, pack, chunk_id, entry, blob)
+
+    def _read_framed(
+        self, pack: str, chunk_id: ChunkId, entry: Entry, blob: bytes | memoryview | None
+    ) -> bytes:
+        """A chunk of a frame, decoding the frame unless one of the last read holds it."""
+        frame = self._frames.get(pack, entry.offset)
+        if frame is None:
+            if blob is None:
+                blob = _reading.get_range(self.storage, pack, entry.offset, entry.stored)
+            frame = _reading.open_frame(self._keys, pack, entry, blob)
+            self._frames.put(pack, entry.offset, frame)
+        return _reading.member(frame, pack, chunk_id, entry)
 
     def read_chunks(self, chunk_ids: Iterable[ChunkId]) -> Iterator[tuple[ChunkId, bytes]]:
         """Yield each distinct chunk once, grouped by pack, with ranged reads of adjacent blobs."""
