@@ -11,6 +11,10 @@ target. Chunk ids are keyed per repository:
   its id in the target (only the missing ones are stored), and trees and disk index
   segments are written again with the new ids.
 
+Chunks that come one after another from the source (neighbours in its packs: a disk's
+chunks in disk order) are compressed together in frames in the target, as a disk backup
+stores them, so a copy is about as small as its original.
+
 A copied snapshot document is the original's with the new tree and disk segments, its
 ``parent`` translated (or dropped), and ``original``: the id of the snapshot it is a copy
 of (the source's own ``original`` if it is itself a copy), as restic does. Snapshots the
@@ -27,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from stratavault._defaults import DEFAULT_DISK_FRAME_BYTES
 from stratavault.jobs._progress import Cancellation, NullProgress, Progress, ProgressState, Ticker
 from stratavault.repo import Repository
 from stratavault.snapshot import (
@@ -62,6 +67,9 @@ class CopyOptions:
     threads: int = 2
     """Tasks reading, re-encrypting and storing chunks at once."""
     compression_level: int = 3
+    frame_bytes: int = DEFAULT_DISK_FRAME_BYTES
+    """Chunks read one after another (neighbours in the source's packs) are compressed
+    together in frames of up to this many bytes, as a disk backup does (see docs/format.md)."""
 
 
 @dataclass(slots=True)
@@ -199,19 +207,31 @@ class _Copier:
     def _transfer(self, batch: list[ChunkId]) -> dict[bytes, ChunkId]:
         """Read ``batch`` from the source, store what the target lacks; source -> target id."""
         found: dict[bytes, ChunkId] = {}
-        level = self.options.compression_level
+        frame: list[tuple[ChunkId, memoryview]] = []
         for cid, data in self.source.read_chunks(batch):
             self.cancel.check()
+            if frame and sum(len(d) for _, d in frame) + len(data) > self.options.frame_bytes:
+                self._store(frame)
             new = cid if self.result.shared_ids else self.target.chunk_id(data)
-            added = self.target.add_chunk(new, data, BlobKind.DATA, level=level)
+            frame.append((new, memoryview(data)))
             found[cid] = new
-            with self.counting:
-                self.result.chunks_read += 1
-                self.result.bytes_read += len(data)
-                self.state.bytes_done += len(data)
-                self.result.chunks_added += 1 if added else 0
-                self.result.bytes_added_stored += added
+        self._store(frame)
         return found
+
+    def _store(self, frame: list[tuple[ChunkId, memoryview]]) -> None:
+        """Store the new ones of ``frame``'s chunks in the target, together; empty it."""
+        if not frame:
+            return
+        level = self.options.compression_level
+        added, stored = self.target.add_chunks(frame, BlobKind.DATA, level=level)
+        read = sum(len(data) for _, data in frame)
+        with self.counting:
+            self.result.chunks_read += len(frame)
+            self.result.bytes_read += read
+            self.state.bytes_done += read
+            self.result.chunks_added += added
+            self.result.bytes_added_stored += stored
+        frame.clear()
 
     # --- trees and disks ------------------------------------------------------------------------
 
