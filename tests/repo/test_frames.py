@@ -137,3 +137,12 @@ def test_members_read_one_by_one_decode_their_frame_once(
         for cid in ids * 2:
             again.read_chunk(cid)
         assert counting.gets == before + 1
+
+
+def test_more_chunks_than_a_frame_holds_go_into_several_frames(repo: Repository) -> None:
+    chunks = [bytes([i]) * 1000 + bytes(range(i)) for i in range(F.FRAME_MAX_MEMBERS + 6)]
+    ids, (added, _) = framed(repo, chunks)
+    assert added == len(chunks)
+    repo.flush()
+    assert len({repo.chunk_info(i).offset for i in ids}) == 2
+    assert [repo.read_chunk(i) for i in ids] == chunks

@@ -232,18 +232,22 @@ class Repository:
         level: int = 3,
     ) -> tuple[int, int]:
         """Store those of ``chunks`` (``(id, data)``, neighbours on a disk) not present,
-        compressed together in one frame; return ``(chunks added, stored bytes added)``."""
+        compressed together in frames (of at most ``FRAME_MAX_MEMBERS``); return ``(chunks
+        added, stored bytes added)``."""
         self._raise_failure()
         missing = self.missing_chunks([cid for cid, _ in chunks])
         new = list({cid: data for cid, data in chunks if cid in missing}.items())
-        if len(new) == 1:
-            stored = self.add_chunk(new[0][0], new[0][1], kind, level=level)
-            return int(stored > 0), stored
-        if not new:
-            return 0, 0
-        blob = seal_frame(self._keys, int(kind), new, level)
-        added = self.add_sealed_frame([(cid, len(data)) for cid, data in new], blob, kind)
-        return added, len(blob) if added else 0
+        added = stored = 0
+        for at in range(0, len(new), F.FRAME_MAX_MEMBERS):
+            frame = new[at : at + F.FRAME_MAX_MEMBERS]
+            if len(frame) == 1:
+                size = self.add_chunk(frame[0][0], frame[0][1], kind, level=level)
+                added, stored = added + (size > 0), stored + size
+                continue
+            blob = seal_frame(self._keys, int(kind), frame, level)
+            n = self.add_sealed_frame([(cid, len(data)) for cid, data in frame], blob, kind)
+            added, stored = added + n, stored + (len(blob) if n else 0)
+        return added, stored
 
     def add_sealed(
         self, chunk_id: ChunkId, blob: bytes, raw_len: int, kind: BlobKind = BlobKind.DATA
