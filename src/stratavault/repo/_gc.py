@@ -101,13 +101,20 @@ def _home_entries(arr: Any, live: Ids, present: npt.NDArray[np.bool_]) -> Any:
     return idx[first]
 
 
+def _blobs(entries: Any) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """Entries sharing a pack and offset are one blob (a frame's members): the index of each
+    blob's first entry, and each entry's blob number."""
+    where = entries["pack"].astype(np.uint64) << np.uint64(32) | entries["offset"]
+    _, first, inverse = np.unique(where, return_index=True, return_inverse=True)
+    return first, inverse
+
+
 def _bytes_per_pack(entries: Any, npk: int) -> npt.NDArray[np.int64]:
-    """Stored bytes of the distinct blobs of ``entries`` per pack number: the members of a
-    frame share their frame's offset and stored length, which counts once."""
+    """Stored bytes of the distinct blobs of ``entries`` per pack number (a frame counts
+    once, not once per member)."""
     if not len(entries):
         return np.zeros(npk, dtype=np.int64)
-    where = entries["pack"].astype(np.uint64) << np.uint64(32) | entries["offset"]
-    _, first = np.unique(where, return_index=True)
+    first, _ = _blobs(entries)
     weights = entries["stored"][first]
     return np.bincount(entries["pack"][first], weights=weights, minlength=npk).astype(np.int64)
 
@@ -117,9 +124,8 @@ def _live_bytes_per_pack(arr: Any, home: Any, npk: int) -> npt.NDArray[np.int64]
     the share of its live members' raw bytes (repacking recompresses the live ones)."""
     if not len(home):
         return np.zeros(npk, dtype=np.int64)
-    where = arr["pack"].astype(np.uint64) << np.uint64(32) | arr["offset"]
-    _, blob, inverse = np.unique(where, return_index=True, return_inverse=True)
-    blob_raw = np.bincount(inverse, weights=arr["raw"], minlength=len(blob))
+    first, inverse = _blobs(arr)
+    blob_raw = np.bincount(inverse, weights=arr["raw"], minlength=len(first))
     raw = arr["raw"][home].astype(np.float64)
     share = np.divide(raw, blob_raw[inverse[home]], out=np.ones_like(raw), where=raw > 0)
     weights = arr["stored"][home] * np.minimum(share, 1.0)

@@ -20,7 +20,7 @@ from stratavault.repo._crypto import (
     content_hash,
     decompress,
 )
-from stratavault.repo._frames import Frame, frame_ad, is_framed
+from stratavault.repo._frames import Frame, FrameCache, frame_ad, is_framed
 from stratavault.repo._index import Entry
 from stratavault.repo._packs import parse_pack_tail
 from stratavault.storage import Storage
@@ -32,6 +32,7 @@ __all__ = [
     "open_blob",
     "open_document",
     "open_frame",
+    "read_member",
     "read_pack_blobs",
     "read_pack_header",
     "read_pack_headers",
@@ -163,19 +164,8 @@ def read_pack_blobs(
 ) -> Iterator[tuple[bytes, bytes]]:
     """Yield ``(chunk id, plaintext)`` for ``entries`` of one pack, merging nearby reads;
     a frame is decoded once for all its members asked for."""
-    for group in _ranges(entries):
-        start = group[0][1].offset
-        end = max(e.offset + e.stored for _, e in group)
-        data = memoryview(get_range(storage, pack, start, end - start))
-        frame: tuple[int, Frame] | None = None
-        for chunk_id, entry in group:
-            blob = data[entry.offset - start : entry.offset - start + entry.stored]
-            if not is_framed(entry.kind):
-                yield chunk_id, open_blob(keys, pack, chunk_id, entry, blob)
-                continue
-            if frame is None or frame[0] != entry.offset:
-                frame = (entry.offset, open_frame(keys, pack, entry, blob))
-            yield chunk_id, member(frame[1], pack, chunk_id, entry)
+    for members, _blob, _frame, plains in _pack_blobs(storage, keys, pack, entries):
+        yield from zip((chunk_id for chunk_id, _ in members), plains, strict=True)
 
 
 def read_pack_sealed(
@@ -185,6 +175,16 @@ def read_pack_sealed(
     one entry (frame None), or the members of a frame asked for and the decoded frame. Each
     blob is verified first (authenticated, decompressed, lengths checked), so a copy never
     spreads damage."""
+    for members, blob, frame, _plains in _pack_blobs(storage, keys, pack, entries):
+        yield members, bytes(blob), frame
+
+
+def _pack_blobs(
+    storage: Storage, keys: MasterKeys, pack: str, entries: list[tuple[bytes, Entry]]
+) -> Iterator[tuple[list[tuple[bytes, Entry]], memoryview, Frame | None, list[bytes]]]:
+    """Per blob that ``entries`` of one pack name (nearby blobs read with one get): its
+    entries (one, or the members of a frame asked for), its stored bytes, the decoded frame
+    (None for a plain blob) and each entry's plaintext, verified."""
     for group in _ranges(entries):
         start = group[0][1].offset
         end = max(e.offset + e.stored for _, e in group)
@@ -196,12 +196,31 @@ def read_pack_sealed(
             first = members[0][1]
             blob = data[offset - start : offset - start + first.stored]
             frame = open_frame(keys, pack, first, blob) if is_framed(first.kind) else None
-            for chunk_id, entry in members:
-                if frame is None:
-                    open_blob(keys, pack, chunk_id, entry, blob)
-                else:
-                    member(frame, pack, chunk_id, entry)
-            yield members, bytes(blob), frame
+            if frame is None:
+                plains = [open_blob(keys, pack, c, e, blob) for c, e in members]
+            else:
+                plains = [member(frame, pack, c, e) for c, e in members]
+            yield members, blob, frame, plains
+
+
+def read_member(
+    storage: Storage,
+    keys: MasterKeys,
+    frames: FrameCache,
+    pack: str,
+    chunk_id: bytes,
+    entry: Entry,
+    blob: bytes | memoryview | None,
+) -> bytes:
+    """A chunk of a frame (``blob``: the frame's bytes, None to read them), decoding the
+    frame unless ``frames`` holds it."""
+    frame = frames.get(pack, entry.offset)
+    if frame is None:
+        if blob is None:
+            blob = get_range(storage, pack, entry.offset, entry.stored)
+        frame = open_frame(keys, pack, entry, blob)
+        frames.put(pack, entry.offset, frame)
+    return member(frame, pack, chunk_id, entry)
 
 
 def open_document(storage: Storage, keys: MasterKeys, name: str, ad: bytes) -> bytes:

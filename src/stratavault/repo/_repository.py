@@ -41,6 +41,7 @@ from stratavault.repo._frames import FrameCache, is_framed, seal_frame
 from stratavault.repo._index import ChunkIndex, Entry, decode_index_object, encode_index_object
 from stratavault.repo._keys import KeyInfo
 from stratavault.repo._locks import EXCLUSIVE, PRUNE, SHARED, Locker
+from stratavault.repo._open_packs import OpenPacks
 from stratavault.repo._packs import OpenPack, PackBuffers, SealedPack
 from stratavault.repo._uploader import Uploader
 from stratavault.repo._values import ChunkInfo, RepoStats
@@ -99,16 +100,11 @@ class Repository:
         self._pending: ChunkIndex | None = None
         self._tree_windows = _reading.WindowCache()
         self._frames = FrameCache()
-        self._inflight: dict[bytes, tuple[OpenPack, Entry]] = {}
-        self._open_packs: dict[int, OpenPack] = {}
-        """The pack being filled, per blob kind: trees go into packs of their own, so the
-        trees of a snapshot sit together and browsing or an incremental backup reads
-        little (restic does the same)."""
-        self._next_pack = 0
+        self._buffers = PackBuffers()
+        self._filling = OpenPacks(self._buffers, options.pack_target_bytes)
         self._unindexed: list[tuple[str, Any]] = []
         self._error: BaseException | None = None
         self._closed = False
-        self._buffers = PackBuffers()
         self._uploader = Uploader(
             storage, keys, self._pack_done, self._pack_failed, self._buffers.give,
             threads=options.uploader_threads, queue_size=options.upload_queue,
@@ -190,14 +186,14 @@ class Repository:
     def has_chunk(self, chunk_id: ChunkId) -> bool:
         """Whether the chunk is stored (or on its way into a pack in this session)."""
         with self._lock:
-            return chunk_id in self._inflight or chunk_id in self._index
+            return chunk_id in self._filling or chunk_id in self._index
 
     def missing_chunks(self, chunk_ids: list[ChunkId]) -> set[ChunkId]:
         """Those of ``chunk_ids`` that are neither stored nor on their way into a pack
         (``has_chunk`` for many ids at once, much cheaper per id)."""
         with self._lock:
-            inflight = self._inflight
-            unknown = [c for c in chunk_ids if c not in inflight] if inflight else chunk_ids
+            filling = self._filling
+            unknown = [c for c in chunk_ids if c not in filling] if filling else chunk_ids
             return cast(set[ChunkId], self._index.missing(list(unknown)))
 
     def add_chunk(
@@ -268,29 +264,18 @@ class Repository:
     def _append(self, kind: int, members: list[tuple[ChunkId, int]], blob: bytes) -> int:
         """Append a blob to the open pack of its kind, indexing the members not present."""
         self._raise_failure()
-        full: OpenPack | None = None
-        base = kind & ~F.KIND_FRAMED
         with self._lock:
-            new = [(c, r) for c, r in members if c not in self._inflight and c not in self._index]
+            new = [(c, r) for c, r in members if c not in self._filling and c not in self._index]
             if not new:
                 return 0
-            pack = self._open_packs.get(base)
-            if pack is None:
-                pack = OpenPack(self._next_pack, self._buffers.take())
-                self._open_packs[base] = pack
-                self._next_pack += 1
-            offset = pack.append_frame(list(new), kind, blob)
-            for chunk_id, raw_len in new:
-                self._inflight[chunk_id] = (pack, Entry(-1, kind, offset, len(blob), raw_len))
-            if pack.size >= self._opt.pack_target_bytes:
-                full = self._open_packs.pop(base)
+            full = self._filling.append(kind, list(new), blob)
         if full is not None:
             self._uploader.submit(full)
         return len(new)
 
     def _locate(self, chunk_id: bytes) -> tuple[str, Entry, bytes | memoryview | None]:
         with self._lock:
-            found = self._inflight.get(chunk_id)
+            found = self._filling.get(chunk_id)
             if found is not None:
                 pack, entry = found
                 return f"(pack in memory #{pack.number})", entry, pack.blob(chunk_id)
@@ -332,24 +317,13 @@ class Repository:
         """The plaintext of a chunk, verified; ChunkNotFoundError / IntegrityError."""
         pack, entry, blob = self._locate(chunk_id)
         if is_framed(entry.kind):
-            return self._read_framed(pack, chunk_id, entry, blob)
+            args = (self.storage, self._keys, self._frames, pack, chunk_id, entry, blob)
+            return _reading.read_member(*args)
         if blob is None and entry.kind == BlobKind.TREE:
             blob = self._tree_windows.get(self.storage, pack, entry.offset, entry.stored)
         elif blob is None:
             blob = _reading.get_range(self.storage, pack, entry.offset, entry.stored)
         return _reading.open_blob(self._keys, pack, chunk_id, entry, blob)
-
-    def _read_framed(
-        self, pack: str, chunk_id: ChunkId, entry: Entry, blob: bytes | memoryview | None
-    ) -> bytes:
-        """A chunk of a frame, decoding the frame unless one of the last read holds it."""
-        frame = self._frames.get(pack, entry.offset)
-        if frame is None:
-            if blob is None:
-                blob = _reading.get_range(self.storage, pack, entry.offset, entry.stored)
-            frame = _reading.open_frame(self._keys, pack, entry, blob)
-            self._frames.put(pack, entry.offset, frame)
-        return _reading.member(frame, pack, chunk_id, entry)
 
     def read_chunks(self, chunk_ids: Iterable[ChunkId]) -> Iterator[tuple[ChunkId, bytes]]:
         """Yield each distinct chunk once, grouped by pack, with ranged reads of adjacent blobs."""
@@ -372,8 +346,7 @@ class Repository:
     def _pack_done(self, sealed: SealedPack) -> None:
         with self._lock:
             self._index.add_pack(sealed.name, sealed.entries)
-            for chunk_id in sealed.entries["id"]:
-                self._inflight.pop(bytes(chunk_id).ljust(32, b"\0"), None)
+            self._filling.forget(bytes(c).ljust(32, b"\0") for c in sealed.entries["id"])
             self._unindexed.append((sealed.name, sealed.entries))
             batch: list[tuple[str, Any]] = []
             if len(self._unindexed) >= self._opt.index_every_packs:
@@ -387,8 +360,7 @@ class Repository:
 
     def _pack_failed(self, pack: OpenPack, exc: BaseException) -> None:
         with self._lock:
-            for chunk_id in pack.ids:
-                self._inflight.pop(chunk_id, None)
+            self._filling.forget(pack.ids)
             self._error = self._error or exc
 
     def _raise_failure(self) -> None:
@@ -416,7 +388,7 @@ class Repository:
         if self._cache_dir is None:
             return
         with self._lock:
-            if self._unindexed or self._inflight:
+            if self._unindexed or self._filling:
                 return  # the cache must equal what the covered index objects say
             self._index.save(self._cache_dir, self._index_objects)
 
@@ -424,10 +396,9 @@ class Repository:
         """Seal the open packs, wait for uploads, and write index objects for them."""
         self._raise_failure()
         with self._lock:
-            packs, self._open_packs = list(self._open_packs.values()), {}
+            packs = self._filling.take_all()
         for pack in packs:
-            if pack.count:
-                self._uploader.submit(pack)
+            self._uploader.submit(pack)
         self._uploader.wait()
         self._raise_failure()
         with self._lock:
@@ -508,7 +479,7 @@ class Repository:
 
     def _resync_index(self) -> None:
         with self._lock:
-            busy = bool(self._inflight or self._unindexed or self._open_packs)
+            busy = bool(self._filling or self._unindexed)
         if not busy:
             self._sync_index()
 

@@ -1,0 +1,59 @@
+"""The packs a repository is filling, and the chunks not yet on the backend."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from stratavault.repo import _formats as F
+from stratavault.repo._index import Entry
+from stratavault.repo._packs import OpenPack, PackBuffers
+
+__all__ = ["OpenPacks"]
+
+
+class OpenPacks:
+    """The pack being filled per blob kind, and every chunk in it or in a full pack on its
+    way to the backend (until the pack is indexed). Trees go into packs of their own, so
+    the trees of a snapshot sit together and browsing or an incremental backup reads little
+    (restic does the same). Not thread-safe: the repository calls it under its lock."""
+
+    def __init__(self, buffers: PackBuffers, target_bytes: int) -> None:
+        self._buffers, self._target_bytes = buffers, target_bytes
+        self._open: dict[int, OpenPack] = {}
+        self._chunks: dict[bytes, tuple[OpenPack, Entry]] = {}
+        self._next_number = 0
+
+    def __contains__(self, chunk_id: bytes) -> bool:
+        return chunk_id in self._chunks
+
+    def __bool__(self) -> bool:
+        """Whether some chunk is not on the backend and indexed yet."""
+        return bool(self._chunks)
+
+    def get(self, chunk_id: bytes) -> tuple[OpenPack, Entry] | None:
+        """The pack holding a chunk not indexed yet, and its entry (pack number -1)."""
+        return self._chunks.get(chunk_id)
+
+    def append(self, kind: int, members: list[tuple[bytes, int]], blob: bytes) -> OpenPack | None:
+        """Add a blob holding ``members`` (``(chunk id, raw length)``, none of them stored
+        yet) to the pack of its kind; return that pack when it is full (it leaves the open
+        packs: upload it)."""
+        base = kind & ~F.KIND_FRAMED
+        pack = self._open.get(base)
+        if pack is None:
+            pack = self._open[base] = OpenPack(self._next_number, self._buffers.take())
+            self._next_number += 1
+        offset = pack.append_frame(members, kind, blob)
+        for chunk_id, raw_len in members:
+            self._chunks[chunk_id] = (pack, Entry(-1, kind, offset, len(blob), raw_len))
+        return self._open.pop(base) if pack.size >= self._target_bytes else None
+
+    def forget(self, chunk_ids: Iterable[bytes]) -> None:
+        """The chunks' pack is indexed now, or failed to upload."""
+        for chunk_id in chunk_ids:
+            self._chunks.pop(chunk_id, None)
+
+    def take_all(self) -> list[OpenPack]:
+        """The open packs that hold something (they leave the open packs: upload them)."""
+        packs, self._open = [p for p in self._open.values() if p.count], {}
+        return packs
