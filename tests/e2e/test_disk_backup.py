@@ -302,7 +302,10 @@ def test_block_device_backup_and_restore(
     assert target.read_bytes() == image.read_bytes()
 
 
-def test_cancelled_backup_writes_no_snapshot_and_keeps_its_chunks(cli: Cli, tmp_path: Path) -> None:
+@pytest.mark.parametrize("read_chunks", [1, 4])  # 4: the pieces read are stored as frames
+def test_cancelled_backup_writes_no_snapshot_and_keeps_its_chunks(
+    cli: Cli, tmp_path: Path, read_chunks: int
+) -> None:
     image = tmp_path / "disk.img"
     _make_image(image)
     cli("init")
@@ -320,7 +323,7 @@ def test_cancelled_backup_writes_no_snapshot_and_keeps_its_chunks(cli: Cli, tmp_
             return super().read(offset, length)
 
     with _open(cli) as repo, CancelsMidway(image) as source:
-        options = BackupDisksOptions(paths=(str(image),), read_bytes=CHUNK)
+        options = BackupDisksOptions(paths=(str(image),), read_bytes=read_chunks * CHUNK)
         with pytest.raises(Interrupted):
             backup_disks(repo, [source], options, cancel=cancel)
         assert list(repo.list_snapshots()) == []
