@@ -87,7 +87,7 @@ def test_cache_written_extended_and_rebuilt(tmp_path: Path) -> None:
     for cid, c in zip(ids, first, strict=True):
         repo.add_chunk(cid, c)
     repo.close()
-    assert (cache / repo.id / "index.npy").exists()
+    assert [p.name for p in (cache / repo.id).iterdir()] == ["index.cache"]
 
     # another client (no cache) adds an index object
     other = open_repo(storage, None)
@@ -99,8 +99,8 @@ def test_cache_written_extended_and_rebuilt(tmp_path: Path) -> None:
     with open_repo(storage, cache) as again:
         assert all(again.has_chunk(i) for i in ids + more_ids)
         assert again.read_chunk(more_ids[0]) == more[0]
-    covered = (cache / repo.id / "index.json").read_text()
-    assert all(o.name in covered for o in storage.list("index/"))
+    loaded = ChunkIndex.load(cache / repo.id)
+    assert loaded is not None and loaded[1] == {o.name for o in storage.list("index/")}
 
     # an index object disappears (compaction/prune elsewhere): rebuild, forget its chunks
     gone = next(o.name for o in storage.list("index/"))
@@ -220,3 +220,46 @@ def test_index_objects_replaced_while_opening_are_listed_again(
     with open_repo(racing, None) as again:
         assert racing.fired and all(again.has_chunk(c) for c in ids)
     assert not before & {o.name for o in storage.list("index/")}
+
+
+def _index_of(seed: int, count: int) -> ChunkIndex:
+    index = ChunkIndex()
+    for i in range(count):
+        cid = bytes([seed]) * 16 + i.to_bytes(16, "big")
+        index.add(cid, Entry(index.pack_number(f"data/p{seed}-{i % 3}"), 0, i, 10, 20))
+    return index
+
+
+def test_the_cache_pairs_entries_with_the_index_objects_they_cover(tmp_path: Path) -> None:
+    """Backups and prune save the cache at the same time: whatever a reader finds, the
+    entries and the covered index objects come from one save (they were two files, and a
+    reader could pair one save's entries with another's objects: chunks went missing)."""
+    a, b = _index_of(1, 50), _index_of(2, 80)
+    a.save(tmp_path, ["index/a"])
+    b.save(tmp_path, ["index/b1", "index/b2"])
+    loaded = ChunkIndex.load(tmp_path)
+    assert loaded is not None
+    index, covered = loaded
+    assert covered == {"index/b1", "index/b2"} and len(index) == 80
+    cid = bytes([2]) * 16 + (79).to_bytes(16, "big")
+    found = index.lookup(cid)
+    assert found is not None and index.packs[found.pack] == "data/p2-1" and found.offset == 79
+    assert [p.name for p in tmp_path.iterdir()] == ["index.cache"]
+
+
+def test_a_damaged_cache_is_ignored_and_the_index_read_from_the_repository(
+    tmp_path: Path,
+) -> None:
+    storage, cache = MemoryStorage(), tmp_path / "cache"
+    with Repository.init(storage, PASS, cache_dir=cache, kdf=KdfParams.fast()) as repo:
+        chunks = random_chunks(5)
+        ids = [repo.chunk_id(c) for c in chunks]
+        for cid, data in zip(ids, chunks, strict=True):
+            repo.add_chunk(cid, data)
+    path = cache / repo.id / "index.cache"
+    whole = path.read_bytes()
+    for damaged in (whole[: len(whole) - 10], b"SVIC" + b"\xff" * 20, b""):
+        path.write_bytes(damaged)
+        assert ChunkIndex.load(cache / repo.id) is None
+        with open_repo(storage, cache) as again:
+            assert [again.read_chunk(i) for i in ids] == chunks

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -23,7 +24,11 @@ MERGE_EVERY = 50_000
 """Entries added this session are merged into a sorted run after this many."""
 
 Array = npt.NDArray[np.void]
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
+_CACHE_NAME = "index.cache"
+_CACHE_MAGIC = b"SVIC"
+_CACHE_PREFIX = struct.Struct("<4sII")
+"""magic, length of the JSON head, offset of the entries (the head is padded with spaces)."""
 
 
 class Entry(NamedTuple):
@@ -204,38 +209,48 @@ class ChunkIndex:
     # --- local cache ----------------------------------------------------------------------------
 
     def save(self, directory: Path, index_objects: Iterable[str]) -> None:
-        """Write the cache (``index.npy`` + ``index.json``) atomically into ``directory``."""
+        """Write the cache into ``directory``: one file, replaced atomically. (Two files,
+        replaced one after the other, could pair one process's entries with another's list
+        of covered index objects when backups and prune saved at once: chunks then looked
+        missing.)"""
         directory.mkdir(parents=True, exist_ok=True)
         arr = self.merged()
-        tmp = directory / f"index.npy.{os.getpid()}.tmp"
-        with tmp.open("wb") as fh:
-            np.save(fh, arr, allow_pickle=False)
-        os.replace(tmp, directory / "index.npy")
-        meta: dict[str, Any] = {
+        meta = {
             "version": _CACHE_VERSION,
             "index_objects": sorted(index_objects),
             "packs": self.packs,
+            "entries": len(arr),
         }
-        tmp = directory / f"index.json.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, directory / "index.json")
+        head = json.dumps(meta).encode()
+        padded = -(-(_CACHE_PREFIX.size + len(head)) // 64) * 64  # entries 64-byte aligned
+        tmp = directory / f"{_CACHE_NAME}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with tmp.open("wb") as fh:
+            fh.write(_CACHE_PREFIX.pack(_CACHE_MAGIC, len(head), padded))
+            fh.write(head.ljust(padded - _CACHE_PREFIX.size, b" "))
+            fh.write(arr.tobytes())
+        os.replace(tmp, directory / _CACHE_NAME)
+        for old in ("index.npy", "index.json"):  # the two files of cache version 1
+            (directory / old).unlink(missing_ok=True)
 
     @classmethod
     def load(cls, directory: Path) -> tuple[ChunkIndex, set[str]] | None:
-        """Load a cache written by :meth:`save` (memory-mapped), or None if absent/unusable."""
+        """Load a cache written by :meth:`save` (entries memory-mapped), or None if it is
+        absent or unusable (then the index is read from the backend)."""
+        path = directory / _CACHE_NAME
         try:
-            meta = json.loads((directory / "index.json").read_text())
-            if meta.get("version") != _CACHE_VERSION:
+            with path.open("rb") as fh:
+                magic, head_len, offset = _CACHE_PREFIX.unpack(fh.read(_CACHE_PREFIX.size))
+                meta = json.loads(fh.read(head_len))
+            count = meta["entries"]
+            if magic != _CACHE_MAGIC or meta.get("version") != _CACHE_VERSION:
                 return None
-            # Still mapped, but a plain ndarray: np.memmap's Python __getitem__ is slow.
-            arr = np.load(directory / "index.npy", mmap_mode="r", allow_pickle=False).view(
-                np.ndarray
-            )
-            if arr.dtype != INDEX_ENTRY or (
-                len(arr) and int(arr["pack"].max()) >= len(meta["packs"])
-            ):
+            arr: Array = np.zeros(0, dtype=INDEX_ENTRY)
+            if count:  # still mapped, but a plain ndarray: np.memmap's __getitem__ is slow
+                mapped = np.memmap(path, INDEX_ENTRY, mode="r", offset=offset, shape=(count,))
+                arr = mapped.view(np.ndarray)
+            if len(arr) and int(arr["pack"].max()) >= len(meta["packs"]):
                 return None
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
             return None
         index = cls()
         for name in meta["packs"]:
