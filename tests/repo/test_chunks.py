@@ -2,8 +2,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from stratavault.errors import (
     UsageError,
 )
 from stratavault.repo import KdfParams, Repository
-from stratavault.storage import FaultyStorage, MemoryStorage, StorageProperties, StorageWrapper
+from stratavault.storage import FaultyStorage, MemoryStorage, StorageWrapper
 from stratavault.types import BlobKind, ChunkId
 
 from .conftest import PASS, SMALL_PACK, open_repo, random_chunks
@@ -245,38 +243,3 @@ def test_trees_are_read_in_windows(repo: Repository, storage: MemoryStorage, cac
             assert again.read_chunk(cid) == data
         packs = len(list(storage.list("data/")))
         assert counting.gets - before <= packs + 1 < len(ids) // 10
-
-
-class _ConcurrentPuts(StorageWrapper):
-    """Counts how many pack puts run at once; says ``parallel`` of them pay off."""
-
-    def __init__(self, inner: MemoryStorage, parallel: int) -> None:
-        super().__init__(inner)
-        self._parallel, self._lock = parallel, threading.Lock()
-        self.running = self.most = 0
-
-    @property
-    def properties(self) -> StorageProperties:
-        return replace(self.inner.properties, parallel_puts=self._parallel)
-
-    def put(self, name: str, data: bytes | memoryview, *, overwrite: bool = False) -> None:
-        with self._lock:
-            self.running += 1
-            self.most = max(self.most, self.running)
-        time.sleep(0.05 if name.startswith("data/") else 0)
-        super().put(name, data, overwrite=overwrite)
-        with self._lock:
-            self.running -= 1
-
-
-@pytest.mark.parametrize("parallel", [1, 3])
-def test_packs_are_uploaded_as_many_at_once_as_the_storage_says(parallel: int) -> None:
-    """A local disk gets one upload at a time (its fsync is the bottleneck, and each pack
-    in flight is 16 MiB of memory); an object store several."""
-    storage = _ConcurrentPuts(MemoryStorage(), parallel)
-    with Repository.init(
-        storage, PASS, cache_dir=None, kdf=KdfParams.fast(), pack_target_bytes=SMALL_PACK,
-        upload_queue=4,
-    ) as repo:  # fmt: skip
-        add_all(repo, random_chunks(40, SMALL_PACK // 2))
-    assert storage.most == parallel

@@ -63,8 +63,7 @@ def default_cache_dir() -> Path:
 class _Options:
     pack_target_bytes: int = F.PACK_TARGET_BYTES
     index_every_packs: int = F.INDEX_EVERY_PACKS
-    uploader_threads: int = 0
-    """0: as many as the storage says pay off (``StorageProperties.parallel_puts``)."""
+    uploader_threads: int = 2
     upload_queue: int = 1
     lock_refresh_s: float = F.LOCK_REFRESH_S
 
@@ -108,8 +107,7 @@ class Repository:
         self._closed = False
         self._uploader = Uploader(
             storage, keys, self._pack_done, self._pack_failed, self._buffers.give,
-            threads=options.uploader_threads or storage.properties.parallel_puts,
-            queue_size=options.upload_queue,
+            threads=options.uploader_threads, queue_size=options.upload_queue,
         )  # fmt: skip
         self._locker = Locker(storage, keys, clock, options.lock_refresh_s)
         self._sync_index()

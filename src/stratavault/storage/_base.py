@@ -49,14 +49,11 @@ class StorageProperties:
     concurrent writer of the same name (exactly one wins). ``durable``: data
     survives a crash of this machine once ``put`` returned.
     ``location``: a human-readable place for messages ("/srv/repo", "s3://b/p").
-    ``parallel_puts``: how many large puts at once pay off (a local disk: one, whose
-    fsync is the bottleneck; an object store over the network: several).
     """
 
     location: str
     conditional_create: bool = True
     durable: bool = True
-    parallel_puts: int = 1
 
 
 @runtime_checkable
