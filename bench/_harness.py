@@ -390,3 +390,16 @@ def write_results(name: str, bench: Benchmark, extra: dict[str, object], baselin
     }
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
+
+
+def compile_package(src: str) -> None:
+    """Write the bytecode of the stratavault package that the benchmark runs, as an
+    installation does: with PYTHONDONTWRITEBYTECODE set (as on these machines) every
+    command would otherwise compile all its modules again."""
+    if src:
+        folder = Path(src) / "stratavault"
+    else:
+        import stratavault
+
+        folder = Path(stratavault.__file__).parent
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(folder)], check=True)

@@ -57,6 +57,7 @@ from _harness import (
     Phase,
     StratavaultTool,
     Tool,
+    compile_package,
     drop_caches,
     du_bytes,
     machine_info,
@@ -404,19 +405,6 @@ def one_run(
             out.append(extra)
     shutil.rmtree(work, ignore_errors=True)
     return out
-
-
-def compile_package(src: str) -> None:
-    """Write the bytecode of the stratavault package that the benchmark runs, as an
-    installation does: with PYTHONDONTWRITEBYTECODE set (as on these machines) every
-    command would otherwise compile all its modules again."""
-    if src:
-        folder = Path(src) / "stratavault"
-    else:
-        import stratavault
-
-        folder = Path(stratavault.__file__).parent
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(folder)], check=True)
 
 
 def summarise(runs: list[list[Measurement]]) -> dict[str, dict[str, dict[str, float]]]:

@@ -24,7 +24,16 @@ import sys
 import time
 from pathlib import Path
 
-from _harness import BenchError, Benchmark, Phase, Tool, format_results, make_tool, write_results
+from _harness import (
+    BenchError,
+    Benchmark,
+    Phase,
+    Tool,
+    compile_package,
+    format_results,
+    make_tool,
+    write_results,
+)
 
 DATASET_VERSION = 1
 DESCRIPTION = "File-backup benchmark: stratavault against restic and borg on the same tree."
@@ -158,6 +167,7 @@ def main() -> int:
     parser.add_argument("--name", default="files-" + time.strftime("%Y%m%d-%H%M%S"))
     parser.add_argument("--no-drop-cache", action="store_true")
     args = parser.parse_args()
+    compile_package("")
 
     workdir = args.workdir.resolve()
     if Path(__file__).resolve().parent.parent in (workdir, *workdir.parents):
