@@ -59,6 +59,16 @@ _BOTO_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientErr
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchVersion"}
 
 
+def _check_settings(bucket: str, part_size_bytes: int, lock_days: int | None) -> None:
+    """StorageError for a bucket name, part size or retention S3 would refuse."""
+    if len(bucket) < 3 or "/" in bucket:
+        raise StorageError(f"S3 bucket name {bucket!r} is invalid (3 or more characters, no /)")
+    if part_size_bytes < _MIN_PART_BYTES:
+        raise StorageError(f"S3 part size {part_size_bytes} is below the minimum of 5 MiB")
+    if lock_days is not None and lock_days < 1:
+        raise StorageError(f"S3 object lock of {lock_days} days: give 1 or more days")
+
+
 class S3Storage:
     """A bucket (and an optional key prefix) of an S3-compatible store as a ``Storage``.
 
@@ -106,12 +116,7 @@ class S3Storage:
         read_timeout_s: float = 120.0,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
-        if len(bucket) < 3 or "/" in bucket:
-            raise StorageError(f"S3 bucket name {bucket!r} is invalid (3 or more characters, no /)")
-        if part_size_bytes < _MIN_PART_BYTES:
-            raise StorageError(f"S3 part size {part_size_bytes} is below the minimum of 5 MiB")
-        if lock_days is not None and lock_days < 1:
-            raise StorageError(f"S3 object lock of {lock_days} days: give 1 or more days")
+        _check_settings(bucket, part_size_bytes, lock_days)
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.endpoint_url = endpoint_url
