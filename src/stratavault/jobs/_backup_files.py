@@ -35,6 +35,7 @@ from stratavault.jobs._backup_sources import (
     node_from_entry,
 )
 from stratavault.jobs._file_readers import Batch, FileReaders, FileResults
+from stratavault.jobs._listing_cache import ListingCache
 from stratavault.jobs._parent_trees import ParentListing, ParentTrees
 from stratavault.jobs._progress import (
     Cancellation,
@@ -112,8 +113,13 @@ class _Dir:
     node: Node
     children: list[Node] = field(default_factory=list)
     pending: list[Future[FileResults]] = field(default_factory=list)
-    old: ParentListing | None = None
-    """The same folder in the parent snapshot, if it was there."""
+    deferred: list[tuple[FsEntry, Node]] | None = None
+    """Files held back until the folder is complete: if the listing cache knows the
+    folder's state, none of them is looked at again (see :meth:`_Run.settle`)."""
+    key: bytes | None = None
+    """The folder's state in the listing cache, once its subfolders' trees are known."""
+    reuse: ChunkId | None = None
+    """The tree id the listing cache gave for the folder."""
     on_done: list[tuple[Future[FileResults], Callable[[Future[FileResults]], None]]] = field(
         default_factory=list
     )
@@ -150,12 +156,15 @@ class _Run:
         repo: Repository,
         options: BackupFilesOptions,
         parent: Snapshot | None,
+        listings: ListingCache,
         progress: Progress,
         cancel: Cancellation,
     ) -> None:
         self.repo, self.options, self.progress, self.cancel = repo, options, progress, cancel
         self.parent_snapshot = parent
         self.parents = ParentTrees(repo, parent.tree if parent else None)
+        self.listings = listings
+        self.defer_files = listings.warm and not options.force_read
         workers = options.workers or (os.cpu_count() or 1)
         self.readers = FileReaders(
             repo,
@@ -281,7 +290,10 @@ class _Run:
         self.summary.entries += 1
         container.children.append(node)
         if entry.type == NodeType.DIR:
-            self.stack.append(_Dir(entry.path, node, old=self.parents.listing(entry.path)))
+            deferred: list[tuple[FsEntry, Node]] | None = [] if self.defer_files else None
+            self.stack.append(_Dir(entry.path, node, deferred=deferred))
+        elif entry.type == NodeType.FILE and container.deferred is not None:
+            container.deferred.append((entry, node))
         elif entry.type == NodeType.FILE:
             self.add_file(entry, node, container)
         self.state.current = entry.path
@@ -289,33 +301,62 @@ class _Run:
     def close_until(self, parent: str | None) -> None:
         """Close walked directories that are not ``parent`` or an ancestor of it."""
         while self.stack and self.stack[-1].path != parent:
-            done = self.stack.pop()
-            self.parents.forget(done.path)
-            self.closing.append(done)
+            self.closing.append(self.stack.pop())
         if len(self.closing) > self.options.max_closed_dirs:
             self.submit_batch()
             self.finish_closed(block=True)
         else:
             self.finish_closed(block=False)
 
+    def settle(self, d: _Dir, *, block: bool) -> None:
+        """Decide a complete folder whose files were held back: reuse the tree the listing
+        cache knows for its state, or look at its files now."""
+        deferred, d.deferred = d.deferred or [], None
+        d.key = self.listings.key(d.path, d.children)
+        d.reuse = self.listings.lookup(d.key)
+        if d.reuse is None:
+            for entry, node in deferred:
+                self.add_file(entry, node, d)
+            if block:
+                self.submit_batch()  # the caller is about to wait for these files
+            return
+        size = sum(entry.size for entry, _node in deferred)
+        self.summary.files_unmodified += len(deferred)
+        self.summary.bytes_processed += size
+        with self.lock:
+            self.state.files_done += len(deferred)
+            self.state.bytes_done += size
+
     def _tree_id(self, d: _Dir) -> ChunkId:
-        """Store the folder's listing, or reuse the parent's tree when it is the same."""
-        docs = tree_docs(d.children)
-        old = d.old
-        if old is not None and old.tree is not None and docs == old.docs:
-            return old.tree  # read from the repository a moment ago: stored
-        return save_tree_docs(self.repo, docs)
+        """The folder's tree: the one the listing cache gave, the parent's when the listing
+        is the same, else a new one. Clean folders are recorded in the listing cache."""
+        if d.reuse is not None:
+            tree = d.reuse
+        else:
+            docs = tree_docs(d.children)
+            old = self.parents.listing(d.path)
+            if old.tree is not None and docs == old.docs:
+                tree = old.tree  # read from the repository: stored
+            else:
+                tree = save_tree_docs(self.repo, docs)
+        if not any(c.error for c in d.children):
+            self.listings.record(d.key or self.listings.key(d.path, d.children), tree)
+        return tree
 
     def finish_closed(self, *, block: bool) -> None:
-        """Write the trees of closed directories whose files are all done, in order."""
+        """Write the trees of closed directories whose files are all done, in order
+        (post-order: a folder's subfolders have their trees before it is settled)."""
         while self.closing:
             head = self.closing[0]
+            if head.deferred is not None:
+                self.settle(head, block=block)
             if not block and not all(f.done() for f in head.pending):
                 return
             head.take_results()
             self.cancel.check()
             self.closing.popleft()
             head.node.subtree = self._tree_id(head)
+            self.parents.forget(head.path)
             self.summary.dirs += 1
 
 
@@ -412,7 +453,8 @@ def backup_files(
         repo.recover_unindexed_packs()
         paths = [str(r) for r in roots]
         parent = _pick_parent(repo, options, paths)
-        run = _Run(repo, options, parent, progress, cancel)
+        listings = ListingCache.load(repo, options.host, paths, parent.id if parent else None)
+        run = _Run(repo, options, parent, listings, progress, cancel)
         scan = _start_tree_scan(run, roots) if parent is not None or options.scan_totals else None
         try:
             with Ticker(progress, run.state):
@@ -483,6 +525,7 @@ def _run_and_save(
         run.repo.flush()
         run.cancel.check()
         save_snapshot(run.repo, snapshot)
+        run.listings.save(snapshot.id)
     except BaseException:
         run.cancel.cancel()
         run.shutdown(cancel=True)

@@ -301,6 +301,17 @@ class Repository:
             self._pending = pending
         return pending
 
+    @property
+    def cache_dir(self) -> Path | None:
+        """This repository's folder of local caches (``None``: caching is off)."""
+        return self._cache_dir
+
+    def index_objects(self) -> frozenset[str]:
+        """Names of the index objects the chunk index holds. Backups only add to them;
+        prune and ``repair index`` replace them, and only they can drop chunks."""
+        with self._lock:
+            return frozenset(self._index_objects)
+
     def indexed_packs(self) -> set[str]:
         """Names of the packs the index has entries for."""
         with self._lock:

@@ -1,0 +1,197 @@
+"""The local listing cache: an unchanged folder's tree is known without reading the parent
+snapshot's listing, and nothing stale is ever reused."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import stratavault.jobs._file_readers as readers_module
+from stratavault.jobs import (
+    BackupFilesOptions,
+    RestoreOptions,
+    backup_files,
+    list_entries,
+    restore_files,
+)
+from stratavault.jobs._parent_trees import ParentTrees
+from stratavault.repo import KdfParams, Repository
+from stratavault.snapshot import Snapshot
+from stratavault.storage import LocalStorage
+from tests.e2e.fstree import build_sample_tree, describe
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    root = tmp_path / "src"
+    root.mkdir()
+    build_sample_tree(root)
+    for i in range(40):
+        folder = root / "many" / f"d{i % 5}" / f"e{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"f{i}").write_bytes(os.urandom(1000 + i))
+    return root
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Iterator[Repository]:
+    storage = LocalStorage(tmp_path / "repo")
+    cache = tmp_path / "cache"
+    with Repository.init(storage, b"pw", cache_dir=cache, kdf=KdfParams.fast()) as repo:
+        yield repo
+
+
+@pytest.fixture
+def listings_read(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The parent listings each backup reads from the repository."""
+    read: list[Any] = []
+    real = ParentTrees._load
+
+    def spy(self: ParentTrees, tree_id: Any) -> Any:
+        if tree_id is not None:
+            read.append(tree_id)
+        return real(self, tree_id)
+
+    monkeypatch.setattr(ParentTrees, "_load", spy)
+    return read
+
+
+def _backup(repo: Repository, src: Path, **options: Any) -> Snapshot:
+    return backup_files(repo, BackupFilesOptions(paths=(src,), **options))
+
+
+def _cache_files(repo: Repository) -> list[Path]:
+    assert repo.cache_dir is not None
+    return sorted((repo.cache_dir / "listings").glob("*.cache"))
+
+
+def test_unchanged_tree_reads_no_listing_and_gives_the_same_tree(
+    repo: Repository, src: Path, listings_read: list[Any]
+) -> None:
+    first = _backup(repo, src)
+    assert len(_cache_files(repo)) == 1
+    second = _backup(repo, src)  # reading files changed access times: new listings
+    listings_read.clear()
+    third = _backup(repo, src)
+    assert listings_read == []  # every folder came from the cache
+    assert third.tree == second.tree
+    assert third.summary.files_unmodified == first.summary.files_new > 40
+    assert (third.summary.files_new, third.summary.files_changed) == (0, 0)
+    assert third.summary.dirs == second.summary.dirs
+    assert third.summary.bytes_processed == second.summary.bytes_processed
+
+
+def test_a_change_deep_down_is_backed_up_and_only_its_folders_are_read(
+    repo: Repository, src: Path, listings_read: list[Any], tmp_path: Path
+) -> None:
+    _backup(repo, src)
+    _backup(repo, src)
+    deep = src / "many" / "d3" / "e0"
+    changed = next(p for p in sorted(deep.iterdir()))
+    changed.write_bytes(os.urandom(changed.stat().st_size))  # same size, new content
+    (src / "many" / "d1" / "new").write_bytes(b"new file")
+    listings_read.clear()
+    snap = _backup(repo, src)
+    assert (snap.summary.files_changed, snap.summary.files_new) == (1, 1)
+    # The folders on the way to the two changes, no others: those above src (the way to
+    # src's listing in the parent), src, many, d3, e0, d1.
+    assert len(listings_read) == len(src.parents) + 5
+    target = tmp_path / "restored"
+    assert not restore_files(repo, snap, RestoreOptions(target=target, verify=True)).issues
+    assert describe(target / src.relative_to("/")) == describe(src)
+
+
+def test_metadata_change_of_a_folder_gives_a_new_tree(repo: Repository, src: Path) -> None:
+    _backup(repo, src)
+    before = _backup(repo, src)
+    os.setxattr(src / "many" / "d2", "user.note", b"x")
+    after = _backup(repo, src)
+    assert after.tree != before.tree
+    nodes = {p: n for p, n in list_entries(repo, after)}
+    assert nodes[f"{src}/many/d2"].xattrs == {"user.note": b"x"}
+
+
+def _old_cache_ignored(
+    repo: Repository, src: Path, listings_read: list[Any], **options: Any
+) -> Snapshot:
+    listings_read.clear()
+    snap = _backup(repo, src, **options)
+    assert listings_read  # compared with the parent's listings instead
+    return snap
+
+
+def test_cache_is_not_used_after_the_index_was_replaced(
+    repo: Repository, src: Path, listings_read: list[Any]
+) -> None:
+    """A prune or `repair index` may drop chunks: they replace index objects."""
+    _backup(repo, src)
+    second = _backup(repo, src)
+    with repo.lock(exclusive=True):
+        repo.rebuild_index()
+    third = _old_cache_ignored(repo, src, listings_read)
+    assert third.tree == second.tree
+    listings_read.clear()
+    _backup(repo, src)  # the cache written by the third backup is valid again
+    assert listings_read == []
+
+
+def test_cache_is_not_used_for_another_parent(
+    repo: Repository, src: Path, listings_read: list[Any]
+) -> None:
+    first = _backup(repo, src)
+    _backup(repo, src)
+    listings_read.clear()
+    _backup(repo, src)
+    assert listings_read == []
+    _old_cache_ignored(repo, src, listings_read, parent=first.id)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
+def test_a_damaged_cache_file_is_ignored(
+    repo: Repository, src: Path, listings_read: list[Any], damage: str
+) -> None:
+    _backup(repo, src)
+    second = _backup(repo, src)
+    [path] = _cache_files(repo)
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x40
+    elif damage == "truncate":
+        del data[len(data) - 70 :]
+    else:
+        data = bytearray(b"not a cache at all")
+    path.write_bytes(bytes(data))
+    third = _old_cache_ignored(repo, src, listings_read)
+    assert third.tree == second.tree
+
+
+def test_folder_with_an_unreadable_file_is_read_again(
+    repo: Repository, src: Path, listings_read: list[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder whose file failed keeps no cache record: once the file can be read, the
+    next backup reads it and the snapshot is complete."""
+    victim = src / "many" / "d0" / "e0" / "f0"
+    real = readers_module.chunk_files
+
+    def failing(repo: Repository, paths: list[str], **kwargs: Any) -> Any:
+        results = real(repo, paths, **kwargs)
+        return [OSError(5, "Input/output error") if p == str(victim) else r
+                for p, r in zip(paths, results, strict=True)]  # fmt: skip
+
+    monkeypatch.setattr(readers_module, "chunk_files", failing)
+    threads = {"processes_after_files": 10**9, "force_read": True}
+    broken = _backup(repo, src, **threads)
+    assert [e.path for e in broken.errors] == [str(victim)]
+    _backup(repo, src, **threads)  # with force_read the cache is written, not used
+    monkeypatch.setattr(readers_module, "chunk_files", real)
+    listings_read.clear()
+    fixed = _backup(repo, src, processes_after_files=10**9)
+    assert not fixed.errors
+    assert fixed.summary.files_new + fixed.summary.files_changed == 1
+    assert len(listings_read) == len(src.parents) + 4  # and src, many, d0, e0
+    node = {p: n for p, n in list_entries(repo, fixed)}[str(victim)]
+    assert node.error is None and node.content
