@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import math
 import os
 import queue
 import stat
@@ -68,26 +69,31 @@ def prefetch_metadata(
     Meant to run in a process of its own beside the real walk: with a cold cache that
     walk then waits for the disk far less (``threads`` folders are read at once, so the
     disk gets many requests at a time), and a progress display gets its totals without
-    a second walk competing for the interpreter. Errors are ignored (the real walk
-    reports them); the order is not the real walk's.
+    a second walk competing for the interpreter. The threads always take the folder that
+    comes first in walk order (a folder's key is its parent's plus its place among its
+    sorted siblings), so they stay just ahead of the real walk: in first-in-first-out
+    order they ran across the tree's breadth while the walk waited deep down (a cold walk
+    of the bench tree beside it: 1.6-1.8 s before, 1.25-1.4 s after). Errors are ignored
+    (the real walk reports them).
     """
     scan = _CountingScan(ExcludeMatcher(excludes), one_file_system)
-    work: queue.Queue[tuple[str, int] | None] = queue.Queue()
-    for root in roots:
+    work: queue.PriorityQueue[tuple[tuple[float, ...], str, int]] = queue.PriorityQueue()
+    for number, root in enumerate(roots):
         try:
             st = os.lstat(root)
         except OSError:
             continue
         if stat.S_ISDIR(st.st_mode):
-            work.put((root, st.st_dev))
+            work.put(((number,), root, st.st_dev))
         elif stat.S_ISREG(st.st_mode):
             scan.files, scan.bytes = scan.files + 1, scan.bytes + st.st_size
 
     def worker() -> None:
-        while (item := work.get()) is not None:
+        while (item := work.get())[1]:
             try:
-                for sub in scan.folder(*item):
-                    work.put(sub)
+                order, folder, device = item
+                for i, sub in enumerate(scan.folder(folder, device)):
+                    work.put(((*order, i), *sub))
             finally:
                 work.task_done()
 
@@ -96,7 +102,7 @@ def prefetch_metadata(
         thread.start()
     work.join()
     for _ in pool:
-        work.put(None)
+        work.put(((math.inf,), "", 0))
     for thread in pool:
         thread.join()
     return scan.files, scan.bytes
@@ -114,7 +120,7 @@ class _CountingScan:
         """Read the inodes of ``directory``'s entries; return its subfolders to scan."""
         try:
             with os.scandir(directory) as it:
-                children = list(it)
+                children = sorted(it, key=_name_key)  # in walk order
         except OSError:
             return []
         folders, files, size = [], 0, 0
