@@ -61,6 +61,8 @@ def listings_read(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
 
 def _backup(repo: Repository, src: Path, **options: Any) -> Snapshot:
+    """A backup that walks in a child process, as one of a large tree does."""
+    options.setdefault("walk_process_after_entries", 0)
     return backup_files(repo, BackupFilesOptions(paths=(src,), **options))
 
 

@@ -28,12 +28,15 @@ def test_exported_members() -> None:
         "FlrEvent",
         "FlrFilesystem",
         "FlrVolume",
+        "FolderDone",
+        "FolderStates",
         "FsEntry",
         "FsRestorer",
         "GuestAgent",
         "IMAGE_FORMATS",
         "ImageExport",
         "ImageServer",
+        "KnownFolder",
         "LibvirtBackup",
         "LibvirtDomain",
         "OwnerNames",
@@ -48,6 +51,7 @@ def test_exported_members() -> None:
         "TreeTotals",
         "VmBackup",
         "VmDisk",
+        "WalkRecord",
         "ZEROS",
         "check_name",
         "convert_image",
@@ -70,6 +74,7 @@ def test_exported_members() -> None:
         "vm_config",
         "walk",
         "walk_in_process",
+        "walk_states_in_process",
     ]
     for name in sources.__all__:
         assert hasattr(sources, name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stratavault._defaults import DEFAULT_DISK_CHUNK_BYTES
 from stratavault._malloc import keep_freed_memory
@@ -12,6 +13,9 @@ from stratavault.cli._cmd_backup_vm import add_frame_size, register_vm
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._disk_report import report_disk_backup
 from stratavault.cli._output import Output, format_bytes, make_progress, shows_progress
+
+if TYPE_CHECKING:
+    from stratavault.sources import TreeScan
 from stratavault.errors import IncompleteSnapshotError
 
 
@@ -117,6 +121,24 @@ def _level(text: str) -> int:
 
 def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Back up and print the summary; exit 4 when some files could not be read."""
+    from stratavault.jobs import start_read_ahead
+
+    read_ahead = start_read_ahead(  # first: it reads while the rest starts
+        tuple(ns.paths),
+        excludes=tuple(ns.exclude),
+        exclude_files=tuple(ns.exclude_file),
+        one_file_system=ns.one_file_system,
+    )
+    try:
+        return _backup_files(ns, options, read_ahead)
+    finally:
+        if read_ahead is not None:
+            read_ahead.stop()
+
+
+def _backup_files(
+    ns: argparse.Namespace, options: GlobalOptions, read_ahead: TreeScan | None
+) -> int:
     from stratavault.jobs import BackupFilesOptions, Cancellation, backup_files
 
     out = Output(json_mode=options.json, quiet=options.quiet)
@@ -134,7 +156,9 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     )
     progress = make_progress(json_mode=options.json, quiet=options.quiet)
     with open_repo(options) as repo:
-        snap = backup_files(repo, job, progress=progress, cancel=Cancellation())
+        snap = backup_files(
+            repo, job, progress=progress, cancel=Cancellation(), read_ahead=read_ahead
+        )
     s = snap.summary
     out.text(
         f"Files: {s.files_new} new, {s.files_changed} changed, {s.files_unmodified} unmodified"

@@ -33,6 +33,7 @@ from stratavault.jobs._backup_sources import (
     ancestors,
     entry_of,
     node_from_entry,
+    start_read_ahead,
 )
 from stratavault.jobs._file_readers import Batch, FileReaders, FileResults
 from stratavault.jobs._listing_cache import ListingCache
@@ -63,12 +64,14 @@ from stratavault.snapshot import (
 )
 from stratavault.sources import (
     FileStamp,
+    FolderDone,
     FsEntry,
+    KnownFolder,
     TreeScan,
-    read_exclude_file,
+    WalkRecord,
     same_file_stat,
     walk,
-    walk_in_process,
+    walk_states_in_process,
 )
 from stratavault.types import ChunkId
 
@@ -113,13 +116,12 @@ class _Dir:
     node: Node
     children: list[Node] = field(default_factory=list)
     pending: list[Future[FileResults]] = field(default_factory=list)
-    deferred: list[tuple[FsEntry, Node]] | None = None
-    """Files held back until the folder is complete: if the listing cache knows the
-    folder's state, none of them is looked at again (see :meth:`_Run.settle`)."""
+    above: _Dir | None = None
+    """The folder holding this one, if it was walked."""
     key: bytes | None = None
-    """The folder's state in the listing cache, once its subfolders' trees are known."""
-    reuse: ChunkId | None = None
-    """The tree id the listing cache gave for the folder."""
+    """The folder's state (listing cache), when the walk gave one."""
+    clean: bool = True
+    """Nothing below the folder failed: its state may be remembered."""
     on_done: list[tuple[Future[FileResults], Callable[[Future[FileResults]], None]]] = field(
         default_factory=list
     )
@@ -164,7 +166,8 @@ class _Run:
         self.parent_snapshot = parent
         self.parents = ParentTrees(repo, parent.tree if parent else None)
         self.listings = listings
-        self.defer_files = listings.warm and not options.force_read
+        self.keys: dict[str, bytes | None] = {}
+        """Folder states given by the walk, until the folder's tree is written."""
         workers = options.workers or (os.cpu_count() or 1)
         self.readers = FileReaders(
             repo,
@@ -190,6 +193,10 @@ class _Run:
             self.errors.append(FileError(str(path), message))
             self.state.errors += 1
         self.progress.warn(f"{path}: {message}")
+
+    def set_totals(self, totals: tuple[int, int]) -> None:
+        """The files and bytes the backup will look at, for progress."""
+        self.state.files_total, self.state.bytes_total = totals
 
     def on_walk_error(self, path: Path, exc: OSError) -> None:
         """The walker could not read an entry."""
@@ -290,10 +297,7 @@ class _Run:
         self.summary.entries += 1
         container.children.append(node)
         if entry.type == NodeType.DIR:
-            deferred: list[tuple[FsEntry, Node]] | None = [] if self.defer_files else None
-            self.stack.append(_Dir(entry.path, node, deferred=deferred))
-        elif entry.type == NodeType.FILE and container.deferred is not None:
-            container.deferred.append((entry, node))
+            self.stack.append(_Dir(entry.path, node, above=container))
         elif entry.type == NodeType.FILE:
             self.add_file(entry, node, container)
         self.state.current = entry.path
@@ -308,48 +312,40 @@ class _Run:
         else:
             self.finish_closed(block=False)
 
-    def settle(self, d: _Dir, *, block: bool) -> None:
-        """Decide a complete folder whose files were held back: reuse the tree the listing
-        cache knows for its state, or look at its files now."""
-        deferred, d.deferred = d.deferred or [], None
-        d.key = self.listings.key(d.path, d.children)
-        d.reuse = self.listings.lookup(d.key)
-        if d.reuse is None:
-            for entry, node in deferred:
-                self.add_file(entry, node, d)
-            if block:
-                self.submit_batch()  # the caller is about to wait for these files
-            return
-        size = sum(entry.size for entry, _node in deferred)
-        self.summary.files_unmodified += len(deferred)
-        self.summary.bytes_processed += size
+    def add_known(self, known: KnownFolder, container: _Dir) -> None:
+        """A folder the listing cache knows, with everything below it: reuse its tree."""
+        node = node_from_entry(known.entry)
+        node.subtree = self.listings.reuse(known.key, known.keys)
+        container.children.append(node)
+        self.summary.entries += 1 + known.entries
+        self.summary.dirs += 1 + known.folders
+        self.summary.files_unmodified += known.files
+        self.summary.bytes_processed += known.file_bytes
         with self.lock:
-            self.state.files_done += len(deferred)
-            self.state.bytes_done += size
+            self.state.files_done += known.files
+            self.state.bytes_done += known.file_bytes
+        self.state.current = known.entry.path
 
     def _tree_id(self, d: _Dir) -> ChunkId:
-        """The folder's tree: the one the listing cache gave, the parent's when the listing
-        is the same, else a new one. Clean folders are recorded in the listing cache."""
-        if d.reuse is not None:
-            tree = d.reuse
+        """Store the folder's listing, or reuse the parent's tree when it is the same; a
+        folder with nothing failed below it is remembered in the listing cache."""
+        docs = tree_docs(d.children)
+        old = self.parents.listing(d.path)
+        if old.tree is not None and docs == old.docs:
+            tree = old.tree  # read from the repository: stored
         else:
-            docs = tree_docs(d.children)
-            old = self.parents.listing(d.path)
-            if old.tree is not None and docs == old.docs:
-                tree = old.tree  # read from the repository: stored
-            else:
-                tree = save_tree_docs(self.repo, docs)
-        if not any(c.error for c in d.children):
-            self.listings.record(d.key or self.listings.key(d.path, d.children), tree)
+            tree = save_tree_docs(self.repo, docs)
+        key = self.keys.pop(d.path, None)
+        if key is not None and d.clean and not any(c.error for c in d.children):
+            self.listings.record(key, tree)
+        elif d.above is not None:
+            d.above.clean = False
         return tree
 
     def finish_closed(self, *, block: bool) -> None:
-        """Write the trees of closed directories whose files are all done, in order
-        (post-order: a folder's subfolders have their trees before it is settled)."""
+        """Write the trees of closed directories whose files are all done, in order."""
         while self.closing:
             head = self.closing[0]
-            if head.deferred is not None:
-                self.settle(head, block=block)
             if not block and not all(f.done() for f in head.pending):
                 return
             head.take_results()
@@ -361,8 +357,12 @@ class _Run:
 
 
 def _walk_roots(run: _Run, roots: list[PurePosixPath], dirs: dict[str, _Dir]) -> None:
-    for entry in _entries(run, roots):
+    for record in _entries(run, roots):
         run.cancel.check()
+        if isinstance(record, FolderDone):
+            run.keys[record.path] = record.key
+            continue
+        entry = record.entry if isinstance(record, KnownFolder) else record
         parent = entry.parent
         if entry.depth == 0 and entry.path == "/":
             run.close_until(None)
@@ -374,16 +374,20 @@ def _walk_roots(run: _Run, roots: list[PurePosixPath], dirs: dict[str, _Dir]) ->
         else:
             run.close_until(parent)
             container = run.stack[-1]
-        run.add_entry(entry, container)
+        if isinstance(record, KnownFolder):
+            run.add_known(record, container)
+        else:
+            run.add_entry(entry, container)
     run.close_until(None)
     run.submit_batch()
     run.finish_closed(block=True)
 
 
-def _entries(run: _Run, roots: list[PurePosixPath]) -> Iterator[FsEntry]:
+def _entries(run: _Run, roots: list[PurePosixPath]) -> Iterator[WalkRecord]:
     """The walk of every root: in a child process when the parent snapshot says the tree
-    is large (the system calls then run beside the comparison with the parent), else
-    here (starting a process costs ~0.1 s)."""
+    is large (the system calls then run beside the comparison with the parent; folders
+    the listing cache knows come as one record each), else here (starting a process costs
+    ~0.1 s, and a small tree is quickly compared with its parent)."""
     opts = run.options
     options: dict[str, Any] = {
         "excludes": opts.excludes,
@@ -394,8 +398,9 @@ def _entries(run: _Run, roots: list[PurePosixPath]) -> Iterator[FsEntry]:
     paths = [Path(r) for r in roots]
     parent = run.parent_snapshot
     if parent is not None and parent.summary.entries >= opts.walk_process_after_entries:
+        known = set() if opts.force_read else run.listings.known()
         with suppress(OSError):
-            return walk_in_process(paths, **options)
+            return walk_states_in_process(paths, known=known, secret=run.listings.secret, **options)
     return walk(paths, **options)
 
 
@@ -438,12 +443,15 @@ def backup_files(
     progress: Progress | None = None,
     cancel: Cancellation | None = None,
     clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    read_ahead: TreeScan | None = None,
 ) -> Snapshot:
     """Back up ``options.paths`` and save a snapshot; return it.
 
     Unreadable files are listed in ``snapshot.errors`` (the snapshot is incomplete).
     On cancellation the data written so far is indexed, so the next backup reuses it,
-    and ``Interrupted`` is raised; no snapshot is written.
+    and ``Interrupted`` is raised; no snapshot is written. ``read_ahead``: the process
+    :func:`start_read_ahead` started for these paths (stopped here); without one, one is
+    started for an incremental backup or when progress shows totals.
     """
     progress = progress or NullProgress()
     cancel = cancel or Cancellation()
@@ -455,7 +463,11 @@ def backup_files(
         parent = _pick_parent(repo, options, paths)
         listings = ListingCache.load(repo, options.host, paths, parent.id if parent else None)
         run = _Run(repo, options, parent, listings, progress, cancel)
-        scan = _start_tree_scan(run, roots) if parent is not None or options.scan_totals else None
+        scan = read_ahead
+        if scan is None and (parent is not None or options.scan_totals):
+            scan = _read_ahead(options)
+        if scan is not None and options.scan_totals:
+            scan.report_totals(run.set_totals)
         try:
             with Ticker(progress, run.state):
                 snapshot = _run_and_save(run, roots, paths, parent, started, t0)
@@ -468,25 +480,14 @@ def backup_files(
     return snapshot
 
 
-def _start_tree_scan(run: _Run, roots: list[PurePosixPath]) -> TreeScan | None:
-    """Start the process that reads the inodes ahead of the walk (an incremental backup
-    mostly walks) and counts the totals that progress shows; None if it cannot start
-    (it only makes the backup faster and its progress nicer)."""
-    opts = run.options
-    patterns = [*opts.excludes, *(p for f in opts.exclude_files for p in read_exclude_file(f))]
-
-    def set_totals(totals: tuple[int, int]) -> None:
-        run.state.files_total, run.state.bytes_total = totals
-
-    try:
-        return TreeScan(
-            roots,
-            one_file_system=opts.one_file_system,
-            excludes=patterns,
-            on_totals=set_totals if opts.scan_totals else None,
-        )
-    except OSError:
-        return None
+def _read_ahead(options: BackupFilesOptions) -> TreeScan | None:
+    """The read-ahead process for a backup (an incremental one mostly walks)."""
+    return start_read_ahead(
+        options.paths,
+        excludes=options.excludes,
+        exclude_files=options.exclude_files,
+        one_file_system=options.one_file_system,
+    )
 
 
 def _run_and_save(

@@ -8,13 +8,14 @@ from pathlib import Path, PurePosixPath
 
 from stratavault.errors import SourceError
 from stratavault.snapshot import Node
-from stratavault.sources import FsEntry, walk
+from stratavault.sources import FsEntry, TreeScan, read_exclude_file, walk
 
 __all__ = [
     "absolute_roots",
     "ancestors",
     "entry_of",
     "node_from_entry",
+    "start_read_ahead",
 ]
 
 
@@ -70,3 +71,21 @@ def absolute_roots(paths: tuple[Path, ...]) -> list[PurePosixPath]:
     roots = sorted(set(roots))
     # A path inside another given path is already covered.
     return [r for r in roots if not any(o != r and o in r.parents for o in roots)]
+
+
+def start_read_ahead(
+    paths: tuple[Path, ...],
+    *,
+    excludes: tuple[str, ...] = (),
+    exclude_files: tuple[Path, ...] = (),
+    one_file_system: bool = False,
+) -> TreeScan | None:
+    """Start reading the inodes of the trees to back up in a process of their own (see
+    :class:`stratavault.sources.TreeScan`), or None if it cannot start (it only makes the
+    backup faster). Start it first thing: with a cold cache it then reads while the
+    interpreter imports and the repository is opened; pass it to ``backup_files``."""
+    patterns = [*excludes, *(p for f in exclude_files for p in read_exclude_file(f))]
+    try:
+        return TreeScan(absolute_roots(paths), one_file_system=one_file_system, excludes=patterns)
+    except OSError:
+        return None

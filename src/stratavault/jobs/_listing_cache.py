@@ -1,15 +1,16 @@
 """The local listing cache of file backups: the folder states the last backup stored.
 
-A folder's listing (its tree) follows from the metadata of its entries, its subfolders'
-tree ids, and the content of its files; a file whose size, times and inode are unchanged
-keeps its content (the rule of every incremental backup here). So when a folder is found
-exactly as the last backup of the same paths left it, its tree id is known without reading
-the parent snapshot's listing, comparing nodes, or encoding anything. This is borg's files
-cache at the granularity of folders, keyed by a hash of the folder's state.
+A folder's listing (its tree) follows from the metadata of everything below it and the
+content of its files; a file whose size, times and inode are unchanged keeps its content
+(the rule of every incremental backup here). So when a folder is found exactly as the last
+backup of the same paths left it, its tree id is known without reading the parent
+snapshot's listing, comparing nodes, or even passing its entries from the walk to the
+backup. This is borg's files cache at the granularity of folders, keyed by a hash of the
+folder's whole subtree (see :class:`stratavault.sources.FolderStates`).
 
-Key: keyed BLAKE3 (the repository's chunk-id key, so the file says nothing of names or
-content) of the folder's path and the canonical form of its entries' metadata, the
-subfolders' tree ids included; value: the tree id. The file format is in docs/format.md.
+Key: the folder's state key, a keyed hash (the secret derives from the repository's key,
+so the file says nothing of names or content); value: the tree id. The file format is in
+docs/format.md.
 
 The cache is used only by a backup whose parent snapshot is the one it was written for,
 and only while every index object it saw still exists: a prune or ``repair index`` (the
@@ -24,12 +25,10 @@ import json
 import os
 import struct
 import threading
-from dataclasses import fields
-from operator import attrgetter
+from collections.abc import Iterable
 from pathlib import Path
 
 from stratavault.repo import Repository
-from stratavault.snapshot import Node
 from stratavault.types import ChunkId
 
 __all__ = ["ListingCache"]
@@ -41,10 +40,7 @@ _PREFIX = struct.Struct("<4sI")
 _RECORD = 64
 """A record: the 32-byte key of a folder's state, then its 32-byte tree id."""
 _DIGEST = 32
-
-_STATE_FIELDS = tuple(f.name for f in fields(Node) if f.name not in ("content", "error"))
-_node_state = attrgetter(*_STATE_FIELDS)
-"""What a node holds besides file content and errors (which follow from it or void it)."""
+_SECRET_INPUT = b"stratavault listing cache: folder state key"
 
 
 class ListingCache:
@@ -59,6 +55,8 @@ class ListingCache:
         self._path = path
         self._old = old
         self._new: dict[bytes, ChunkId] = {}
+        self.secret: bytes = repo.chunk_id(_SECRET_INPUT)
+        """The key of the folder state hash."""
 
     @classmethod
     def load(
@@ -74,22 +72,21 @@ class ListingCache:
         old = _read(path, parent_id, repo.index_objects()) if parent_id else None
         return cls(repo, path, old or {})
 
-    @property
-    def warm(self) -> bool:
-        """Whether any folder may be found unchanged."""
-        return bool(self._old)
+    def known(self) -> set[bytes]:
+        """The folder states the last backup stored."""
+        return set(self._old)
 
-    def key(self, path: str, children: list[Node]) -> bytes:
-        """The key of a folder's state: ``children`` with their metadata and subtree ids."""
-        state = repr([_node_state(n) for n in children]).encode()
-        return self._repo.chunk_id(os.fsencode(path) + b"\0" + state)
-
-    def lookup(self, key: bytes) -> ChunkId | None:
-        """The tree id stored for a folder in this state, if the last backup saw it."""
-        return self._old.get(key)
+    def reuse(self, key: bytes, below: Iterable[bytes]) -> ChunkId:
+        """The tree id of a folder in a known state; it and the known states ``below`` it
+        are remembered for the next backup."""
+        tree = self._new[key] = self._old[key]
+        for inner in below:
+            if (found := self._old.get(inner)) is not None:
+                self._new[inner] = found
+        return tree
 
     def record(self, key: bytes, tree_id: ChunkId) -> None:
-        """Remember that a folder in this state has this tree (none of its files failed)."""
+        """Remember that a folder in this state has this tree (nothing below it failed)."""
         self._new[key] = tree_id
 
     def save(self, snapshot_id: str) -> None:

@@ -49,6 +49,12 @@ if TYPE_CHECKING:
         FlrVolume as FlrVolume,
         list_volumes as list_volumes,
     )
+    from stratavault.sources._folder_states import (
+        FolderDone as FolderDone,
+        FolderStates as FolderStates,
+        KnownFolder as KnownFolder,
+        WalkRecord as WalkRecord,
+    )
     from stratavault.sources._guest_agent import GuestAgent as GuestAgent
     from stratavault.sources._image_export import (
         IMAGE_FORMATS as IMAGE_FORMATS,
@@ -106,6 +112,7 @@ if TYPE_CHECKING:
     from stratavault.sources._walk_process import (
         TreeScan as TreeScan,
         walk_in_process as walk_in_process,
+        walk_states_in_process as walk_states_in_process,
     )
 
 __all__, __getattr__ = lazy_exports(__name__, __file__)

@@ -16,15 +16,16 @@ from typing import Any, cast
 from stratavault._process import die_with_parent
 from stratavault.errors import SourceError, UsageError
 from stratavault.sources._entry import EntryType, FsEntry
+from stratavault.sources._folder_states import FolderDone, FolderStates, KnownFolder, WalkRecord
 from stratavault.sources._walk import ErrorHandler, TreeTotals, prefetch_metadata, walk
 
-__all__ = ["TreeScan", "walk_in_process"]
+__all__ = ["TreeScan", "walk_in_process", "walk_states_in_process"]
 
 _BATCH = 512
 """Entries per message: big enough that pickling is cheap per entry, small enough that
 the pipe (and so the memory held) stays small when the consumer is slower."""
 
-_ENTRY, _ERROR, _USAGE, _DONE = range(4)
+_ENTRY, _ERROR, _USAGE, _DONE, _FOLDER, _KNOWN = range(6)
 _TYPES = {str(t): t for t in EntryType}
 _Record = tuple[int, Any]
 
@@ -42,9 +43,31 @@ def walk_in_process(
     read it). ``on_error`` is called in this process, in walk order. ``OSError`` at
     once when the process cannot be started; ``SourceError`` while iterating if it
     dies. The child ends when the iteration does (also when it is left early)."""
+    options = (list(paths), list(excludes), list(exclude_files), one_file_system, None)
+    return cast(Generator[FsEntry, None, None], _start(options, on_error))
+
+
+def walk_states_in_process(
+    paths: Sequence[Path],
+    *,
+    known: set[bytes],
+    secret: bytes,
+    excludes: Sequence[str] = (),
+    exclude_files: Sequence[Path] = (),
+    one_file_system: bool = False,
+    on_error: ErrorHandler,
+) -> Generator[WalkRecord, None, None]:
+    """:func:`walk_in_process` with folder states (see :class:`FolderStates`): folders in a
+    state of ``known`` come as one :class:`KnownFolder`, other folders' entries as from
+    :func:`walk`, each folder followed by its :class:`FolderDone`. Errors are reported as
+    they are met, possibly before entries that the walk yielded earlier."""
+    options = (list(paths), list(excludes), list(exclude_files), one_file_system, (known, secret))
+    return _start(options, on_error)
+
+
+def _start(options: tuple[Any, ...], on_error: ErrorHandler) -> Generator[WalkRecord, None, None]:
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
-    options = (list(paths), list(excludes), list(exclude_files), one_file_system)
     child = context.Process(
         target=_walk_child, args=(*options, sender), name="stratavault-walk", daemon=True
     )
@@ -57,7 +80,7 @@ def walk_in_process(
 
 def _receive(
     child: BaseProcess, receiver: Connection, on_error: ErrorHandler
-) -> Generator[FsEntry, None, None]:
+) -> Generator[WalkRecord, None, None]:
     try:
         yield from _records(receiver, on_error)
     finally:
@@ -66,7 +89,13 @@ def _receive(
         receiver.close()
 
 
-def _records(receiver: Connection, on_error: ErrorHandler) -> Iterator[FsEntry]:
+def _entry(value: tuple[Any, ...]) -> FsEntry:
+    entry = FsEntry(*value)
+    entry.type = _TYPES[entry.type]
+    return entry
+
+
+def _records(receiver: Connection, on_error: ErrorHandler) -> Iterator[WalkRecord]:
     while True:
         try:
             batch: list[_Record] = receiver.recv()
@@ -74,9 +103,11 @@ def _records(receiver: Connection, on_error: ErrorHandler) -> Iterator[FsEntry]:
             raise SourceError("backup: the process walking the files ended early") from exc
         for kind, value in batch:
             if kind == _ENTRY:
-                entry = FsEntry(*value)
-                entry.type = _TYPES[entry.type]
-                yield entry
+                yield _entry(value)
+            elif kind == _FOLDER:
+                yield FolderDone(*value)
+            elif kind == _KNOWN:
+                yield KnownFolder(_entry(value[0]), *value[1:])
             elif kind == _ERROR:
                 path, errno, strerror = value
                 on_error(Path(path), OSError(errno, strerror))
@@ -91,14 +122,18 @@ def _walk_child(
     excludes: list[str],
     exclude_files: list[Path],
     one_file_system: bool,
+    states_of: tuple[set[bytes], bytes] | None,
     sender: Connection,
 ) -> None:
     """In the child: walk and send the records in batches, then ``_DONE``."""
     die_with_parent()
     batch: list[_Record] = []
+    states = FolderStates(*states_of) if states_of is not None else None
 
     def failed(path: Path, exc: OSError) -> None:
         batch.append((_ERROR, (str(path), exc.errno, exc.strerror or str(exc))))
+        if states is not None:
+            states.error()
 
     try:
         for e in walk(
@@ -108,15 +143,27 @@ def _walk_child(
             one_file_system=one_file_system,
             on_error=failed,
         ):
-            batch.append((_ENTRY, _fields(e)))
+            batch += map(_encode, states.feed(e) if states is not None else (e,))
             if len(batch) >= _BATCH:
                 sender.send(batch)
                 batch = []
+        if states is not None:
+            batch += map(_encode, states.finish())
     except UsageError as exc:
         batch.append((_USAGE, str(exc)))
     batch.append((_DONE, None))
     sender.send(batch)
     sender.close()
+
+
+def _encode(record: WalkRecord) -> _Record:
+    """A record as plain tuples (they pickle fast)."""
+    if isinstance(record, FsEntry):
+        return _ENTRY, _fields(record)
+    if isinstance(record, FolderDone):
+        return _FOLDER, (record.path, record.key)
+    counts = (record.entries, record.folders, record.files, record.file_bytes)
+    return _KNOWN, (_fields(record.entry), record.key, record.keys, *counts)
 
 
 def _fields(e: FsEntry) -> tuple[Any, ...]:
@@ -138,8 +185,9 @@ def _prefetch_child(
 
 class TreeScan:
     """A process that reads the tree's inodes ahead of the backup's walk (cold caches)
-    and counts the files and bytes to back up for ``on_totals`` (progress), beside the
-    walk rather than competing with it for the interpreter."""
+    and counts the files and bytes to back up for ``on_totals`` (progress; or later, see
+    :meth:`report_totals`), beside the walk rather than competing with it for the
+    interpreter."""
 
     def __init__(
         self,
@@ -147,7 +195,7 @@ class TreeScan:
         *,
         one_file_system: bool,
         excludes: list[str],
-        on_totals: Callable[[TreeTotals], None] | None,
+        on_totals: Callable[[TreeTotals], None] | None = None,
     ) -> None:
         context = multiprocessing.get_context("spawn")
         self._totals, child_end = context.Pipe(duplex=False)
@@ -161,10 +209,14 @@ class TreeScan:
         child_end.close()
         self._waiter: threading.Thread | None = None
         if on_totals is not None:
-            self._waiter = threading.Thread(
-                target=self._wait_totals, args=(on_totals,), name="totals", daemon=True
-            )
-            self._waiter.start()
+            self.report_totals(on_totals)
+
+    def report_totals(self, on_totals: Callable[[TreeTotals], None]) -> None:
+        """Call ``on_totals`` (from another thread) once the scan has counted the tree."""
+        self._waiter = threading.Thread(
+            target=self._wait_totals, args=(on_totals,), name="totals", daemon=True
+        )
+        self._waiter.start()
 
     def _wait_totals(self, on_totals: Callable[[TreeTotals], None]) -> None:
         try:
