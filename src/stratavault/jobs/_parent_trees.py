@@ -38,9 +38,10 @@ _EMPTY = ParentListing()
 class ParentTrees:
     """Listings of the parent snapshot by directory path, loaded on demand.
 
-    The walk is depth-first, so only the listings along the current path are
-    kept; ``forget`` drops one when the walk leaves that directory. A listing
-    that cannot be read counts as absent: its files are simply read again.
+    The walk is depth-first, so only the listings along the current path and of
+    folders whose trees are not written yet are kept; ``forget`` drops one once its
+    folder's tree is written. Folders the listing cache knows are never loaded. A
+    listing that cannot be read counts as absent: its files are simply read again.
     """
 
     def __init__(self, repo: Repository, root: ChunkId | None) -> None:
