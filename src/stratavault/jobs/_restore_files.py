@@ -1,26 +1,20 @@
 """Use case: restore a file snapshot (or part of it) into a target folder.
 
-The tree is walked once to create folders, links and special files and to open
-regular files at their final size (holes). Their content is then written in
-pack order: each worker reads the chunks of one pack with one ranged read and
-writes every chunk to all the places that need it, so each chunk is read once
-however often it occurs. Work runs in batches of bounded size, so memory does
-not grow with the snapshot. ``--verify`` re-reads every restored file and checks
-it against the chunk ids in the snapshot.
+The tree is walked once. The walk creates folders, symbolic links and special
+files itself and gathers regular files into batches of bounded size, which
+worker processes create and write (``_restore_workers``, ``_restore_writer``).
+Hard links are made at the end, once their sources exist; folders get their
+metadata last, deepest first. Memory does not grow with the snapshot.
+``--verify`` re-reads every restored file and checks it against the chunk ids
+in the snapshot.
 """
 
 from __future__ import annotations
 
 import os
-import resource
-import threading
-from collections import defaultdict
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stratavault.errors import DataDamagedError
 from stratavault.jobs._progress import (
     Cancellation,
     NullProgress,
@@ -29,12 +23,17 @@ from stratavault.jobs._progress import (
     Ticker,
     now,
 )
+from stratavault.jobs._restore_workers import Writers, start_writers
+from stratavault.jobs._restore_writer import BatchResult, WriterOptions
 from stratavault.repo import Repository
 from stratavault.snapshot import Node, NodeType, Snapshot, load_tree, resolve_path
-from stratavault.sources import ExcludeMatcher, FsRestorer, RestoreFile
+from stratavault.sources import ExcludeMatcher, FsRestorer
 from stratavault.types import ChunkId
 
 __all__ = ["RestoreOptions", "RestoreResult", "restore_files"]
+
+_PROGRESS_EVERY = 512
+"""Entries walked between two looks at the writers' progress counters."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,9 +50,13 @@ class RestoreOptions:
     """Restore what can be read when chunks are damaged, listing the files that are not
     complete; otherwise the first damaged chunk stops the restore (exit 12)."""
     numeric_owner: bool = False
-    workers: int = 0
-    batch_bytes: int = 256 << 20
-    batch_files: int = 4_000
+    processes: int = 0
+    """Worker processes that create and write files (0: one per CPU, at most 4; 1: none,
+    the restoring process writes them itself)."""
+    threads: int = 2
+    """Threads of each process that writes files (they overlap reading and writing)."""
+    batch_bytes: int = 64 << 20
+    batch_files: int = 1_000
 
 
 @dataclass(slots=True)
@@ -68,65 +71,33 @@ class RestoreResult:
     issues: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _open_file_budget(wanted: int) -> int:
-    """How many restored files may stay open: a batch's worth if the descriptor limit
-    allows (raising the soft limit up to the hard one), else half the limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = 2 * wanted + 256
-    if soft < need:
-        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError):
-            pass
-    return max(64, min(wanted, soft // 2))
-
-
-@dataclass(slots=True)
-class _PlannedFile:
-    handle: RestoreFile
-    node: Node
-    parts: tuple[str, ...]
-    remaining: int
-
-
-class _Batch:
-    """Files whose content is still to be written, and where each chunk goes."""
-
-    def __init__(self) -> None:
-        self.places: dict[ChunkId, list[tuple[_PlannedFile, int]]] = defaultdict(list)
-        self.files: list[_PlannedFile] = []
-        self.size_bytes = 0
+def _process_count(wanted: int) -> int:
+    return wanted if wanted > 0 else min(4, os.cpu_count() or 1)
 
 
 class _Restore:
     def __init__(
         self,
         repo: Repository,
-        snapshot: Snapshot,
         options: RestoreOptions,
         progress: Progress,
         cancel: Cancellation,
+        writers: Writers,
     ) -> None:
-        self.repo, self.snapshot, self.options = repo, snapshot, options
-        self.progress, self.cancel = progress, cancel
+        self.repo, self.options = repo, options
+        self.progress, self.cancel, self.writers = progress, cancel, writers
         self.includes = ExcludeMatcher(options.includes)
         self.excludes = ExcludeMatcher(options.excludes)
-        self.fs = FsRestorer(
-            options.target,
-            numeric_owner=options.numeric_owner,
-            max_open_files=_open_file_budget(options.batch_files),
-        )
+        self.fs = FsRestorer(options.target, numeric_owner=options.numeric_owner)
         self.result = RestoreResult()
         self.state = ProgressState(phase="restore", started=now())
-        self.lock = threading.Lock()
-        self.batch = _Batch()
+        self.batch: list[tuple[tuple[str, ...], Node]] = []
+        self.batch_bytes = 0
         self.links: dict[tuple[int, int], tuple[str, ...]] = {}
+        self.later_links: list[tuple[tuple[str, ...], tuple[str, ...], Node]] = []
+        """Hard links to make at the end: path, source, node."""
         self.created_dirs: set[tuple[str, ...]] = set()
-        self.to_verify: list[_PlannedFile] = []
-        """Files of the current batch to re-read (``--verify``); emptied per batch."""
-        self.workers = options.workers or max(2, os.cpu_count() or 1)
+        self.walked = 0
 
     # -- the walk ------------------------------------------------------------
     def walk(
@@ -139,6 +110,9 @@ class _Restore:
     ) -> None:
         for node in load_tree(self.repo, tree):
             self.cancel.check()
+            self.walked += 1
+            if self.walked % _PROGRESS_EVERY == 0:
+                self.show_progress()
             path, sub = f"{base}/{node.name}", (*parts, node.name)
             is_dir = node.type == NodeType.DIR
             if self.excludes and self.excludes.excluded(path, is_dir=is_dir):
@@ -167,9 +141,7 @@ class _Restore:
     def add_entry(self, parts: tuple[str, ...], node: Node) -> None:
         key = (node.dev, node.inode)
         if node.type != NodeType.DIR and node.nlink > 1 and key in self.links:
-            if self.fs.make_hardlink(parts, self.links[key]):
-                self.result.others += node.type != NodeType.FILE
-                self.result.files += node.type == NodeType.FILE
+            self.later_links.append((parts, self.links[key], node))
             return
         if node.nlink > 1:
             self.links[key] = parts
@@ -179,141 +151,40 @@ class _Restore:
             self.result.others += 1
 
     def add_file(self, parts: tuple[str, ...], node: Node) -> None:
-        handle = self.fs.create_file(parts, node)
-        if handle is None:
-            return
-        self.result.files += 1
-        planned = _PlannedFile(handle, node, parts, 0)
-        offset = 0
-        for cid, length in node.content:
-            if cid is not None:
-                self.batch.places[cid].append((planned, offset))
-                planned.remaining += 1
-            offset += length
-        if self.options.verify:
-            self.to_verify.append(planned)
-        if planned.remaining == 0:
-            self.fs.finish_file(handle)
-            return
-        self.batch.files.append(planned)
-        self.batch.size_bytes += node.size
+        self.batch.append((parts, node))
+        self.batch_bytes += node.size
         if (
-            self.batch.size_bytes >= self.options.batch_bytes
-            or len(self.batch.files) >= self.options.batch_files
+            self.batch_bytes >= self.options.batch_bytes
+            or len(self.batch) >= self.options.batch_files
         ):
-            self.write_batch()
+            self.send_batch()
 
-    # -- content -------------------------------------------------------------
-    def write_batch(self) -> None:
-        batch, self.batch = self.batch, _Batch()
-        by_pack: dict[str, list[ChunkId]] = defaultdict(list)
-        for cid in batch.places:
-            by_pack[self.repo.chunk_info(cid).pack].append(cid)
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="restore") as pool:
-            try:
-                for f in [pool.submit(self.write_pack, ids, batch) for ids in by_pack.values()]:
-                    f.result()
-                verify, self.to_verify = self.to_verify, []
-                for ok in pool.map(self.verify_file, verify):
-                    self.result.files_verified += ok
-            except BaseException:
-                # Ctrl-C or a failure: queued packs are dropped, running ones stop at the
-                # next chunk.
-                self.cancel.cancel()
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
+    # -- files, links, progress ----------------------------------------------
+    def send_batch(self) -> None:
+        """Hand the gathered files to the writers (which may wait for a free one)."""
+        if self.batch:
+            batch, self.batch, self.batch_bytes = self.batch, [], 0
+            self.writers.submit(batch)
+        self.take(self.writers.poll())
 
-    def write_pack(self, ids: list[ChunkId], batch: _Batch) -> None:
-        self.cancel.check()
-        done: set[ChunkId] = set()
-        try:
-            for cid, data in self.repo.read_chunks(ids):
-                self.cancel.check()
-                self.place(cid, data, batch)
-                done.add(cid)
-        except DataDamagedError:
-            if not self.options.ignore_errors:
-                raise
-            self.salvage([c for c in ids if c not in done], batch)
+    def take(self, done: BatchResult) -> None:
+        """Count what the writers report; their link sources become linkable here."""
+        self.result.files += done.files
+        self.result.bytes_written += done.bytes_written
+        self.result.files_verified += done.files_verified
+        self.result.issues.extend(done.issues)
+        for parts in done.linkable:
+            self.fs.adopt(parts)
 
-    def salvage(self, ids: list[ChunkId], batch: _Batch) -> None:
-        """``--ignore-errors``: read chunk by chunk; files with an unreadable chunk are
-        finished with what could be read and listed as issues."""
-        for cid in ids:
+    def make_links(self) -> None:
+        for parts, source, node in self.later_links:
             self.cancel.check()
-            try:
-                data = self.repo.read_chunk(cid)
-            except DataDamagedError as exc:
-                for planned, _offset in batch.places[cid]:
-                    with self.lock:
-                        self.result.issues.append(("/".join(planned.parts), f"not restored: {exc}"))
-                    self.place_missing(planned)
-                continue
-            self.place(cid, data, batch)
+            if self.fs.make_hardlink(parts, source):
+                self.result.others += node.type != NodeType.FILE
+                self.result.files += node.type == NodeType.FILE
 
-    def place(self, cid: ChunkId, data: bytes, batch: _Batch) -> None:
-        """Write one chunk everywhere it belongs; finish files that are complete."""
-        for planned, offset in batch.places[cid]:
-            planned.handle.write_at(offset, data)
-            with self.lock:
-                self.state.bytes_done += len(data)
-                self.result.bytes_written += len(data)
-            self.place_missing(planned)
-        self.progress.update(self.state)
-
-    def place_missing(self, planned: _PlannedFile) -> None:
-        """Count one chunk of a file as handled (written or given up)."""
-        with self.lock:
-            planned.remaining -= 1
-            done = planned.remaining == 0
-        if done:
-            self.fs.finish_file(planned.handle)
-            with self.lock:
-                self.state.files_done += 1
-
-    # -- verification --------------------------------------------------------
-    def verify_file(self, planned: _PlannedFile) -> bool:
-        stream = _Stream(self.fs.read_back(planned.parts))
-        try:
-            for cid, length in planned.node.content:
-                if cid is None:
-                    stream.expect_zeros(length)
-                elif self.repo.chunk_id(stream.read(length)) != cid:
-                    raise ValueError("content differs from the snapshot")
-            if stream.read(1):
-                raise ValueError("file is longer than in the snapshot")
-        except (OSError, ValueError) as exc:
-            with self.lock:
-                self.result.issues.append(("/".join(planned.parts), f"verify: {exc}"))
-            return False
-        return True
-
-
-class _Stream:
-    """Reads exact lengths from an iterator of blocks."""
-
-    def __init__(self, blocks: Iterator[bytes]) -> None:
-        self._blocks = blocks
-        self._buf = b""
-
-    def read(self, length: int) -> bytes:
-        parts, have = [self._buf], len(self._buf)
-        while have < length:
-            block = next(self._blocks, b"")
-            if not block:
-                break
-            parts.append(block)
-            have += len(block)
-        data = b"".join(parts)
-        self._buf = data[length:]
-        return data[:length]
-
-    def expect_zeros(self, length: int) -> None:
-        while length > 0:
-            piece = self.read(min(length, 8 << 20))
-            if len(piece) == 0 or piece.count(0) != len(piece):
-                raise ValueError("a hole of the snapshot holds data or is missing")
-            length -= len(piece)
+    def show_progress(self) -> None:
+        self.state.bytes_done, self.state.files_done = self.writers.progress()
 
 
 def restore_files(
@@ -329,9 +200,24 @@ def restore_files(
     Entries that fail are listed in ``result.issues``; the restore goes on. No name
     in the snapshot can make it write outside the target.
     """
-    run = _Restore(repo, snapshot, options, progress or NullProgress(), cancel or Cancellation())
+    cancel = cancel or Cancellation()
     where, node = resolve_path(repo, snapshot, options.path)
     base = "" if where == "/" else where
+    writer_options = WriterOptions(
+        target=options.target,
+        numeric_owner=options.numeric_owner,
+        verify=options.verify,
+        ignore_errors=options.ignore_errors,
+        threads=options.threads,
+        batch_files=options.batch_files,
+    )
+    # The writers first: worker processes are forked before this process starts threads.
+    writers = start_writers(repo, writer_options, cancel, _process_count(options.processes))
+    try:
+        run = _Restore(repo, options, progress or NullProgress(), cancel, writers)
+    except BaseException:
+        writers.abort()
+        raise
     if snapshot.summary.bytes_processed and where == "/" and not options.includes:
         run.state.bytes_total = snapshot.summary.bytes_processed
     try:
@@ -342,7 +228,15 @@ def restore_files(
                     run.walk(tree, base, (), [], False)
             else:
                 run.add_entry((node.name,), node)
-            run.write_batch()
+            run.send_batch()
+            run.take(writers.finish())
+            run.make_links()
+            run.show_progress()
+    except BaseException:
+        # Ctrl-C or a failure: the writers stop; what they finished stays.
+        cancel.cancel()
+        writers.abort()
+        raise
     finally:
         issues = run.fs.close()
     run.result.issues[:0] = [(i.path, str(i.error)) for i in issues]

@@ -70,7 +70,6 @@ class RestoreFile:
     def __init__(
         self, restorer: FsRestorer, parts: tuple[bytes, ...], meta: EntryMetadata, inode: int
     ) -> None:
-        self.path = display(parts)
         self.meta = meta
         self.failed = False
         """True once a write failed; later writes are ignored, the issue is recorded."""
@@ -80,6 +79,11 @@ class RestoreFile:
         self._lock = threading.Lock()
         self._fd = -1
         self._finished = False
+
+    @property
+    def path(self) -> str:
+        """The file's path below the target, readable (for messages)."""
+        return display(self._parts)
 
     def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` at ``offset``; aligned all-zero blocks are skipped and stay holes."""
@@ -217,6 +221,13 @@ class FsRestorer:
         except (OSError, RestoreError) as exc:
             self._record(path, "creating hard link", exc)
             return False
+
+    def adopt(self, path: RelPath) -> None:
+        """Take ``path``, a non-directory that another restorer of this target (in a worker
+        process) created in this run, as restored here: it may be a hard link's source."""
+        parts = to_parts(path)
+        with self._lock:
+            self._linkable.add(parts)
 
     def create_file(self, path: RelPath, meta: EntryMetadata) -> RestoreFile | None:
         """Create regular file ``path`` with ``meta.size`` bytes of holes; ``None`` on failure."""

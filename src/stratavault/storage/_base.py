@@ -49,11 +49,15 @@ class StorageProperties:
     concurrent writer of the same name (exactly one wins). ``durable``: data
     survives a crash of this machine once ``put`` returned.
     ``location``: a human-readable place for messages ("/srv/repo", "s3://b/p").
+    ``fork_safe``: the object may still be used in a child made by ``os.fork()``
+    (a file system is; a pool of network connections, shared with the parent,
+    is not).
     """
 
     location: str
     conditional_create: bool = True
     durable: bool = True
+    fork_safe: bool = True
 
 
 @runtime_checkable

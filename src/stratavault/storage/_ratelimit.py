@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
 
 from stratavault.errors import UsageError
-from stratavault.storage._base import Storage
+from stratavault.storage._base import Storage, StorageProperties
 from stratavault.storage._wrapper import StorageWrapper
 
 __all__ = ["RateLimitedStorage", "TokenBucket"]
@@ -76,6 +77,12 @@ class RateLimitedStorage(StorageWrapper):
         super().__init__(inner)
         self._up = _bucket(upload_bytes_per_s, clock, sleep)
         self._down = _bucket(download_bytes_per_s, clock, sleep)
+
+    @property
+    def properties(self) -> StorageProperties:
+        """The inner backend's, but not fork-safe: a forked child would get a bucket of its
+        own, and the limit would hold per process."""
+        return dataclasses.replace(self.inner.properties, fork_safe=False)
 
     def put(self, name: str, data: bytes | memoryview, *, overwrite: bool = False) -> None:
         """Wait for upload budget, then store ``data``."""
