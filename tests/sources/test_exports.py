@@ -47,6 +47,7 @@ def test_exported_members() -> None:
         "RestoreFile",
         "RestoreIssue",
         "SparseFileReader",
+        "StandbyWalker",
         "TreeScan",
         "TreeTotals",
         "VmBackup",

@@ -226,3 +226,41 @@ def test_walk_in_process_stops_its_child_and_reports_its_death(tmp_path: Path) -
     with pytest.raises(SourceError, match="walking the files ended early"):
         list(entries)
     assert walkers() == []
+
+
+def test_standby_walker_walks_once_when_asked_or_ends_unused(tmp_path: Path) -> None:
+    import multiprocessing
+
+    from stratavault.sources import FolderDone, StandbyWalker, walk_states_in_process
+
+    def walkers() -> list[multiprocessing.process.BaseProcess]:
+        return [p for p in multiprocessing.active_children() if p.name == "stratavault-walk"]
+
+    root = tmp_path / "t"
+    for i in range(50):
+        (root / f"d{i // 10}").mkdir(parents=True, exist_ok=True)
+        (root / f"d{i // 10}" / f"f{i}").write_bytes(b"x" * i)
+    unused = StandbyWalker()
+    assert len(walkers()) == 1
+    unused.stop()  # a backup that walks in its own process
+    assert walkers() == []
+
+    def records(it: Iterator[object]) -> list[tuple[str, object]]:
+        return [
+            ("done", (r.path, r.key)) if isinstance(r, FolderDone) else ("entry", r.path)
+            for r in it
+        ]
+
+    secret = b"k" * 32
+    list(walk_states_in_process([root], known=set(), secret=secret, on_error=Errors()))
+    expected = records(  # the second walk: folders' access times no longer change
+        walk_states_in_process([root], known=set(), secret=secret, on_error=Errors())
+    )
+    standby = StandbyWalker()
+    walked = records(standby.walk_states([root], known=set(), secret=secret, on_error=Errors()))
+    assert walked == expected
+    assert any(kind == "done" for kind, _ in walked)
+    with pytest.raises(RuntimeError, match="walks once"):
+        standby.walk_states([root], known=set(), secret=secret, on_error=Errors())
+    standby.stop()  # used: nothing left to stop
+    assert walkers() == []

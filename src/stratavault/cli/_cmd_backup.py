@@ -15,7 +15,7 @@ from stratavault.cli._disk_report import report_disk_backup
 from stratavault.cli._output import Output, format_bytes, make_progress, shows_progress
 
 if TYPE_CHECKING:
-    from stratavault.sources import TreeScan
+    from stratavault.jobs import ReadAhead
 from stratavault.errors import IncompleteSnapshotError
 
 
@@ -132,13 +132,10 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     try:
         return _backup_files(ns, options, read_ahead)
     finally:
-        if read_ahead is not None:
-            read_ahead.stop()
+        read_ahead.stop()
 
 
-def _backup_files(
-    ns: argparse.Namespace, options: GlobalOptions, read_ahead: TreeScan | None
-) -> int:
+def _backup_files(ns: argparse.Namespace, options: GlobalOptions, read_ahead: ReadAhead) -> int:
     from stratavault.jobs import BackupFilesOptions, Cancellation, backup_files
 
     out = Output(json_mode=options.json, quiet=options.quiet)

@@ -19,7 +19,10 @@ if TYPE_CHECKING:
         BackupFilesOptions as BackupFilesOptions,
         backup_files as backup_files,
     )
-    from stratavault.jobs._backup_sources import start_read_ahead as start_read_ahead
+    from stratavault.jobs._backup_sources import (
+        ReadAhead as ReadAhead,
+        start_read_ahead as start_read_ahead,
+    )
     from stratavault.jobs._backup_vm import (
         BackupVmOptions as BackupVmOptions,
         backup_images as backup_images,

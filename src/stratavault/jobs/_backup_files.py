@@ -27,8 +27,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from stratavault import __version__
-from stratavault.errors import Interrupted, UsageError
+from stratavault.errors import Interrupted, SourceError, UsageError
 from stratavault.jobs._backup_sources import (
+    ReadAhead,
     absolute_roots,
     ancestors,
     entry_of,
@@ -67,11 +68,10 @@ from stratavault.sources import (
     FolderDone,
     FsEntry,
     KnownFolder,
-    TreeScan,
+    StandbyWalker,
     WalkRecord,
     same_file_stat,
     walk,
-    walk_states_in_process,
 )
 from stratavault.types import ChunkId
 
@@ -166,6 +166,8 @@ class _Run:
         self.parent_snapshot = parent
         self.parents = ParentTrees(repo, parent.tree if parent else None)
         self.listings = listings
+        self.walker: StandbyWalker | None = None
+        """The walking process started ahead of time, until the walk takes it."""
         self.keys: dict[str, bytes | None] = {}
         """Folder states given by the walk, until the folder's tree is written."""
         workers = options.workers or (os.cpu_count() or 1)
@@ -397,10 +399,14 @@ def _entries(run: _Run, roots: list[PurePosixPath]) -> Iterator[WalkRecord]:
     }
     paths = [Path(r) for r in roots]
     parent = run.parent_snapshot
+    walker, run.walker = run.walker, None
     if parent is not None and parent.summary.entries >= opts.walk_process_after_entries:
         known = set() if opts.force_read else run.listings.known()
-        with suppress(OSError):
-            return walk_states_in_process(paths, known=known, secret=run.listings.secret, **options)
+        with suppress(OSError, SourceError):
+            walker = walker or StandbyWalker()
+            return walker.walk_states(paths, known=known, secret=run.listings.secret, **options)
+    if walker is not None:
+        walker.stop()  # walked here: no parent, or a small tree
     return walk(paths, **options)
 
 
@@ -443,15 +449,15 @@ def backup_files(
     progress: Progress | None = None,
     cancel: Cancellation | None = None,
     clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
-    read_ahead: TreeScan | None = None,
+    read_ahead: ReadAhead | None = None,
 ) -> Snapshot:
     """Back up ``options.paths`` and save a snapshot; return it.
 
     Unreadable files are listed in ``snapshot.errors`` (the snapshot is incomplete).
     On cancellation the data written so far is indexed, so the next backup reuses it,
-    and ``Interrupted`` is raised; no snapshot is written. ``read_ahead``: the process
-    :func:`start_read_ahead` started for these paths (stopped here); without one, one is
-    started for an incremental backup or when progress shows totals.
+    and ``Interrupted`` is raised; no snapshot is written. ``read_ahead``: the processes
+    :func:`start_read_ahead` started for these paths (stopped here); without them, a
+    read-ahead is started for an incremental backup or when progress shows totals.
     """
     progress = progress or NullProgress()
     cancel = cancel or Cancellation()
@@ -463,9 +469,10 @@ def backup_files(
         parent = _pick_parent(repo, options, paths)
         listings = ListingCache.load(repo, options.host, paths, parent.id if parent else None)
         run = _Run(repo, options, parent, listings, progress, cancel)
-        scan = read_ahead
-        if scan is None and (parent is not None or options.scan_totals):
-            scan = _read_ahead(options)
+        if read_ahead is None and (parent is not None or options.scan_totals):
+            read_ahead = _read_ahead(options)
+        scan = read_ahead.scan if read_ahead is not None else None
+        run.walker = read_ahead.walker if read_ahead is not None else None
         if scan is not None and options.scan_totals:
             scan.report_totals(run.set_totals)
         try:
@@ -474,19 +481,21 @@ def backup_files(
                 if scan is not None:
                     scan.finish()
         finally:
-            if scan is not None:
-                scan.stop()
+            if read_ahead is not None:
+                read_ahead.stop()
     progress.done(run.state)
     return snapshot
 
 
-def _read_ahead(options: BackupFilesOptions) -> TreeScan | None:
-    """The read-ahead process for a backup (an incremental one mostly walks)."""
+def _read_ahead(options: BackupFilesOptions) -> ReadAhead:
+    """The read-ahead process for a backup (an incremental one mostly walks); no standby
+    walker: the walk is about to start."""
     return start_read_ahead(
         options.paths,
         excludes=options.excludes,
         exclude_files=options.exclude_files,
         one_file_system=options.one_file_system,
+        walker=False,
     )
 
 

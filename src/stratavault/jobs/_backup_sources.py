@@ -4,13 +4,15 @@ up, the folders above them, and entries turned into tree nodes."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from stratavault.errors import SourceError
 from stratavault.snapshot import Node
-from stratavault.sources import FsEntry, TreeScan, read_exclude_file, walk
+from stratavault.sources import FsEntry, StandbyWalker, TreeScan, read_exclude_file, walk
 
 __all__ = [
+    "ReadAhead",
     "absolute_roots",
     "ancestors",
     "entry_of",
@@ -73,19 +75,40 @@ def absolute_roots(paths: tuple[Path, ...]) -> list[PurePosixPath]:
     return [r for r in roots if not any(o != r and o in r.parents for o in roots)]
 
 
+@dataclass(slots=True)
+class ReadAhead:
+    """The processes a file backup starts first thing, so that they import and read while
+    the interpreter imports and the repository is opened: the inode read-ahead (see
+    :class:`stratavault.sources.TreeScan`) and a standby walker (see
+    :class:`stratavault.sources.StandbyWalker`, used by an incremental backup of a large
+    tree). Either is None if it could not start (they only make the backup faster)."""
+
+    scan: TreeScan | None
+    walker: StandbyWalker | None
+
+    def stop(self) -> None:
+        """End both processes, done or not."""
+        if self.scan is not None:
+            self.scan.stop()
+        if self.walker is not None:
+            self.walker.stop()
+
+
 def start_read_ahead(
     paths: tuple[Path, ...],
     *,
     excludes: tuple[str, ...] = (),
     exclude_files: tuple[Path, ...] = (),
     one_file_system: bool = False,
-) -> TreeScan | None:
-    """Start reading the inodes of the trees to back up in a process of their own (see
-    :class:`stratavault.sources.TreeScan`), or None if it cannot start (it only makes the
-    backup faster). Start it first thing: with a cold cache it then reads while the
-    interpreter imports and the repository is opened; pass it to ``backup_files``."""
+    walker: bool = True,
+) -> ReadAhead:
+    """Start the read-ahead processes for a backup of ``paths`` (``walker``: with a standby
+    walker too). Start them first thing and pass them to ``backup_files``."""
     patterns = [*excludes, *(p for f in exclude_files for p in read_exclude_file(f))]
+    scan = standby = None
     try:
-        return TreeScan(absolute_roots(paths), one_file_system=one_file_system, excludes=patterns)
+        scan = TreeScan(absolute_roots(paths), one_file_system=one_file_system, excludes=patterns)
+        standby = StandbyWalker() if walker else None
     except OSError:
-        return None
+        pass
+    return ReadAhead(scan, standby)

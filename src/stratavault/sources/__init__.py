@@ -110,6 +110,7 @@ if TYPE_CHECKING:
         walk as walk,
     )
     from stratavault.sources._walk_process import (
+        StandbyWalker as StandbyWalker,
         TreeScan as TreeScan,
         walk_in_process as walk_in_process,
         walk_states_in_process as walk_states_in_process,

@@ -19,7 +19,7 @@ from stratavault.sources._entry import EntryType, FsEntry
 from stratavault.sources._folder_states import FolderDone, FolderStates, KnownFolder, WalkRecord
 from stratavault.sources._walk import ErrorHandler, TreeTotals, prefetch_metadata, walk
 
-__all__ = ["TreeScan", "walk_in_process", "walk_states_in_process"]
+__all__ = ["StandbyWalker", "TreeScan", "walk_in_process", "walk_states_in_process"]
 
 _BATCH = 512
 """Entries per message: big enough that pickling is cheap per entry, small enough that
@@ -66,16 +66,63 @@ def walk_states_in_process(
 
 
 def _start(options: tuple[Any, ...], on_error: ErrorHandler) -> Generator[WalkRecord, None, None]:
-    context = multiprocessing.get_context("spawn")
-    receiver, sender = context.Pipe(duplex=False)
-    child = context.Process(
-        target=_walk_child, args=(*options, sender), name="stratavault-walk", daemon=True
-    )
-    try:
-        child.start()
-    finally:
-        sender.close()
-    return _receive(child, receiver, on_error)
+    return StandbyWalker().start(options, on_error)
+
+
+class StandbyWalker:
+    """A walking child process started ahead of time: it imports while the backup opens
+    the repository and finds its parent, then walks as :func:`walk_states_in_process`
+    (:meth:`walk_states`) or is stopped unused (:meth:`stop`). ``OSError`` when no
+    process can be started."""
+
+    def __init__(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child_end = context.Pipe()
+        self._child = context.Process(
+            target=_standby_child, args=(child_end,), name="stratavault-walk", daemon=True
+        )
+        try:
+            self._child.start()
+        finally:
+            child_end.close()
+        self._used = False
+
+    def walk_states(
+        self,
+        paths: Sequence[Path],
+        *,
+        known: set[bytes],
+        secret: bytes,
+        excludes: Sequence[str] = (),
+        exclude_files: Sequence[Path] = (),
+        one_file_system: bool = False,
+        on_error: ErrorHandler,
+    ) -> Generator[WalkRecord, None, None]:
+        """What :func:`walk_states_in_process` yields, walked by this process (once)."""
+        states = (known, secret)
+        options = (list(paths), list(excludes), list(exclude_files), one_file_system, states)
+        return self.start(options, on_error)
+
+    def start(
+        self, options: tuple[Any, ...], on_error: ErrorHandler
+    ) -> Generator[WalkRecord, None, None]:
+        """Send the walk's options; the records follow."""
+        if self._used:
+            raise RuntimeError("a standby walker walks once")
+        self._used = True
+        try:
+            self._conn.send(options)
+        except OSError as exc:
+            raise SourceError("backup: the process walking the files ended early") from exc
+        return _receive(self._child, self._conn, on_error)
+
+    def stop(self) -> None:
+        """End the process if it was not used (a walk's generator ends a used one)."""
+        if not self._used:
+            self._used = True
+            self._child.kill()
+            self._child.join()
+            self._conn.close()
 
 
 def _receive(
@@ -115,6 +162,18 @@ def _records(receiver: Connection, on_error: ErrorHandler) -> Iterator[WalkRecor
                 raise UsageError(value)
             else:
                 return
+
+
+def _standby_child(conn: Connection) -> None:
+    """In the child: wait for the walk's options (``None``: not needed), then walk."""
+    die_with_parent()
+    try:
+        options: tuple[Any, ...] | None = conn.recv()
+    except (EOFError, OSError):
+        return
+    if options is not None:
+        paths, excludes, exclude_files, one_file_system, states_of = options
+        _walk_child(paths, excludes, exclude_files, one_file_system, states_of, conn)
 
 
 def _walk_child(
