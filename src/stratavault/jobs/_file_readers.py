@@ -10,13 +10,13 @@ where processes cannot run at all, threads do all the work.
 
 from __future__ import annotations
 
-import multiprocessing
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 
+from stratavault._process import shared_heap
 from stratavault.jobs._file_chunks import (
     FileChunkResult,
     chunk_files,
@@ -88,7 +88,7 @@ class FileReaders:
         worth = self._small_files_sent > self._processes_after
         if not batch.in_process and worth and not self._processes_failed:
             try:
-                work = self._process_pool().submit(seal_files, paths)
+                work = self._submit_to_processes(paths)
             except (BrokenProcessPool, OSError):
                 self._processes_failed = True
             else:
@@ -104,15 +104,17 @@ class FileReaders:
         if self._processes is not None:
             self._processes.shutdown(wait=True, cancel_futures=cancel)
 
-    def _process_pool(self) -> ProcessPoolExecutor:
-        if self._processes is None:
+    def _submit_to_processes(self, paths: list[str]) -> Future[FileResults]:
+        if self._processes is not None:
+            return self._processes.submit(seal_files, paths)
+        with shared_heap() as context:  # the pool forks all its workers at the first submit
             self._processes = ProcessPoolExecutor(
                 self._workers,
-                mp_context=multiprocessing.get_context("spawn"),
+                mp_context=context,
                 initializer=init_seal_worker,
                 initargs=(self._repo.sealer(), self._level),
             )
-        return self._processes
+            return self._processes.submit(seal_files, paths)
 
     def _read(self, paths: list[str]) -> FileResults:
         self._cancel.check()

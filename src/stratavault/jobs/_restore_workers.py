@@ -24,7 +24,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, Protocol
 
-from stratavault._process import die_with_parent
+from stratavault._process import die_with_parent, shared_heap
 from stratavault.errors import RestoreError
 from stratavault.jobs._progress import Cancellation
 from stratavault.jobs._restore_writer import BatchResult, FileWriter, PlannedBatch, WriterOptions
@@ -130,26 +130,26 @@ class ProcessWriters:
         count: int,
         in_flight: int = 2,
     ) -> None:
-        context = multiprocessing.get_context("fork")
         self._cancel, self._in_flight = cancel, in_flight
-        self._counters: Any = context.RawArray("q", 2 * count)
         self._done = BatchResult()
         self._workers: list[_Worker] = []
-        try:
-            for slot in range(count):
-                here, there = context.Pipe()
-                process = context.Process(
-                    target=_worker_main,
-                    args=(there, repo, options, self._counters, slot),
-                    name=f"stratavault-restore-{slot}",
-                    daemon=True,
-                )
-                process.start()
-                there.close()
-                self._workers.append(_Worker(process, here))
-        except BaseException:
-            self.abort()
-            raise
+        with shared_heap() as context:
+            self._counters: Any = context.RawArray("q", 2 * count)
+            try:
+                for slot in range(count):
+                    here, there = context.Pipe()
+                    process = context.Process(
+                        target=_worker_main,
+                        args=(there, repo, options, self._counters, slot),
+                        name=f"stratavault-restore-{slot}",
+                        daemon=True,
+                    )
+                    process.start()
+                    there.close()
+                    self._workers.append(_Worker(process, here))
+            except BaseException:
+                self.abort()
+                raise
 
     def submit(self, batch: PlannedBatch) -> None:
         """Send ``batch`` to the least busy worker, waiting while all are full."""

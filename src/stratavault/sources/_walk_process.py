@@ -5,7 +5,6 @@ interpreter; :class:`TreeScan` reads a tree's inodes ahead of a walk and counts 
 
 from __future__ import annotations
 
-import multiprocessing
 import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
 from multiprocessing.connection import Connection
@@ -13,7 +12,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path, PurePosixPath
 from typing import Any, cast
 
-from stratavault._process import die_with_parent
+from stratavault._process import die_with_parent, shared_heap
 from stratavault.errors import SourceError, UsageError
 from stratavault.sources._entry import EntryType, FsEntry
 from stratavault.sources._folder_states import FolderDone, FolderStates, KnownFolder, WalkRecord
@@ -76,15 +75,15 @@ class StandbyWalker:
     process can be started."""
 
     def __init__(self) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._conn, child_end = context.Pipe()
-        self._child = context.Process(
-            target=_standby_child, args=(child_end,), name="stratavault-walk", daemon=True
-        )
-        try:
-            self._child.start()
-        finally:
-            child_end.close()
+        with shared_heap() as context:
+            self._conn, child_end = context.Pipe()
+            self._child = context.Process(
+                target=_standby_child, args=(child_end,), name="stratavault-walk", daemon=True
+            )
+            try:
+                self._child.start()
+            finally:
+                child_end.close()
         self._used = False
 
     def walk_states(
@@ -256,15 +255,15 @@ class TreeScan:
         excludes: list[str],
         on_totals: Callable[[TreeTotals], None] | None = None,
     ) -> None:
-        context = multiprocessing.get_context("spawn")
-        self._totals, child_end = context.Pipe(duplex=False)
-        self._process = context.Process(
-            target=_prefetch_child,
-            args=([str(r) for r in roots], one_file_system, excludes, child_end),
-            name="stratavault-prefetch",
-            daemon=True,
-        )
-        self._process.start()  # OSError when no process can be started
+        with shared_heap() as context:
+            self._totals, child_end = context.Pipe(duplex=False)
+            self._process = context.Process(
+                target=_prefetch_child,
+                args=([str(r) for r in roots], one_file_system, excludes, child_end),
+                name="stratavault-prefetch",
+                daemon=True,
+            )
+            self._process.start()  # OSError when no process can be started
         child_end.close()
         self._waiter: threading.Thread | None = None
         if on_totals is not None:
