@@ -141,3 +141,38 @@ def test_cancel_stops_the_workers_and_keeps_what_was_written(
     result = restore_files(repo, snap, RestoreOptions(target=target, processes=2))
     assert result.issues == []
     assert describe(restored) == describe(src)
+
+
+def test_folders_get_their_metadata_as_the_restore_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Folder metadata is not all held until the end: a folder is finished once the walk
+    left it and its files are written (memory stays bounded by the batches in flight)."""
+    from stratavault.sources import FsRestorer
+
+    src = tmp_path / "src"
+    for i in range(60):
+        (src / f"d{i:02}" / "sub").mkdir(parents=True)
+        for j in range(3):
+            (src / f"d{i:02}" / "sub" / f"f{j}").write_bytes(bytes([i, j]) * 100)
+        os.utime(src / f"d{i:02}" / "sub", ns=(10**18, 10**18 + i))
+    with Repository.init(
+        LocalStorage(tmp_path / "repo"), b"pw", cache_dir=None, kdf=KdfParams.fast()
+    ) as repo:
+        snap = backup_files(repo, BackupFilesOptions(paths=(src,)))
+        pending: list[int] = []
+        real = FsRestorer.make_dir
+
+        def counting(self: FsRestorer, path: object, meta: object) -> bool:
+            pending.append(len(self._pending_dirs))
+            return real(self, path, meta)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(FsRestorer, "make_dir", counting)
+        for processes in (1, 2):
+            pending.clear()
+            target = tmp_path / f"out{processes}"
+            options = RestoreOptions(target=target, processes=processes, batch_files=5)
+            assert restore_files(repo, snap, options).issues == []
+            assert describe(target / src.relative_to("/")) == describe(src)
+            assert len(pending) > 120
+            assert max(pending) < 40, max(pending)  # 120 folders below the source

@@ -12,6 +12,7 @@ in the snapshot.
 from __future__ import annotations
 
 import os
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,7 +97,17 @@ class _Restore:
         self.links: dict[tuple[int, int], tuple[str, ...]] = {}
         self.later_links: list[tuple[tuple[str, ...], tuple[str, ...], Node]] = []
         """Hard links to make at the end: path, source, node."""
+        self.linked_dirs: set[tuple[str, ...]] = set()
+        """Folders that get hard links at the end: their metadata waits until then."""
         self.created_dirs: set[tuple[str, ...]] = set()
+        """Created folders on the walk's way (their entries are still being made)."""
+        self.left_dirs: deque[tuple[int, tuple[str, ...]]] = deque()
+        """Created folders the walk has left, and the batch that has their last files."""
+        self.sent = 0
+        """Batches handed to the writers (the one being gathered has this number)."""
+        self.written: set[int] = set()
+        self.written_below = 0
+        """Every batch numbered below this is written."""
         self.walked = 0
 
     # -- the walk ------------------------------------------------------------
@@ -124,6 +135,7 @@ class _Restore:
                     self.make_dir(sub, node)
                 if node.subtree is not None:
                     self.walk(node.subtree, path, sub, [*ancestors, (sub, node)], inside)
+                self.leave_dir(sub)
             elif inside:
                 self.ensure_dirs(ancestors)
                 self.add_entry(sub, node)
@@ -138,10 +150,18 @@ class _Restore:
             self.result.dirs += 1
         self.created_dirs.add(parts)
 
+    def leave_dir(self, parts: tuple[str, ...]) -> None:
+        """The walk is done with a folder: its metadata can be set once its files are
+        written (see :meth:`finish_dirs`)."""
+        if parts in self.created_dirs:
+            self.created_dirs.discard(parts)
+            self.left_dirs.append((self.sent, parts))
+
     def add_entry(self, parts: tuple[str, ...], node: Node) -> None:
         key = (node.dev, node.inode)
         if node.type != NodeType.DIR and node.nlink > 1 and key in self.links:
             self.later_links.append((parts, self.links[key], node))
+            self.linked_dirs.add(parts[:-1])
             return
         if node.nlink > 1:
             self.links[key] = parts
@@ -165,6 +185,7 @@ class _Restore:
         if self.batch:
             batch, self.batch, self.batch_bytes = self.batch, [], 0
             self.writers.submit(batch)
+            self.sent += 1
         self.take(self.writers.poll())
 
     def take(self, done: BatchResult) -> None:
@@ -175,6 +196,19 @@ class _Restore:
         self.result.issues.extend(done.issues)
         for parts in done.linkable:
             self.fs.adopt(parts)
+        self.written.update(done.batches)
+        while self.written_below in self.written:
+            self.written.discard(self.written_below)
+            self.written_below += 1
+        self.finish_dirs()
+
+    def finish_dirs(self) -> None:
+        """Set the metadata of the folders the walk left whose files are all written, so
+        it is not all held until the end; folders that get hard links wait for them."""
+        while self.left_dirs and self.left_dirs[0][0] < self.written_below:
+            _batch, parts = self.left_dirs.popleft()
+            if parts not in self.linked_dirs:
+                self.fs.finish_dir(parts)
 
     def make_links(self) -> None:
         for parts, source, node in self.later_links:

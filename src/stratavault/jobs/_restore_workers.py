@@ -19,7 +19,8 @@ import os
 import pickle
 import queue
 import threading
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from typing import Any, Protocol
@@ -43,7 +44,8 @@ class Writers(Protocol):
         """Restore ``batch``; may wait while earlier batches are still being written."""
 
     def poll(self) -> BatchResult:
-        """Results of batches finished since the last call (does not wait)."""
+        """Results of batches finished since the last call (does not wait); batches are
+        numbered in the order submitted, from 0."""
 
     def progress(self) -> tuple[int, int]:
         """Bytes written and files finished so far, batches in flight included."""
@@ -74,6 +76,7 @@ class InlineWriters:
         self._counts = [0, 0]
         self._writer = FileWriter(repo, options, cancel, self._count)
         self._done = BatchResult()
+        self._submitted = 0
 
     def _count(self, nbytes: int, files: int) -> None:
         with self._lock:
@@ -83,6 +86,8 @@ class InlineWriters:
     def submit(self, batch: PlannedBatch) -> None:
         """Restore ``batch`` now."""
         self._done.add(self._writer.write(batch))
+        self._done.batches.append(self._submitted)
+        self._submitted += 1
 
     def poll(self) -> BatchResult:
         """Results since the last call."""
@@ -109,8 +114,8 @@ class InlineWriters:
 class _Worker:
     process: BaseProcess
     conn: Connection
-    outstanding: int = 0
-    """Batches sent and not yet reported done."""
+    outstanding: deque[int] = field(default_factory=deque)
+    """Numbers of the batches sent and not yet reported done, oldest first."""
     open: bool = True
     """False once the worker reported its closing result."""
 
@@ -132,6 +137,7 @@ class ProcessWriters:
     ) -> None:
         self._cancel, self._in_flight = cancel, in_flight
         self._done = BatchResult()
+        self._submitted = 0
         self._workers: list[_Worker] = []
         with shared_heap() as context:
             self._counters: Any = context.RawArray("q", 2 * count)
@@ -153,12 +159,13 @@ class ProcessWriters:
 
     def submit(self, batch: PlannedBatch) -> None:
         """Send ``batch`` to the least busy worker, waiting while all are full."""
-        worker = min(self._workers, key=lambda w: w.outstanding)
-        while worker.outstanding >= self._in_flight:
+        worker = min(self._workers, key=lambda w: len(w.outstanding))
+        while len(worker.outstanding) >= self._in_flight:
             self._wait()
-            worker = min(self._workers, key=lambda w: w.outstanding)
+            worker = min(self._workers, key=lambda w: len(w.outstanding))
         worker.conn.send(list(batch))
-        worker.outstanding += 1
+        worker.outstanding.append(self._submitted)
+        self._submitted += 1
 
     def poll(self) -> BatchResult:
         """Results that arrived since the last call."""
@@ -211,8 +218,8 @@ class ProcessWriters:
         if kind == "failed":
             raise value
         self._done.add(value)
-        if kind == "done":
-            worker.outstanding -= 1
+        if kind == "done":  # a worker writes its batches in the order it got them
+            self._done.batches.append(worker.outstanding.popleft())
         else:
             worker.open = False
 

@@ -57,6 +57,8 @@ class BatchResult:
     issues: list[tuple[str, str]] = field(default_factory=list)
     linkable: list[tuple[str, ...]] = field(default_factory=list)
     """Files created that have more hard links in the snapshot (link sources)."""
+    batches: list[int] = field(default_factory=list)
+    """Numbers of the batches finished (the first one submitted is 0)."""
 
     def add(self, other: BatchResult) -> None:
         """Add ``other``'s counts and lists to this one."""
@@ -65,6 +67,7 @@ class BatchResult:
         self.files_verified += other.files_verified
         self.issues.extend(other.issues)
         self.linkable.extend(other.linkable)
+        self.batches.extend(other.batches)
 
 
 def open_file_budget(wanted: int) -> int:
