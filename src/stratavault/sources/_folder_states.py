@@ -19,6 +19,7 @@ open folders. The root ``/`` is never replaced (its entries always pass): a back
 from __future__ import annotations
 
 import hashlib
+import marshal
 import os
 from collections.abc import Container
 from dataclasses import dataclass, field
@@ -138,7 +139,7 @@ class FolderStates:
 
     def _close(self, out: list[WalkRecord]) -> None:
         folder = self._open.pop()
-        data = os.fsencode(folder.entry.path) + b"\0" + repr(folder.states).encode()
+        data = os.fsencode(folder.entry.path) + b"\0" + marshal.dumps(folder.states, 2)
         key = hashlib.blake2b(data, key=self._secret, digest_size=32).digest()
         parent = self._open[-1] if self._open else None
         if parent is not None:
