@@ -3,8 +3,9 @@
 The tree is walked once. The walk creates folders, symbolic links and special
 files itself and gathers regular files into batches of bounded size, which
 worker processes create and write (``_restore_workers``, ``_restore_writer``).
-Hard links are made at the end, once their sources exist; folders get their
-metadata last, deepest first. Memory does not grow with the snapshot.
+Hard links are made at the end, once their sources exist. A folder gets its
+metadata once the walk has left it and its files are written (the rest at the end,
+deepest first), so memory does not grow with the snapshot.
 ``--verify`` re-reads every restored file and checks it against the chunk ids
 in the snapshot.
 """
