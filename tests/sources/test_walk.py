@@ -8,6 +8,7 @@ import stat
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -228,39 +229,68 @@ def test_walk_in_process_stops_its_child_and_reports_its_death(tmp_path: Path) -
     assert walkers() == []
 
 
-def test_standby_walker_walks_once_when_asked_or_ends_unused(tmp_path: Path) -> None:
+def _walkers() -> list[object]:
     import multiprocessing
 
-    from stratavault.sources import FolderDone, StandbyWalker, walk_states_in_process
+    return [p for p in multiprocessing.active_children() if p.name == "stratavault-walk"]
 
-    def walkers() -> list[multiprocessing.process.BaseProcess]:
-        return [p for p in multiprocessing.active_children() if p.name == "stratavault-walk"]
+
+def _records(it: Iterator[Any]) -> list[tuple[str, object]]:
+    from stratavault.sources import FolderDone
+
+    return [
+        ("done", (r.path, r.key)) if isinstance(r, FolderDone) else ("entry", r.path) for r in it
+    ]
+
+
+@pytest.mark.parametrize("ahead", [7, 10**6], ids=["ahead-7", "whole-tree-ahead"])
+def test_standby_walker_walks_ahead_then_gives_what_a_walk_gives(
+    tmp_path: Path, ahead: int
+) -> None:
+    import time
+
+    from stratavault.sources import StandbyWalker, walk_states_in_process
 
     root = tmp_path / "t"
     for i in range(50):
         (root / f"d{i // 10}").mkdir(parents=True, exist_ok=True)
         (root / f"d{i // 10}" / f"f{i}").write_bytes(b"x" * i)
-    unused = StandbyWalker()
-    assert len(walkers()) == 1
-    unused.stop()  # a backup that walks in its own process
-    assert walkers() == []
-
-    def records(it: Iterator[object]) -> list[tuple[str, object]]:
-        return [
-            ("done", (r.path, r.key)) if isinstance(r, FolderDone) else ("entry", r.path)
-            for r in it
-        ]
-
+    paths = [tmp_path / "gone", root]  # an error met before the consumer is ready
     secret = b"k" * 32
-    list(walk_states_in_process([root], known=set(), secret=secret, on_error=Errors()))
-    expected = records(  # the second walk: folders' access times no longer change
-        walk_states_in_process([root], known=set(), secret=secret, on_error=Errors())
+    list(walk_states_in_process(paths, known=set(), secret=secret, on_error=Errors()))
+    expected_errors = Errors()
+    expected = _records(  # the second walk: folders' access times no longer change
+        walk_states_in_process(paths, known=set(), secret=secret, on_error=expected_errors)
     )
-    standby = StandbyWalker()
-    walked = records(standby.walk_states([root], known=set(), secret=secret, on_error=Errors()))
+    standby = StandbyWalker(paths, ahead=ahead)
+    time.sleep(0.3)  # it walks (up to `ahead` entries) while the backup starts
+    errors = Errors()
+    walked = _records(standby.walk_states(known=set(), secret=secret, on_error=errors))
     assert walked == expected
     assert any(kind == "done" for kind, _ in walked)
+    assert [(p.name, type(e)) for p, e in errors] == [("gone", FileNotFoundError)]
+    assert [(p, type(e)) for p, e in errors] == [(p, type(e)) for p, e in expected_errors]
     with pytest.raises(RuntimeError, match="walks once"):
-        standby.walk_states([root], known=set(), secret=secret, on_error=Errors())
+        standby.walk_states(known=set(), secret=secret, on_error=Errors())
     standby.stop()  # used: nothing left to stop
-    assert walkers() == []
+    assert _walkers() == []
+
+
+def test_standby_walker_ends_unused_and_reports_a_bad_exclude_file_in_place(
+    tmp_path: Path,
+) -> None:
+    import time
+
+    from stratavault.sources import StandbyWalker
+
+    root = tmp_path / "t"
+    (root / "d").mkdir(parents=True)
+    unused = StandbyWalker([root])
+    assert len(_walkers()) == 1
+    unused.stop()  # a backup that walks in its own process
+    assert _walkers() == []
+    bad = StandbyWalker([root], exclude_files=[tmp_path / "nope"])
+    time.sleep(0.2)  # the walk fails before anyone listens: the failure waits
+    with pytest.raises(UsageError, match="exclude file"):
+        list(bad.walk_states(known=set(), secret=b"k" * 32, on_error=Errors()))
+    assert _walkers() == []

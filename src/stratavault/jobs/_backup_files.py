@@ -391,23 +391,27 @@ def _entries(run: _Run, roots: list[PurePosixPath]) -> Iterator[WalkRecord]:
     the listing cache knows come as one record each), else here (starting a process costs
     ~0.1 s, and a small tree is quickly compared with its parent)."""
     opts = run.options
+    paths = [Path(r) for r in roots]
     options: dict[str, Any] = {
         "excludes": opts.excludes,
         "exclude_files": opts.exclude_files,
         "one_file_system": opts.one_file_system,
-        "on_error": run.on_walk_error,
     }
-    paths = [Path(r) for r in roots]
-    parent = run.parent_snapshot
     walker, run.walker = run.walker, None
+    wanted = (paths, list(opts.excludes), list(opts.exclude_files), opts.one_file_system)
+    if walker is not None and walker.walk_options != wanted:
+        walker.stop()  # started for another walk
+        walker = None
+    parent = run.parent_snapshot
     if parent is not None and parent.summary.entries >= opts.walk_process_after_entries:
         known = set() if opts.force_read else run.listings.known()
         with suppress(OSError, SourceError):
-            walker = walker or StandbyWalker()
-            return walker.walk_states(paths, known=known, secret=run.listings.secret, **options)
+            walker = walker or StandbyWalker(paths, **options)
+            secret = run.listings.secret
+            return walker.walk_states(known=known, secret=secret, on_error=run.on_walk_error)
     if walker is not None:
         walker.stop()  # walked here: no parent, or a small tree
-    return walk(paths, **options)
+    return walk(paths, on_error=run.on_walk_error, **options)
 
 
 def _buildancestors(run: _Run, roots: list[PurePosixPath]) -> dict[str, _Dir]:

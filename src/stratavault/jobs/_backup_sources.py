@@ -105,10 +105,17 @@ def start_read_ahead(
     """Start the read-ahead processes for a backup of ``paths`` (``walker``: with a standby
     walker too). Start them first thing and pass them to ``backup_files``."""
     patterns = [*excludes, *(p for f in exclude_files for p in read_exclude_file(f))]
+    roots = absolute_roots(paths)
     scan = standby = None
     try:
-        scan = TreeScan(absolute_roots(paths), one_file_system=one_file_system, excludes=patterns)
-        standby = StandbyWalker() if walker else None
+        scan = TreeScan(roots, one_file_system=one_file_system, excludes=patterns)
+        if walker:
+            standby = StandbyWalker(
+                [Path(r) for r in roots],
+                excludes=excludes,
+                exclude_files=exclude_files,
+                one_file_system=one_file_system,
+            )
     except OSError:
         pass
     return ReadAhead(scan, standby)

@@ -42,8 +42,10 @@ def walk_in_process(
     read it). ``on_error`` is called in this process, in walk order. ``OSError`` at
     once when the process cannot be started; ``SourceError`` while iterating if it
     dies. The child ends when the iteration does (also when it is left early)."""
-    options = (list(paths), list(excludes), list(exclude_files), one_file_system, None)
-    return cast(Generator[FsEntry, None, None], _start(options, on_error))
+    walker = StandbyWalker(
+        paths, excludes=excludes, exclude_files=exclude_files, one_file_system=one_file_system
+    )
+    return cast(Generator[FsEntry, None, None], walker.start(None, on_error))
 
 
 def walk_states_in_process(
@@ -60,25 +62,40 @@ def walk_states_in_process(
     state of ``known`` come as one :class:`KnownFolder`, other folders' entries as from
     :func:`walk`, each folder followed by its :class:`FolderDone`. Errors are reported as
     they are met, possibly before entries that the walk yielded earlier."""
-    options = (list(paths), list(excludes), list(exclude_files), one_file_system, (known, secret))
-    return _start(options, on_error)
-
-
-def _start(options: tuple[Any, ...], on_error: ErrorHandler) -> Generator[WalkRecord, None, None]:
-    return StandbyWalker().start(options, on_error)
+    walker = StandbyWalker(
+        paths, excludes=excludes, exclude_files=exclude_files, one_file_system=one_file_system
+    )
+    return walker.walk_states(known=known, secret=secret, on_error=on_error)
 
 
 class StandbyWalker:
-    """A walking child process started ahead of time: it imports while the backup opens
-    the repository and finds its parent, then walks as :func:`walk_states_in_process`
-    (:meth:`walk_states`) or is stopped unused (:meth:`stop`). ``OSError`` when no
+    """A child process that walks ``paths`` (as :func:`walk` with these options), started
+    before the walk's consumer is ready.
+
+    It starts walking at once and keeps up to ``ahead`` entries, and the errors met,
+    while the backup imports, opens the repository and finds its parent; then
+    :meth:`walk_states` tells it the folder states to look for and it goes on as
+    :func:`walk_states_in_process`. Or :meth:`stop` ends it unused. ``OSError`` when no
     process can be started."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        *,
+        excludes: Sequence[str] = (),
+        exclude_files: Sequence[Path] = (),
+        one_file_system: bool = False,
+        ahead: int = 10_000,
+    ) -> None:
+        self.walk_options = (list(paths), list(excludes), list(exclude_files), one_file_system)
+        """What it walks: paths, excludes, exclude files, one file system."""
         with shared_heap() as context:
             self._conn, child_end = context.Pipe()
             self._child = context.Process(
-                target=_standby_child, args=(child_end,), name="stratavault-walk", daemon=True
+                target=_standby_child,
+                args=(child_end, self.walk_options, ahead),
+                name="stratavault-walk",
+                daemon=True,
             )
             try:
                 self._child.start()
@@ -87,30 +104,20 @@ class StandbyWalker:
         self._used = False
 
     def walk_states(
-        self,
-        paths: Sequence[Path],
-        *,
-        known: set[bytes],
-        secret: bytes,
-        excludes: Sequence[str] = (),
-        exclude_files: Sequence[Path] = (),
-        one_file_system: bool = False,
-        on_error: ErrorHandler,
+        self, *, known: set[bytes], secret: bytes, on_error: ErrorHandler
     ) -> Generator[WalkRecord, None, None]:
         """What :func:`walk_states_in_process` yields, walked by this process (once)."""
-        states = (known, secret)
-        options = (list(paths), list(excludes), list(exclude_files), one_file_system, states)
-        return self.start(options, on_error)
+        return self.start((known, secret), on_error)
 
     def start(
-        self, options: tuple[Any, ...], on_error: ErrorHandler
+        self, states_of: tuple[set[bytes], bytes] | None, on_error: ErrorHandler
     ) -> Generator[WalkRecord, None, None]:
-        """Send the walk's options; the records follow."""
+        """Tell the child to go on (with folder states, or plain entries); the records follow."""
         if self._used:
             raise RuntimeError("a standby walker walks once")
         self._used = True
         try:
-            self._conn.send(options)
+            self._conn.send((states_of,))
         except OSError as exc:
             raise SourceError("backup: the process walking the files ended early") from exc
         return _receive(self._child, self._conn, on_error)
@@ -163,55 +170,73 @@ def _records(receiver: Connection, on_error: ErrorHandler) -> Iterator[WalkRecor
                 return
 
 
-def _standby_child(conn: Connection) -> None:
-    """In the child: wait for the walk's options (``None``: not needed), then walk."""
+_Met = tuple[Path, OSError]
+"""A walk error met before the consumer was ready: replayed in its place."""
+
+
+def _standby_child(conn: Connection, walk_options: tuple[Any, ...], ahead: int) -> None:
+    """In the child: walk up to ``ahead`` entries until told to go on (``(states,)``) or
+    to stop (``None``), then send the records in batches, then ``_DONE``."""
     die_with_parent()
+    paths, excludes, exclude_files, one_file_system = walk_options
+    early: list[FsEntry | _Met] = []
+    on_error: list[ErrorHandler] = [lambda path, exc: early.append((path, exc))]
+    walked = walk(
+        paths,
+        excludes=excludes,
+        exclude_files=exclude_files,
+        one_file_system=one_file_system,
+        on_error=lambda path, exc: on_error[0](path, exc),
+    )
+    usage: UsageError | None = None
     try:
-        options: tuple[Any, ...] | None = conn.recv()
+        while len(early) < ahead and not conn.poll():
+            entry = next(walked, None)
+            if entry is None:
+                break
+            early.append(entry)
+    except UsageError as exc:
+        usage = exc
+    try:
+        message: tuple[tuple[set[bytes], bytes] | None] | None = conn.recv()
     except (EOFError, OSError):
         return
-    if options is not None:
-        paths, excludes, exclude_files, one_file_system, states_of = options
-        _walk_child(paths, excludes, exclude_files, one_file_system, states_of, conn)
-
-
-def _walk_child(
-    paths: list[Path],
-    excludes: list[str],
-    exclude_files: list[Path],
-    one_file_system: bool,
-    states_of: tuple[set[bytes], bytes] | None,
-    sender: Connection,
-) -> None:
-    """In the child: walk and send the records in batches, then ``_DONE``."""
-    die_with_parent()
+    if message is None:
+        return
     batch: list[_Record] = []
-    states = FolderStates(*states_of) if states_of is not None else None
+    states = FolderStates(*message[0]) if message[0] is not None else None
 
     def failed(path: Path, exc: OSError) -> None:
         batch.append((_ERROR, (str(path), exc.errno, exc.strerror or str(exc))))
         if states is not None:
             states.error()
 
+    on_error[0] = failed
+
+    def entries() -> Iterator[FsEntry]:
+        for item in early:
+            if isinstance(item, FsEntry):
+                yield item
+            else:
+                failed(*item)
+        early.clear()
+        if usage is not None:
+            raise usage
+        yield from walked
+
     try:
-        for e in walk(
-            paths,
-            excludes=excludes,
-            exclude_files=exclude_files,
-            one_file_system=one_file_system,
-            on_error=failed,
-        ):
+        for e in entries():
             batch += map(_encode, states.feed(e) if states is not None else (e,))
             if len(batch) >= _BATCH:
-                sender.send(batch)
+                conn.send(batch)
                 batch = []
         if states is not None:
             batch += map(_encode, states.finish())
     except UsageError as exc:
         batch.append((_USAGE, str(exc)))
     batch.append((_DONE, None))
-    sender.send(batch)
-    sender.close()
+    conn.send(batch)
+    conn.close()
 
 
 def _encode(record: WalkRecord) -> _Record:
