@@ -42,7 +42,7 @@ class WriterOptions:
     numeric_owner: bool = False
     verify: bool = False
     ignore_errors: bool = False
-    threads: int = 2
+    threads: int = 1
     batch_files: int = 1_000
     """The most files of one batch; open descriptors are budgeted for it."""
 
