@@ -197,3 +197,24 @@ def test_folder_with_an_unreadable_file_is_read_again(
     assert len(listings_read) == len(src.parents) + 4  # and src, many, d0, e0
     node = {p: n for p, n in list_entries(repo, fixed)}[str(victim)]
     assert node.error is None and node.content
+
+
+def test_xattrs_of_files_are_read_when_their_folder_changes(repo: Repository, src: Path) -> None:
+    """The walking child reads extended attributes only for the entries it sends (a known
+    folder's come from its tree): a changed folder's other files keep theirs, and a file
+    whose attribute changes (its ctime changes too) is seen deep down."""
+    keep = src / "many" / "d1" / "e0" / "f6"
+    os.setxattr(keep, "user.keep", b"1")
+    _backup(repo, src)
+    _backup(repo, src)  # the listing cache now knows every folder
+    (keep.parent / "new").write_bytes(b"new file beside the one with an xattr")
+    deep = src / "many" / "d3" / "e1" / "f13"
+    os.setxattr(deep, "user.note", b"v1")
+    changed = _backup(repo, src)
+    nodes = {p: n for p, n in list_entries(repo, changed)}
+    assert nodes[str(keep)].xattrs == {"user.keep": b"1"}
+    assert nodes[str(deep)].xattrs == {"user.note": b"v1"}
+    os.setxattr(deep, "user.note", b"v2")  # same size and times, another value
+    again = {p: n for p, n in list_entries(repo, _backup(repo, src))}
+    assert again[str(deep)].xattrs == {"user.note": b"v2"}
+    assert again[str(keep)].xattrs == {"user.keep": b"1"}

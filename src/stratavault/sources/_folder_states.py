@@ -78,12 +78,13 @@ class _Open:
 
 
 def _state(e: FsEntry) -> tuple[Any, ...]:
-    """What a tree node holds of an entry (content aside, which follows from size, times
-    and inode)."""
+    """What a tree node holds of an entry: content aside, which follows from size, times
+    and inode; extended attributes aside too, as setting or removing one (an ACL too)
+    changes the entry's ctime, so the walk need not read them for entries it passes
+    over."""
     return (
         e.name, str(e.type), e.mode, e.uid, e.gid, e.user, e.group, e.size, e.mtime_ns,
         e.atime_ns, e.ctime_ns, e.inode, e.dev, e.nlink, e.rdev, e.link_target,
-        sorted(e.xattrs.items()),
     )  # fmt: skip
 
 

@@ -8,13 +8,21 @@ import os
 import queue
 import stat
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 
 from stratavault.sources._entry import EntryType, FsEntry, OwnerNames
 from stratavault.sources._exclude import ExcludeMatcher, read_exclude_file
 
-__all__ = ["ErrorHandler", "TreeTotals", "prefetch_metadata", "read_xattrs", "walk"]
+__all__ = [
+    "UNREAD_XATTRS",
+    "ErrorHandler",
+    "TreeTotals",
+    "prefetch_metadata",
+    "read_xattrs",
+    "walk",
+]
 
 ErrorHandler = Callable[[Path, OSError], None]
 """Called with the path and the error for every entry or directory that cannot be read."""
@@ -34,6 +42,7 @@ def walk(
     exclude_files: Sequence[Path] = (),
     one_file_system: bool = False,
     on_error: ErrorHandler,
+    xattrs: bool = True,
 ) -> Iterator[FsEntry]:
     """Yield every entry below ``paths`` (the roots included), depth first.
 
@@ -45,12 +54,14 @@ def walk(
     point) is yielded but not entered. Entries and directories that cannot be
     read are passed to ``on_error`` and the walk goes on; an unreadable
     directory is still yielded, as if empty. An exclude file that cannot be
-    read raises ``UsageError`` before anything is yielded.
+    read raises ``UsageError`` before anything is yielded. Without ``xattrs``,
+    entries come with :data:`UNREAD_XATTRS` (read them with :func:`read_xattrs`
+    when needed).
     """
     patterns = list(excludes)
     for exclude_file in exclude_files:
         patterns.extend(read_exclude_file(exclude_file))
-    walker = _Walker(ExcludeMatcher(patterns), one_file_system, on_error)
+    walker = _Walker(ExcludeMatcher(patterns), one_file_system, on_error, xattrs)
     for root in paths:
         yield from walker.walk_root(os.path.abspath(os.fspath(root)))
 
@@ -142,10 +153,17 @@ class _CountingScan:
 
 
 class _Walker:
-    def __init__(self, matcher: ExcludeMatcher, one_file_system: bool, on_error: ErrorHandler):
+    def __init__(
+        self,
+        matcher: ExcludeMatcher,
+        one_file_system: bool,
+        on_error: ErrorHandler,
+        xattrs: bool = True,
+    ):
         self._matcher = matcher
         self._one_fs = one_file_system
         self._on_error = on_error
+        self._xattrs = xattrs
         self._names = OwnerNames()
 
     def walk_root(self, root: str) -> Iterator[FsEntry]:
@@ -227,8 +245,13 @@ class _Walker:
             nlink=st.st_nlink,
             rdev=st.st_rdev,
             link_target=target,
-            xattrs=read_xattrs(path, self._on_error),
+            xattrs=read_xattrs(path, self._on_error) if self._xattrs else UNREAD_XATTRS,
         )
+
+
+UNREAD_XATTRS: Mapping[str, bytes] = MappingProxyType({})
+"""The extended attributes of an entry walked without them (``walk(xattrs=False)``);
+tell it by identity (``entry.xattrs is UNREAD_XATTRS``)."""
 
 
 def read_xattrs(path: str, on_error: ErrorHandler) -> dict[str, bytes]:

@@ -6,7 +6,7 @@ interpreter; :class:`TreeScan` reads a tree's inodes ahead of a walk and counts 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path, PurePosixPath
@@ -16,7 +16,14 @@ from stratavault._process import die_with_parent, shared_heap
 from stratavault.errors import SourceError, UsageError
 from stratavault.sources._entry import EntryType, FsEntry
 from stratavault.sources._folder_states import FolderDone, FolderStates, KnownFolder, WalkRecord
-from stratavault.sources._walk import ErrorHandler, TreeTotals, prefetch_metadata, walk
+from stratavault.sources._walk import (
+    UNREAD_XATTRS,
+    ErrorHandler,
+    TreeTotals,
+    prefetch_metadata,
+    read_xattrs,
+    walk,
+)
 
 __all__ = ["StandbyWalker", "TreeScan", "walk_in_process", "walk_states_in_process"]
 
@@ -187,6 +194,7 @@ def _standby_child(conn: Connection, walk_options: tuple[Any, ...], ahead: int) 
         exclude_files=exclude_files,
         one_file_system=one_file_system,
         on_error=lambda path, exc: on_error[0](path, exc),
+        xattrs=False,  # read only for the entries sent (see _with_xattrs)
     )
     usage: UsageError | None = None
     try:
@@ -205,13 +213,19 @@ def _standby_child(conn: Connection, walk_options: tuple[Any, ...], ahead: int) 
         return
     batch: list[_Record] = []
     states = FolderStates(*message[0]) if message[0] is not None else None
+    failures = [0]
 
     def failed(path: Path, exc: OSError) -> None:
         batch.append((_ERROR, (str(path), exc.errno, exc.strerror or str(exc))))
+        failures[0] += 1
         if states is not None:
             states.error()
 
     on_error[0] = failed
+
+    def send(records: Iterable[WalkRecord]) -> None:
+        for record in _with_xattrs(records, failed, failures):
+            batch.append(_encode(record))
 
     def entries() -> Iterator[FsEntry]:
         for item in early:
@@ -226,17 +240,35 @@ def _standby_child(conn: Connection, walk_options: tuple[Any, ...], ahead: int) 
 
     try:
         for e in entries():
-            batch += map(_encode, states.feed(e) if states is not None else (e,))
+            send(states.feed(e) if states is not None else (e,))
             if len(batch) >= _BATCH:
                 conn.send(batch)
-                batch = []
+                batch.clear()
         if states is not None:
-            batch += map(_encode, states.finish())
+            send(states.finish())
     except UsageError as exc:
         batch.append((_USAGE, str(exc)))
     batch.append((_DONE, None))
     conn.send(batch)
     conn.close()
+
+
+def _with_xattrs(
+    records: Iterable[WalkRecord], failed: ErrorHandler, failures: list[int]
+) -> Iterator[WalkRecord]:
+    """``records`` with the extended attributes of their entries read now (the walk passed
+    over them: folders in a known state need none). When one cannot be read (reported
+    through ``failed``, which counts in ``failures``), the folders closed after it in
+    these records lose their state keys, as a walk error would have made them."""
+    seen = failures[0]
+    for record in records:
+        if isinstance(record, FolderDone):
+            yield record if failures[0] == seen else FolderDone(record.path, None)
+            continue
+        entry = record.entry if isinstance(record, KnownFolder) else record
+        if entry.xattrs is UNREAD_XATTRS:
+            entry.xattrs = read_xattrs(entry.path, failed)
+        yield record
 
 
 def _encode(record: WalkRecord) -> _Record:
