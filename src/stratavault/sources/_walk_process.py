@@ -185,34 +185,66 @@ def _standby_child(conn: Connection, walk_options: tuple[Any, ...], ahead: int) 
     """In the child: walk up to ``ahead`` entries until told to go on (``(states,)``) or
     to stop (``None``), then send the records in batches, then ``_DONE``."""
     die_with_parent()
-    paths, excludes, exclude_files, one_file_system = walk_options
-    early: list[FsEntry | _Met] = []
-    on_error: list[ErrorHandler] = [lambda path, exc: early.append((path, exc))]
-    walked = walk(
-        paths,
-        excludes=excludes,
-        exclude_files=exclude_files,
-        one_file_system=one_file_system,
-        on_error=lambda path, exc: on_error[0](path, exc),
-        xattrs=False,  # read only for the entries sent (see _with_xattrs)
-    )
-    usage: UsageError | None = None
-    try:
-        while len(early) < ahead and not conn.poll():
-            entry = next(walked, None)
-            if entry is None:
-                break
-            early.append(entry)
-    except UsageError as exc:
-        usage = exc
+    walked = _WalkAhead(walk_options)
+    walked.run_ahead(conn, ahead)
     try:
         message: tuple[tuple[set[bytes], bytes] | None] | None = conn.recv()
     except (EOFError, OSError):
         return
-    if message is None:
-        return
+    if message is not None:
+        _send_records(conn, walked, message[0])
+
+
+class _WalkAhead:
+    """The child's walk (extended attributes left unread, see :func:`_with_xattrs`): what
+    it meets before anyone listens is kept, entries and errors in their order, and given
+    again in place by :meth:`entries`."""
+
+    def __init__(self, walk_options: tuple[Any, ...]) -> None:
+        paths, excludes, exclude_files, one_file_system = walk_options
+        self.early: list[FsEntry | _Met] = []
+        self.usage: UsageError | None = None
+        self.on_error: ErrorHandler = lambda path, exc: self.early.append((path, exc))
+        self.walked = walk(
+            paths,
+            excludes=excludes,
+            exclude_files=exclude_files,
+            one_file_system=one_file_system,
+            on_error=lambda path, exc: self.on_error(path, exc),
+            xattrs=False,
+        )
+
+    def run_ahead(self, conn: Connection, ahead: int) -> None:
+        """Walk until ``ahead`` entries are kept or a message waits on ``conn``."""
+        try:
+            while len(self.early) < ahead and not conn.poll():
+                entry = next(self.walked, None)
+                if entry is None:
+                    return
+                self.early.append(entry)
+        except UsageError as exc:
+            self.usage = exc
+
+    def entries(self, on_error: ErrorHandler) -> Iterator[FsEntry]:
+        """The kept entries (their errors to ``on_error`` in place), then the rest."""
+        self.on_error = on_error
+        for item in self.early:
+            if isinstance(item, FsEntry):
+                yield item
+            else:
+                on_error(*item)
+        self.early.clear()
+        if self.usage is not None:
+            raise self.usage
+        yield from self.walked
+
+
+def _send_records(
+    conn: Connection, walked: _WalkAhead, states_of: tuple[set[bytes], bytes] | None
+) -> None:
+    """Send the walk's records (with folder states if ``states_of``) in batches."""
     batch: list[_Record] = []
-    states = FolderStates(*message[0]) if message[0] is not None else None
+    states = FolderStates(*states_of) if states_of is not None else None
     failures = [0]
 
     def failed(path: Path, exc: OSError) -> None:
@@ -221,25 +253,12 @@ def _standby_child(conn: Connection, walk_options: tuple[Any, ...], ahead: int) 
         if states is not None:
             states.error()
 
-    on_error[0] = failed
-
     def send(records: Iterable[WalkRecord]) -> None:
         for record in _with_xattrs(records, failed, failures):
             batch.append(_encode(record))
 
-    def entries() -> Iterator[FsEntry]:
-        for item in early:
-            if isinstance(item, FsEntry):
-                yield item
-            else:
-                failed(*item)
-        early.clear()
-        if usage is not None:
-            raise usage
-        yield from walked
-
     try:
-        for e in entries():
+        for e in walked.entries(failed):
             send(states.feed(e) if states is not None else (e,))
             if len(batch) >= _BATCH:
                 conn.send(batch)
