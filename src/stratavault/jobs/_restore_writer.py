@@ -93,11 +93,8 @@ class _PlannedFile:
     remaining: int
 
 
-class _Places:
-    """Where each chunk of a batch goes."""
-
-    def __init__(self) -> None:
-        self.places: dict[ChunkId, list[tuple[_PlannedFile, int]]] = defaultdict(list)
+_Places = dict[ChunkId, list[tuple[_PlannedFile, int]]]
+"""Where each chunk of a batch goes: the files and offsets."""
 
 
 class FileWriter:
@@ -132,10 +129,10 @@ class FileWriter:
         ``ignore_errors``; failures of single files are issues in the result.
         """
         self.result = BatchResult()
-        places = _Places()
+        places: _Places = defaultdict(list)
         planned = [p for parts, node in batch if (p := self._create(parts, node, places))]
         by_pack: dict[str, list[ChunkId]] = defaultdict(list)
-        for cid in places.places:
+        for cid in places:
             by_pack[self.repo.chunk_info(cid).pack].append(cid)
         with ThreadPoolExecutor(self.options.threads, thread_name_prefix="restore") as pool:
             try:
@@ -177,7 +174,7 @@ class FileWriter:
         offset = 0
         for cid, length in node.content:
             if cid is not None:
-                places.places[cid].append((planned, offset))
+                places[cid].append((planned, offset))
                 planned.remaining += 1
             offset += length
         if planned.remaining == 0:
@@ -205,7 +202,7 @@ class FileWriter:
             try:
                 data = self.repo.read_chunk(cid)
             except DataDamagedError as exc:
-                for planned, _offset in places.places[cid]:
+                for planned, _offset in places[cid]:
                     with self.lock:
                         self.result.issues.append(("/".join(planned.parts), f"not restored: {exc}"))
                     self._count_chunk(planned)
@@ -214,7 +211,7 @@ class FileWriter:
 
     def _place(self, cid: ChunkId, data: bytes, places: _Places) -> None:
         """Write one chunk everywhere it belongs; finish files that are complete."""
-        spots = places.places[cid]
+        spots = places[cid]
         for planned, offset in spots:
             planned.handle.write_at(offset, data)
             self._count_chunk(planned)
