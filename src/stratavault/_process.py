@@ -36,10 +36,10 @@ def shared_heap() -> Iterator[ForkContext]:
     garbage collector writes to the header of every object it scans, so a child's
     full collections would copy the pages of every object it inherited (the two
     workers of a restore of the bench tree: ~12 MiB more together). Objects that
-    exist now are frozen (``gc.freeze``) while the
-    children are forked, so the children never scan them; the parent takes them
-    back afterwards. The children must not rely on locks that other threads of the
-    parent might hold (they run code of their own: walks, file readers, writers).
+    exist now are frozen (``gc.freeze``) while the children are forked, so the
+    children never scan them; the parent takes them back afterwards. The children
+    must not rely on locks that other threads of the parent might hold (they run
+    code of their own: walks, file readers, writers).
     """
     gc.freeze()
     try:

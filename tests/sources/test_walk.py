@@ -263,6 +263,9 @@ def test_standby_walker_walks_ahead_then_gives_what_a_walk_gives(
         walk_states_in_process(paths, known=set(), secret=secret, on_error=expected_errors)
     )
     standby = StandbyWalker(paths, ahead=ahead)
+    assert standby.walks(paths)
+    assert not standby.walks(paths, excludes=["*.tmp"])  # a backup then walks anew
+    assert not standby.walks([root])
     time.sleep(0.3)  # it walks (up to `ahead` entries) while the backup starts
     errors = Errors()
     walked = _records(standby.walk_states(known=set(), secret=secret, on_error=errors))

@@ -388,8 +388,9 @@ def _walk_roots(run: _Run, roots: list[PurePosixPath], dirs: dict[str, _Dir]) ->
 def _entries(run: _Run, roots: list[PurePosixPath]) -> Iterator[WalkRecord]:
     """The walk of every root: in a child process when the parent snapshot says the tree
     is large (the system calls then run beside the comparison with the parent; folders
-    the listing cache knows come as one record each), else here (starting a process costs
-    ~0.1 s, and a small tree is quickly compared with its parent)."""
+    the listing cache knows come as one record each), the standby walker if the command
+    started one; else here (starting a process costs ~0.1 s, and a small tree is quickly
+    compared with its parent)."""
     opts = run.options
     paths = [Path(r) for r in roots]
     options: dict[str, Any] = {
@@ -398,8 +399,7 @@ def _entries(run: _Run, roots: list[PurePosixPath]) -> Iterator[WalkRecord]:
         "one_file_system": opts.one_file_system,
     }
     walker, run.walker = run.walker, None
-    wanted = (paths, list(opts.excludes), list(opts.exclude_files), opts.one_file_system)
-    if walker is not None and walker.walk_options != wanted:
+    if walker is not None and not walker.walks(paths, **options):
         walker.stop()  # started for another walk
         walker = None
     parent = run.parent_snapshot

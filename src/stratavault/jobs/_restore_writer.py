@@ -70,7 +70,7 @@ class BatchResult:
         self.batches.extend(other.batches)
 
 
-def open_file_budget(wanted: int) -> int:
+def _open_file_budget(wanted: int) -> int:
     """How many restored files may stay open: a batch's worth if the descriptor limit
     allows (raising the soft limit up to the hard one), else half the limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -116,7 +116,7 @@ class FileWriter:
         self.fs = FsRestorer(
             options.target,
             numeric_owner=options.numeric_owner,
-            max_open_files=open_file_budget(options.batch_files),
+            max_open_files=_open_file_budget(options.batch_files),
         )
         self.lock = threading.Lock()
         self.result = BatchResult()
@@ -128,7 +128,6 @@ class FileWriter:
         Raise ``DataDamagedError`` on the first damaged chunk unless
         ``ignore_errors``; failures of single files are issues in the result.
         """
-        self.result = BatchResult()
         places: _Places = defaultdict(list)
         planned = [p for parts, node in batch if (p := self._create(parts, node, places))]
         by_pack: dict[str, list[ChunkId]] = defaultdict(list)
@@ -151,7 +150,6 @@ class FileWriter:
 
     def close(self) -> BatchResult:
         """Close the restorer; the result lists what was left unfinished."""
-        self.result = BatchResult()
         self.fs.close()
         return self._take_result()
 

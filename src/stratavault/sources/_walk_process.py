@@ -94,13 +94,12 @@ class StandbyWalker:
         one_file_system: bool = False,
         ahead: int = 10_000,
     ) -> None:
-        self.walk_options = (list(paths), list(excludes), list(exclude_files), one_file_system)
-        """What it walks: paths, excludes, exclude files, one file system."""
+        self._options = (list(paths), list(excludes), list(exclude_files), one_file_system)
         with shared_heap() as context:
             self._conn, child_end = context.Pipe()
             self._child = context.Process(
                 target=_standby_child,
-                args=(child_end, self.walk_options, ahead),
+                args=(child_end, self._options, ahead),
                 name="stratavault-walk",
                 daemon=True,
             )
@@ -109,6 +108,18 @@ class StandbyWalker:
             finally:
                 child_end.close()
         self._used = False
+
+    def walks(
+        self,
+        paths: Sequence[Path],
+        *,
+        excludes: Sequence[str] = (),
+        exclude_files: Sequence[Path] = (),
+        one_file_system: bool = False,
+    ) -> bool:
+        """Whether it walks ``paths`` with these options (it was started for them)."""
+        wanted = (list(paths), list(excludes), list(exclude_files), one_file_system)
+        return self._options == wanted
 
     def walk_states(
         self, *, known: set[bytes], secret: bytes, on_error: ErrorHandler
