@@ -175,4 +175,7 @@ def test_folders_get_their_metadata_as_the_restore_goes(
             assert restore_files(repo, snap, options).issues == []
             assert describe(target / src.relative_to("/")) == describe(src)
             assert len(pending) > 120
-            assert max(pending) < 40, max(pending)  # 120 folders below the source
+            # 121 folders below the source. In-process the bound is exact; with workers
+            # it depends on which batches are done when the walk looks (43 seen under load).
+            bound = 20 if processes == 1 else 80
+            assert max(pending) < bound, max(pending)
