@@ -143,5 +143,5 @@ def test_chain_continues_from_running_to_stopped_and_back(
 
 
 def test_missing_image_is_a_clear_error(short_tmp: Path) -> None:
-    with pytest.raises(SourceError, match=r"probing the image .*nothere.qcow2 - .*No such file"):
+    with pytest.raises(SourceError, match=r"probing image .*nothere.qcow2 - .*No such file"):
         ImageExport(short_tmp / "nothere.qcow2", short_tmp / "s").__enter__()

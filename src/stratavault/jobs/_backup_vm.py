@@ -198,7 +198,8 @@ def backup_images(
         sources: list[DiskSource] = []
         for number, image in enumerate(images):
             name = names[number] if names else Path(image).name
-            if Path(image).is_block_device() or probe_image_format(image) == "raw":
+            fmt = "raw" if Path(image).is_block_device() else probe_image_format(image)
+            if fmt == "raw":
                 raw = RawDiskSource(image, name=name)
                 stack.callback(raw.close)
                 sources.append(raw)
@@ -207,6 +208,7 @@ def backup_images(
                 ImageExport(
                     image,
                     scratch / f"image{number}",
+                    fmt=fmt,
                     expected_bitmap=recorded.get(str(Path(image).absolute())),
                 )
             )

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 from stratavault.nbd import _constants as c
 
@@ -67,13 +66,14 @@ class ExportBackend(Protocol):
 
 
 def _fallocate() -> Callable[[int, int, int, int], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
+    """libc's fallocate(2) from the process's own symbols (``find_library`` would run
+    ``ldconfig``), or ``None``."""
+    func = getattr(ctypes.CDLL(None, use_errno=True), "fallocate", None)
+    if func is None:
         return None
-    func = ctypes.CDLL(name, use_errno=True).fallocate
     func.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
     func.restype = ctypes.c_int
-    return func
+    return cast(Callable[[int, int, int, int], int], func)
 
 
 _FALLOCATE = _fallocate()

@@ -21,6 +21,7 @@ from stratavault.errors import SourceError
 from stratavault.sources._bitmap_chain import DEFAULT_BITMAP_PREFIX
 from stratavault.sources._export import DiskExport, ExportSession
 from stratavault.sources._qmp import QmpSession
+from stratavault.sources._raw_disk import probe_image_format
 from stratavault.sources._vm import disk_by_node
 
 __all__ = ["IMAGE_FORMATS", "ImageExport", "ImageServer"]
@@ -30,18 +31,6 @@ IMAGE_FORMATS = ("qcow2", "raw", "vmdk", "vhdx", "vdi")
 
 _NODE = "disk"
 _START_TIMEOUT_S = 10.0
-
-
-def _probe_format(path: str | os.PathLike[str]) -> str:
-    """The format ``qemu-img info`` finds in the image file (raw when nothing else fits)."""
-    argv = ["qemu-img", "info", "--output=json", "-U", os.fspath(path)]
-    try:
-        result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise SourceError(f"probing the image {path} - {exc}") from exc
-    if result.returncode != 0:
-        raise SourceError(f"probing the image {path} - {result.stderr.strip()}")
-    return str(json.loads(result.stdout)["format"])
 
 
 class ImageExport:
@@ -77,7 +66,7 @@ class ImageExport:
         """The served disk (set inside the ``with`` block)."""
 
     def __enter__(self) -> ImageExport:
-        fmt = self.fmt or _probe_format(self.image)
+        fmt = self.fmt or probe_image_format(self.image)
         if fmt not in IMAGE_FORMATS:
             raise SourceError(f"exporting the image {self.image} - unsupported format {fmt!r}")
         self.scratch_dir.mkdir(parents=True, exist_ok=True)
@@ -189,7 +178,7 @@ class ImageServer(ImageExport):
         """Why the bitmap cannot be used (absent, inconsistent, not recording)."""
 
     def __enter__(self) -> ImageServer:
-        fmt = self.fmt or _probe_format(self.image)
+        fmt = self.fmt or probe_image_format(self.image)
         if fmt not in IMAGE_FORMATS:
             raise SourceError(f"serving the image {self.image} - unsupported format {fmt!r}")
         self.scratch_dir.mkdir(parents=True, exist_ok=True)
