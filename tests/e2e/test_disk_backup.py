@@ -24,6 +24,7 @@ from stratavault.jobs import (
     RestoreDiskOptions,
     backup_disks,
     chunk_runs,
+    read_groups,
     restore_disk,
 )
 from stratavault.nbd import connect
@@ -206,7 +207,7 @@ def test_check_names_the_disk_range_of_a_damaged_chunk(cli: Cli, tmp_path: Path)
     result = cli("check", "--read-data", "--json")
     assert result.code == DataDamagedError.exit_code
     damages = _last_json(result)["damages"]
-    assert 2 <= len(damages) <= 4  # the members of the damaged frame (neighbouring chunks)
+    assert 1 <= len(damages) <= 4  # the members of the damaged frame (neighbouring chunks)
     assert len({d["object"] for d in damages}) == 1
     ranges = []
     for damage in damages:
@@ -388,6 +389,20 @@ def test_resized_disk_with_a_short_last_chunk(cli: Cli, tmp_path: Path, new_size
     target = tmp_path / "out.img"
     assert cli("restore", "disk", "latest", "--to", target, "--verify").code == 0
     assert target.read_bytes() == image.read_bytes()
+
+
+def test_read_groups_bound_chunks_and_runs_per_task() -> None:
+    runs = [(0, 3), (10, 1), (20, 9), (40, 1), (50, 1), (60, 1)]
+    groups = list(read_groups(runs, 4, max_runs=2))
+    assert groups == [
+        [(0, 3), (10, 1)],
+        [(20, 4)],
+        [(24, 4)],
+        [(28, 1), (40, 1)],
+        [(50, 1), (60, 1)],
+    ]
+    assert [r for g in read_groups(runs, 4) for r in g] == [r for g in groups for r in g]
+    assert all(sum(n for _, n in g) <= 4 for g in read_groups(runs, 4))
 
 
 def test_chunk_runs_merge_and_clip() -> None:

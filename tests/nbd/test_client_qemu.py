@@ -43,6 +43,11 @@ def test_raw_content_and_allocation_match_qemu(tmp_path: Path, peers: Peers) -> 
         buf = bytearray(3 * MiB + 5)
         client.read_into(5 * MiB - 3, buf)
         assert bytes(buf) == content[5 * MiB - 3 : 8 * MiB + 2]
+        ranges = [(at, n) for at in range(0, 8 * MiB, 97_000) for n in (1, 65_536, 700_001)]
+        got = client.read_ranges(ranges)  # 260 ranges, the long ones in several requests
+        assert [bytes(b) for b in got] == [content[at : at + n] for at, n in ranges]
+        with pytest.raises(NbdError, match="outside the export"):
+            client.read_ranges([(0, 1), (client.size, 1)])
         ours = merge((e.offset, e.length, e.flags) for e in client.extents())
         assert ours == qemu_img_map(image, "raw")
         with pytest.raises(NbdError, match="read-only"):

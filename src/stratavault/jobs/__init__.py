@@ -14,6 +14,7 @@ if TYPE_CHECKING:
         DiskSource as DiskSource,
         backup_disks as backup_disks,
         chunk_runs as chunk_runs,
+        read_groups as read_groups,
     )
     from stratavault.jobs._backup_files import (
         BackupFilesOptions as BackupFilesOptions,

@@ -56,6 +56,7 @@ __all__ = [
     "backup_disks",
     "chunk_runs",
     "is_zero",
+    "read_groups",
 ]
 
 """Default disk chunk size: see docs/format.md ("Disk indexes") for the measurement."""
@@ -83,6 +84,11 @@ class DiskSource(Protocol):
     def read(self, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes at ``offset``; called from several threads at once (an
         NBD source needs a connection per thread, or a lock)."""
+        ...
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes | bytearray]:
+        """The bytes of each ``(offset, length)``, in order, like :meth:`read`; a source
+        that can keep several reads in flight (NBD) does (many small dirty extents)."""
         ...
 
     def changed(self) -> bool:
@@ -154,6 +160,26 @@ def chunk_runs(
         yield run_first, run_end - run_first
 
 
+def read_groups(
+    runs: Iterable[tuple[int, int]], per_read: int, *, max_runs: int = 64
+) -> Iterator[list[tuple[int, int]]]:
+    """The chunk runs ``(first, count)`` in groups of at most ``per_read`` chunks and
+    ``max_runs`` runs (a run longer than ``per_read`` is split): one worker task each, so
+    that many small dirty extents cost few tasks and their reads go out together."""
+    group: list[tuple[int, int]] = []
+    chunks = 0
+    for first, count in runs:
+        for sub in range(first, first + count, per_read):
+            n = min(per_read, first + count - sub)
+            if group and (chunks + n > per_read or len(group) == max_runs):
+                yield group
+                group, chunks = [], 0
+            group.append((sub, n))
+            chunks += n
+    if group:
+        yield group
+
+
 @dataclass(slots=True)
 class _Piece:
     """What a worker found in one read: ``(chunk number, id or None)`` per chunk."""
@@ -181,15 +207,33 @@ class _DiskRun:
         self.errors: list[FileError] = []
         self.state = ProgressState(phase="backup", started=now())
 
-    def read_piece(self, source: DiskSource, index: DiskIndex, first: int, count: int) -> _Piece:
-        """Read chunks ``first .. first+count-1`` in one read and store the new ones."""
+    def read_piece(
+        self, source: DiskSource, index: DiskIndex, runs: list[tuple[int, int]]
+    ) -> _Piece:
+        """Read the chunk runs ``(first, count)`` (one read each, all at once) and store
+        the new chunks."""
         self.cancel.check()
-        start = first * index.chunk_bytes
-        end = min((first + count) * index.chunk_bytes, index.size_bytes)
-        view = memoryview(source.read(start, end - start))
-        if len(view) != end - start:
-            raise SourceError(f"reading disk {source.name} at {start} - short read")
-        piece = _Piece([], bytes_read=len(view))
+        ranges = []
+        for first, count in runs:
+            start = first * index.chunk_bytes
+            ranges.append(
+                (start, min((first + count) * index.chunk_bytes, index.size_bytes) - start)
+            )
+        piece = _Piece([])
+        for (first, count), (start, length), data in zip(
+            runs, ranges, source.read_ranges(ranges), strict=True
+        ):
+            if len(data) != length:
+                raise SourceError(f"reading disk {source.name} at {start} - short read")
+            piece.bytes_read += length
+            self._store_run(piece, index, first, count, memoryview(data))
+        return piece
+
+    def _store_run(
+        self, piece: _Piece, index: DiskIndex, first: int, count: int, view: memoryview
+    ) -> None:
+        """Cut ``view`` (chunks ``first .. first+count-1``) into chunks and store the new
+        ones, neighbours compressed together in frames."""
         per_frame = max(1, self.options.frame_bytes // index.chunk_bytes)
         frame: list[tuple[ChunkId, memoryview]] = []
         for i in range(count):
@@ -204,7 +248,6 @@ class _DiskRun:
             if len(frame) == per_frame:
                 self._store(frame, piece)
         self._store(frame, piece)
-        return piece
 
     def _store(self, frame: list[tuple[ChunkId, memoryview]], piece: _Piece) -> None:
         """Store the new ones of ``frame``'s neighbouring chunks together; empty ``frame``."""
@@ -229,13 +272,11 @@ class _DiskRun:
         per_read = max(1, self.options.read_bytes // index.chunk_bytes)
         pending: deque[Future[_Piece]] = deque()
         self.state.current = source.name
-        for first, count in runs:
-            for sub in range(first, first + count, per_read):
-                self.cancel.check()
-                n = min(per_read, first + count - sub)
-                pending.append(self.pool.submit(self.read_piece, source, index, sub, n))
-                if len(pending) >= 2 * self.workers:
-                    self.take(pending.popleft(), index)
+        for group in read_groups(runs, per_read):
+            self.cancel.check()
+            pending.append(self.pool.submit(self.read_piece, source, index, group))
+            if len(pending) >= 2 * self.workers:
+                self.take(pending.popleft(), index)
         while pending:
             self.take(pending.popleft(), index)
         self.state.files_done += 1

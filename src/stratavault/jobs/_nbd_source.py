@@ -4,7 +4,7 @@ the source of a disk backup."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from stratavault.nbd import BASE_ALLOCATION, NbdClient, connect
 from stratavault.sources import DiskExport
@@ -54,13 +54,22 @@ class NbdDiskSource:
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset`` (this thread's own connection)."""
+        return self._client().read(offset, length)
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes | bytearray]:
+        """The bytes of each ``(offset, length)``: requests pipelined on this thread's
+        connection."""
+        return list(self._client().read_ranges(ranges))
+
+    def _client(self) -> NbdClient:
+        """This thread's connection (opened on first use)."""
         client: NbdClient | None = getattr(self._local, "client", None)
         if client is None:
             client = self._open()
             self._local.client = client
             with self._lock:
                 self._clients.append(client)
-        return client.read(offset, length)
+        return client
 
     def changed(self) -> bool:
         """False: an export is a frozen view (fleecing, or an image nobody else writes)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -137,14 +137,24 @@ class NbdClient:
         """Fill ``buffer`` with the bytes at ``offset`` (several requests in flight)."""
         view = memoryview(buffer).cast("B")
         self._check_range(offset, len(view), "read")
+        self._run(self._read_ops(offset, view))
 
-        def ops() -> Iterator[_Op]:
-            for at, n in self._pieces(offset, len(view), self.request_bytes):
-                op = _Op(c.CMD_READ, at, n)
-                op.on_reply = self._reader(op, view[at - offset : at - offset + n])
-                yield op
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytearray]:
+        """The bytes of each ``(offset, length)`` range, in order, the requests of all of
+        them pipelined (many small reads cost one round trip, not one each)."""
+        buffers = [bytearray(length) for _, length in ranges]
+        for offset, length in ranges:
+            self._check_range(offset, length, "read")
+        pairs = zip(ranges, buffers, strict=True)
+        self._run(op for (at, _), buf in pairs for op in self._read_ops(at, memoryview(buf)))
+        return buffers
 
-        self._run(ops())
+    def _read_ops(self, offset: int, view: memoryview) -> Iterator[_Op]:
+        """Read requests (of at most ``request_bytes``) filling ``view`` from ``offset``."""
+        for at, n in self._pieces(offset, len(view), self.request_bytes):
+            op = _Op(c.CMD_READ, at, n)
+            op.on_reply = self._reader(op, view[at - offset : at - offset + n])
+            yield op
 
     def _reader(self, op: _Op, view: memoryview) -> Callable[[ev.Reply], None]:
         covered = [0]

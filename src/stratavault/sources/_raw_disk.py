@@ -137,6 +137,10 @@ class RawDiskSource:
             data += bytes(length - len(data))
         return data
 
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes | bytearray]:
+        """:meth:`read` of each ``(offset, length)``, in order."""
+        return [self.read(offset, length) for offset, length in ranges]
+
     def close(self) -> None:
         """Close the file (idempotent)."""
         if self._fd >= 0:
