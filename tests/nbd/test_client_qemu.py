@@ -183,6 +183,12 @@ def test_writes_trim_and_zeroes_to_qemu_nbd(tmp_path: Path, peers: Peers) -> Non
         expected[3 * MiB : 4 * MiB] = bytes(MiB)
         client.trim(4 * MiB, 64 * 1024)
         expected[4 * MiB : 4 * MiB + 64 * 1024] = bytes(64 * 1024)
+        scattered = [(at, os.urandom(n)) for at, n in [(9 * MiB, 65_536), (7 * MiB + 1, 3 * MiB)]]
+        client.write_ranges(scattered)  # the 3 MiB one in three requests, all pipelined
+        for at, data in scattered:
+            expected[at : at + len(data)] = data
+        with pytest.raises(NbdError, match="outside the export"):
+            client.write_ranges([(0, b"x"), (16 * MiB, b"y")])
         client.flush()
         assert client.read(0, client.size) == bytes(expected)
         zeroed = [e for e in client.extents() if e.flags & 2]

@@ -9,6 +9,7 @@ The export's image format is the server's business: restoring to a qcow2 file se
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 from stratavault.errors import RestoreError
 from stratavault.nbd import BASE_ALLOCATION, NbdClient, connect, constants
@@ -30,6 +31,9 @@ class NbdDiskTarget:
 
     fresh = False
     """Its old content is unknown: zero chunks are written as zeroes."""
+    write_batch_bytes = 8 << 20
+    """Chunks written together, their requests pipelined (a round trip per 8 MiB, not per
+    chunk: a changed-only restore of scattered chunks took ~10 % longer one by one)."""
 
     def __init__(self, uri: str, size_bytes: int) -> None:
         self.changed: list[tuple[int, int]] | None = None
@@ -63,6 +67,10 @@ class NbdDiskTarget:
     def write(self, offset: int, data: bytes | memoryview) -> None:
         """Write ``data`` at ``offset``."""
         self._client().write(offset, data)
+
+    def write_ranges(self, items: Sequence[tuple[int, bytes | memoryview]]) -> None:
+        """Write each ``(offset, data)``, the requests pipelined on this thread's connection."""
+        self._client().write_ranges(items)
 
     def zero(self, offset: int, length: int) -> None:
         """Make the range read as zeroes (write-zeroes, or plain zeroes if not offered)."""

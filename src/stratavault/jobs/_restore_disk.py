@@ -18,7 +18,7 @@ import os
 import tempfile
 import threading
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,9 +126,17 @@ class DiskTarget(Protocol):
 
     fresh: bool
     """Every byte reads as zero already (a new sparse file): zero chunks need no write."""
+    write_batch_bytes: int
+    """How many bytes of chunks to hand to :meth:`write_ranges` at once: 0 for a file
+    (each chunk as it comes), more for a target that pipelines writes (NBD)."""
 
     def write(self, offset: int, data: bytes | memoryview) -> None:
         """Write ``data`` at ``offset`` (called from several threads)."""
+        ...
+
+    def write_ranges(self, items: Sequence[tuple[int, bytes | memoryview]]) -> None:
+        """:meth:`write` each ``(offset, data)``; a target that can keep several writes in
+        flight (NBD) does."""
         ...
 
     def zero(self, offset: int, length: int) -> None:
@@ -250,18 +258,31 @@ class _DiskRestore:
             f.result()
 
     def write_pack(self, ids: list[ChunkId], places: dict[ChunkId, list[int]]) -> None:
+        """Write the chunks ``ids`` of one pack everywhere they go, handing the target up
+        to ``write_batch_bytes`` at once."""
         self.cancel.check()
+        batch: list[tuple[int, bytes | memoryview]] = []
+        downloaded = 0
         for cid, data in self.repo.read_chunks(ids):
             self.cancel.check()
-            for number in places[cid]:
-                self.target.write(self.index.chunk_range(number)[0], data)
-            with self.lock:
-                written = len(data) * len(places[cid])
-                self.result.bytes_downloaded += len(data)
-                self.result.bytes_written += written
-                self.result.chunks_written += len(places[cid])
-                self.state.bytes_done += written
-            self.progress.update(self.state)  # the receiver throttles
+            batch += [(self.index.chunk_range(number)[0], data) for number in places[cid]]
+            downloaded += len(data)
+            if len(batch) * self.index.chunk_bytes >= self.target.write_batch_bytes:
+                self._write_batch(batch, downloaded)
+                batch, downloaded = [], 0
+        self._write_batch(batch, downloaded)
+
+    def _write_batch(self, batch: list[tuple[int, bytes | memoryview]], downloaded: int) -> None:
+        if not batch:
+            return
+        self.target.write_ranges(batch)
+        with self.lock:
+            written = sum(len(data) for _, data in batch)
+            self.result.bytes_downloaded += downloaded
+            self.result.bytes_written += written
+            self.result.chunks_written += len(batch)
+            self.state.bytes_done += written
+        self.progress.update(self.state)  # the receiver throttles
 
     def verify(self) -> None:
         self.state.phase, self.state.bytes_done = "verify", 0

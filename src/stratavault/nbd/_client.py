@@ -184,12 +184,20 @@ class NbdClient:
         self, offset: int, data: bytes | bytearray | memoryview, *, fua: bool = False
     ) -> None:
         """Write ``data`` at ``offset`` (``fua``: durable before the reply)."""
+        self.write_ranges([(offset, data)], fua=fua)
+
+    def write_ranges(
+        self, items: Sequence[tuple[int, bytes | bytearray | memoryview]], *, fua: bool = False
+    ) -> None:
+        """Write each ``(offset, data)``, the requests of all of them pipelined."""
         self._can_write("write")
-        view = memoryview(data).cast("B")
-        self._check_range(offset, len(view), "write")
+        views = [(offset, memoryview(data).cast("B")) for offset, data in items]
+        for offset, view in views:
+            self._check_range(offset, len(view), "write")
         flags = c.CMD_FLAG_FUA if fua else 0
         self._run(
             _Op(c.CMD_WRITE, at, n, flags=flags, payload=view[at - offset : at - offset + n])
+            for offset, view in views
             for at, n in self._pieces(offset, len(view), self.request_bytes)
         )
 

@@ -165,6 +165,9 @@ class RawDiskTarget:
     Writes and reads may come from several threads. ``RestoreError`` on failure.
     """
 
+    write_batch_bytes = 0
+    """Chunks are written one by one as they come (a local write needs no batching)."""
+
     def __init__(self, path: Path | str, size_bytes: int, *, create: bool) -> None:
         self.path = Path(path)
         self.size_bytes = size_bytes
@@ -210,6 +213,11 @@ class RawDiskTarget:
                 self._write(at, piece)
         else:
             self._write(offset, data)
+
+    def write_ranges(self, items: Sequence[tuple[int, bytes | memoryview]]) -> None:
+        """:meth:`write` each ``(offset, data)``, in order."""
+        for offset, data in items:
+            self.write(offset, data)
 
     def _write(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data)
