@@ -59,11 +59,30 @@ OTHER_COMMANDS_JOBS = (
 )
 
 
-def _imports(cli: Cli, tmp_path: Path, *args: str | Path) -> tuple[int, set[str]]:
+# Records what is loaded when the key derivation starts (its 32 MiB should not add up
+# with numpy's and the chunk index's), then runs the command.
+_KDF_PROBE = """
+import json, sys
+import argon2.low_level as low_level
+derive, seen = low_level.hash_secret_raw, []
+def probe(*args, **kwargs):
+    seen.append(sorted(sys.modules))
+    return derive(*args, **kwargs)
+low_level.hash_secret_raw = probe
+from stratavault.cli import run
+code = run(sys.argv[2:])
+with open(sys.argv[1], "w") as f:
+    json.dump({"code": code, "modules": seen[0] if seen else []}, f)
+"""
+
+
+def _imports(
+    cli: Cli, tmp_path: Path, *args: str | Path, probe: str = _PROBE
+) -> tuple[int, set[str]]:
     """Exit code of ``stratavault ARGS`` in a fresh interpreter, and the modules it loaded."""
     report = tmp_path / "modules.json"
     proc = subprocess.run(
-        [sys.executable, "-c", _PROBE, str(report), *map(str, args)],
+        [sys.executable, "-c", probe, str(report), *map(str, args)],
         env={**os.environ, **cli.env},
         capture_output=True,
         text=True,
@@ -117,6 +136,18 @@ def test_backup_image_loads_no_other_commands_job_code(cli: Cli, tmp_path: Path)
     assert code == 0
     assert "stratavault.jobs._backup_disk" in modules  # it did back up
     assert _loaded(modules, OTHER_COMMANDS_JOBS) == []
+
+
+def test_backups_derive_the_key_before_loading_numpy(cli: Cli, tmp_path: Path) -> None:
+    """The key derivation's memory peak and the repository layer's do not add up."""
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(os.urandom(1 << 20))
+    assert cli("init").code == 0
+    for args in (["backup", "files", tmp_path / "disk.raw"], ["backup", "image", disk]):
+        code, modules = _imports(cli, tmp_path, *args, "-q", probe=_KDF_PROBE)
+        assert code == 0, args
+        assert "stratavault.repo._keyring" in modules, args  # the probe saw the derivation
+        assert _loaded(modules, ("numpy", "stratavault.repo._repository")) == [], args
 
 
 def test_help_shows_the_defaults_of_the_layers_below(cli: Cli) -> None:

@@ -20,7 +20,9 @@ def test_public_names_are_pinned() -> None:
         "PendingDeletion",
         "RepoStats",
         "Repository",
+        "Unlocked",
         "default_cache_dir",
+        "unlock_repository",
     ]
 
 

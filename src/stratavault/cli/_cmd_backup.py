@@ -136,23 +136,23 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
 
 
 def _backup_files(ns: argparse.Namespace, options: GlobalOptions, read_ahead: ReadAhead) -> int:
-    from stratavault.jobs import BackupFilesOptions, Cancellation, backup_files
-
     out = Output(json_mode=options.json, quiet=options.quiet)
-    job = BackupFilesOptions(
-        paths=tuple(ns.paths),
-        excludes=tuple(ns.exclude),
-        exclude_files=tuple(ns.exclude_file),
-        one_file_system=ns.one_file_system,
-        tags=tuple(ns.tag),
-        host=ns.host,
-        parent=ns.parent,
-        force_read=ns.force,
-        compression_level=ns.compression,
-        scan_totals=shows_progress(json_mode=options.json, quiet=options.quiet),
-    )
     progress = make_progress(json_mode=options.json, quiet=options.quiet)
-    with open_repo(options) as repo:
+    with open_repo(options) as repo:  # before the jobs' imports (see open_repo)
+        from stratavault.jobs import BackupFilesOptions, Cancellation, backup_files
+
+        job = BackupFilesOptions(
+            paths=tuple(ns.paths),
+            excludes=tuple(ns.exclude),
+            exclude_files=tuple(ns.exclude_file),
+            one_file_system=ns.one_file_system,
+            tags=tuple(ns.tag),
+            host=ns.host,
+            parent=ns.parent,
+            force_read=ns.force,
+            compression_level=ns.compression,
+            scan_totals=shows_progress(json_mode=options.json, quiet=options.quiet),
+        )
         snap = backup_files(
             repo, job, progress=progress, cancel=Cancellation(), read_ahead=read_ahead
         )
@@ -187,20 +187,20 @@ def _backup_files(ns: argparse.Namespace, options: GlobalOptions, read_ahead: Re
 def run_image(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Back up raw images / block devices into one snapshot and print the summary."""
     keep_freed_memory()  # large buffers allocated and freed over and over
-    from stratavault.jobs import BackupDisksOptions, backup_images
-
     out = Output(json_mode=options.json, quiet=options.quiet)
     files = [p.absolute() for p in ns.files]
-    job = BackupDisksOptions(
-        tags=tuple(ns.tag),
-        host=ns.host,
-        paths=tuple(str(p) for p in files),
-        parent=ns.parent,
-        chunk_bytes=ns.chunk_size,
-        frame_bytes=ns.frame_size,
-        compression_level=ns.compression,
-    )
     progress = make_progress(json_mode=options.json, quiet=options.quiet)
-    with open_repo(options) as repo:
+    with open_repo(options) as repo:  # before the jobs' imports (see open_repo)
+        from stratavault.jobs import BackupDisksOptions, backup_images
+
+        job = BackupDisksOptions(
+            tags=tuple(ns.tag),
+            host=ns.host,
+            paths=tuple(str(p) for p in files),
+            parent=ns.parent,
+            chunk_bytes=ns.chunk_size,
+            frame_bytes=ns.frame_size,
+            compression_level=ns.compression,
+        )
         snap = backup_images(repo, files, job, names=ns.name, progress=progress)
     return report_disk_backup(out, snap)

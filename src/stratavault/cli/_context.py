@@ -168,14 +168,20 @@ def storage_for(
 @contextmanager
 def open_repo(options: GlobalOptions, *, object_cache: bool = True) -> Iterator[Repository]:
     """Open the repository named by the options with the user's passphrase
-    (``object_cache``: see :func:`storage_for`)."""
-    from stratavault.repo import Repository
+    (``object_cache``: see :func:`storage_for`).
+
+    The key is derived before the repository layer's heavy modules (numpy, the chunk
+    index) are loaded, so the key derivation's memory and theirs do not add up: a command
+    should open the repository before it imports the jobs that use it.
+    """
+    from stratavault.repo import unlock_repository
 
     storage = storage_for(options, object_cache=object_cache)
     try:
-        repo = Repository.open(
-            storage, read_passphrase(options), cache_dir=options.effective_cache_dir
-        )
+        unlocked = unlock_repository(storage, read_passphrase(options))
+        from stratavault.repo import Repository
+
+        repo = Repository.unlocked(storage, unlocked, cache_dir=options.effective_cache_dir)
         with repo:
             yield repo
     finally:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -28,7 +27,7 @@ from stratavault.repo import (
     _reading,
     _snapshots,
 )
-from stratavault.repo._config import new_config, read_config
+from stratavault.repo._config import new_config
 from stratavault.repo._crypto import (
     ChunkSealer,
     KdfParams,
@@ -42,21 +41,16 @@ from stratavault.repo._index import ChunkIndex, Entry, decode_index_object, enco
 from stratavault.repo._keys import KeyInfo
 from stratavault.repo._locks import EXCLUSIVE, PRUNE, SHARED, Locker
 from stratavault.repo._open_packs import OpenPacks
+from stratavault.repo._opening import Unlocked, unlock_repository
 from stratavault.repo._packs import OpenPack, PackBuffers, SealedPack
 from stratavault.repo._uploader import Uploader
 from stratavault.repo._values import ChunkInfo, RepoStats
 from stratavault.storage import Storage
 from stratavault.types import BlobKind, ChunkId
 
-__all__ = ["Repository", "default_cache_dir"]
+__all__ = ["Repository"]
 
 Clock = Callable[[], float]
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/stratavault`` or ``~/.cache/stratavault``."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "stratavault"
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,10 +166,22 @@ class Repository:
         **options: Any,
     ) -> Repository:
         """Open the repository on ``storage`` with any key slot ``passphrase`` unlocks."""
-        config = read_config(storage)
-        _immutable.apply(storage, _immutable.days(config, storage), creating=False)
-        keys, key_name = _keyring.unlock(storage, passphrase, config["id"])
-        return cls(storage, config, keys, key_name, cache_dir, clock, _Options(**options))
+        unlocked = unlock_repository(storage, passphrase)
+        return cls.unlocked(storage, unlocked, cache_dir=cache_dir, clock=clock, **options)
+
+    @classmethod
+    def unlocked(
+        cls,
+        storage: Storage,
+        unlocked: Unlocked,
+        *,
+        cache_dir: Path | None,
+        clock: Clock = time.time,
+        **options: Any,
+    ) -> Repository:
+        """Open the repository on ``storage`` with what :func:`unlock_repository` found."""
+        config, keys, name = unlocked.config, unlocked.keys, unlocked.key_name
+        return cls(storage, config, keys, name, cache_dir, clock, _Options(**options))
 
     # --- chunks ---------------------------------------------------------------------------------
 
