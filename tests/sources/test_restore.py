@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from stratavault.errors import RestoreError
-from stratavault.sources import FsRestorer, walk
+from stratavault.sources import FsRestorer, RawDiskTarget, _raw_disk, walk
+from stratavault.sources._restore import _nonzero_pieces
 from tests.sources.conftest import Errors, comparable, needs_root, restore_walked, walk_all
 
 MiB = 1 << 20
@@ -105,6 +106,45 @@ def test_zero_blocks_in_written_data_become_holes(tmp_path: Path) -> None:
     assert st.st_size == 8 * MiB
     assert st.st_blocks * 512 <= 4 * 4096  # only the blocks holding the random bytes
     assert restorer.issues == []
+
+
+def test_nonzero_pieces_leave_out_exactly_the_aligned_zero_blocks() -> None:
+    rng = random.Random(5)
+    for _ in range(400):
+        data = bytearray(rng.randrange(1, 70_000))
+        for _ in range(rng.randrange(0, 6)):
+            at = rng.randrange(len(data))
+            n = min(rng.randrange(1, 12_000), len(data) - at)
+            data[at : at + n] = rng.randbytes(n)
+        offset = rng.choice([0, 4096, rng.randrange(50_000)])
+        zero_blocks = {
+            at
+            for at in range(-offset % 4096, len(data) - 4095, 4096)
+            if not any(data[at : at + 4096])
+        }
+        frame = rng.randbytes(300) + bytes(data) + rng.randbytes(300)  # a member of a frame
+        for view in (memoryview(bytes(data)), memoryview(data), memoryview(frame)[300:-300]):
+            rebuilt = bytearray(len(data))
+            for at, piece in _nonzero_pieces(view, offset):
+                start = at - offset
+                rebuilt[start : start + len(piece)] = piece
+                assert not any(start <= z and z + 4096 <= start + len(piece) for z in zero_blocks)
+            assert rebuilt == data
+
+
+def test_a_restored_disk_is_written_back_as_it_goes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel is asked to start writeback every 32 MiB, so the final fsync is short."""
+    kicks: list[int] = []
+    monkeypatch.setattr(_raw_disk, "_start_writeback", kicks.append)
+    block = os.urandom(MiB)
+    with RawDiskTarget(tmp_path / "disk.raw", 80 * MiB, create=True) as target:
+        for n in range(70):
+            target.write(n * MiB, block)
+        assert len(kicks) == 2  # after 32 and 64 MiB
+        target.sync()
+    _raw_disk._start_writeback(os.open(tmp_path / "disk.raw", os.O_RDONLY))  # the real call
 
 
 def test_content_in_any_order_from_threads_with_few_descriptors(tmp_path: Path) -> None:

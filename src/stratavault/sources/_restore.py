@@ -24,7 +24,9 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar
+from typing import TypeVar, cast
+
+import numpy as np
 
 from stratavault.errors import RestoreError
 from stratavault.sources._entry import EntryMetadata, EntryType
@@ -455,27 +457,41 @@ _ZERO_BLOCK = bytes(_HOLE_BLOCK_BYTES)
 
 
 def _nonzero_pieces(view: memoryview, offset: int) -> Iterator[tuple[int, memoryview]]:
-    """Yield ``(offset, piece)`` of ``view`` without its aligned all-zero blocks."""
+    """Yield ``(offset, piece)`` of ``view`` without its aligned all-zero blocks.
+
+    The aligned blocks are tested at once (numpy, ~10x the speed of a block-by-block loop
+    on a disk image's chunks, which a restore writes at over 1 GB/s)."""
     n = len(view)
     if n <= len(ZEROS) and ZEROS.startswith(view):
         return
     base = view.obj
-    if isinstance(base, bytes) and _ZERO_BLOCK not in base:
-        yield offset, view  # no zero run long enough for a hole (C-speed search): no scan
+    if isinstance(base, bytes) and len(base) == n and _ZERO_BLOCK not in base:
+        yield offset, view  # no zero run long enough for a hole (C-speed search)
         return
-    start = -1  # start of the current run of data, -1 outside a run
-    pos = 0
-    while pos < n:
-        end = min(n, pos + _HOLE_BLOCK_BYTES - (offset + pos) % _HOLE_BLOCK_BYTES)
-        if ZEROS.startswith(view[pos:end]):
-            if start >= 0:
-                yield offset + start, view[start:pos]
-                start = -1
-        elif start < 0:
-            start = pos
-        pos = end
-    if start >= 0:
-        yield offset + start, view[start:]
+    head = min(n, -offset % _HOLE_BLOCK_BYTES)
+    count = (n - head) // _HOLE_BLOCK_BYTES
+    tail = head + count * _HOLE_BLOCK_BYTES
+    has_data: list[bool] = []
+    starts: list[int] = []  # of each piece: the head, every whole block, the tail
+    if head:
+        has_data.append(not ZEROS.startswith(view[:head]))
+        starts.append(0)
+    if count:
+        blocks = np.frombuffer(view[head:tail], dtype=np.uint64).reshape(count, -1)
+        has_data += cast(list[bool], blocks.any(axis=1).tolist())
+        starts += range(head, tail, _HOLE_BLOCK_BYTES)
+    if tail < n:
+        has_data.append(not ZEROS.startswith(view[tail:]))
+        starts.append(tail)
+    run = -1  # start of the current run of data, -1 outside a run
+    for start, data in zip(starts, has_data, strict=True):
+        if data and run < 0:
+            run = start
+        elif not data and run >= 0:
+            yield offset + run, view[run:start]
+            run = -1
+    if run >= 0:
+        yield offset + run, view[run:]
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
