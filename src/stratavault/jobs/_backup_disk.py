@@ -81,14 +81,11 @@ class DiskSource(Protocol):
         """``(offset, length)`` regions to read, sorted and not overlapping."""
         ...
 
-    def read(self, offset: int, length: int) -> bytes:
-        """Exactly ``length`` bytes at ``offset``; called from several threads at once (an
-        NBD source needs a connection per thread, or a lock)."""
-        ...
-
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes | bytearray]:
-        """The bytes of each ``(offset, length)``, in order, like :meth:`read`; a source
-        that can keep several reads in flight (NBD) does (many small dirty extents)."""
+        """Exactly the bytes of each ``(offset, length)``, in order; called from several
+        threads at once (an NBD source needs a connection per thread, or a lock). A source
+        that can keep several reads in flight (NBD) does: a dirty bitmap gives many small
+        extents."""
         ...
 
     def changed(self) -> bool:

@@ -64,10 +64,6 @@ class NbdDiskTarget:
                 self._clients.append(client)
         return client
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
-        """Write ``data`` at ``offset``."""
-        self._client().write(offset, data)
-
     def write_ranges(self, items: Sequence[tuple[int, bytes | memoryview]]) -> None:
         """Write each ``(offset, data)``, the requests pipelined on this thread's connection."""
         self._client().write_ranges(items)

@@ -52,10 +52,6 @@ class NbdDiskSource:
                 if wanted and extent.length:
                     yield extent.offset, extent.length
 
-    def read(self, offset: int, length: int) -> bytes:
-        """``length`` bytes at ``offset`` (this thread's own connection)."""
-        return self._client().read(offset, length)
-
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes | bytearray]:
         """The bytes of each ``(offset, length)``: requests pipelined on this thread's
         connection."""

@@ -130,13 +130,9 @@ class DiskTarget(Protocol):
     """How many bytes of chunks to hand to :meth:`write_ranges` at once: 0 for a file
     (each chunk as it comes), more for a target that pipelines writes (NBD)."""
 
-    def write(self, offset: int, data: bytes | memoryview) -> None:
-        """Write ``data`` at ``offset`` (called from several threads)."""
-        ...
-
     def write_ranges(self, items: Sequence[tuple[int, bytes | memoryview]]) -> None:
-        """:meth:`write` each ``(offset, data)``; a target that can keep several writes in
-        flight (NBD) does."""
+        """Write each ``(offset, data)`` (called from several threads); a target that can
+        keep several writes in flight (NBD) does."""
         ...
 
     def zero(self, offset: int, length: int) -> None:
@@ -363,23 +359,27 @@ def restore_disk(
             with NbdDiskTarget(options.target, index.size_bytes) as nbd:
                 run = _DiskRestore(repo, index, nbd, options, progress, cancel or Cancellation())
                 run.run()
-        elif options.onto and _is_image(options.target):
-            run = _restore_onto_image(repo, ref, index, options, progress, cancel)
+        elif options.onto and (fmt := _image_format(options.target)) is not None:
+            run = _restore_onto_image(repo, ref, index, fmt, options, progress, cancel)
         else:
             run = _restore_to_file(repo, index, options.target, options, progress, cancel)
     progress.done(run.state)
     return run.result
 
 
-def _is_image(path: Path) -> bool:
-    """An existing file in a format other than raw (qcow2, vmdk...)."""
-    return path.is_file() and probe_image_format(path) != "raw"
+def _image_format(path: Path) -> str | None:
+    """The format of an existing image file other than raw (qcow2, vmdk...), else None."""
+    if not path.is_file():
+        return None
+    fmt = probe_image_format(path)
+    return None if fmt == "raw" else fmt
 
 
 def _restore_onto_image(
     repo: Repository,
     ref: DiskRef,
     index: DiskIndex,
+    fmt: str,
     options: RestoreDiskOptions,
     progress: Progress,
     cancel: Cancellation | None,
@@ -390,7 +390,7 @@ def _restore_onto_image(
     bitmap = ref.bitmap if options.changed_only and ref.bitmap else None
     with contextlib.ExitStack() as stack:
         scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-onto-", dir="/tmp"))
-        server = stack.enter_context(ImageServer(options.target, scratch, bitmap=bitmap))
+        server = stack.enter_context(ImageServer(options.target, scratch, fmt=fmt, bitmap=bitmap))
         nbd = stack.enter_context(NbdDiskTarget(server.uri, index.size_bytes))
         if server.bitmap_context is not None:
             with connect(server.uri, meta_contexts=[server.bitmap_context]) as client:

@@ -168,9 +168,10 @@ class ImageServer(ImageExport):
         image: str | os.PathLike[str],
         scratch_dir: str | os.PathLike[str],
         *,
+        fmt: str | None = None,
         bitmap: str | None = None,
     ) -> None:
-        super().__init__(image, scratch_dir, track_changes=False)
+        super().__init__(image, scratch_dir, fmt=fmt, track_changes=False)
         self.bitmap = bitmap
         self.uri = ""
         self.bitmap_context: str | None = None
