@@ -83,7 +83,12 @@ class StandbyWalker:
     while the backup imports, opens the repository and finds its parent; then
     :meth:`walk_states` tells it the folder states to look for and it goes on as
     :func:`walk_states_in_process`. Or :meth:`stop` ends it unused. ``OSError`` when no
-    process can be started."""
+    process can be started.
+
+    ``ahead`` is small: the entries kept are Python objects the walker's heap holds on to
+    after sending them (an unchanged backup of the bench tree peaked at 75-83 MiB with
+    10,000 kept, 71-76 MiB with 500, at the same speed: the read-ahead process has warmed
+    the inodes either way)."""
 
     def __init__(
         self,
@@ -92,7 +97,7 @@ class StandbyWalker:
         excludes: Sequence[str] = (),
         exclude_files: Sequence[Path] = (),
         one_file_system: bool = False,
-        ahead: int = 10_000,
+        ahead: int = 1_000,
     ) -> None:
         self._options = (list(paths), list(excludes), list(exclude_files), one_file_system)
         with shared_heap() as context:
