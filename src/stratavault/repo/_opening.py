@@ -1,5 +1,5 @@
 """What a command needs before the rest of the repository layer loads: where the local
-cache lives, and the config and master keys (unlocking a key slot).
+cache lives, and the config and master keys (unlocking a key slot, or creating them).
 
 This module imports nothing heavy (no numpy, no chunk index), so that a command can derive
 the passphrase's key (Argon2id's 32 MiB, or scrypt's) while the process is still small and
@@ -8,17 +8,19 @@ load the rest afterwards: the two peaks do not add up.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stratavault.repo import _immutable, _keyring
-from stratavault.repo._config import read_config
-from stratavault.repo._crypto import MasterKeys
+from stratavault.errors import ObjectExistsError, ObjectNotFoundError, RepositoryExistsError
+from stratavault.repo import _formats as F, _immutable, _keyring
+from stratavault.repo._config import new_config, read_config
+from stratavault.repo._crypto import KdfParams, MasterKeys
 from stratavault.storage import Storage
 
-__all__ = ["Unlocked", "default_cache_dir", "unlock_repository"]
+__all__ = ["Unlocked", "create_repository", "default_cache_dir", "unlock_repository"]
 
 
 def default_cache_dir() -> Path:
@@ -42,4 +44,41 @@ def unlock_repository(storage: Storage, passphrase: bytes) -> Unlocked:
     config = read_config(storage)
     _immutable.apply(storage, _immutable.days(config, storage), creating=False)
     keys, key_name = _keyring.unlock(storage, passphrase, config["id"])
+    return Unlocked(config, keys, key_name)
+
+
+def create_repository(
+    storage: Storage,
+    passphrase: bytes,
+    *,
+    now: float,
+    kdf: KdfParams | None,
+    immutable_days: int | None,
+    shared: tuple[dict[str, Any], MasterKeys] | None,
+) -> Unlocked:
+    """Write a new repository's first key slot and then its config (see
+    :meth:`Repository.init`); ``shared``: the config and keys of a repository whose
+    chunk-id key and chunker parameters the new one takes. ``RepositoryExistsError`` when
+    ``storage`` holds a config already."""
+    _immutable.apply(storage, immutable_days, creating=True)
+    try:
+        storage.stat(F.CONFIG_NAME)
+    except ObjectNotFoundError:
+        pass
+    else:
+        raise RepositoryExistsError(
+            f"creating repository at {storage.properties.location} - a config already exists"
+        )
+    config = new_config(now, immutable_days)
+    keys = MasterKeys.generate()
+    if shared is not None:
+        config["chunker"] = shared[0]["chunker"]
+        keys = MasterKeys(keys.material[: F.KEY_BYTES] + shared[1].material[F.KEY_BYTES :])
+    key_name = _keyring.write_slot(storage, keys, passphrase, config["id"], kdf, now)
+    try:
+        storage.put(F.CONFIG_NAME, json.dumps(config, indent=1).encode())
+    except ObjectExistsError as exc:
+        raise RepositoryExistsError(
+            f"creating repository at {storage.properties.location} - created concurrently"
+        ) from exc
     return Unlocked(config, keys, key_name)

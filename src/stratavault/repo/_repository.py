@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -15,8 +14,6 @@ from typing import Any, cast
 from stratavault.errors import (
     ChunkNotFoundError,
     ObjectExistsError,
-    ObjectNotFoundError,
-    RepositoryExistsError,
 )
 from stratavault.repo import (
     _collect,
@@ -27,7 +24,6 @@ from stratavault.repo import (
     _reading,
     _snapshots,
 )
-from stratavault.repo._config import new_config
 from stratavault.repo._crypto import (
     ChunkSealer,
     KdfParams,
@@ -41,7 +37,7 @@ from stratavault.repo._index import ChunkIndex, Entry, decode_index_object, enco
 from stratavault.repo._keys import KeyInfo
 from stratavault.repo._locks import EXCLUSIVE, PRUNE, SHARED, Locker
 from stratavault.repo._open_packs import OpenPacks
-from stratavault.repo._opening import Unlocked, unlock_repository
+from stratavault.repo._opening import Unlocked, create_repository, unlock_repository
 from stratavault.repo._packs import OpenPack, PackBuffers, SealedPack
 from stratavault.repo._uploader import Uploader
 from stratavault.repo._values import ChunkInfo, RepoStats
@@ -130,30 +126,13 @@ class Repository:
         parameters (not its encryption key), so that copies between the two need not
         read the chunks the target has (docs/format.md, "Copies between repositories").
         """
-        _immutable.apply(storage, immutable_days, creating=True)
-        try:
-            storage.stat(F.CONFIG_NAME)
-        except ObjectNotFoundError:
-            pass
-        else:
-            raise RepositoryExistsError(
-                f"creating repository at {storage.properties.location} - a config already exists"
-            )
-        now = clock()
-        config = new_config(now, immutable_days)
-        keys = MasterKeys.generate()
+        shared = None
         if copy_params_from is not None:
-            config["chunker"] = copy_params_from.config["chunker"]
-            shared_id_key = copy_params_from._keys.material[F.KEY_BYTES :]
-            keys = MasterKeys(keys.material[: F.KEY_BYTES] + shared_id_key)
-        key_name = _keyring.write_slot(storage, keys, passphrase, config["id"], kdf, now)
-        try:
-            storage.put(F.CONFIG_NAME, json.dumps(config, indent=1).encode())
-        except ObjectExistsError as exc:
-            raise RepositoryExistsError(
-                f"creating repository at {storage.properties.location} - created concurrently"
-            ) from exc
-        return cls(storage, config, keys, key_name, cache_dir, clock, _Options(**options))
+            shared = (copy_params_from.config, copy_params_from._keys)
+        unlocked = create_repository(
+            storage, passphrase, now=clock(), kdf=kdf, immutable_days=immutable_days, shared=shared
+        )
+        return cls.unlocked(storage, unlocked, cache_dir=cache_dir, clock=clock, **options)
 
     @classmethod
     def open(
