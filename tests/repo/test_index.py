@@ -110,6 +110,30 @@ def test_cache_written_extended_and_rebuilt(tmp_path: Path) -> None:
     assert known.count(False) in (len(ids), len(more_ids))
 
 
+def test_cache_is_written_only_when_the_index_changed(tmp_path: Path) -> None:
+    """Every flush (a backup has several, and opening recovers unindexed packs) used to
+    rewrite the whole cache file: 10 million chunks are ~480 MiB."""
+    storage, cache = MemoryStorage(), tmp_path / "cache"
+    Repository.init(storage, PASS, cache_dir=cache, kdf=KdfParams.fast()).close()
+    with open_repo(storage, cache) as repo:
+        data = b"x" * 5000
+        repo.add_chunk(repo.chunk_id(data), data)
+        repo.flush()
+        path = cache / repo.id / "index.cache"
+        written = path.stat().st_ino
+        repo.flush()
+        assert repo.recover_unindexed_packs() == 0
+        assert path.stat().st_ino == written  # not replaced: nothing new
+    with open_repo(storage, cache) as repo:
+        repo.flush()
+        assert path.stat().st_ino == written
+        more = b"y" * 5000
+        repo.add_chunk(repo.chunk_id(more), more)
+        repo.flush()
+        assert path.stat().st_ino != written
+        assert ChunkIndex.load(cache / repo.id) is not None
+
+
 def test_cache_is_used_without_reading_index_objects(tmp_path: Path) -> None:
     storage = MemoryStorage()
     cache = tmp_path / "cache"

@@ -60,8 +60,8 @@ def _sync_index_once(repo: Repository) -> None:
     names -= set(damaged)  # not covered: read (and skipped) again at the next open
     with repo._lock:
         repo._index, repo._index_objects = index, names
-    if missing or covered != names:
-        repo._save_cache()
+        repo._cache_covers = set(covered) if cached is not None else None
+    repo._save_cache()  # when it covers other index objects than the cache did
 
 
 def damaged_index_names(repo: Repository) -> list[str]:

@@ -87,6 +87,8 @@ class Repository:
         self._lock = threading.Lock()
         self._index = ChunkIndex()
         self._index_objects: set[str] = set()
+        self._cache_covers: set[str] | None = None
+        """The index objects the local cache file was last loaded or saved with."""
         self._pending: ChunkIndex | None = None
         self._tree_windows = _reading.WindowCache()
         self._frames = FrameCache()
@@ -386,7 +388,10 @@ class Repository:
         with self._lock:
             if self._unindexed or self._filling:
                 return  # the cache must equal what the covered index objects say
+            if self._cache_covers == self._index_objects:
+                return  # it says this already (every flush comes here)
             self._index.save(self._cache_dir, self._index_objects)
+            self._cache_covers = set(self._index_objects)
 
     def flush(self) -> None:
         """Seal the open packs, wait for uploads, and write index objects for them."""
