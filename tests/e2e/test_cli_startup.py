@@ -51,6 +51,7 @@ OTHER_COMMANDS_JOBS = (
     "stratavault.jobs._verify",
     "stratavault.jobs._instant",
     "stratavault.jobs._backup_files",
+    "stratavault.jobs._backup_run",
     "asyncio",
     "rich",
     "urllib.request",

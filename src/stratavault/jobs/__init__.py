@@ -16,10 +16,8 @@ if TYPE_CHECKING:
         chunk_runs as chunk_runs,
         read_groups as read_groups,
     )
-    from stratavault.jobs._backup_files import (
-        BackupFilesOptions as BackupFilesOptions,
-        backup_files as backup_files,
-    )
+    from stratavault.jobs._backup_files import backup_files as backup_files
+    from stratavault.jobs._backup_run import BackupFilesOptions as BackupFilesOptions
     from stratavault.jobs._backup_sources import (
         ReadAhead as ReadAhead,
         start_read_ahead as start_read_ahead,
