@@ -25,11 +25,11 @@ from stratavault.errors import (
     ObjectNotFoundError,
     PermissionDeniedError,
     StorageError,
-    StorageFullError,
     TransientStorageError,
 )
 from stratavault.storage._base import ObjectInfo, StorageProperties, check_name
 from stratavault.storage._range import check_range
+from stratavault.storage._s3_errors import BOTO_ERRORS, error_code, http_status, s3_error
 
 __all__ = ["S3Storage"]
 
@@ -40,23 +40,6 @@ _MIN_PART_BYTES = 5 * MIB
 _UNLOCKED_PREFIX = ("locks/", "index/", "gc/")
 """Never retained: locks are refreshed and removed by every client; index objects (rebuilt
 from pack headers by ``repair index``) and prune's plan objects are replaced by prune."""
-
-_BAD_CREDENTIALS = {
-    "InvalidAccessKeyId": "the access key id is unknown to the store",
-    "SignatureDoesNotMatch": "the secret key does not match the access key id",
-    "InvalidToken": "the session token is invalid",
-    "ExpiredToken": "the session token has expired",
-    "TokenRefreshRequired": "the session token has expired",
-    "AuthorizationHeaderMalformed": "the request signature is malformed (wrong region?)",
-}
-_TRANSIENT_CODES = {
-    "SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
-    "InternalError", "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequests",
-    "OperationAborted", "BadDigest", "IncompleteBody",
-}  # fmt: skip
-_FULL_CODES = {"QuotaExceeded", "XMinioStorageFull", "InsufficientStorage", "EntityTooLarge"}
-_BOTO_ERRORS = (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError)
-_NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound", "NoSuchVersion"}
 
 
 def _check_settings(bucket: str, part_size_bytes: int, lock_days: int | None) -> None:
@@ -312,7 +295,7 @@ class S3Storage:
     def _version_retention(self, key: str, version_id: str) -> dt.datetime | None:
         try:
             head = self._client.head_object(Bucket=self.bucket, Key=key, VersionId=version_id)
-        except _BOTO_ERRORS:
+        except BOTO_ERRORS:
             return None
         until = head.get("ObjectLockRetainUntilDate")
         if isinstance(until, dt.datetime) and until > self._clock():
@@ -345,7 +328,7 @@ class S3Storage:
             )  # fmt: skip
         except BaseException:
             # if even the abort fails, the store's lifecycle rules clean up the parts
-            with contextlib.suppress(*_BOTO_ERRORS):
+            with contextlib.suppress(*BOTO_ERRORS):
                 self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
             raise
 
@@ -362,7 +345,7 @@ class S3Storage:
                     **extra,
                 )  # fmt: skip
             except botocore.exceptions.ClientError as e:
-                if _code(e) == "InvalidRange":  # at or past the end of an existing object
+                if error_code(e) == "InvalidRange":  # at or past the end of an existing object
                     return b"", offset, ""
                 raise
             data: bytes = answer["Body"].read()
@@ -402,9 +385,9 @@ class S3Storage:
             try:
                 self._client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
             except botocore.exceptions.ClientError as e:
-                if _status(e) == 404 or _code(e) == "NoSuchBucket":
+                if http_status(e) == 404 or error_code(e) == "NoSuchBucket":
                     raise StorageError(self._no_bucket(operation, name)) from None
-                if _code(e) != "AccessDenied":  # may not list: the operation will tell
+                if error_code(e) != "AccessDenied":  # may not list: the operation will tell
                     raise self._error(operation, name, e) from e
             except botocore.exceptions.BotoCoreError as e:
                 raise self._error(operation, name, e) from e
@@ -415,7 +398,7 @@ class S3Storage:
         self._check_bucket(operation, name)
         try:
             return fn()
-        except _BOTO_ERRORS as e:
+        except BOTO_ERRORS as e:
             raise self._error(operation, name, e) from e
 
     def _no_bucket(self, operation: str, name: str) -> str:
@@ -425,58 +408,13 @@ class S3Storage:
         )
 
     def _error(self, operation: str, name: str, e: Exception) -> StorageError:
-        where = f"{operation} {name} at {self.properties.location}"
-        if isinstance(e, botocore.exceptions.NoCredentialsError):
-            return PermissionDeniedError(
-                f"{where} - no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-                "or AWS_PROFILE for a profile in ~/.aws/credentials"
-            )
-        if isinstance(e, botocore.exceptions.ClientError):
-            return self._client_error(where, operation, name, e)
-        if isinstance(e, botocore.exceptions.EndpointConnectionError):
-            return TransientStorageError(
-                f"{where} - cannot connect to {e.kwargs.get('endpoint_url')}"
-            )
-        if isinstance(
+        return s3_error(
             e,
-            botocore.exceptions.ConnectionError
-            | botocore.exceptions.HTTPClientError
-            | botocore.exceptions.IncompleteReadError
-            | botocore.exceptions.ResponseStreamingError,
-        ):
-            return TransientStorageError(f"{where} - connection failed: {e}")
-        return StorageError(f"{where} - {e}")
-
-    def _client_error(
-        self, where: str, operation: str, name: str, e: botocore.exceptions.ClientError
-    ) -> StorageError:
-        code, status = _code(e), _status(e)
-        message = e.response.get("Error", {}).get("Message") or code
-        if code == "NoSuchBucket":
-            return StorageError(self._no_bucket(operation, name))
-        if code in _BAD_CREDENTIALS:
-            return PermissionDeniedError(
-                f"{where} - credentials rejected: {_BAD_CREDENTIALS[code]} ({code})"
-            )
-        if code in _NOT_FOUND_CODES or status == 404:
-            return ObjectNotFoundError(f"{where} - no such object")
-        if status == 412 and operation == "put":
-            return ObjectExistsError(f"{where} - object exists")
-        if status == 412:  # a ranged read whose If-Match no longer holds
-            return TransientStorageError(f"{where} - the object changed while being read")
-        if code == "AccessDenied" or status == 403:
-            return PermissionDeniedError(
-                f"{where} - access denied: these credentials may not {operation} here ({message})"
-            )
-        if code in _FULL_CODES or status == 507:
-            return StorageFullError(f"{where} - no space left ({code}: {message})")
-        if code in _TRANSIENT_CODES or status in (429, 500, 502, 503, 504):
-            return TransientStorageError(f"{where} - the store is busy or failing ({code})")
-        if code == "InvalidRequest" and self.lock_days is not None:
-            return StorageError(
-                f"{where} - refused ({message}); is object lock enabled on bucket {self.bucket!r}?"
-            )
-        return StorageError(f"{where} - {code} (HTTP {status}): {message}")
+            where=f"{operation} {name} at {self.properties.location}",
+            operation=operation,
+            no_bucket=self._no_bucket(operation, name),
+            locked_bucket=self.bucket if self.lock_days is not None else None,
+        )
 
     def __repr__(self) -> str:
         return f"S3Storage({self.properties.location!r})"
@@ -496,14 +434,6 @@ def _client(
         return made.client("s3", endpoint_url=endpoint, config=options)
     except (botocore.exceptions.BotoCoreError, ValueError) as e:
         raise StorageError(f"opening {location} - {e}") from e
-
-
-def _code(e: botocore.exceptions.ClientError) -> str:
-    return str(e.response.get("Error", {}).get("Code", ""))
-
-
-def _status(e: botocore.exceptions.ClientError) -> int:
-    return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
 
 
 def _total_size(content_range: str | None, fallback: int) -> int:
