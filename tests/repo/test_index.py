@@ -134,6 +134,18 @@ def test_cache_is_written_only_when_the_index_changed(tmp_path: Path) -> None:
         assert ChunkIndex.load(cache / repo.id) is not None
 
 
+def test_an_unusable_cache_is_replaced_even_by_an_empty_index(tmp_path: Path) -> None:
+    storage, cache = MemoryStorage(), tmp_path / "cache"
+    with Repository.init(storage, PASS, cache_dir=cache, kdf=KdfParams.fast()) as repo:
+        data = b"z" * 5000
+        repo.add_chunk(repo.chunk_id(data), data)
+    for obj in list(storage.list("index/")):
+        storage.delete(obj.name)  # the cache now covers index objects that are gone
+    with open_repo(storage, cache) as again:
+        loaded = ChunkIndex.load(cache / again.id)
+        assert loaded is not None and loaded[1] == set()
+
+
 def test_cache_is_used_without_reading_index_objects(tmp_path: Path) -> None:
     storage = MemoryStorage()
     cache = tmp_path / "cache"

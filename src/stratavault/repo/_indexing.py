@@ -60,7 +60,7 @@ def _sync_index_once(repo: Repository) -> None:
     names -= set(damaged)  # not covered: read (and skipped) again at the next open
     with repo._lock:
         repo._index, repo._index_objects = index, names
-        repo._cache_covers = set(covered) if cached is not None else None
+        repo._cache_covers = set(cached[1]) if cached is not None else None  # what the file says
     repo._save_cache()  # when it covers other index objects than the cache did
 
 
