@@ -87,8 +87,8 @@ class StandbyWalker:
 
     ``ahead`` is small: the entries kept are Python objects the walker's heap holds on to
     after sending them (an unchanged backup of the bench tree peaked at 75-83 MiB with
-    10,000 kept, 71-76 MiB with 500, at the same speed: the read-ahead process has warmed
-    the inodes either way)."""
+    10,000 kept, 71-73 MiB in most runs with 1,000, at the same speed: the read-ahead
+    process has warmed the inodes either way)."""
 
     def __init__(
         self,
@@ -99,7 +99,7 @@ class StandbyWalker:
         one_file_system: bool = False,
         ahead: int = 1_000,
     ) -> None:
-        self._options = (list(paths), list(excludes), list(exclude_files), one_file_system)
+        self._options = _walk_options(paths, excludes, exclude_files, one_file_system)
         with shared_heap() as context:
             self._conn, child_end = context.Pipe()
             self._child = context.Process(
@@ -123,8 +123,7 @@ class StandbyWalker:
         one_file_system: bool = False,
     ) -> bool:
         """Whether it walks ``paths`` with these options (it was started for them)."""
-        wanted = (list(paths), list(excludes), list(exclude_files), one_file_system)
-        return self._options == wanted
+        return self._options == _walk_options(paths, excludes, exclude_files, one_file_system)
 
     def walk_states(
         self, *, known: set[bytes], secret: bytes, on_error: ErrorHandler
@@ -191,6 +190,17 @@ def _records(receiver: Connection, on_error: ErrorHandler) -> Iterator[WalkRecor
                 raise UsageError(value)
             else:
                 return
+
+
+def _walk_options(
+    paths: Sequence[Path],
+    excludes: Sequence[str],
+    exclude_files: Sequence[Path],
+    one_file_system: bool,
+) -> tuple[list[Path], list[str], list[Path], bool]:
+    """The options of a walk as the child takes them (and as :meth:`StandbyWalker.walks`
+    compares them)."""
+    return list(paths), list(excludes), list(exclude_files), one_file_system
 
 
 _Met = tuple[Path, OSError]
