@@ -21,6 +21,7 @@ from stratavault.jobs import RestoreOptions, restore_files
 from stratavault.repo import KdfParams, Repository
 from stratavault.snapshot import Node, Snapshot, save_snapshot, save_tree
 from stratavault.storage import LocalStorage
+from stratavault.storage._local import TEMP_PREFIX
 from tests.e2e.conftest import Cli
 
 
@@ -148,7 +149,8 @@ def _wait_for_packs(proc: subprocess.Popen[bytes], repo: Path, count: int) -> No
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         assert proc.poll() is None, "backup ended before it was interrupted"
-        if sum(1 for p in (repo / "data").rglob("*") if p.is_file()) >= count:
+        landed = [p for p in (repo / "data").rglob("*") if p.is_file()]
+        if sum(1 for p in landed if not p.name.startswith(TEMP_PREFIX)) >= count:
             return
         time.sleep(0.02)
     raise AssertionError("no packs landed within 60 s")

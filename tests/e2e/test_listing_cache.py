@@ -4,6 +4,7 @@ snapshot's listing, and nothing stale is ever reused."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,10 @@ def src(tmp_path: Path) -> Path:
         folder = root / "many" / f"d{i % 5}" / f"e{i % 3}"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"f{i}").write_bytes(os.urandom(1000 + i))
+    # A folder listed within the clock tick (4 ms or more) it was last changed in keeps an
+    # access time equal to its change time, so its next listing moves the access time again
+    # (relatime), and the backup after that would see a changed folder.
+    time.sleep(0.05)
     return root
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from stratavault.repo._crypto import MasterKeys
+from stratavault.repo._open_packs import OpenPacks
 from stratavault.repo._packs import OpenPack, PackBuffers, seal_pack
 
 
@@ -29,13 +30,63 @@ def test_a_used_buffer_gives_the_same_pack_as_a_fresh_one() -> None:
 
 
 def test_buffers_are_kept_only_when_no_view_of_them_is_alive() -> None:
-    buffers = PackBuffers(keep=1)
-    viewed = bytearray(1000)
+    buffers = PackBuffers(1000, keep=1)
+    viewed = buffers.take()
     view = memoryview(viewed)
     buffers.give(viewed)
     assert buffers.take() is not viewed  # a view is alive: not reused
     view.release()
     buffers.give(viewed)
-    buffers.give(bytearray(10))  # beyond ``keep``
+    buffers.give(bytearray(1000))  # beyond ``keep``
     assert buffers.take() is viewed
-    assert len(buffers.take()) == 0  # none left: a new one
+    assert buffers.take() is not viewed  # none left: a new one
+
+
+def test_buffers_of_another_size_are_not_kept() -> None:
+    buffers = PackBuffers(1000, keep=2)
+    grown = bytearray(1500)  # a pack of one blob larger than the target
+    buffers.give(grown)
+    assert buffers.take() is not grown
+    assert len(buffers.take()) == 1000
+
+
+def test_sealed_bytes_is_the_size_of_the_sealed_pack() -> None:
+    keys = MasterKeys.generate()
+    pack = OpenPack(1, bytearray(100_000))
+    assert pack.sealed_bytes(700, 1) == OpenPack(2).sealed_bytes() + 700 + 45
+    _fill(pack, [os.urandom(n) for n in (1000, 5000, 300)])
+    expected = pack.sealed_bytes(4000, 2)
+    pack.append_frame([(b"a" * 32, 1000), (b"b" * 32, 3000)], 0x81, os.urandom(4000))
+    assert pack.sealed_bytes() == expected == len(seal_pack(keys, pack).data)
+
+
+def test_packs_are_closed_before_a_blob_would_take_them_past_the_target() -> None:
+    target = 10_000
+    buffers = PackBuffers(target)
+    packs = OpenPacks(buffers, target)
+    full: list[OpenPack] = []
+    for i in range(40):
+        full += packs.append(0, [(i.to_bytes(32, "big"), 1000)], os.urandom(1000))
+    full += packs.take_all()
+    keys = MasterKeys.generate()
+    sizes = [len(seal_pack(keys, p).data) for p in full]
+    assert sum(p.count for p in full) == 40
+    assert all(s <= target for s in sizes)
+    assert all(s + 1045 > target for s in sizes[:-1])  # the next blob did not fit
+    assert all(len(p.data) == target for p in full)  # the buffers never grew
+
+
+def test_a_blob_larger_than_the_target_gets_a_pack_of_its_own() -> None:
+    packs = OpenPacks(PackBuffers(1000), 1000)
+    assert packs.append(0, [(b"a" * 32, 100)], os.urandom(100)) == []
+    first, alone = packs.append(0, [(b"b" * 32, 5000)], os.urandom(5000))
+    assert (first.count, alone.count) == (1, 1)
+    assert packs.take_all() == []
+
+
+def test_tree_packs_do_not_take_the_data_buffers() -> None:
+    buffers = PackBuffers(10_000)
+    packs = OpenPacks(buffers, 10_000)
+    packs.append(1, [(b"t" * 32, 100)], os.urandom(100))
+    (tree,) = packs.take_all()
+    assert len(tree.data) < 10_000

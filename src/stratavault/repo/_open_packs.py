@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from stratavault.repo import _formats as F
 from stratavault.repo._index import Entry
 from stratavault.repo._packs import OpenPack, PackBuffers
+from stratavault.types import BlobKind
 
 __all__ = ["OpenPacks"]
 
@@ -34,19 +35,29 @@ class OpenPacks:
         """The pack holding a chunk not indexed yet, and its entry (pack number -1)."""
         return self._chunks.get(chunk_id)
 
-    def append(self, kind: int, members: list[tuple[bytes, int]], blob: bytes) -> OpenPack | None:
+    def append(self, kind: int, members: list[tuple[bytes, int]], blob: bytes) -> list[OpenPack]:
         """Add a blob holding ``members`` (``(chunk id, raw length)``, none of them stored
-        yet) to the pack of its kind; return that pack when it is full (it leaves the open
-        packs: upload it)."""
+        yet) to the pack of its kind; return the packs that are full now (they leave the
+        open packs: upload them). A pack is full before a blob would take it past the
+        target size, header included, and once it reaches that size; only a pack of a
+        single blob is larger. Data packs fill recycled buffers of the target size; trees
+        are few, and their packs grow as needed."""
         base = kind & ~F.KIND_FRAMED
+        full: list[OpenPack] = []
         pack = self._open.get(base)
+        if pack is not None and pack.sealed_bytes(len(blob), len(members)) > self._target_bytes:
+            full.append(self._open.pop(base))
+            pack = None
         if pack is None:
-            pack = self._open[base] = OpenPack(self._next_number, self._buffers.take())
+            buffer = self._buffers.take() if base == BlobKind.DATA else bytearray()
+            pack = self._open[base] = OpenPack(self._next_number, buffer)
             self._next_number += 1
         offset = pack.append_frame(members, kind, blob)
         for chunk_id, raw_len in members:
             self._chunks[chunk_id] = (pack, Entry(-1, kind, offset, len(blob), raw_len))
-        return self._open.pop(base) if pack.size >= self._target_bytes else None
+        if pack.sealed_bytes() >= self._target_bytes:
+            full.append(self._open.pop(base))
+        return full
 
     def forget(self, chunk_ids: Iterable[bytes]) -> None:
         """The chunks' pack is indexed now, or failed to upload."""

@@ -92,7 +92,7 @@ class Repository:
         self._pending: ChunkIndex | None = None
         self._tree_windows = _reading.WindowCache()
         self._frames = FrameCache()
-        self._buffers = PackBuffers()
+        self._buffers = PackBuffers(options.pack_target_bytes)
         self._filling = OpenPacks(self._buffers, options.pack_target_bytes)
         self._unindexed: list[tuple[str, Any]] = []
         self._error: BaseException | None = None
@@ -256,8 +256,8 @@ class Repository:
             if not new:
                 return 0
             full = self._filling.append(kind, list(new), blob)
-        if full is not None:
-            self._uploader.submit(full)
+        for pack in full:
+            self._uploader.submit(pack)
         return len(new)
 
     def _locate(self, chunk_id: bytes) -> tuple[str, Entry, bytes | memoryview | None]:
