@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tracemalloc
 
 from stratavault.repo._crypto import MasterKeys
 from stratavault.repo._open_packs import OpenPacks
@@ -40,6 +41,19 @@ def test_buffers_are_kept_only_when_no_view_of_them_is_alive() -> None:
     buffers.give(bytearray(1000))  # beyond ``keep``
     assert buffers.take() is viewed
     assert buffers.take() is not viewed  # none left: a new one
+
+
+def test_kept_buffers_do_not_grow() -> None:
+    tracemalloc.start()
+    try:
+        buffers = PackBuffers(1 << 20)
+        buffer = buffers.take()
+        before = tracemalloc.get_traced_memory()[0]
+        buffers.give(buffer)
+        assert buffers.take() is buffer
+        assert tracemalloc.get_traced_memory()[0] < before + 4096  # not an eighth more
+    finally:
+        tracemalloc.stop()
 
 
 def test_buffers_of_another_size_are_not_kept() -> None:

@@ -114,9 +114,8 @@ class PackBuffers:
         be overwritten either)."""
         if len(buffer) != self._size:
             return
-        try:
-            buffer.append(0)
-            del buffer[-1:]
+        try:  # a resize fails while views are alive; shrinking first never reallocates
+            buffer.append(buffer.pop())
         except BufferError:
             return
         with self._lock:
