@@ -144,7 +144,6 @@ class FilesRun:
             workers=workers,
             max_pending=options.max_pending_batches or 2 * workers,
             processes_after_files=_processes_after(options, parent),
-            max_small_file_bytes=self.SMALL_FILE_BYTES,
             cancel=cancel,
             on_bytes=self._count_bytes,
         )

@@ -73,13 +73,11 @@ class FileReaders:
         workers: int,
         max_pending: int,
         processes_after_files: int,
-        max_small_file_bytes: int,
         cancel: Cancellation,
         on_bytes: Callable[[int], None],
     ) -> None:
         self._repo, self._level, self._workers = repo, level, workers
         self._processes_after = processes_after_files
-        self._max_small_file_bytes = max_small_file_bytes
         self._cancel, self._on_bytes = cancel, on_bytes
         self._threads = ThreadPoolExecutor(workers, thread_name_prefix="backup")
         self._processes: ProcessPoolExecutor | None = None
@@ -120,7 +118,7 @@ class FileReaders:
                 self._workers,
                 mp_context=context,
                 initializer=init_seal_worker,
-                initargs=(self._repo.sealer(), self._level, self._max_small_file_bytes),
+                initargs=(self._repo.sealer(), self._level),
             )
             return self._processes.submit(seal_files, paths)
 
