@@ -227,7 +227,7 @@ class ChunkIndex:
         with tmp.open("wb") as fh:
             fh.write(_CACHE_PREFIX.pack(_CACHE_MAGIC, len(head), padded))
             fh.write(head.ljust(padded - _CACHE_PREFIX.size, b" "))
-            fh.write(arr.tobytes())
+            fh.write(arr.data)  # no copy: 490 MB for 10 million entries
         os.replace(tmp, directory / _CACHE_NAME)
         for old in ("index.npy", "index.json"):  # the two files of cache version 1
             (directory / old).unlink(missing_ok=True)
