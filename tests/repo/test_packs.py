@@ -31,37 +31,29 @@ def test_a_used_buffer_gives_the_same_pack_as_a_fresh_one() -> None:
 
 
 def test_buffers_are_kept_only_when_no_view_of_them_is_alive() -> None:
-    buffers = PackBuffers(1000, keep=1)
-    viewed = buffers.take()
+    buffers = PackBuffers(keep=1)
+    viewed = bytearray(1000)
     view = memoryview(viewed)
     buffers.give(viewed)
     assert buffers.take() is not viewed  # a view is alive: not reused
     view.release()
     buffers.give(viewed)
-    buffers.give(bytearray(1000))  # beyond ``keep``
+    buffers.give(bytearray(10))  # beyond ``keep``
     assert buffers.take() is viewed
-    assert buffers.take() is not viewed  # none left: a new one
+    assert len(buffers.take()) == 0  # none left: a new one
 
 
 def test_kept_buffers_do_not_grow() -> None:
     tracemalloc.start()
     try:
-        buffers = PackBuffers(1 << 20)
-        buffer = buffers.take()
+        buffers = PackBuffers()
+        buffer = bytearray(1 << 20)
         before = tracemalloc.get_traced_memory()[0]
         buffers.give(buffer)
         assert buffers.take() is buffer
         assert tracemalloc.get_traced_memory()[0] < before + 4096  # not an eighth more
     finally:
         tracemalloc.stop()
-
-
-def test_buffers_of_another_size_are_not_kept() -> None:
-    buffers = PackBuffers(1000, keep=2)
-    grown = bytearray(1500)  # a pack of one blob larger than the target
-    buffers.give(grown)
-    assert buffers.take() is not grown
-    assert len(buffers.take()) == 1000
 
 
 def test_sealed_bytes_is_the_size_of_the_sealed_pack() -> None:
@@ -76,8 +68,7 @@ def test_sealed_bytes_is_the_size_of_the_sealed_pack() -> None:
 
 def test_packs_are_closed_before_a_blob_would_take_them_past_the_target() -> None:
     target = 10_000
-    buffers = PackBuffers(target)
-    packs = OpenPacks(buffers, target)
+    packs = OpenPacks(PackBuffers(), target)
     full: list[OpenPack] = []
     for i in range(40):
         full += packs.append(0, [(i.to_bytes(32, "big"), 1000)], os.urandom(1000))
@@ -87,11 +78,10 @@ def test_packs_are_closed_before_a_blob_would_take_them_past_the_target() -> Non
     assert sum(p.count for p in full) == 40
     assert all(s <= target for s in sizes)
     assert all(s + 1045 > target for s in sizes[:-1])  # the next blob did not fit
-    assert all(len(p.data) == target for p in full)  # the buffers never grew
 
 
 def test_a_blob_larger_than_the_target_gets_a_pack_of_its_own() -> None:
-    packs = OpenPacks(PackBuffers(1000), 1000)
+    packs = OpenPacks(PackBuffers(), 1000)
     assert packs.append(0, [(b"a" * 32, 100)], os.urandom(100)) == []
     first, alone = packs.append(0, [(b"b" * 32, 5000)], os.urandom(5000))
     assert (first.count, alone.count) == (1, 1)
@@ -99,8 +89,11 @@ def test_a_blob_larger_than_the_target_gets_a_pack_of_its_own() -> None:
 
 
 def test_tree_packs_do_not_take_the_data_buffers() -> None:
-    buffers = PackBuffers(10_000)
+    buffers = PackBuffers()
+    spare = bytearray(10_000)
+    buffers.give(spare)
     packs = OpenPacks(buffers, 10_000)
     packs.append(1, [(b"t" * 32, 100)], os.urandom(100))
     (tree,) = packs.take_all()
-    assert len(tree.data) < 10_000
+    assert tree.data is not spare and len(tree.data) == 100
+    assert buffers.take() is spare

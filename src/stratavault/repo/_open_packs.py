@@ -40,8 +40,8 @@ class OpenPacks:
         yet) to the pack of its kind; return the packs that are full now (they leave the
         open packs: upload them). A pack is full before a blob would take it past the
         target size, header included, and once it reaches that size; only a pack of a
-        single blob is larger. Data packs fill recycled buffers of the target size; trees
-        are few, and their packs grow as needed."""
+        single blob is larger. Data packs fill recycled buffers; trees are few, and their
+        packs start from an empty buffer (a recycled one is 16 MiB of resident pages)."""
         base = kind & ~F.KIND_FRAMED
         full: list[OpenPack] = []
         pack = self._open.get(base)

@@ -89,30 +89,24 @@ class OpenPack:
 
 
 class PackBuffers:
-    """Buffers of uploaded data packs, kept to fill the next ones: a fresh buffer of a pack's
-    ``size_bytes`` is mapped anew and every page of it faulted in (the mmap threshold is
-    8 MiB), 4,096 page faults per 16 MiB pack. At most ``keep`` are kept; thread-safe.
+    """Buffers of uploaded data packs, kept to fill the next ones: a fresh buffer grows to
+    16 MiB, mapped anew and every page of it faulted in (the mmap threshold is 8 MiB),
+    4,096 page faults per pack. At most ``keep`` are kept; thread-safe."""
 
-    A buffer is allocated at its full size once, and a pack is sealed before a blob would
-    take it past that size (see :meth:`OpenPack.sealed_bytes`), so buffers never grow: a
-    bytearray extended past its length reserves an eighth more, and the pack buffers of the
-    bench's first backup held 18.5 MiB each instead of 16."""
-
-    def __init__(self, size_bytes: int, keep: int = 2) -> None:
-        self._size, self._keep = size_bytes, keep
+    def __init__(self, keep: int = 2) -> None:
+        self._keep = keep
         self._spare: list[bytearray] = []
         self._lock = threading.Lock()
 
     def take(self) -> bytearray:
         """A buffer for a new pack (its old bytes are overwritten as the pack fills)."""
         with self._lock:
-            return self._spare.pop() if self._spare else bytearray(self._size)
+            return self._spare.pop() if self._spare else bytearray()
 
     def give(self, buffer: bytearray) -> None:
-        """Keep the buffer of a pack whose upload is done, unless it is not of the size
-        kept, or some view of it is still alive (then it cannot change size, and must not
-        be overwritten either)."""
-        if len(buffer) != self._size:
+        """Keep the buffer of a pack whose upload is done, unless some view of it is still
+        alive (then it cannot change size, and must not be overwritten either)."""
+        if not buffer:
             return
         try:  # a resize fails while views are alive; shrinking first never reallocates
             buffer.append(buffer.pop())

@@ -92,7 +92,7 @@ class Repository:
         self._pending: ChunkIndex | None = None
         self._tree_windows = _reading.WindowCache()
         self._frames = FrameCache()
-        self._buffers = PackBuffers(options.pack_target_bytes)
+        self._buffers = PackBuffers()
         self._filling = OpenPacks(self._buffers, options.pack_target_bytes)
         self._unindexed: list[tuple[str, Any]] = []
         self._error: BaseException | None = None
