@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -116,6 +117,28 @@ def test_unsupported_format_is_refused(short_tmp: Path) -> None:
     subprocess.run(["qemu-img", "create", "-q", "-f", "qed", str(image), "1M"], check=True)
     with pytest.raises(SourceError, match="unsupported format 'qed'"):
         ImageExport(image, short_tmp / "s").__enter__()
+
+
+def test_daemon_that_ends_after_making_its_socket_is_reported_with_its_words(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon that opens its QMP socket and then fails: its stderr, not the QMP error."""
+    image = short_tmp / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M"], check=True)
+    bin_dir = short_tmp / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "qemu-storage-daemon"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'sock=$(printf "%s\\n" "$@" | sed -n "s/.*path=\\([^,]*\\),.*/\\1/p")\n'
+        'python3 -c "import socket,sys; socket.socket(socket.AF_UNIX).bind(sys.argv[1])" "$sock"\n'
+        'echo "qemu-storage-daemon: simulated failure after start-up" >&2\n'
+        "exit 1\n"
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    with pytest.raises(SourceError, match=r"opening the image .*simulated failure after start-up"):
+        ImageExport(image, short_tmp / "s", fmt="qcow2").__enter__()
 
 
 def test_chain_continues_from_running_to_stopped_and_back(

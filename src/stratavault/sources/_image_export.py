@@ -66,10 +66,7 @@ class ImageExport:
         """The served disk (set inside the ``with`` block)."""
 
     def __enter__(self) -> ImageExport:
-        fmt = self.fmt or probe_image_format(self.image)
-        if fmt not in IMAGE_FORMATS:
-            raise SourceError(f"exporting the image {self.image} - unsupported format {fmt!r}")
-        self.scratch_dir.mkdir(parents=True, exist_ok=True)
+        fmt = self._prepare("exporting")
         writable = self.track_changes and fmt == "qcow2"
         try:
             self._session = self._start_daemon(fmt, writable)
@@ -106,6 +103,14 @@ class ImageExport:
             return
         raise SourceError(f"tearing down the export of {self.image} - " + "; ".join(errors))
 
+    def _prepare(self, doing: str) -> str:
+        """The image's format (probed unless given), checked; the scratch folder made."""
+        fmt = self.fmt or probe_image_format(self.image)
+        if fmt not in IMAGE_FORMATS:
+            raise SourceError(f"{doing} the image {self.image} - unsupported format {fmt!r}")
+        self.scratch_dir.mkdir(parents=True, exist_ok=True)
+        return fmt
+
     def _start_daemon(self, fmt: str, writable: bool) -> QmpSession:
         qmp = self.scratch_dir / "qsd.qmp"
         if "," in os.fspath(qmp):
@@ -126,13 +131,24 @@ class ImageExport:
         deadline = time.monotonic() + _START_TIMEOUT_S
         while not qmp.exists():
             if self._process.poll() is not None:
-                assert self._process.stderr is not None
-                stderr = self._process.stderr.read().decode(errors="replace").strip()
-                raise SourceError(f"opening the image {self.image} - {stderr or 'daemon exited'}")
+                raise SourceError(f"opening the image {self.image} - {self._exit_reason()}")
             if time.monotonic() > deadline:
                 raise SourceError(f"opening the image {self.image} - qemu-storage-daemon hangs")
             time.sleep(0.01)
-        return QmpSession(qmp, timeout_s=30.0)
+        try:
+            return QmpSession(qmp, timeout_s=30.0)
+        except SourceError as exc:  # the daemon may have ended after making its socket
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(timeout=1)
+            if self._process.returncode is None:
+                raise
+            raise SourceError(f"opening the image {self.image} - {self._exit_reason()}") from exc
+
+    def _exit_reason(self) -> str:
+        """What the daemon, which has ended, said on stderr (else its exit status)."""
+        assert self._process is not None and self._process.stderr is not None
+        stderr = self._process.stderr.read().decode(errors="replace").strip()
+        return stderr or f"qemu-storage-daemon exited with status {self._process.returncode}"
 
     def _stop_daemon(self) -> list[str]:
         """Quit the daemon cleanly (so bitmaps are stored); kill it if it hangs."""
@@ -179,10 +195,7 @@ class ImageServer(ImageExport):
         """Why the bitmap cannot be used (absent, inconsistent, not recording)."""
 
     def __enter__(self) -> ImageServer:
-        fmt = self.fmt or probe_image_format(self.image)
-        if fmt not in IMAGE_FORMATS:
-            raise SourceError(f"serving the image {self.image} - unsupported format {fmt!r}")
-        self.scratch_dir.mkdir(parents=True, exist_ok=True)
+        fmt = self._prepare("serving")
         socket_path = self.scratch_dir / "serve.sock"
         try:
             self._session = self._start_daemon(fmt, True)
