@@ -65,3 +65,17 @@ def pytest_runtest_makereport(
 def repo_root() -> Path:
     """The project's checkout (the folder holding pyproject.toml)."""
     return REPO_ROOT
+
+
+@pytest.fixture(autouse=True)
+def _ctrl_c_stays_with_pytest() -> Generator[None, None, None]:
+    """Fail the test that leaves Ctrl-C ignored or handled otherwise in this process: the
+    CLI processes later tests start would inherit an ignored SIGINT, and their Ctrl-C
+    tests would fail (once seen in a full run, cause unknown)."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    assert after == before, f"SIGINT handler changed from {before!r} to {after!r}"
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, []), "SIGINT blocked"

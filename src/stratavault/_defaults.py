@@ -13,7 +13,7 @@ __all__ = [
     "DISK_FORMATS",
 ]
 
-DEFAULT_DISK_CHUNK_BYTES = 256 << 10
+DEFAULT_DISK_CHUNK_BYTES = 64 << 10
 """Chunk size of new disks (measured trade-off in docs/format.md)."""
 
 DEFAULT_DISK_FRAME_BYTES = 1 << 20

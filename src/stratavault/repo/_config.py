@@ -27,7 +27,7 @@ def new_config(now: float, immutable_days: int | None) -> dict[str, Any]:
         "created": dt.datetime.fromtimestamp(now, dt.UTC).isoformat(timespec="seconds"),
         "chunker": {
             "files": {"algorithm": "fastcdc", "min": 256 << 10, "avg": 1 << 20, "max": 4 << 20},
-            "disks": {"algorithm": "fixed", "size": 256 << 10},
+            "disks": {"algorithm": "fixed", "size": 64 << 10},
         },
         "defaults": {"compression": "zstd", "level": 3, "pack_bytes": F.PACK_TARGET_BYTES},
     }
