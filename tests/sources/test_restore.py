@@ -147,6 +147,37 @@ def test_a_restored_disk_is_written_back_as_it_goes(
     _raw_disk._start_writeback(os.open(tmp_path / "disk.raw", os.O_RDONLY))  # the real call
 
 
+@pytest.mark.parametrize("fresh", [True, False])
+def test_disk_target_writes_neighbours_together(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh: bool
+) -> None:
+    """Chunks that follow each other on the disk go out in one pwritev; zero blocks of a
+    new file stay holes; a short write is finished."""
+    calls: list[int] = []
+    real = os.pwritev
+
+    def short_pwritev(fd: int, views: list[memoryview], offset: int) -> int:
+        calls.append(len(views))
+        return real(fd, views, offset) if len(calls) > 1 else real(fd, [views[0][:100]], offset)
+
+    monkeypatch.setattr(_raw_disk.os, "pwritev", short_pwritev)
+    path = tmp_path / "disk.raw"
+    if not fresh:
+        path.write_bytes(b"\xff" * 4 * MiB)
+    chunk = 64 << 10
+    data = [os.urandom(chunk), bytes(chunk), os.urandom(chunk), os.urandom(chunk)]
+    with RawDiskTarget(path, 4 * MiB, create=fresh) as target:
+        target.write_ranges([(0, data[0]), (chunk, data[1]), (2 * chunk, data[2])])
+        target.write_ranges([(MiB, data[3])])
+    got = path.read_bytes()
+    assert got[: 3 * chunk] == b"".join(data[:3]) and got[MiB : MiB + chunk] == data[3]
+    # fresh: the zero chunk between is a hole, so two runs; else one run of three
+    assert calls == ([1, 1, 1] if fresh else [3, 1])
+    if fresh:
+        with path.open("rb") as f:
+            assert os.lseek(f.fileno(), chunk, os.SEEK_HOLE) == chunk
+
+
 def test_content_in_any_order_from_threads_with_few_descriptors(tmp_path: Path) -> None:
     rng = random.Random(7)
     contents = {f"f{i}": rng.randbytes(rng.randrange(1, 300_000)) for i in range(40)}

@@ -127,8 +127,8 @@ class DiskTarget(Protocol):
     fresh: bool
     """Every byte reads as zero already (a new sparse file): zero chunks need no write."""
     write_batch_bytes: int
-    """How many bytes of chunks to hand to :meth:`write_ranges` at once: 0 for a file
-    (each chunk as it comes), more for a target that pipelines writes (NBD)."""
+    """How many bytes of chunks to hand to :meth:`write_ranges` at once (0: each chunk as
+    it comes): a file writes neighbours together, NBD keeps several writes in flight."""
 
     def write_ranges(self, items: Sequence[tuple[int, bytes | memoryview]]) -> None:
         """Write each ``(offset, data)`` (called from several threads); a target that can

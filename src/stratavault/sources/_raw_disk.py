@@ -20,14 +20,13 @@ from pathlib import Path
 from types import TracebackType
 
 from stratavault.errors import RestoreError, SourceError
-from stratavault.sources._restore import _nonzero_pieces
+from stratavault.sources._restore import ZEROS, _nonzero_pieces
 
 __all__ = ["RawDiskSource", "RawDiskTarget", "convert_image", "probe_image_format"]
 
 _NO_SEEK_DATA = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
-_ZERO_BLOCK = bytes(1 << 20)
 
 
 def probe_image_format(path: Path | str) -> str:
@@ -165,8 +164,10 @@ class RawDiskTarget:
     Writes and reads may come from several threads. ``RestoreError`` on failure.
     """
 
-    write_batch_bytes = 0
-    """Chunks are written one by one as they come (a local write needs no batching)."""
+    write_batch_bytes = 4 << 20
+    """Chunks are handed over up to this many bytes at once, so that neighbours on the
+    disk go out in one ``pwritev`` (a 2 GiB restore at 64 KiB chunks: ~24,000 writes
+    fewer)."""
 
     def __init__(self, path: Path | str, size_bytes: int, *, create: bool) -> None:
         self._unflushed = 0
@@ -210,28 +211,35 @@ class RawDiskTarget:
     def write(self, offset: int, data: bytes | memoryview) -> None:
         """Write ``data`` at ``offset`` (on a new file, aligned 4 KiB zero blocks are left
         as holes, so the restored image is as sparse as the original)."""
-        if self.fresh:
-            for at, piece in _nonzero_pieces(memoryview(data), offset):
-                self._write(at, piece)
-        else:
-            self._write(offset, data)
+        self.write_ranges([(offset, data)])
 
     def write_ranges(self, items: Sequence[tuple[int, bytes | memoryview]]) -> None:
-        """:meth:`write` each ``(offset, data)``, in order."""
+        """:meth:`write` each ``(offset, data)``; pieces that follow each other on the disk
+        are written together."""
+        pieces: list[tuple[int, memoryview]] = []
         for offset, data in items:
-            self.write(offset, data)
+            if self.fresh:
+                pieces += _nonzero_pieces(memoryview(data), offset)
+            else:
+                pieces.append((offset, memoryview(data)))
+        for offset, views in _adjacent_runs(pieces):
+            self._write(offset, views)
 
-    def _write(self, offset: int, data: bytes | memoryview) -> None:
-        view = memoryview(data)
+    def _write(self, offset: int, views: list[memoryview]) -> None:
+        """Write ``views`` one after the other from ``offset``."""
+        total = sum(len(v) for v in views)
         try:
-            while view:
-                n = os.pwrite(self._fd, view, offset)
-                view, offset = view[n:], offset + n
+            done = os.pwritev(self._fd, views, offset)
+            if done < total:  # short write (rare): the rest piece by piece
+                rest = memoryview(b"".join(views))[done:]
+                while rest:
+                    n = os.pwrite(self._fd, rest, offset + done)
+                    rest, done = rest[n:], done + n
         except OSError as exc:
             raise RestoreError(
                 f"writing disk {self.path} at {offset} - {exc.strerror or exc}"
             ) from exc
-        self._unflushed += len(data)  # from several threads: approximate, which is enough
+        self._unflushed += total  # from several threads: approximate, which is enough
         if self._unflushed >= _WRITEBACK_EVERY_BYTES:
             self._unflushed = 0
             _start_writeback(self._fd)
@@ -244,8 +252,8 @@ class RawDiskTarget:
             return
         end = offset + length
         while offset < end:
-            n = min(len(_ZERO_BLOCK), end - offset)
-            self._write(offset, memoryview(_ZERO_BLOCK)[:n])
+            n = min(len(ZEROS), end - offset)
+            self._write(offset, [memoryview(ZEROS)[:n]])
             offset += n
 
     def data_extents(self) -> list[tuple[int, int]]:
@@ -286,6 +294,26 @@ class RawDiskTarget:
 
 
 _WRITEBACK_EVERY_BYTES = 32 << 20
+_IOV_MAX = os.sysconf("SC_IOV_MAX")
+
+
+def _adjacent_runs(
+    pieces: Sequence[tuple[int, memoryview]],
+) -> Iterator[tuple[int, list[memoryview]]]:
+    """``(offset, views)``: runs of consecutive ``pieces`` that each start where the one
+    before ends (at most ``IOV_MAX`` views per run, one ``pwritev``)."""
+    start, end, views = 0, -1, []
+    for offset, view in pieces:
+        if offset != end or len(views) == _IOV_MAX:
+            if views:
+                yield start, views
+            start, end, views = offset, offset, []
+        views.append(view)
+        end += len(view)
+    if views:
+        yield start, views
+
+
 _SYNC_FILE_RANGE_WRITE = 2
 _LIBC = ctypes.CDLL(None, use_errno=True)
 """The C library of this process (its own symbols: no library search), loaded once."""

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import TypeVar, cast
+from typing import TypeVar
 
 import numpy as np
 
@@ -453,45 +453,36 @@ def _os_error(path: RelPath, action: str, exc: BaseException) -> RestoreError:
     return RestoreError(f"{action} {display(path)!r} in the restore target - {cause}")
 
 
-_ZERO_BLOCK = bytes(_HOLE_BLOCK_BYTES)
-
-
 def _nonzero_pieces(view: memoryview, offset: int) -> Iterator[tuple[int, memoryview]]:
-    """Yield ``(offset, piece)`` of ``view`` without its aligned all-zero blocks.
+    """Yield ``(offset, piece)`` of ``view`` without its all-zero blocks (aligned 4 KiB
+    blocks, and the unaligned ends).
 
-    The aligned blocks are tested at once (numpy, ~10x the speed of a block-by-block loop
-    on a disk image's chunks, which a restore writes at over 1 GB/s)."""
+    Only a block whose first 8 bytes are zero can be all zero: those are found at once
+    (numpy, one strided look per block) and only they are compared in full. ~6 us per
+    64 KiB chunk of a disk image, against ~30 us for a search of 4 KiB zero runs."""
     n = len(view)
     if n <= len(ZEROS) and ZEROS.startswith(view):
         return
-    base = view.obj
-    if isinstance(base, bytes) and len(base) == n and _ZERO_BLOCK not in base:
-        yield offset, view  # no zero run long enough for a hole (C-speed search)
-        return
     head = min(n, -offset % _HOLE_BLOCK_BYTES)
-    count = (n - head) // _HOLE_BLOCK_BYTES
-    tail = head + count * _HOLE_BLOCK_BYTES
-    has_data: list[bool] = []
-    starts: list[int] = []  # of each piece: the head, every whole block, the tail
-    if head:
-        has_data.append(not ZEROS.startswith(view[:head]))
-        starts.append(0)
-    if count:
-        blocks = np.frombuffer(view[head:tail], dtype=np.uint64).reshape(count, -1)
-        has_data += cast(list[bool], blocks.any(axis=1).tolist())
-        starts += range(head, tail, _HOLE_BLOCK_BYTES)
-    if tail < n:
-        has_data.append(not ZEROS.startswith(view[tail:]))
-        starts.append(tail)
-    run = -1  # start of the current run of data, -1 outside a run
-    for start, data in zip(starts, has_data, strict=True):
-        if data and run < 0:
-            run = start
-        elif not data and run >= 0:
-            yield offset + run, view[run:start]
-            run = -1
-    if run >= 0:
-        yield offset + run, view[run:]
+    tail = head + (n - head) // _HOLE_BLOCK_BYTES * _HOLE_BLOCK_BYTES
+    holes: list[int] = []  # starts of the zero pieces: the head, whole blocks, the tail
+    if head and ZEROS.startswith(view[:head]):
+        holes.append(0)
+    if tail > head:
+        firsts = np.frombuffer(view[head:tail], dtype=np.uint64)[:: _HOLE_BLOCK_BYTES // 8]
+        for number in np.flatnonzero(firsts == 0).tolist():
+            start = head + number * _HOLE_BLOCK_BYTES
+            if ZEROS.startswith(view[start : start + _HOLE_BLOCK_BYTES]):
+                holes.append(start)
+    if tail < n and ZEROS.startswith(view[tail:]):
+        holes.append(tail)
+    pos = 0
+    for start in holes:
+        if start > pos:
+            yield offset + pos, view[pos:start]
+        pos = head if start == 0 and head else min(n, start + _HOLE_BLOCK_BYTES)
+    if pos < n:
+        yield offset + pos, view[pos:]
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
