@@ -302,7 +302,8 @@ def _adjacent_runs(
 ) -> Iterator[tuple[int, list[memoryview]]]:
     """``(offset, views)``: runs of consecutive ``pieces`` that each start where the one
     before ends (at most ``IOV_MAX`` views per run, one ``pwritev``)."""
-    start, end, views = 0, -1, []
+    start, end = 0, -1
+    views: list[memoryview] = []
     for offset, view in pieces:
         if offset != end or len(views) == _IOV_MAX:
             if views:
