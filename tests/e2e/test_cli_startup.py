@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from stratavault.cli._cmd_backup import _has_image_magic
+from stratavault.cli._context import _import_in_background
 from stratavault.jobs import DEFAULT_DISK_CHUNK_BYTES, DISK_FORMATS
 from stratavault.sources import DEFAULT_LIBVIRT_URI
 from tests.e2e.conftest import Cli
@@ -139,16 +141,17 @@ def test_backup_image_loads_no_other_commands_job_code(cli: Cli, tmp_path: Path)
     assert _loaded(modules, OTHER_COMMANDS_JOBS) == []
 
 
-def test_backups_derive_the_key_before_loading_numpy(cli: Cli, tmp_path: Path) -> None:
-    """The key derivation's memory peak and the repository layer's do not add up."""
-    disk = tmp_path / "disk.raw"
-    disk.write_bytes(os.urandom(1 << 20))
+def test_file_backups_derive_the_key_before_loading_numpy(cli: Cli, tmp_path: Path) -> None:
+    """The key derivation's memory peak and the repository layer's do not add up (a disk
+    backup, whose peak comes later, loads its modules while the key is derived)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(os.urandom(1 << 20))
     assert cli("init").code == 0
-    for args in (["backup", "files", tmp_path / "disk.raw"], ["backup", "image", disk]):
-        code, modules = _imports(cli, tmp_path, *args, "-q", probe=_KDF_PROBE)
-        assert code == 0, args
-        assert "stratavault.repo._keyring" in modules, args  # the probe saw the derivation
-        assert _loaded(modules, ("numpy", "stratavault.repo._repository")) == [], args
+    code, modules = _imports(cli, tmp_path, "backup", "files", src, "-q", probe=_KDF_PROBE)
+    assert code == 0
+    assert "stratavault.repo._keyring" in modules  # the probe saw the derivation
+    assert _loaded(modules, ("numpy", "stratavault.repo._repository")) == []
 
 
 def test_help_shows_the_defaults_of_the_layers_below(cli: Cli) -> None:
@@ -161,3 +164,28 @@ def test_help_shows_the_defaults_of_the_layers_below(cli: Cli) -> None:
     assert "{" + ",".join(DISK_FORMATS) + "}" in pages[("restore",)]
     assert f"(default {DEFAULT_DISK_CHUNK_BYTES >> 10})" in pages[("backup", "image")]
     assert f"(default {DEFAULT_LIBVIRT_URI})" in pages[("backup", "vm")]
+
+
+def test_preload_imports_in_a_thread_and_leaves_failures_to_the_command() -> None:
+    name = "colorsys"  # a module nothing here imports
+    sys.modules.pop(name, None)
+    thread = _import_in_background(["no_such_module_here", name])
+    assert thread is not None
+    thread.join(30)
+    assert name not in sys.modules  # stopped at the failure, raised nothing
+    thread = _import_in_background(["json", name])
+    assert thread is not None
+    thread.join(30)
+    assert name in sys.modules
+    assert _import_in_background([]) is None
+
+
+def test_disk_images_that_qemu_opens_are_recognised(tmp_path: Path) -> None:
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(os.urandom(4096))
+    for fmt in ("qcow2", "vmdk", "vhdx", "vdi", "vpc"):
+        img = tmp_path / f"disk.{fmt}"
+        subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(img), "1M"], check=True)
+        assert _has_image_magic(img), fmt
+    assert not _has_image_magic(raw)
+    assert not _has_image_magic(tmp_path / "missing")

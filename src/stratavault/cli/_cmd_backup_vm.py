@@ -85,27 +85,33 @@ def _frame_size(text: str) -> int:
     return kib << 10
 
 
+DISK_BACKUP_MODULES = ("stratavault.repo._repository", "stratavault.jobs._backup_vm")
+"""What a disk backup imports once the repository is open: loaded while the key is derived
+(``open_repo(preload=...)``), with ``qemu.qmp`` when QEMU will be driven."""
+
+
 def run_vm(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Back up the VM and print the summary."""
     keep_freed_memory()  # large buffers allocated and freed over and over
-    from stratavault.jobs import BackupVmOptions, backup_vm
-
     out = Output(json_mode=options.json, quiet=options.quiet)
-    job = BackupVmOptions(
-        qmp_socket=ns.qmp,
-        libvirt_domain=ns.libvirt,
-        libvirt_uri=ns.connect,
-        name=ns.name,
-        guest_agent_socket=ns.guest_agent,
-        tags=tuple(ns.tag),
-        host=ns.host,
-        chunk_bytes=ns.chunk_size << 10,
-        frame_bytes=ns.frame_size,
-        compression_level=ns.compression,
-        scratch_dir=ns.scratch_dir,
-    )
     progress = make_progress(json_mode=options.json, quiet=options.quiet)
-    with open_repo(options) as repo:
+    qmp = ("qemu.qmp",) if ns.qmp else ()
+    with open_repo(options, preload=DISK_BACKUP_MODULES + qmp) as repo:
+        from stratavault.jobs import BackupVmOptions, backup_vm
+
+        job = BackupVmOptions(
+            qmp_socket=ns.qmp,
+            libvirt_domain=ns.libvirt,
+            libvirt_uri=ns.connect,
+            name=ns.name,
+            guest_agent_socket=ns.guest_agent,
+            tags=tuple(ns.tag),
+            host=ns.host,
+            chunk_bytes=ns.chunk_size << 10,
+            frame_bytes=ns.frame_size,
+            compression_level=ns.compression,
+            scratch_dir=ns.scratch_dir,
+        )
         snap = backup_vm(repo, job, progress=progress)
     config = snap.vm_config or {}
     out.text(f"VM {snap.paths[0]}: {config.get('consistency', '')}")

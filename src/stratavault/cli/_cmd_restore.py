@@ -144,27 +144,31 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     return run_files(ns, words[0], options)
 
 
+_DISK_RESTORE_MODULES = ("stratavault.repo._repository", "stratavault.jobs._restore_disk")
+"""Loaded while the key is derived (``open_repo(preload=...)``)."""
+
+
 def run_disk(ns: argparse.Namespace, word: str, options: GlobalOptions) -> int:
     """Restore one disk; exit 1 when verification finds a difference."""
     keep_freed_memory()  # large buffers allocated and freed over and over
-    from stratavault.jobs import Cancellation, RestoreDiskOptions, restore_disk
-    from stratavault.snapshot import find_snapshot
-
     out = Output(json_mode=options.json, quiet=options.quiet)
     ref, _, disk = word.partition(":")
     if (ns.to is None) == (ns.onto is None):
         raise UsageError("restore disk: give exactly one of --to FILE|DEVICE and --onto EXISTING")
     where: str = ns.to or ns.onto
-    job = RestoreDiskOptions(
-        target=where if where.startswith(("nbd://", "nbd+unix://")) else Path(where),
-        disk=disk or None,
-        format=ns.format or "raw",
-        onto=ns.onto is not None,
-        changed_only=ns.changed_only,
-        verify=ns.verify,
-    )
     progress = make_progress(json_mode=options.json, quiet=options.quiet)
-    with open_repo(options) as repo:
+    with open_repo(options, preload=_DISK_RESTORE_MODULES) as repo:
+        from stratavault.jobs import Cancellation, RestoreDiskOptions, restore_disk
+        from stratavault.snapshot import find_snapshot
+
+        job = RestoreDiskOptions(
+            target=where if where.startswith(("nbd://", "nbd+unix://")) else Path(where),
+            disk=disk or None,
+            format=ns.format or "raw",
+            onto=ns.onto is not None,
+            changed_only=ns.changed_only,
+            verify=ns.verify,
+        )
         snap = find_snapshot(repo, ref)
         result = restore_disk(repo, snap, job, progress=progress, cancel=Cancellation())
     for issue in result.issues:
