@@ -15,6 +15,7 @@ from pathlib import Path
 
 from stratavault.cli._cmd_backup import _has_image_magic
 from stratavault.cli._context import _import_in_background
+from stratavault.errors import PassphraseError
 from stratavault.jobs import DEFAULT_DISK_CHUNK_BYTES, DISK_FORMATS
 from stratavault.sources import DEFAULT_LIBVIRT_URI
 from tests.e2e.conftest import Cli
@@ -166,18 +167,27 @@ def test_help_shows_the_defaults_of_the_layers_below(cli: Cli) -> None:
     assert f"(default {DEFAULT_LIBVIRT_URI})" in pages[("backup", "vm")]
 
 
-def test_preload_imports_in_a_thread_and_leaves_failures_to_the_command() -> None:
+def test_preload_leaves_import_failures_to_the_command() -> None:
     name = "colorsys"  # a module nothing here imports
     sys.modules.pop(name, None)
-    thread = _import_in_background(["no_such_module_here", name])
-    assert thread is not None
-    thread.join(30)
-    assert name not in sys.modules  # stopped at the failure, raised nothing
-    thread = _import_in_background(["json", name])
-    assert thread is not None
-    thread.join(30)
+    _import_in_background(["no_such_module_here", name]).join(30)  # raises nothing, stops
+    assert name not in sys.modules
+    _import_in_background(["json", name]).join(30)
     assert name in sys.modules
-    assert _import_in_background([]) is None
+
+
+def test_disk_commands_work_with_preload(cli: Cli, tmp_path: Path) -> None:
+    """The key is derived in a thread while the modules load; a wrong passphrase is still
+    reported as such."""
+    disk = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "4M"], check=True)
+    assert cli("init").code == 0
+    assert cli("backup", "image", disk, "-q").code == 0
+    assert cli("restore", "disk", "latest", "--to", tmp_path / "out.raw", "-q").code == 0
+    (tmp_path / "wrong").write_text("not the passphrase\n")
+    wrong = cli("backup", "image", disk, "-q", "--password-file", tmp_path / "wrong")
+    assert wrong.code == PassphraseError.exit_code, wrong.err
+    assert "passphrase" in wrong.err
 
 
 def test_disk_images_that_qemu_opens_are_recognised(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from stratavault.errors import (
     KeyFileDamagedError,
@@ -44,13 +45,22 @@ def _slots(storage: Storage) -> list[KeySlot | KeyFileDamagedError]:
     return slots
 
 
-def unlock(storage: Storage, passphrase: bytes, repo_id: str) -> tuple[MasterKeys, str]:
-    """Try every slot; return the master keys and the name of the slot that opened.
+def unlock(
+    storage: Storage,
+    passphrase: bytes,
+    repo_id: str,
+    before_derive: Callable[[], object] | None = None,
+) -> tuple[MasterKeys, str]:
+    """Try every slot; return the master keys and the name of the slot that opened
+    (``before_derive``: called once, after the slots are read, before the first key
+    derivation).
 
     PassphraseError when every slot is intact and none opens; KeyFileDamagedError
     when none opens and some slot is damaged (it may have been the right one).
     """
     slots = _slots(storage)
+    if before_derive is not None:
+        before_derive()
     damaged = [s for s in slots if isinstance(s, KeyFileDamagedError)]
     for slot in slots:
         if isinstance(slot, KeySlot):
