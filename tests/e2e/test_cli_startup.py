@@ -13,8 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from stratavault.cli._cmd_backup import _has_image_magic
 from stratavault.cli._context import _import_in_background
+from stratavault.cli._preload import backup_modules, has_image_magic, restore_modules
 from stratavault.errors import PassphraseError
 from stratavault.jobs import DEFAULT_DISK_CHUNK_BYTES, DISK_FORMATS
 from stratavault.sources import DEFAULT_LIBVIRT_URI
@@ -196,6 +196,12 @@ def test_disk_images_that_qemu_opens_are_recognised(tmp_path: Path) -> None:
     for fmt in ("qcow2", "vmdk", "vhdx", "vdi", "vpc"):
         img = tmp_path / f"disk.{fmt}"
         subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(img), "1M"], check=True)
-        assert _has_image_magic(img), fmt
-    assert not _has_image_magic(raw)
-    assert not _has_image_magic(tmp_path / "missing")
+        assert has_image_magic(img), fmt
+    assert not has_image_magic(raw)
+    assert not has_image_magic(tmp_path / "missing")
+    qcow2 = tmp_path / "disk.qcow2"
+    assert "qemu.qmp" not in backup_modules([raw]) + restore_modules(raw, qcow2=False)
+    assert "qemu.qmp" in backup_modules([raw, qcow2])
+    assert "qemu.qmp" in backup_modules(qmp=True)
+    assert "qemu.qmp" in restore_modules(qcow2, qcow2=False)
+    assert "qemu.qmp" in restore_modules(None, qcow2=True)

@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING
 
 from stratavault._defaults import DEFAULT_DISK_CHUNK_BYTES
 from stratavault._malloc import keep_freed_memory
-from stratavault.cli._cmd_backup_vm import DISK_BACKUP_MODULES, add_frame_size, register_vm
+from stratavault.cli._cmd_backup_vm import add_frame_size, register_vm
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._disk_report import report_disk_backup
 from stratavault.cli._output import Output, format_bytes, make_progress, shows_progress
+from stratavault.cli._preload import backup_modules
 
 if TYPE_CHECKING:
     from stratavault.jobs import ReadAhead
@@ -184,29 +185,13 @@ def _backup_files(ns: argparse.Namespace, options: GlobalOptions, read_ahead: Re
     return 0
 
 
-_IMAGE_MAGICS = (b"QFI\xfb", b"KDMV", b"# Disk D", b"vhdxfile", b"<<< ", b"conectix", b"QED\x00")
-"""How qcow2, vmdk, vhdx, vdi, vpc and qed files start: these are read through
-qemu-storage-daemon, driven over QMP (raw files and devices are read directly)."""
-
-
-def _has_image_magic(path: Path) -> bool:
-    """Whether ``path`` looks like an image format QEMU must open (a hint for preloading:
-    the backup itself asks ``qemu-img``)."""
-    try:
-        with path.open("rb") as f:
-            return f.read(8).startswith(_IMAGE_MAGICS)
-    except OSError:
-        return False
-
-
 def run_image(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Back up raw images / block devices into one snapshot and print the summary."""
     keep_freed_memory()  # large buffers allocated and freed over and over
     out = Output(json_mode=options.json, quiet=options.quiet)
     files = [p.absolute() for p in ns.files]
     progress = make_progress(json_mode=options.json, quiet=options.quiet)
-    qmp = ("qemu.qmp",) if any(map(_has_image_magic, files)) else ()
-    with open_repo(options, preload=DISK_BACKUP_MODULES + qmp) as repo:
+    with open_repo(options, preload=backup_modules(files)) as repo:
         from stratavault.jobs import BackupDisksOptions, backup_images
 
         job = BackupDisksOptions(

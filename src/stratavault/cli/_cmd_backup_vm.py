@@ -15,6 +15,7 @@ from stratavault._malloc import keep_freed_memory
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._disk_report import report_disk_backup
 from stratavault.cli._output import Output, make_progress
+from stratavault.cli._preload import backup_modules
 
 
 def register_vm(
@@ -85,18 +86,12 @@ def _frame_size(text: str) -> int:
     return kib << 10
 
 
-DISK_BACKUP_MODULES = ("stratavault.repo._repository", "stratavault.jobs._backup_vm")
-"""What a disk backup imports once the repository is open: loaded while the key is derived
-(``open_repo(preload=...)``), with ``qemu.qmp`` when QEMU will be driven."""
-
-
 def run_vm(ns: argparse.Namespace, options: GlobalOptions) -> int:
     """Back up the VM and print the summary."""
     keep_freed_memory()  # large buffers allocated and freed over and over
     out = Output(json_mode=options.json, quiet=options.quiet)
     progress = make_progress(json_mode=options.json, quiet=options.quiet)
-    qmp = ("qemu.qmp",) if ns.qmp else ()
-    with open_repo(options, preload=DISK_BACKUP_MODULES + qmp) as repo:
+    with open_repo(options, preload=backup_modules(qmp=bool(ns.qmp))) as repo:
         from stratavault.jobs import BackupVmOptions, backup_vm
 
         job = BackupVmOptions(

@@ -13,6 +13,7 @@ from stratavault.cli._cmd_restore_vm import run_instant, run_vm
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._flr import restore_flr
 from stratavault.cli._output import Output, format_bytes, make_progress
+from stratavault.cli._preload import restore_modules
 from stratavault.errors import RestoreError, UsageError
 
 
@@ -144,10 +145,6 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
     return run_files(ns, words[0], options)
 
 
-_DISK_RESTORE_MODULES = ("stratavault.repo._repository", "stratavault.jobs._restore_disk")
-"""Loaded while the key is derived (``open_repo(preload=...)``)."""
-
-
 def run_disk(ns: argparse.Namespace, word: str, options: GlobalOptions) -> int:
     """Restore one disk; exit 1 when verification finds a difference."""
     keep_freed_memory()  # large buffers allocated and freed over and over
@@ -157,7 +154,9 @@ def run_disk(ns: argparse.Namespace, word: str, options: GlobalOptions) -> int:
         raise UsageError("restore disk: give exactly one of --to FILE|DEVICE and --onto EXISTING")
     where: str = ns.to or ns.onto
     progress = make_progress(json_mode=options.json, quiet=options.quiet)
-    with open_repo(options, preload=_DISK_RESTORE_MODULES) as repo:
+    onto = Path(ns.onto) if ns.onto and not ns.onto.startswith("nbd") else None
+    preload = restore_modules(onto, qcow2=ns.format == "qcow2")
+    with open_repo(options, preload=preload) as repo:
         from stratavault.jobs import Cancellation, RestoreDiskOptions, restore_disk
         from stratavault.snapshot import find_snapshot
 
