@@ -154,14 +154,15 @@ def run_disk(ns: argparse.Namespace, word: str, options: GlobalOptions) -> int:
         raise UsageError("restore disk: give exactly one of --to FILE|DEVICE and --onto EXISTING")
     where: str = ns.to or ns.onto
     progress = make_progress(json_mode=options.json, quiet=options.quiet)
-    onto = Path(ns.onto) if ns.onto and not ns.onto.startswith("nbd") else None
+    nbd = where.startswith(("nbd://", "nbd+unix://"))
+    onto = Path(ns.onto) if ns.onto and not nbd else None
     preload = restore_modules(onto, qcow2=ns.format == "qcow2")
     with open_repo(options, preload=preload) as repo:
         from stratavault.jobs import Cancellation, RestoreDiskOptions, restore_disk
         from stratavault.snapshot import find_snapshot
 
         job = RestoreDiskOptions(
-            target=where if where.startswith(("nbd://", "nbd+unix://")) else Path(where),
+            target=where if nbd else Path(where),
             disk=disk or None,
             format=ns.format or "raw",
             onto=ns.onto is not None,

@@ -175,9 +175,9 @@ def storage_for(
 
 
 _PRELOAD_AFTER_S = 0.005
-"""The preloading thread lets the caller enter the key derivation first: a module's
-initialisation in C (numpy's) holds the GIL for ~0.1 s at a time, and delayed the
-derivation by as much when both started together."""
+"""The preloading thread lets the caller enter the key derivation first: numpy's
+initialisation in C holds the GIL for tens of milliseconds at a time, which would hold
+back a derivation that has not yet released it."""
 
 
 @contextmanager
