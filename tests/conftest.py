@@ -9,6 +9,7 @@ reported as a failure, so that a green run means the real thing was exercised.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Generator
 from pathlib import Path
 
@@ -34,6 +35,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "infra(what): needs real infrastructure; a skip fails under --require-all / CI",
     )
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        # Started as a background job of a non-interactive shell (`cmd &`): Ctrl-C is
+        # ignored, and every command the tests start would inherit that, so the tests
+        # that press Ctrl-C on one would fail. Python's own handler is reset by exec.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _require_all(config: pytest.Config) -> bool:
@@ -71,9 +77,7 @@ def repo_root() -> Path:
 def _ctrl_c_stays_with_pytest() -> Generator[None, None, None]:
     """Fail the test that leaves Ctrl-C ignored or handled otherwise in this process: the
     CLI processes later tests start would inherit an ignored SIGINT, and their Ctrl-C
-    tests would fail (once seen in a full run, cause unknown)."""
-    import signal
-
+    tests would fail."""
     before = signal.getsignal(signal.SIGINT)
     yield
     after = signal.getsignal(signal.SIGINT)
