@@ -173,9 +173,13 @@ class DiskReader(PositionalReader):
         return future.result()
 
     def _fetch(self, number: int, cid: bytes, future: Future[bytes]) -> None:
-        """Read one chunk from the repository, fill the cache and wake the waiters."""
+        """Read one chunk from the repository, fill the cache (with the other members of its
+        frame too) and wake the waiters."""
+        if future.done():  # came with a frame mate fetched meanwhile
+            return
         try:
-            data = self.repo.read_chunk(ChunkId(cid))
+            chunks = self.repo.read_chunk_and_mates(ChunkId(cid))
+            data = chunks[ChunkId(cid)]
             start, end = self.index.chunk_range(number)
             if len(data) != end - start:
                 raise IntegrityError(
@@ -188,14 +192,23 @@ class DiskReader(PositionalReader):
             with contextlib.suppress(InvalidStateError):  # closed meanwhile
                 future.set_exception(exc)
             return
+        woken = [(future, data)]
         with self._lock:
             self._inflight.pop(cid, None)
             self.chunks_fetched += 1
-            self._cache[cid] = data
+            for mate, mate_data in chunks.items():
+                if mate != cid and len(mate_data) == self.chunk_bytes:  # a short one: fetched
+                    self._cache[mate] = mate_data
+                    waiting = self._inflight.pop(mate, None)
+                    if waiting is not None:
+                        woken.append((waiting, mate_data))
+            self._cache[cid] = data  # the one asked for: used last, evicted last
+            self._cache.move_to_end(cid)
             while len(self._cache) > self._capacity:
                 self._cache.popitem(last=False)
-        with contextlib.suppress(InvalidStateError):
-            future.set_result(data)
+        for waiter, result in woken:
+            with contextlib.suppress(InvalidStateError):
+                waiter.set_result(result)
 
     def _sequential(self, offset: int) -> bool:
         with self._lock:

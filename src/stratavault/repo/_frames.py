@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from stratavault.repo import _formats as F
@@ -84,11 +85,13 @@ class Frame:
 
 class FrameCache:
     """The frames decoded last, by ``(pack, offset)``: reading a frame's members one by one
-    (instant recovery, file-level restore) decrypts and decompresses it once. Thread-safe."""
+    (instant recovery, file-level restore) decrypts and decompresses it once, also when
+    several threads want members of the same frame at once (read-ahead). Thread-safe."""
 
     def __init__(self, frames: int = 8) -> None:
         self._frames = frames
         self._cached: OrderedDict[tuple[str, int], Frame] = OrderedDict()
+        self._opening: dict[tuple[str, int], Future[Frame]] = {}
         self._lock = threading.Lock()
 
     def get(self, pack: str, offset: int) -> Frame | None:
@@ -105,3 +108,34 @@ class FrameCache:
             self._cached[(pack, offset)] = frame
             while len(self._cached) > self._frames:
                 self._cached.popitem(last=False)
+
+    def get_or_open(self, pack: str, offset: int, opener: Callable[[], Frame]) -> Frame:
+        """The frame at ``offset`` of ``pack``: cached, or decoded by ``opener`` (once: a
+        thread that wants a frame another is decoding waits for it; the opener's error is
+        raised in every thread that waited)."""
+        key = (pack, offset)
+        with self._lock:
+            frame = self._cached.get(key)
+            if frame is not None:
+                self._cached.move_to_end(key)
+                return frame
+            opening = self._opening.get(key)
+            if opening is None:
+                opening = self._opening[key] = Future()
+                owner = True
+            else:
+                owner = False
+        if not owner:
+            return opening.result()
+        try:
+            frame = opener()
+        except BaseException as exc:
+            with self._lock:
+                del self._opening[key]
+            opening.set_exception(exc)
+            raise
+        self.put(pack, offset, frame)
+        with self._lock:
+            del self._opening[key]
+        opening.set_result(frame)
+        return frame

@@ -214,13 +214,26 @@ def read_member(
 ) -> bytes:
     """A chunk of a frame (``blob``: the frame's bytes, None to read them), decoding the
     frame unless ``frames`` holds it."""
-    frame = frames.get(pack, entry.offset)
-    if frame is None:
-        if blob is None:
-            blob = get_range(storage, pack, entry.offset, entry.stored)
-        frame = open_frame(keys, pack, entry, blob)
-        frames.put(pack, entry.offset, frame)
+    frame = cached_frame(storage, keys, frames, pack, entry, blob)
     return member(frame, pack, chunk_id, entry)
+
+
+def cached_frame(
+    storage: Storage,
+    keys: MasterKeys,
+    frames: FrameCache,
+    pack: str,
+    entry: Entry,
+    blob: bytes | memoryview | None,
+) -> Frame:
+    """The decoded frame a member's ``entry`` points into, from ``frames`` or read (unless
+    ``blob`` holds its bytes) and decoded once."""
+
+    def opener() -> Frame:
+        data = get_range(storage, pack, entry.offset, entry.stored) if blob is None else blob
+        return open_frame(keys, pack, entry, data)
+
+    return frames.get_or_open(pack, entry.offset, opener)
 
 
 def open_document(storage: Storage, keys: MasterKeys, name: str, ad: bytes) -> bytes:

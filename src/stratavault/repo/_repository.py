@@ -323,6 +323,20 @@ class Repository:
             blob = _reading.get_range(self.storage, pack, entry.offset, entry.stored)
         return _reading.open_blob(self._keys, pack, chunk_id, entry, blob)
 
+    def read_chunk_and_mates(self, chunk_id: ChunkId) -> dict[ChunkId, bytes]:
+        """The plaintext of ``chunk_id`` and, when it is stored in a frame, of the frame's
+        other members (a reader that wants the neighbours next gets them from one read).
+        The chunk is verified as by :meth:`read_chunk`; its mates as the frame is (their
+        ids and lengths are in its authenticated table)."""
+        pack, entry, blob = self._locate(chunk_id)
+        if not is_framed(entry.kind):
+            return {chunk_id: self.read_chunk(chunk_id)}
+        args = (self.storage, self._keys, self._frames, pack, entry, blob)
+        frame = _reading.cached_frame(*args)
+        mates = {ChunkId(cid): frame.member(cid) for cid in frame.spans}
+        mates[chunk_id] = _reading.member(frame, pack, chunk_id, entry)
+        return mates
+
     def read_chunks(self, chunk_ids: Iterable[ChunkId]) -> Iterator[tuple[ChunkId, bytes]]:
         """Yield each distinct chunk once, grouped by pack, with ranged reads of adjacent blobs."""
         located: dict[str, list[tuple[bytes, Entry]]] = {}
