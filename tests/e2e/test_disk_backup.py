@@ -24,8 +24,10 @@ from stratavault.jobs import (
     NullProgress,
     ProgressState,
     RestoreDiskOptions,
+    _backup_disk,
     backup_disks,
     chunk_runs,
+    new_disk_chunk_bytes,
     read_groups,
     restore_disk,
 )
@@ -557,3 +559,23 @@ def test_parent_found_by_disk_names_when_no_paths_are_given(cli: Cli, tmp_path: 
             second = backup_disks(repo, [source], BackupDisksOptions())
     assert first.paths == second.paths == ["sda"]
     assert second.parent == first.id and second.summary.chunks_added == 1
+
+
+def test_large_disks_get_larger_chunks_so_their_index_stays_bounded(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert new_disk_chunk_bytes(256 << 30, CHUNK) == CHUNK  # 4 Mi chunks: the bound
+    assert new_disk_chunk_bytes((256 << 30) + 1, CHUNK) == 2 * CHUNK
+    assert new_disk_chunk_bytes(4 << 40, CHUNK) == 1 << 20
+    assert new_disk_chunk_bytes(1 << 60, CHUNK) == 64 << 20  # no larger than that
+    # End to end with a lower bound: a 256 MiB disk of at most 1,024 chunks.
+    monkeypatch.setattr(_backup_disk, "MAX_DISK_CHUNKS", 1024)
+    image = tmp_path / "disk.img"
+    _make_image(image)
+    cli("init")
+    with _open(cli) as repo, RawDiskSource(image) as source:
+        snap = backup_disks(repo, [source], BackupDisksOptions(paths=(str(image),)))
+    assert snap.disks[0].chunk_bytes == SIZE // 1024
+    target = tmp_path / "out.img"
+    assert cli("restore", "disk", "latest", "--to", target).code == 0
+    assert target.read_bytes() == image.read_bytes()

@@ -84,7 +84,8 @@ def _register_image(
         type=_chunk_size,
         default=DEFAULT_DISK_CHUNK_BYTES,
         metavar="KiB",
-        help=f"disk chunk size in KiB (default {DEFAULT_DISK_CHUNK_BYTES >> 10})",
+        help=f"disk chunk size in KiB (default {DEFAULT_DISK_CHUNK_BYTES >> 10}); a disk "
+        "over 256 GiB gets larger chunks, so that it has at most 4,194,304",
     )
     add_frame_size(i)
     i.add_argument(

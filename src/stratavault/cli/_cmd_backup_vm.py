@@ -56,7 +56,8 @@ def register_vm(
         type=int,
         default=DEFAULT_DISK_CHUNK_BYTES >> 10,
         metavar="KiB",
-        help=f"disk chunk size of new disks in KiB (default {DEFAULT_DISK_CHUNK_BYTES >> 10})",
+        help=f"disk chunk size of new disks in KiB (default {DEFAULT_DISK_CHUNK_BYTES >> 10}); "
+        "a disk over 256 GiB gets larger chunks, so that it has at most 4,194,304",
     )
     add_frame_size(v)
     v.add_argument("--compression", type=int, default=3, metavar="LEVEL", help="zstd level")

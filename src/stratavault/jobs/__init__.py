@@ -10,10 +10,12 @@ if TYPE_CHECKING:
     from stratavault.jobs._backup_disk import (
         DEFAULT_DISK_CHUNK_BYTES as DEFAULT_DISK_CHUNK_BYTES,
         DISK_KINDS as DISK_KINDS,
+        MAX_DISK_CHUNKS as MAX_DISK_CHUNKS,
         BackupDisksOptions as BackupDisksOptions,
         DiskSource as DiskSource,
         backup_disks as backup_disks,
         chunk_runs as chunk_runs,
+        new_disk_chunk_bytes as new_disk_chunk_bytes,
         read_groups as read_groups,
     )
     from stratavault.jobs._backup_files import backup_files as backup_files

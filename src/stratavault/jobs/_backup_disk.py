@@ -51,11 +51,13 @@ from stratavault.types import BlobKind, ChunkId
 __all__ = [
     "DEFAULT_DISK_CHUNK_BYTES",
     "DISK_KINDS",
+    "MAX_DISK_CHUNKS",
     "BackupDisksOptions",
     "DiskSource",
     "backup_disks",
     "chunk_runs",
     "is_zero",
+    "new_disk_chunk_bytes",
     "read_groups",
 ]
 
@@ -116,7 +118,8 @@ class BackupDisksOptions:
     """Snapshot id (prefix) of the parent; ``None``: the latest disk snapshot of the same
     host and paths. Sources with ``dirty_only`` are relative to this parent."""
     chunk_bytes: int = DEFAULT_DISK_CHUNK_BYTES
-    """Chunk size of new disks (a disk incremental on a parent keeps the parent's)."""
+    """Chunk size of new disks, larger for a disk of more than :data:`MAX_DISK_CHUNKS`
+    chunks (see :func:`new_disk_chunk_bytes`); an incremental keeps its parent's."""
     compression_level: int = 3
     frame_bytes: int = DEFAULT_DISK_FRAME_BYTES
     """New neighbouring chunks are compressed together in frames of up to this many bytes
@@ -126,6 +129,19 @@ class BackupDisksOptions:
     read_bytes: int = 8 << 20
     """Largest single read: runs of adjacent chunks are read in pieces of this size."""
     vm_config: dict[str, Any] | None = None
+
+
+MAX_DISK_CHUNKS = 1 << 22
+"""A new disk has at most this many chunks: its index takes 32 bytes a chunk in memory
+(at most 128 MiB), so a disk larger than 256 GiB gets chunks larger than 64 KiB."""
+
+
+def new_disk_chunk_bytes(size_bytes: int, chunk_bytes: int) -> int:
+    """The chunk size of a new disk of ``size_bytes``: ``chunk_bytes``, doubled until the
+    disk has at most :data:`MAX_DISK_CHUNKS` chunks (up to 64 MiB)."""
+    while -(-size_bytes // chunk_bytes) > MAX_DISK_CHUNKS and chunk_bytes < 64 << 20:
+        chunk_bytes *= 2
+    return chunk_bytes
 
 
 def _check_chunk_bytes(chunk_bytes: int) -> None:
@@ -314,6 +330,7 @@ def _plan(
                 f"backing up disk {source.name} - only changed extents are known, but the "
                 "parent snapshot has no disk of that name: read all allocated extents instead"
             )
+        chunk_bytes = new_disk_chunk_bytes(source.size_bytes, chunk_bytes)
         index = DiskIndex(source.name, source.size_bytes, chunk_bytes)
         return index, list(chunk_runs(source.extents(), source.size_bytes, chunk_bytes))
     old = load_disk_index(repo, parent)
