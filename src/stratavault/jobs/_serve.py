@@ -22,7 +22,11 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
 
 from stratavault.errors import UsageError
 from stratavault.jobs._disk_reader import DEFAULT_CACHE_BYTES, DiskReader, open_disk_reader
@@ -133,32 +137,31 @@ class ChunkStoreBackend:
         return data if len(data) == length else data + bytes(length - len(data))
 
     def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """Zero chunks not overwritten are holes reading as zeroes; the rest is data."""
+        """Zero chunks not overwritten are holes reading as zeroes; the rest is data (the
+        chunks of the range at once: a query over a whole 1 TiB disk of 64 KiB chunks
+        looked at each of its 16 million chunks in turn)."""
         end = min(offset + length, self.size_bytes)
+        if end <= offset:
+            return [(length, 0)]
+        first, last = offset // self._chunk, (end - 1) // self._chunk + 1
+        data = self._mask[first:last] | self._overlay_chunks(first, last)
+        bounds = [first, *(first + np.flatnonzero(data[1:] != data[:-1]) + 1).tolist(), last]
         extents: list[tuple[int, int]] = []
-        pos = offset
-        while pos < end and len(extents) < _MAX_EXTENTS:
-            flags = self._flags(pos)
-            stop = min(((pos // self._chunk) + 1) * self._chunk, end)
-            while stop < end and self._flags(stop) == flags:
-                stop = min(stop + self._chunk, end)
-            if extents and extents[-1][1] == flags:
-                extents[-1] = (extents[-1][0] + stop - pos, flags)
-            else:
-                extents.append((stop - pos, flags))
-            pos = stop
-        return extents or [(length, 0)]
+        for a, b in pairwise(bounds[: _MAX_EXTENTS + 1]):
+            lo, hi = max(a * self._chunk, offset), min(b * self._chunk, end)
+            extents.append((hi - lo, 0 if data[a - first] else _HOLE))
+        return extents
 
-    def _flags(self, pos: int) -> int:
-        number = pos // self._chunk
-        if self._mask[number]:
-            return 0
+    def _overlay_chunks(self, first: int, last: int) -> npt.NDArray[np.bool_]:
+        """One bool per chunk ``first .. last - 1``: the overlay holds a block of it."""
         ov = self._overlay
-        if ov is not None:
-            start, end = number * self._chunk, min((number + 1) * self._chunk, self.size_bytes)
-            if any(ov.bits[start // ov.block_bytes : _ceil(end, ov)]):
-                return 0
-        return _HOLE
+        if ov is None:
+            return np.zeros(last - first, np.bool_)
+        per = self._chunk // ov.block_bytes
+        bits = np.frombuffer(ov.bits, np.uint8)[first * per : last * per]
+        padded = np.zeros((last - first) * per, np.uint8)
+        padded[: len(bits)] = bits
+        return np.asarray(padded.reshape(last - first, per).any(axis=1), dtype=np.bool_)
 
     # --- changes (overlay only; the server never calls these on a read-only export) ----------
 
