@@ -200,7 +200,9 @@ class ImageStratavault(StratavaultTool):
         paths = [self.images[number]] if number in self.images else list(sources)
         cmd = [self.executable(), "backup", "image", *map(str, paths), "--host", "bench"]
         chunk = ["--chunk-size", str(self.chunk_kib)] if self.chunk_kib else []
-        return [*cmd, *chunk, "--name", "disk.raw", "--json"]
+        # The overlay names its backing file: the format must be given (see docs/cli.md).
+        qcow2 = ["--format", "qcow2"] if all(str(p).endswith(".qcow2") for p in paths) else []
+        return [*cmd, *chunk, *qcow2, "--name", "disk.raw", "--json"]
 
     def restore_cmd(self, target: Path, number: int) -> list[str]:
         to = str(target / "disk.raw")

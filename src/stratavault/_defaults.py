@@ -11,6 +11,7 @@ __all__ = [
     "DEFAULT_DISK_FRAME_BYTES",
     "DEFAULT_LIBVIRT_URI",
     "DISK_FORMATS",
+    "IMAGE_FORMATS",
 ]
 
 DEFAULT_DISK_CHUNK_BYTES = 64 << 10
@@ -24,3 +25,6 @@ DEFAULT_LIBVIRT_URI = "qemu:///system"
 
 DISK_FORMATS = ("raw", "qcow2")
 """Formats a disk can be restored to."""
+
+IMAGE_FORMATS = ("qcow2", "raw", "vmdk", "vhdx", "vdi")
+"""Formats an image is backed up from (all but raw through qemu-storage-daemon)."""

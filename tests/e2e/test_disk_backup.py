@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from stratavault._defaults import DEFAULT_DISK_FRAME_BYTES
-from stratavault.errors import DataDamagedError, Interrupted, UsageError
+from stratavault.errors import DataDamagedError, Interrupted, RestoreError, UsageError
 from stratavault.jobs import (
     DEFAULT_DISK_CHUNK_BYTES,
     BackupDisksOptions,
@@ -26,6 +26,7 @@ from stratavault.jobs import (
     RestoreDiskOptions,
     _backup_disk,
     backup_disks,
+    backup_images,
     chunk_runs,
     new_disk_chunk_bytes,
     read_groups,
@@ -579,3 +580,54 @@ def test_large_disks_get_larger_chunks_so_their_index_stays_bounded(
     target = tmp_path / "out.img"
     assert cli("restore", "disk", "latest", "--to", target).code == 0
     assert target.read_bytes() == image.read_bytes()
+
+
+def test_format_option_keeps_a_raw_disk_that_looks_like_qcow2_raw(cli: Cli, tmp_path: Path) -> None:
+    """A guest can write a qcow2 header whose backing file is a host path into its raw
+    disk: probed, the backup would read that host file. ``--format raw`` reads the disk."""
+    secret = tmp_path / "host-secret.raw"
+    secret.write_bytes(b"host secret " * 100_000)
+    guest = tmp_path / "guest.raw"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(secret), str(guest)],
+        check=True,
+    )
+    with guest.open("ab") as f:  # the rest of the guest's disk
+        f.write(os.urandom(3 * CHUNK))
+    cli("init")
+    assert cli("backup", "image", guest, "--format", "raw", "-q").code == 0
+    kept = tmp_path / "kept.raw"
+    assert cli("restore", "disk", "latest", "--to", kept).code == 0
+    assert kept.read_bytes() == guest.read_bytes()
+    # Probed, it reads as a qcow2 naming the host file: refused, the message says what to do.
+    probed = cli("backup", "image", guest, "-q")
+    assert probed.code == UsageError.exit_code
+    assert str(secret) in probed.err and "--format raw" in probed.err
+    # Said to be a qcow2, it is one: read through its backing file, as asked.
+    assert cli("backup", "image", guest, "--format", "qcow2", "-q").code == 0
+    chained = tmp_path / "chained.raw"
+    assert cli("restore", "disk", "latest", "--to", chained).code == 0
+    assert chained.read_bytes()[:12] == b"host secret "
+    with _open(cli) as repo, pytest.raises(UsageError, match="image format 'iso'"):
+        backup_images(repo, [guest], BackupDisksOptions(), image_format="iso")
+
+
+def test_restore_onto_an_image_naming_other_files_is_refused(cli: Cli, tmp_path: Path) -> None:
+    """A vmdk descriptor (which a guest can write into its raw disk) names the files it is
+    made of: restoring onto it would write them. Refused, and they stay as they were."""
+    image = tmp_path / "disk.img"
+    _make_image(image)
+    cli("init")
+    assert cli("backup", "image", image, "-q").code == 0
+    split = tmp_path / "split.vmdk"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat",
+         str(split), str(SIZE)],
+        check=True,
+    )  # fmt: skip
+    extent = tmp_path / "split-flat.vmdk"
+    before = extent.stat().st_mtime_ns, extent.stat().st_size
+    result = cli("restore", "disk", "latest", "--onto", split)
+    assert result.code == RestoreError.exit_code
+    assert str(extent) in result.err and "would change those files" in result.err
+    assert (extent.stat().st_mtime_ns, extent.stat().st_size) == before

@@ -7,7 +7,7 @@ import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stratavault._defaults import DEFAULT_DISK_CHUNK_BYTES
+from stratavault._defaults import DEFAULT_DISK_CHUNK_BYTES, IMAGE_FORMATS
 from stratavault._malloc import keep_freed_memory
 from stratavault.cli._cmd_backup_vm import add_frame_size, register_vm
 from stratavault.cli._context import GlobalOptions, open_repo
@@ -79,6 +79,12 @@ def _register_image(
     i.add_argument("--tag", action="append", default=[], help="tag the snapshot (repeatable)")
     i.add_argument("--host", default=socket.gethostname(), help="host name to record")
     i.add_argument("--parent", help="parent snapshot (default: latest of the same files)")
+    i.add_argument(
+        "--format",
+        choices=IMAGE_FORMATS,
+        help="format of every FILE (default: probed with qemu-img, raw for devices); give "
+        "it for images a guest wrote, whose start could pass for another format",
+    )
     i.add_argument(
         "--chunk-size",
         type=_chunk_size,
@@ -204,5 +210,7 @@ def run_image(ns: argparse.Namespace, options: GlobalOptions) -> int:
             frame_bytes=ns.frame_size,
             compression_level=ns.compression,
         )
-        snap = backup_images(repo, files, job, names=ns.name, progress=progress)
+        snap = backup_images(
+            repo, files, job, names=ns.name, image_format=ns.format, progress=progress
+        )
     return report_disk_backup(out, snap)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from stratavault._defaults import DEFAULT_DISK_FRAME_BYTES
+from stratavault._defaults import DEFAULT_DISK_FRAME_BYTES, IMAGE_FORMATS
 from stratavault.errors import UsageError
 from stratavault.jobs._backup_disk import (
     DEFAULT_DISK_CHUNK_BYTES,
@@ -33,7 +33,7 @@ from stratavault.sources import (
     QmpSession,
     RawDiskSource,
     VmBackup,
-    probe_image_format,
+    probe_image,
 )
 
 __all__ = ["BackupVmOptions", "backup_images", "backup_vm"]
@@ -169,12 +169,27 @@ def backup_vm(
                 source.close()
 
 
+def _probed_format(image: Path) -> str:
+    """The probed format of an image that names no other file; ``UsageError`` for one that
+    does (a backing file, vmdk extents): the file's own header decides what is read, and
+    a guest can write any header into its raw disk, so the caller must say the format."""
+    info = probe_image(image)
+    if info.format != "raw" and info.references:
+        raise UsageError(
+            f"image {image} reads as {info.format} naming {', '.join(info.references)}: "
+            f"give --format {info.format} to back it up with the files it names, or "
+            "--format raw for its own bytes (a guest can write such a header into a raw disk)"
+        )
+    return info.format
+
+
 def backup_images(
     repo: Repository,
     images: Sequence[Path],
     options: BackupDisksOptions,
     *,
     names: Sequence[str] = (),
+    image_format: str | None = None,
     scratch_dir: Path | None = None,
     progress: Progress | None = None,
     cancel: Cancellation | None = None,
@@ -182,9 +197,16 @@ def backup_images(
     """Back up disk images (raw files and block devices read directly; qcow2, vmdk, vhdx,
     vdi and others through qemu-storage-daemon) into one snapshot; ``names`` names the
     disks (default: the file names). A qcow2 keeps a persistent dirty bitmap, so its next
-    backup reads only what changed."""
+    backup reads only what changed.
+
+    ``image_format`` is the format of every image; ``None`` asks ``qemu-img`` (block
+    devices: raw). Give it for an image a guest wrote: a raw disk that starts with another
+    format's header would be probed as that format, its backing file (a path the guest
+    chose) opened and backed up."""
     if names and len(names) != len(images):
         raise UsageError(f"{len(names)} names given for {len(images)} images")
+    if image_format is not None and image_format not in IMAGE_FORMATS:
+        raise UsageError(f"image format {image_format!r}: expected one of {IMAGE_FORMATS}")
     paths = options.paths or tuple(str(Path(i).absolute()) for i in images)
     if options.parent is None:
         parent = _parent(repo, options.host, list(paths))
@@ -198,7 +220,9 @@ def backup_images(
         sources: list[DiskSource] = []
         for number, image in enumerate(images):
             name = names[number] if names else Path(image).name
-            fmt = "raw" if Path(image).is_block_device() else probe_image_format(image)
+            fmt = image_format or (
+                "raw" if Path(image).is_block_device() else _probed_format(image)
+            )
             if fmt == "raw":
                 raw = RawDiskSource(image, name=name)
                 stack.callback(raw.close)

@@ -42,7 +42,7 @@ from stratavault.jobs._progress import (
 from stratavault.nbd import connect
 from stratavault.repo import Repository
 from stratavault.snapshot import DiskIndex, DiskRef, Snapshot, load_disk_index
-from stratavault.sources import ImageServer, RawDiskTarget, convert_image, probe_image_format
+from stratavault.sources import ImageServer, RawDiskTarget, convert_image, probe_image
 from stratavault.types import ChunkId
 
 __all__ = [
@@ -368,11 +368,18 @@ def restore_disk(
 
 
 def _image_format(path: Path) -> str | None:
-    """The format of an existing image file other than raw (qcow2, vmdk...), else None."""
+    """The format of an existing image file other than raw (qcow2, vmdk...), else None.
+    ``RestoreError`` for one whose descriptor names other files as extents (vmdk): they
+    would be written, and a guest can write such a descriptor into its raw disk."""
     if not path.is_file():
         return None
-    fmt = probe_image_format(path)
-    return None if fmt == "raw" else fmt
+    info = probe_image(path)
+    if info.format != "raw" and info.extents:
+        raise RestoreError(
+            f"restoring onto {path} - it reads as {info.format} naming "
+            f"{', '.join(info.extents)}: writing would change those files"
+        )
+    return None if info.format == "raw" else info.format
 
 
 def _restore_onto_image(

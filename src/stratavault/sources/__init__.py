@@ -72,9 +72,11 @@ if TYPE_CHECKING:
     )
     from stratavault.sources._qmp import QmpSession as QmpSession
     from stratavault.sources._raw_disk import (
+        ImageInfo as ImageInfo,
         RawDiskSource as RawDiskSource,
         RawDiskTarget as RawDiskTarget,
         convert_image as convert_image,
+        probe_image as probe_image,
         probe_image_format as probe_image_format,
     )
     from stratavault.sources._read import (

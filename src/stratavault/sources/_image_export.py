@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from stratavault._defaults import IMAGE_FORMATS
 from stratavault.errors import SourceError
 from stratavault.sources._bitmap_chain import DEFAULT_BITMAP_PREFIX
 from stratavault.sources._export import DiskExport, ExportSession
@@ -26,8 +27,6 @@ from stratavault.sources._vm import disk_by_node
 
 __all__ = ["IMAGE_FORMATS", "ImageExport", "ImageServer"]
 
-IMAGE_FORMATS = ("qcow2", "raw", "vmdk", "vhdx", "vdi")
-"""Image formats :class:`ImageExport` serves."""
 
 _NODE = "disk"
 _START_TIMEOUT_S = 10.0

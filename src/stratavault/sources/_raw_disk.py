@@ -16,22 +16,50 @@ import os
 import stat
 import subprocess
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from stratavault.errors import RestoreError, SourceError
 from stratavault.sources._restore import ZEROS, _nonzero_pieces
 
-__all__ = ["RawDiskSource", "RawDiskTarget", "convert_image", "probe_image_format"]
+__all__ = [
+    "ImageInfo",
+    "RawDiskSource",
+    "RawDiskTarget",
+    "convert_image",
+    "probe_image",
+    "probe_image_format",
+]
 
 _NO_SEEK_DATA = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP})
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
 
-def probe_image_format(path: Path | str) -> str:
-    """The image format of ``path`` as ``qemu-img info`` sees it ("raw", "qcow2", ...).
+@dataclass(frozen=True, slots=True)
+class ImageInfo:
+    """What ``qemu-img info`` says of an image file."""
 
+    format: str
+    """"raw", "qcow2", "vmdk"..."""
+    backing: str = ""
+    """The backing file its header names ("" for none)."""
+    extents: tuple[str, ...] = ()
+    """Other files its descriptor names as extents (vmdk), the image itself left out."""
+
+    @property
+    def references(self) -> tuple[str, ...]:
+        """Every other file that opening the image opens."""
+        return ((self.backing,) if self.backing else ()) + self.extents
+
+
+def probe_image(path: Path | str) -> ImageInfo:
+    """The format of ``path`` as ``qemu-img info`` probes it, and the files it names.
+
+    A probe trusts the file's first bytes: a guest can write a qcow2 header naming any
+    backing file, or a vmdk descriptor naming any extent, into its raw disk. Callers that
+    open such files for a guest's disk ask for an explicit format instead.
     ``SourceError`` when the file cannot be probed.
     """
     try:
@@ -48,9 +76,24 @@ def probe_image_format(path: Path | str) -> str:
         why = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
         raise SourceError(f"probing image {path} - qemu-img info: {why}")
     try:
-        return str(json.loads(proc.stdout)["format"])
-    except (ValueError, KeyError, TypeError) as exc:
+        doc = json.loads(proc.stdout)
+        extents = doc.get("format-specific", {}).get("data", {}).get("extents", [])
+        own = os.path.realpath(path)
+        return ImageInfo(
+            format=str(doc["format"]),
+            backing=str(doc.get("full-backing-filename") or doc.get("backing-filename") or ""),
+            extents=tuple(
+                str(e["filename"]) for e in extents if os.path.realpath(str(e["filename"])) != own
+            ),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SourceError(f"probing image {path} - unexpected qemu-img output") from exc
+
+
+def probe_image_format(path: Path | str) -> str:
+    """The image format of ``path`` as ``qemu-img info`` sees it ("raw", "qcow2", ...);
+    see :func:`probe_image` for what a probe trusts."""
+    return probe_image(path).format
 
 
 def _data_regions(fd: int, size_bytes: int, path: Path) -> Iterator[tuple[int, int]]:
