@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -139,6 +140,31 @@ def test_daemon_that_ends_after_making_its_socket_is_reported_with_its_words(
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     with pytest.raises(SourceError, match=r"opening the image .*simulated failure after start-up"):
         ImageExport(image, short_tmp / "s", fmt="qcow2").__enter__()
+
+
+def test_socket_made_before_the_daemon_listens_is_tried_again(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The QMP socket file exists from bind(), before the daemon listens: a connection then
+    is refused. The export tries again while the daemon runs (a full-suite flake before)."""
+    image = short_tmp / "disk.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(image), "1M"], check=True)
+    real = shutil.which("qemu-storage-daemon")
+    assert real is not None
+    bin_dir = short_tmp / "bin"
+    bin_dir.mkdir()
+    slow = bin_dir / "qemu-storage-daemon"
+    slow.write_text(
+        "#!/bin/sh\n"
+        'sock=$(printf "%s\\n" "$@" | sed -n "s/.*path=\\([^,]*\\),.*/\\1/p")\n'
+        'python3 -c "import socket,sys,time; s=socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]);'
+        ' time.sleep(0.5)" "$sock"\n'
+        f'rm -f "$sock"; exec {real} "$@"\n'
+    )
+    slow.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    with ImageExport(image, short_tmp / "s", fmt="qcow2") as export:
+        assert export.export is not None
 
 
 def test_chain_continues_from_running_to_stopped_and_back(

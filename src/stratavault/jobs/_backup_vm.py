@@ -217,31 +217,42 @@ def backup_images(
         options = replace(options, parent=parent.id)
     with contextlib.ExitStack() as stack:
         scratch = stack.enter_context(_scratch(scratch_dir))
-        sources: list[DiskSource] = []
-        for number, image in enumerate(images):
-            name = names[number] if names else Path(image).name
-            fmt = image_format or (
-                "raw" if Path(image).is_block_device() else _probed_format(image)
+        sources = [
+            _image_source(
+                stack,
+                Path(image),
+                names[number] if names else Path(image).name,
+                image_format,
+                scratch / f"image{number}",
+                recorded.get(str(Path(image).absolute())),
             )
-            if fmt == "raw":
-                raw = RawDiskSource(image, name=name)
-                stack.callback(raw.close)
-                sources.append(raw)
-                continue
-            export = stack.enter_context(
-                ImageExport(
-                    image,
-                    scratch / f"image{number}",
-                    fmt=fmt,
-                    expected_bitmap=recorded.get(str(Path(image).absolute())),
-                )
-            )
-            assert export.export is not None
-            source = NbdDiskSource(export.export)
-            source.name = name
-            source.path = str(Path(image).absolute())
-            stack.callback(source.close)
-            sources.append(source)
+            for number, image in enumerate(images)
+        ]
         return backup_disks(
             repo, sources, replace(options, paths=paths), progress=progress, cancel=cancel
         )
+
+
+def _image_source(
+    stack: contextlib.ExitStack,
+    image: Path,
+    name: str,
+    image_format: str | None,
+    scratch: Path,
+    bitmap: str | None,
+) -> DiskSource:
+    """The source of one image, closed with ``stack``: a raw file or device read directly,
+    another format through a private qemu-storage-daemon (``bitmap``: the one the parent
+    snapshot recorded for it)."""
+    fmt = image_format or ("raw" if image.is_block_device() else _probed_format(image))
+    if fmt == "raw":
+        raw = RawDiskSource(image, name=name)
+        stack.callback(raw.close)
+        return raw
+    export = stack.enter_context(ImageExport(image, scratch, fmt=fmt, expected_bitmap=bitmap))
+    assert export.export is not None
+    source = NbdDiskSource(export.export)
+    source.name = name
+    source.path = str(image.absolute())
+    stack.callback(source.close)
+    return source

@@ -134,14 +134,19 @@ class ImageExport:
             if time.monotonic() > deadline:
                 raise SourceError(f"opening the image {self.image} - qemu-storage-daemon hangs")
             time.sleep(0.01)
-        try:
-            return QmpSession(qmp, timeout_s=30.0)
-        except SourceError as exc:  # the daemon may have ended after making its socket
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._process.wait(timeout=1)
-            if self._process.returncode is None:
-                raise
-            raise SourceError(f"opening the image {self.image} - {self._exit_reason()}") from exc
+        while True:
+            try:
+                return QmpSession(qmp, timeout_s=30.0)
+            except SourceError as exc:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._process.wait(timeout=0.05)
+                if self._process.returncode is not None:  # it ended after making its socket
+                    why = self._exit_reason()
+                    raise SourceError(f"opening the image {self.image} - {why}") from exc
+                if time.monotonic() > deadline:
+                    raise
+                # The socket file exists from bind(), before the daemon listens on it and
+                # sets up its monitor: a connection in between is refused or hung up on.
 
     def _exit_reason(self) -> str:
         """What the daemon, which has ended, said on stderr (else its exit status)."""
