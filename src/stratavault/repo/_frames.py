@@ -94,21 +94,6 @@ class FrameCache:
         self._opening: dict[tuple[str, int], Future[Frame]] = {}
         self._lock = threading.Lock()
 
-    def get(self, pack: str, offset: int) -> Frame | None:
-        """The cached frame at ``offset`` of ``pack``, or None."""
-        with self._lock:
-            frame = self._cached.get((pack, offset))
-            if frame is not None:
-                self._cached.move_to_end((pack, offset))
-            return frame
-
-    def put(self, pack: str, offset: int, frame: Frame) -> None:
-        """Keep ``frame``, forgetting the one used longest ago when full."""
-        with self._lock:
-            self._cached[(pack, offset)] = frame
-            while len(self._cached) > self._frames:
-                self._cached.popitem(last=False)
-
     def get_or_open(self, pack: str, offset: int, opener: Callable[[], Frame]) -> Frame:
         """The frame at ``offset`` of ``pack``: cached, or decoded by ``opener`` (once: a
         thread that wants a frame another is decoding waits for it; the opener's error is
@@ -120,11 +105,9 @@ class FrameCache:
                 self._cached.move_to_end(key)
                 return frame
             opening = self._opening.get(key)
+            owner = opening is None
             if opening is None:
                 opening = self._opening[key] = Future()
-                owner = True
-            else:
-                owner = False
         if not owner:
             return opening.result()
         try:
@@ -134,8 +117,10 @@ class FrameCache:
                 del self._opening[key]
             opening.set_exception(exc)
             raise
-        self.put(pack, offset, frame)
         with self._lock:
             del self._opening[key]
+            self._cached[key] = frame  # forgetting the one used longest ago when full
+            while len(self._cached) > self._frames:
+                self._cached.popitem(last=False)
         opening.set_result(frame)
         return frame

@@ -218,6 +218,23 @@ def read_member(
     return member(frame, pack, chunk_id, entry)
 
 
+def read_member_and_mates(
+    storage: Storage,
+    keys: MasterKeys,
+    frames: FrameCache,
+    pack: str,
+    chunk_id: bytes,
+    entry: Entry,
+    blob: bytes | memoryview | None,
+) -> dict[bytes, bytes]:
+    """A chunk of a frame (checked as by :func:`read_member`) and the frame's other members
+    (as authenticated with the frame), by chunk id."""
+    frame = cached_frame(storage, keys, frames, pack, entry, blob)
+    mates = {cid: frame.member(cid) for cid in frame.spans}
+    mates[chunk_id] = member(frame, pack, chunk_id, entry)
+    return mates
+
+
 def cached_frame(
     storage: Storage,
     keys: MasterKeys,

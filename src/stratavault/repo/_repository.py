@@ -313,15 +313,7 @@ class Repository:
 
     def read_chunk(self, chunk_id: ChunkId) -> bytes:
         """The plaintext of a chunk, verified; ChunkNotFoundError / IntegrityError."""
-        pack, entry, blob = self._locate(chunk_id)
-        if is_framed(entry.kind):
-            args = (self.storage, self._keys, self._frames, pack, chunk_id, entry, blob)
-            return _reading.read_member(*args)
-        if blob is None and entry.kind == BlobKind.TREE:
-            blob = self._tree_windows.get(self.storage, pack, entry.offset, entry.stored)
-        elif blob is None:
-            blob = _reading.get_range(self.storage, pack, entry.offset, entry.stored)
-        return _reading.open_blob(self._keys, pack, chunk_id, entry, blob)
+        return self._read_located(chunk_id, *self._locate(chunk_id))
 
     def read_chunk_and_mates(self, chunk_id: ChunkId) -> dict[ChunkId, bytes]:
         """The plaintext of ``chunk_id`` and, when it is stored in a frame, of the frame's
@@ -330,12 +322,21 @@ class Repository:
         ids and lengths are in its authenticated table)."""
         pack, entry, blob = self._locate(chunk_id)
         if not is_framed(entry.kind):
-            return {chunk_id: self.read_chunk(chunk_id)}
-        args = (self.storage, self._keys, self._frames, pack, entry, blob)
-        frame = _reading.cached_frame(*args)
-        mates = {ChunkId(cid): frame.member(cid) for cid in frame.spans}
-        mates[chunk_id] = _reading.member(frame, pack, chunk_id, entry)
-        return mates
+            return {chunk_id: self._read_located(chunk_id, pack, entry, blob)}
+        args = (self.storage, self._keys, self._frames, pack, chunk_id, entry, blob)
+        return cast(dict[ChunkId, bytes], _reading.read_member_and_mates(*args))
+
+    def _read_located(
+        self, chunk_id: ChunkId, pack: str, entry: Entry, blob: bytes | memoryview | None
+    ) -> bytes:
+        if is_framed(entry.kind):
+            args = (self.storage, self._keys, self._frames, pack, chunk_id, entry, blob)
+            return _reading.read_member(*args)
+        if blob is None and entry.kind == BlobKind.TREE:
+            blob = self._tree_windows.get(self.storage, pack, entry.offset, entry.stored)
+        elif blob is None:
+            blob = _reading.get_range(self.storage, pack, entry.offset, entry.stored)
+        return _reading.open_blob(self._keys, pack, chunk_id, entry, blob)
 
     def read_chunks(self, chunk_ids: Iterable[ChunkId]) -> Iterator[tuple[ChunkId, bytes]]:
         """Yield each distinct chunk once, grouped by pack, with ranged reads of adjacent blobs."""
