@@ -243,3 +243,23 @@ def test_trees_are_read_in_windows(repo: Repository, storage: MemoryStorage, cac
             assert again.read_chunk(cid) == data
         packs = len(list(storage.list("data/")))
         assert counting.gets - before <= packs + 1 < len(ids) // 10
+
+
+def test_chunks_by_pack_groups_as_chunk_info(repo: Repository) -> None:
+    flushed = add_all(repo, random_chunks(20))
+    repo.flush()
+    in_memory = add_all(repo, random_chunks(3))  # the open pack is not uploaded yet
+    ids = [*flushed, *in_memory, flushed[0]]
+    by_pack = repo.chunks_by_pack(ids)
+    assert sorted(c for group in by_pack.values() for c in group) == sorted(set(ids))
+    for pack, group in by_pack.items():
+        assert all(repo.chunk_info(c).pack == pack for c in group)
+    assert any(pack.startswith("(pack in memory") for pack in by_pack)
+    lost = ChunkId(b"\1" * 32)
+    with pytest.raises(ChunkNotFoundError, match=lost.hex()):
+        repo.chunks_by_pack([flushed[0], lost])
+    missing: list[ChunkId] = []
+    assert repo.chunks_by_pack([lost, flushed[1]], missing=missing) == {
+        repo.chunk_info(flushed[1]).pack: [flushed[1]]
+    }
+    assert missing == [lost]

@@ -299,3 +299,23 @@ def test_a_damaged_cache_is_ignored_and_the_index_read_from_the_repository(
         assert ChunkIndex.load(cache / repo.id) is None
         with open_repo(storage, cache) as again:
             assert [again.read_chunk(i) for i in ids] == chunks
+
+
+def test_lookup_many_agrees_with_lookup_across_runs_and_pending() -> None:
+    rng = np.random.default_rng(7)
+    index = ChunkIndex()
+    known: list[bytes] = []
+    for run in range(5):  # several sorted runs of different sizes, some ids shadowed
+        size = int(rng.integers(1, 3000))
+        for i in range(size):
+            cid = os.urandom(32) if not known or i % 11 else known[int(rng.integers(len(known)))]
+            index.add(cid, Entry(run, 0, i, i + 1, i + 2))
+            known.append(cid)
+        index.merge_pending()
+    index.add(known[3], Entry(99, 1, 2, 3, 4))  # a fresh entry shadows the runs
+    index.add(b"\5" * 31 + b"\0", Entry(98, 0, 0, 0, 0))  # a trailing zero byte
+    queries = [*known, b"\5" * 31 + b"\0", os.urandom(32), b"short", b"\0" * 32]
+    queries = [queries[i] for i in rng.permutation(len(queries))]
+    assert index.lookup_many(queries) == [index.lookup(q) for q in queries]
+    assert index.lookup_many([]) == []
+    assert ChunkIndex().lookup_many([b"\1" * 32]) == [None]

@@ -12,10 +12,9 @@ spreads the reading over days.
 from __future__ import annotations
 
 import random
-from collections import defaultdict
 from dataclasses import dataclass, field
 
-from stratavault.errors import ChunkNotFoundError, DataDamagedError
+from stratavault.errors import DataDamagedError
 from stratavault.jobs._progress import Cancellation, NullProgress, Progress, ProgressState, now
 from stratavault.repo import Repository
 from stratavault.snapshot import (
@@ -121,12 +120,11 @@ class _Checker:
 
     def check_chunks(self, read_data: bool, subset: Subset | None) -> None:
         existing = {obj.name for obj in self.repo.storage.list("data/")}
-        by_pack: dict[str, list[ChunkId]] = defaultdict(list)
-        for cid, users in self.refs.items():
-            try:  # chunk_info also finds chunks of packs a prune is about to delete
-                by_pack[self.repo.chunk_info(cid).pack].append(cid)
-            except ChunkNotFoundError:
-                self.damage(f"chunk {cid.hex()}", "not in the index", users)
+        missing: list[ChunkId] = []
+        # also finds chunks of packs a prune is about to delete
+        by_pack = self.repo.chunks_by_pack(self.refs, missing=missing)
+        for cid in missing:
+            self.damage(f"chunk {cid.hex()}", "not in the index", self.refs[cid])
         self.result.chunks, self.result.packs = len(self.refs), len(by_pack)
         self.state.files_total = len(by_pack)
         for pack, ids in by_pack.items():

@@ -246,9 +246,7 @@ class _DiskRestore:
             start = self.index.chunk_range(first)[0]
             self.target.zero(start, self.index.chunk_range(first + count - 1)[1] - start)
         self.result.chunks_zeroed = len(zeros)
-        by_pack: dict[str, list[ChunkId]] = defaultdict(list)
-        for cid in places:
-            by_pack[self.repo.chunk_info(cid).pack].append(cid)
+        by_pack = self.repo.chunks_by_pack(places)
         futures = [self.pool.submit(self.write_pack, ids, places) for ids in by_pack.values()]
         for f in futures:
             f.result()

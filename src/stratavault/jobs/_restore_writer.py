@@ -130,9 +130,7 @@ class FileWriter:
         """
         places: _Places = defaultdict(list)
         planned = [p for parts, node in batch if (p := self._create(parts, node, places))]
-        by_pack: dict[str, list[ChunkId]] = defaultdict(list)
-        for cid in places:
-            by_pack[self.repo.chunk_info(cid).pack].append(cid)
+        by_pack = self.repo.chunks_by_pack(places)
         with ThreadPoolExecutor(self.options.threads, thread_name_prefix="restore") as pool:
             try:
                 for f in [pool.submit(self._write_pack, ids, places) for ids in by_pack.values()]:

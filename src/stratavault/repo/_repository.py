@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +43,9 @@ from stratavault.repo._uploader import Uploader
 from stratavault.repo._values import ChunkInfo, RepoStats
 from stratavault.storage import Storage
 from stratavault.types import BlobKind, ChunkId
+
+_Located = tuple[str, Entry, "bytes | memoryview | None"]
+"""Where a chunk is: pack name, index entry, and its blob while the pack is in memory."""
 
 __all__ = ["Repository"]
 
@@ -260,22 +263,35 @@ class Repository:
             self._uploader.submit(pack)
         return len(new)
 
-    def _locate(self, chunk_id: bytes) -> tuple[str, Entry, bytes | memoryview | None]:
+    def _locate(self, chunk_id: bytes) -> _Located:
+        found = self._locate_many([chunk_id])[0]
+        if found is None:
+            raise self._not_found(chunk_id)
+        return found
+
+    def _locate_many(self, chunk_ids: Sequence[bytes]) -> list[_Located | None]:
+        """Where each chunk is: ``(pack name, entry, blob when the pack is still in
+        memory)``, ``None`` for one the repository lacks. Searches the open packs, then
+        the index (vectorized), then packs a prune is about to delete."""
+        located: list[_Located | None] = []
         with self._lock:
-            found = self._filling.get(chunk_id)
-            if found is not None:
-                pack, entry = found
-                return f"(pack in memory #{pack.number})", entry, pack.blob(chunk_id)
-            indexed = self._index.lookup(chunk_id)
-            if indexed is not None:
-                return self._index.packs[indexed.pack], indexed, None
-        pending = self._pending_index()
-        indexed = pending.lookup(chunk_id)
-        if indexed is None:
-            raise ChunkNotFoundError(
-                f"reading chunk {chunk_id.hex()} - not in the index of repository {self.id[:8]}"
-            )
-        return pending.packs[indexed.pack], indexed, None
+            for chunk_id in chunk_ids:
+                found = self._filling.get(chunk_id)
+                if found is None:
+                    located.append(None)
+                else:
+                    pack, entry = found
+                    name = f"(pack in memory #{pack.number})"
+                    located.append((name, entry, pack.blob(chunk_id)))
+            _locate_in(self._index, chunk_ids, located)
+        if None in located:
+            _locate_in(self._pending_index(), chunk_ids, located)
+        return located
+
+    def _not_found(self, chunk_id: bytes) -> ChunkNotFoundError:
+        return ChunkNotFoundError(
+            f"reading chunk {chunk_id.hex()} - not in the index of repository {self.id[:8]}"
+        )
 
     def _pending_index(self) -> ChunkIndex:
         """Chunks of packs a prune took out of the index but has not deleted yet (see
@@ -311,6 +327,23 @@ class Repository:
         kind = BlobKind(entry.kind & ~F.KIND_FRAMED)
         return ChunkInfo(pack, entry.offset, entry.stored, entry.raw, kind)
 
+    def chunks_by_pack(
+        self, chunk_ids: Iterable[ChunkId], *, missing: list[ChunkId] | None = None
+    ) -> dict[str, list[ChunkId]]:
+        """The distinct ``chunk_ids`` grouped by the pack holding each (named as by
+        :meth:`chunk_info`), in one vectorized index search. A chunk the repository lacks
+        raises ``ChunkNotFoundError``, or is appended to ``missing`` when that is given."""
+        wanted = list(dict.fromkeys(chunk_ids))
+        by_pack: dict[str, list[ChunkId]] = {}
+        for chunk_id, where in zip(wanted, self._locate_many(wanted), strict=True):
+            if where is not None:
+                by_pack.setdefault(where[0], []).append(chunk_id)
+            elif missing is None:
+                raise self._not_found(chunk_id)
+            else:
+                missing.append(chunk_id)
+        return by_pack
+
     def read_chunk(self, chunk_id: ChunkId) -> bytes:
         """The plaintext of a chunk, verified; ChunkNotFoundError / IntegrityError."""
         return self._read_located(chunk_id, *self._locate(chunk_id))
@@ -342,8 +375,11 @@ class Repository:
         """Yield each distinct chunk once, grouped by pack, with ranged reads of adjacent blobs."""
         located: dict[str, list[tuple[bytes, Entry]]] = {}
         memory: list[ChunkId] = []
-        for wanted in dict.fromkeys(chunk_ids):
-            pack, entry, blob = self._locate(wanted)
+        wanted_ids = list(dict.fromkeys(chunk_ids))
+        for wanted, where in zip(wanted_ids, self._locate_many(wanted_ids), strict=True):
+            if where is None:
+                raise self._not_found(wanted)
+            pack, entry, blob = where
             if blob is not None:
                 memory.append(wanted)
             else:
@@ -576,3 +612,11 @@ class Repository:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _locate_in(index: ChunkIndex, ids: Sequence[bytes], located: list[_Located | None]) -> None:
+    """Fill the ``None`` places of ``located`` with the chunks ``index`` holds."""
+    rest = [i for i, where in enumerate(located) if where is None]
+    for i, entry in zip(rest, index.lookup_many([ids[i] for i in rest]), strict=True):
+        if entry is not None:
+            located[i] = (index.packs[entry.pack], entry, None)
