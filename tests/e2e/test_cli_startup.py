@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from stratavault.cli._context import _import_in_background
 from stratavault.cli._preload import backup_modules, has_image_magic, restore_modules
 from stratavault.errors import PassphraseError
@@ -153,6 +155,35 @@ def test_file_backups_derive_the_key_before_loading_numpy(cli: Cli, tmp_path: Pa
     assert code == 0
     assert "stratavault.repo._keyring" in modules  # the probe saw the derivation
     assert _loaded(modules, ("numpy", "stratavault.repo._repository")) == []
+
+
+# Records OPENBLAS_NUM_THREADS when numpy is first imported, then runs the command.
+_BLAS_PROBE = """
+import json, os, sys
+seen = []
+class Probe:
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy":
+            seen.append(os.environ.get("OPENBLAS_NUM_THREADS"))
+sys.meta_path.insert(0, Probe())
+from stratavault.cli import run
+code = run(sys.argv[2:])
+with open(sys.argv[1], "w") as f:
+    json.dump({"code": code, "modules": seen}, f)
+"""
+
+
+def test_numpy_loads_without_a_blas_thread_pool(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """numpy's BLAS is unused; its thread pool would cost every disk command ~25 ms."""
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(os.urandom(1 << 20))
+    assert cli("init").code == 0
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)  # an in-process run set it
+    code, seen = _imports(cli, tmp_path, "backup", "image", disk, "-q", probe=_BLAS_PROBE)
+    assert code == 0
+    assert set(seen) == {"1"}
 
 
 def test_help_shows_the_defaults_of_the_layers_below(cli: Cli) -> None:

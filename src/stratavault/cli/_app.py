@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -151,6 +152,9 @@ def _options(ns: argparse.Namespace) -> GlobalOptions:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code (documented in ``--help``)."""
+    # numpy's BLAS is never used: it need not start a thread per core when numpy loads
+    # (25-30 ms of every disk command's start here). Set before anything imports numpy.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     tune_malloc()
     parser = build_parser()
     try:
