@@ -323,3 +323,33 @@ def test_memoryview_input(store: Storage) -> None:
     assert store.stat("b").size_bytes == 64
     store.put("c", memoryview(b"a-b-c-")[::2])  # not contiguous
     assert store.get("c") == b"abc"
+
+
+def _staged(store: Storage, tmp_path: Path, data: bytes) -> Path:
+    """A file to give ``put_file``: in the backend's staging folder when it has one."""
+    folder = Path(store.properties.staging_dir or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f".tmp-staged-{next(_prefixes)}"
+    path.write_bytes(data)
+    return path
+
+
+def test_put_file(case: Case, store: Storage, tmp_path: Path) -> None:
+    data = os.urandom(300_000)
+    staged = _staged(store, tmp_path, data)
+    store.put_file("data/ab/abcdef", str(staged))
+    assert store.get("data/ab/abcdef") == data
+    assert staged.read_bytes() == data  # left in place for the caller
+    with pytest.raises(ObjectExistsError):
+        store.put_file("data/ab/abcdef", str(_staged(store, tmp_path, b"other")))
+    assert store.get("data/ab/abcdef") == data
+    if not case.append_only:
+        store.put_file("data/ab/abcdef", str(_staged(store, tmp_path, b"new")), overwrite=True)
+        assert store.get("data/ab/abcdef") == b"new"
+    assert [i.name for i in store.list()] == ["data/ab/abcdef"]  # staged files not listed
+    outside = tmp_path / "elsewhere"  # any local file will do
+    outside.write_bytes(b"from elsewhere")
+    store.put_file("snapshots/s1", str(outside))
+    assert store.get("snapshots/s1") == b"from elsewhere"
+    with pytest.raises(StorageError):
+        store.put_file("snapshots/s2", str(tmp_path / "no such file"))

@@ -20,6 +20,7 @@ def test_exported_members() -> None:
         "Storage",
         "StorageProperties",
         "StorageWrapper",
+        "TEMP_PREFIX",
         "check_name",
         "open_storage",
     ]

@@ -6,6 +6,7 @@ import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -114,3 +115,36 @@ def test_full_filesystem(tiny_fs: Path) -> None:
     with pytest.raises(StorageFullError):
         store.put("data/huge", os.urandom(2 << 20), overwrite=True)
     assert files_under(tiny_fs / "repo") == [*stored[:-1], failed]
+
+
+def test_put_file_links_a_staged_file_without_copying_it(tmp_path: Path) -> None:
+    store = LocalStorage(tmp_path / "r")
+    assert store.properties.staging_dir == str(tmp_path / "r")
+    (tmp_path / "r").mkdir()
+    staged = tmp_path / "r" / ".tmp-pack-1"
+    staged.write_bytes(b"pack bytes")
+    store.put_file("data/ab/abcd", str(staged))
+    assert os.stat(staged).st_ino == os.stat(tmp_path / "r/data/ab/abcd").st_ino
+    staged.unlink()  # the caller's part
+    assert store.get("data/ab/abcd") == b"pack bytes"
+    assert files_under(tmp_path / "r") == ["data/ab/abcd"]
+
+
+def test_put_file_copies_across_file_systems(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalStorage(tmp_path / "r")
+    other = tmp_path / "other"
+    other.write_bytes(b"from another disk")
+    link = os.link
+
+    def cross_device(src: str, dst: str, **kwargs: Any) -> None:
+        if src == str(other):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        link(src, dst, **kwargs)
+
+    monkeypatch.setattr(os, "link", cross_device)
+    store.put_file("data/ab/abcd", str(other))
+    assert os.stat(other).st_ino != os.stat(tmp_path / "r/data/ab/abcd").st_ino
+    assert store.get("data/ab/abcd") == b"from another disk"
+    assert files_under(tmp_path / "r") == ["data/ab/abcd"]

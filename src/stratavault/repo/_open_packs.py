@@ -6,8 +6,7 @@ from collections.abc import Iterable
 
 from stratavault.repo import _formats as F
 from stratavault.repo._index import Entry
-from stratavault.repo._packs import OpenPack, PackBuffers
-from stratavault.types import BlobKind
+from stratavault.repo._packs import OpenPack, PackFile
 
 __all__ = ["OpenPacks"]
 
@@ -18,8 +17,8 @@ class OpenPacks:
     the trees of a snapshot sit together and browsing or an incremental backup reads little
     (restic does the same). Not thread-safe: the repository calls it under its lock."""
 
-    def __init__(self, buffers: PackBuffers, target_bytes: int) -> None:
-        self._buffers, self._target_bytes = buffers, target_bytes
+    def __init__(self, folder: str, target_bytes: int) -> None:
+        self._folder, self._target_bytes = folder, target_bytes
         self._open: dict[int, OpenPack] = {}
         self._chunks: dict[bytes, tuple[OpenPack, Entry]] = {}
         self._next_number = 0
@@ -40,8 +39,7 @@ class OpenPacks:
         yet) to the pack of its kind; return the packs that are full now (they leave the
         open packs: upload them). A pack is full before a blob would take it past the
         target size, header included, and once it reaches that size; only a pack of a
-        single blob is larger. Data packs fill recycled buffers; trees are few, and their
-        packs start from an empty buffer (a recycled one is 16 MiB of resident pages)."""
+        single blob is larger. Each pack is filled in a file of its own in ``folder``."""
         base = kind & ~F.KIND_FRAMED
         full: list[OpenPack] = []
         pack = self._open.get(base)
@@ -49,8 +47,7 @@ class OpenPacks:
             full.append(self._open.pop(base))
             pack = None
         if pack is None:
-            buffer = self._buffers.take() if base == BlobKind.DATA else bytearray()
-            pack = self._open[base] = OpenPack(self._next_number, buffer)
+            pack = self._open[base] = OpenPack(self._next_number, PackFile(self._folder))
             self._next_number += 1
         offset = pack.append_frame(members, kind, blob)
         for chunk_id, raw_len in members:

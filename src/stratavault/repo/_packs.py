@@ -2,20 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+import secrets
 import threading
 from dataclasses import dataclass, field
 
+import blake3
 import numpy as np
 import numpy.typing as npt
 
-from stratavault.errors import IntegrityError, UnsupportedFormatError
+from stratavault.errors import (
+    IntegrityError,
+    StorageError,
+    StorageFullError,
+    UnsupportedFormatError,
+)
 from stratavault.repo import _formats as F
-from stratavault.repo._crypto import AuthenticationFailed, MasterKeys, content_hash
+from stratavault.repo._crypto import AuthenticationFailed, MasterKeys
 from stratavault.repo._dtypes import HEADER_ENTRY
+from stratavault.storage import TEMP_PREFIX
 
 __all__ = [
     "OpenPack",
-    "PackBuffers",
+    "PackFile",
     "SealedPack",
     "pack_name",
     "parse_pack_tail",
@@ -23,15 +34,108 @@ __all__ = [
 ]
 
 
+class PackFile:
+    """The bytes of a pack while it is filled and uploaded, kept in a local file instead of
+    memory (a pack is 16 MiB, and several are in flight at once). The file is anonymous
+    where the file system allows (``O_TMPFILE``: nothing is left behind by a crash), else
+    named with ``TEMP_PREFIX`` (which backends skip when listing). Thread-safe."""
+
+    def __init__(self, folder: str) -> None:
+        self.length = 0
+        """Bytes written so far."""
+        self._on_disk = 0
+        self._pending = bytearray()
+        """Small blobs not written yet (a system call per blob would cost more than the
+        copy: a first backup adds ~50,000 blobs of small files)."""
+        self._lock = threading.Lock()
+        self._hasher = blake3.blake3(max_threads=1)
+        try:
+            self._fd = os.open(folder, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o666)
+            self._named: str | None = None
+        except (OSError, AttributeError):  # no O_TMPFILE here: a named file
+            self._named = os.path.join(folder, f"{TEMP_PREFIX}pack-{secrets.token_hex(8)}")
+            try:
+                flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+                self._fd = os.open(self._named, flags, 0o666)
+            except OSError as e:
+                raise _file_error(f"creating a pack file in {folder}", e) from e
+
+    @property
+    def path(self) -> str:
+        """A path that opens the file (``/proc/self/fd/N`` for an anonymous one); what was
+        written is in the file."""
+        with self._lock:
+            self._flush()
+        return self._named or f"/proc/self/fd/{self._fd}"
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append ``data``."""
+        with self._lock:
+            if len(self._pending) + len(data) < _WRITE_BYTES:
+                self._pending += data
+            else:
+                self._flush()
+                self._write(data)
+            self.length += len(data)
+
+    def read(self, offset: int, length: int) -> bytes:
+        """``length`` bytes from ``offset`` (written before)."""
+        with self._lock:
+            self._flush()
+            return os.pread(self._fd, length, offset)
+
+    def content_hash(self) -> str:
+        """:func:`content_hash` of what was written (hashed as it was written)."""
+        with self._lock:
+            self._flush()
+            return self._hasher.hexdigest()
+
+    def remove(self) -> None:
+        """Close and delete the file (once the pack is stored, or given up)."""
+        with self._lock:
+            fd, self._fd = self._fd, -1
+            self._pending = bytearray()
+        if fd >= 0:
+            os.close(fd)
+        if self._named is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._named)
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._write(self._pending)
+            self._pending.clear()
+
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
+        self._hasher.update(data)
+        view = memoryview(data).cast("B")
+        try:
+            while view:
+                written = os.pwrite(self._fd, view, self._on_disk)
+                self._on_disk += written
+                view = view[written:]
+        except OSError as e:
+            raise _file_error(f"writing a pack file ({self._named or 'unnamed'})", e) from e
+
+
+_WRITE_BYTES = 1 << 20
+"""Blobs are gathered up to this size before they are written; files are hashed in
+pieces of this size."""
+
+
+def _file_error(doing: str, e: OSError) -> StorageError:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFullError(f"{doing} - no space left ({e.strerror})")
+    return StorageError(f"{doing} - {e.strerror or e}")
+
+
 @dataclass(slots=True)
 class OpenPack:
-    """A pack being filled: its bytes so far (one buffer, so sealing copies nothing) plus
-    the header records of its blobs. ``data`` may be a buffer used before and longer than
-    the pack: only its first ``length`` bytes are the pack's."""
+    """A pack being filled: its bytes so far (in a :class:`PackFile`) plus the header
+    records of its blobs."""
 
     number: int
-    data: bytearray = field(default_factory=bytearray)
-    length: int = 0
+    file: PackFile
     ids: list[bytes] = field(default_factory=list)
     kinds: list[int] = field(default_factory=list)
     raws: list[int] = field(default_factory=list)
@@ -41,7 +145,7 @@ class OpenPack:
     @property
     def size(self) -> int:
         """Bytes of the blobs so far."""
-        return self.length
+        return self.file.length
 
     @property
     def count(self) -> int:
@@ -53,10 +157,10 @@ class OpenPack:
         ``blob_bytes`` holding ``members`` chunks is added."""
         entries = (len(self.ids) + members) * HEADER_ENTRY.itemsize
         header = F.ENVELOPE_OVERHEAD + F.PACK_HEADER_PREFIX.size + entries
-        return self.length + blob_bytes + header + F.PACK_TRAILER.size
+        return self.file.length + blob_bytes + header + F.PACK_TRAILER.size
 
     def append(self, chunk_id: bytes, kind: int, blob: bytes | memoryview, raw_len: int) -> int:
-        """Add an encrypted blob (copied into the pack); return its offset in the pack."""
+        """Add an encrypted blob; return its offset in the pack."""
         return self.append_frame([(chunk_id, raw_len)], kind, blob)
 
     def append_frame(
@@ -64,8 +168,8 @@ class OpenPack:
     ) -> int:
         """Add a blob holding ``members`` (``(chunk id, raw length)``; ``kind`` has
         ``KIND_FRAMED`` when there are several); return its offset in the pack."""
-        offset = self.length
-        self._write(blob)
+        offset = self.file.length
+        self.file.write(blob)
         for chunk_id, raw_len in members:
             self.ids.append(chunk_id)
             self.kinds.append(kind)
@@ -74,47 +178,13 @@ class OpenPack:
             self.storeds.append(len(blob))
         return offset
 
-    def _write(self, data: bytes | memoryview) -> None:
-        end = self.length + len(data)
-        self.data[self.length : end] = data  # in place while the buffer is long enough
-        self.length = end
-
     def blob(self, chunk_id: bytes) -> bytes | None:
-        """A copy of the stored blob of ``chunk_id`` (its frame's, for a framed chunk) if it
-        is in this pack (linear; packs are small). A copy: the buffer may still grow."""
+        """The stored blob of ``chunk_id`` (its frame's, for a framed chunk) if it is in
+        this pack (linear; packs are small)."""
         for i, cid in enumerate(self.ids):
             if cid == chunk_id:
-                return bytes(self.data[self.offsets[i] : self.offsets[i] + self.storeds[i]])
+                return self.file.read(self.offsets[i], self.storeds[i])
         return None
-
-
-class PackBuffers:
-    """Buffers of uploaded data packs, kept to fill the next ones: a fresh buffer grows to
-    16 MiB, mapped anew and every page of it faulted in (the mmap threshold is 8 MiB),
-    4,096 page faults per pack. At most ``keep`` are kept; thread-safe."""
-
-    def __init__(self, keep: int = 2) -> None:
-        self._keep = keep
-        self._spare: list[bytearray] = []
-        self._lock = threading.Lock()
-
-    def take(self) -> bytearray:
-        """A buffer for a new pack (its old bytes are overwritten as the pack fills)."""
-        with self._lock:
-            return self._spare.pop() if self._spare else bytearray()
-
-    def give(self, buffer: bytearray) -> None:
-        """Keep the buffer of a pack whose upload is done, unless some view of it is still
-        alive (then it cannot change size, and must not be overwritten either)."""
-        if not buffer:
-            return
-        try:  # a resize fails while views are alive; shrinking first never reallocates
-            buffer.append(buffer.pop())
-        except BufferError:
-            return
-        with self._lock:
-            if len(self._spare) < self._keep:
-                self._spare.append(buffer)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +193,7 @@ class SealedPack:
 
     number: int
     name: str
-    data: memoryview
+    file: PackFile
     entries: npt.NDArray[np.void]
 
 
@@ -133,8 +203,8 @@ def pack_name(hex_hash: str) -> str:
 
 
 def seal_pack(keys: MasterKeys, pack: OpenPack) -> SealedPack:
-    """Finish the pack in place: append the encrypted header and its length; name it by
-    its hash. The pack's buffer becomes the sealed pack's bytes (nothing is copied)."""
+    """Finish the pack in its file: append the encrypted header and its length; name it
+    by its hash."""
     count = pack.count
     entries = np.zeros(count, dtype=HEADER_ENTRY)
     entries["kind"] = pack.kinds
@@ -144,10 +214,8 @@ def seal_pack(keys: MasterKeys, pack: OpenPack) -> SealedPack:
     entries["raw"] = pack.raws
     header = F.PACK_HEADER_PREFIX.pack(F.PACK_HEADER_MAGIC, F.PACK_HEADER_VERSION, count)
     sealed_header = keys.seal(header + entries.tobytes(), F.AD_PACK_HEADER)
-    pack._write(sealed_header)
-    pack._write(F.PACK_TRAILER.pack(len(sealed_header)))
-    data = memoryview(pack.data)[: pack.length]
-    return SealedPack(pack.number, pack_name(content_hash(data)), data, entries)
+    pack.file.write(sealed_header + F.PACK_TRAILER.pack(len(sealed_header)))
+    return SealedPack(pack.number, pack_name(pack.file.content_hash()), pack.file, entries)
 
 
 def parse_pack_tail(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -38,7 +39,7 @@ from stratavault.repo._keys import KeyInfo
 from stratavault.repo._locks import EXCLUSIVE, PRUNE, SHARED, Locker
 from stratavault.repo._open_packs import OpenPacks
 from stratavault.repo._opening import Unlocked, create_repository, unlock_repository
-from stratavault.repo._packs import OpenPack, PackBuffers, SealedPack
+from stratavault.repo._packs import OpenPack, SealedPack
 from stratavault.repo._uploader import Uploader
 from stratavault.repo._values import ChunkInfo, RepoStats
 from stratavault.storage import Storage
@@ -95,13 +96,12 @@ class Repository:
         self._pending: ChunkIndex | None = None
         self._tree_windows = _reading.WindowCache()
         self._frames = FrameCache()
-        self._buffers = PackBuffers()
-        self._filling = OpenPacks(self._buffers, options.pack_target_bytes)
+        self._filling = OpenPacks(_staging_folder(storage, cache_dir), options.pack_target_bytes)
         self._unindexed: list[tuple[str, Any]] = []
         self._error: BaseException | None = None
         self._closed = False
         self._uploader = Uploader(
-            storage, keys, self._pack_done, self._pack_failed, self._buffers.give,
+            storage, keys, self._pack_done, self._pack_failed,
             threads=options.uploader_threads, queue_size=options.upload_queue,
         )  # fmt: skip
         self._locker = Locker(storage, keys, clock, options.lock_refresh_s)
@@ -601,6 +601,9 @@ class Repository:
                 self.flush()
         finally:
             self._uploader.close()
+            with self._lock:
+                for pack in self._filling.take_all():  # not flushed: an upload failed
+                    pack.file.remove()
 
     def __enter__(self) -> Repository:
         return self
@@ -620,3 +623,16 @@ def _locate_in(index: ChunkIndex, ids: Sequence[bytes], located: list[_Located |
     for i, entry in zip(rest, index.lookup_many([ids[i] for i in rest]), strict=True):
         if entry is not None:
             located[i] = (index.packs[entry.pack], entry, None)
+
+
+def _staging_folder(storage: Storage, cache_dir: Path | None) -> str:
+    """Where packs are filled: the backend's staging folder (a local repository's own
+    folder: a pack is then stored without a copy), else the local cache, else the system's
+    temporary folder."""
+    if storage.properties.staging_dir is not None:
+        return storage.properties.staging_dir
+    if cache_dir is not None:
+        with suppress(OSError):
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            return str(cache_dir)
+    return tempfile.gettempdir()

@@ -22,8 +22,8 @@ class Uploader:
 
     ``submit`` blocks while ``queue_size`` packs wait (backpressure). ``on_done`` is
     called in the uploader thread after a successful put, ``on_error`` after a
-    failed one; a failed pack is never passed to ``on_done``. ``on_uploaded`` then gets
-    the buffer of a pack that is done, to fill another pack with.
+    failed one; a failed pack is never passed to ``on_done``. The pack's file is removed
+    after either.
     """
 
     def __init__(
@@ -32,7 +32,6 @@ class Uploader:
         keys: MasterKeys,
         on_done: Callable[[SealedPack], None],
         on_error: Callable[[OpenPack, BaseException], None],
-        on_uploaded: Callable[[bytearray], None] = lambda _buffer: None,
         *,
         threads: int = 2,
         queue_size: int = 2,
@@ -41,7 +40,6 @@ class Uploader:
         self._keys = keys
         self._on_done = on_done
         self._on_error = on_error
-        self._on_uploaded = on_uploaded
         self._queue: queue.Queue[OpenPack | None] = queue.Queue(maxsize=queue_size)
         self._nthreads = threads
         self._threads: list[threading.Thread] = []
@@ -84,12 +82,13 @@ class Uploader:
 
     def _upload(self, pack: OpenPack) -> None:
         try:
-            sealed = seal_pack(self._keys, pack)
-            with suppress(ObjectExistsError):  # content-named: the same bytes are there
-                self._storage.put(sealed.name, sealed.data)
-        except BaseException as exc:
-            self._on_error(pack, exc)
-            return
-        self._on_done(sealed)
-        del sealed  # its view of the pack's buffer
-        self._on_uploaded(pack.data)
+            try:
+                sealed = seal_pack(self._keys, pack)
+                with suppress(ObjectExistsError):  # content-named: the same bytes are there
+                    self._storage.put_file(sealed.name, pack.file.path)
+            except BaseException as exc:
+                self._on_error(pack, exc)
+                return
+            self._on_done(sealed)
+        finally:
+            pack.file.remove()

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     )
     from stratavault.storage._cache import CachedStorage as CachedStorage
     from stratavault.storage._faulty import FaultyStorage as FaultyStorage
-    from stratavault.storage._local import LocalStorage as LocalStorage
+    from stratavault.storage._local import TEMP_PREFIX as TEMP_PREFIX, LocalStorage as LocalStorage
     from stratavault.storage._memory import MemoryStorage as MemoryStorage
     from stratavault.storage._open import open_storage as open_storage
     from stratavault.storage._ratelimit import RateLimitedStorage as RateLimitedStorage

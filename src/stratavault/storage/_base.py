@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 
 from stratavault.errors import StorageError
 
-__all__ = ["ObjectInfo", "Storage", "StorageProperties", "check_name"]
+__all__ = ["ObjectInfo", "Storage", "StorageProperties", "check_name", "put_file_content"]
 
 _NAME_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 
@@ -51,13 +51,15 @@ class StorageProperties:
     ``location``: a human-readable place for messages ("/srv/repo", "s3://b/p").
     ``fork_safe``: the object may still be used in a child made by ``os.fork()``
     (a file system is; a pool of network connections, shared with the parent,
-    is not).
+    is not). ``staging_dir``: a local folder where a file given to ``put_file`` is
+    stored without being copied (the backend's own file system), or None.
     """
 
     location: str
     conditional_create: bool = True
     durable: bool = True
     fork_safe: bool = True
+    staging_dir: str | None = None
 
 
 @runtime_checkable
@@ -78,6 +80,13 @@ class Storage(Protocol):
         (``StorageFullError`` when space ran out). Idempotent when retried with the
         same data and ``overwrite=True``.
         """
+        ...
+
+    def put_file(self, name: str, path: str, *, overwrite: bool = False) -> None:
+        """Store the content of the local file ``path`` under ``name``, as ``put`` stores
+        bytes (same atomicity, errors and idempotence). The file is left in place for the
+        caller to remove, and must not be written to any more: a backend may make it the
+        object (a file in ``properties.staging_dir`` is stored without a copy)."""
         ...
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
@@ -109,3 +118,13 @@ class Storage(Protocol):
     def close(self) -> None:
         """Release connections and handles; the storage is not used afterwards."""
         ...
+
+
+def put_file_content(storage: Storage, name: str, path: str, *, overwrite: bool) -> None:
+    """``storage.put_file`` for a backend that takes bytes: read the file and ``put`` it."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as e:
+        raise StorageError(f"put {name} from {path} - cannot read the file: {e}") from e
+    storage.put(name, data, overwrite=overwrite)

@@ -17,7 +17,7 @@ from stratavault.errors import (
     StorageError,
     StorageFullError,
 )
-from stratavault.storage._base import ObjectInfo, StorageProperties, check_name
+from stratavault.storage._base import ObjectInfo, StorageProperties, check_name, put_file_content
 from stratavault.storage._range import check_range
 
 __all__ = ["TEMP_PREFIX", "LocalStorage"]
@@ -41,7 +41,7 @@ class LocalStorage:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self._properties = StorageProperties(location=str(self.root))
+        self._properties = StorageProperties(location=str(self.root), staging_dir=str(self.root))
 
     @property
     def properties(self) -> StorageProperties:
@@ -64,6 +64,33 @@ class LocalStorage:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
             _fsync_folder(path.parent)
+        except FileExistsError:
+            raise ObjectExistsError(f"put {name} at {self.root} - object exists") from None
+        except OSError as e:
+            raise self._error("put", name, e) from e
+
+    def put_file(self, name: str, path: str, *, overwrite: bool = False) -> None:
+        """Store the file at ``path`` under ``name`` (see ``Storage.put_file``): fsynced,
+        then linked into place, so a file on this file system is not copied (one on
+        another is). ``path`` may be ``/proc/self/fd/N`` of an anonymous file
+        (``O_TMPFILE``). Named files in the staging folder should start with
+        ``TEMP_PREFIX``, so that ``list`` skips them."""
+        dest = self._path(name)
+        try:
+            self._make_folders(dest.parent)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            folder = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                if not _link_in(folder, path, dest.name, overwrite=overwrite):
+                    put_file_content(self, name, path, overwrite=overwrite)  # another disk
+                    return
+                os.fsync(folder)
+            finally:
+                os.close(folder)
         except FileExistsError:
             raise ObjectExistsError(f"put {name} at {self.root} - object exists") from None
         except OSError as e:
@@ -225,3 +252,26 @@ def _fsync_folder(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _link_in(folder: int, path: str, name: str, *, overwrite: bool) -> bool:
+    """Hard-link the file at ``path`` as ``name`` in the open ``folder`` (following a
+    ``/proc/self/fd`` link: a dir fd makes ``os.link`` use ``linkat`` with
+    ``AT_SYMLINK_FOLLOW``); replace an existing ``name`` only with ``overwrite``. False
+    when ``path`` is on another file system; ``FileExistsError`` when ``name`` exists."""
+    tmp = f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+    try:
+        os.link(path, tmp, dst_dir_fd=folder)
+    except OSError as e:
+        if e.errno == errno.EXDEV:
+            return False
+        raise
+    try:
+        if overwrite:
+            os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
+        else:
+            os.link(tmp, name, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=folder)
+    return True

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Iterator
 
 from stratavault.errors import ObjectExistsError, ObjectNotFoundError
-from stratavault.storage._base import ObjectInfo, StorageProperties, check_name
+from stratavault.storage._base import ObjectInfo, StorageProperties, check_name, put_file_content
 from stratavault.storage._range import check_range
 
 __all__ = ["MemoryStorage"]
@@ -35,6 +35,10 @@ class MemoryStorage:
             if not overwrite and name in self._objects:
                 raise ObjectExistsError(f"put {name} at memory: - object exists")
             self._objects[name] = blob
+
+    def put_file(self, name: str, path: str, *, overwrite: bool = False) -> None:
+        """Store a copy of the file's content (see ``Storage.put_file``)."""
+        put_file_content(self, name, path, overwrite=overwrite)
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         """Return a range of ``name`` (see ``Storage.get``)."""

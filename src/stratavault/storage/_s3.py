@@ -27,7 +27,7 @@ from stratavault.errors import (
     StorageError,
     TransientStorageError,
 )
-from stratavault.storage._base import ObjectInfo, StorageProperties, check_name
+from stratavault.storage._base import ObjectInfo, StorageProperties, check_name, put_file_content
 from stratavault.storage._range import check_range
 from stratavault.storage._s3_errors import BOTO_ERRORS, error_code, http_status, s3_error
 
@@ -163,6 +163,10 @@ class S3Storage:
             "put", name,
             lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=payload, **extra),
         )  # fmt: skip
+
+    def put_file(self, name: str, path: str, *, overwrite: bool = False) -> None:
+        """Upload the file's content under ``name`` (see ``Storage.put_file``)."""
+        put_file_content(self, name, path, overwrite=overwrite)
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         """Return a range of ``name`` (see ``Storage.get``); large reads go in parallel parts."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from stratavault.storage._base import ObjectInfo, Storage, StorageProperties
+from stratavault.storage._base import ObjectInfo, Storage, StorageProperties, put_file_content
 
 __all__ = ["StorageWrapper"]
 
@@ -23,6 +23,14 @@ class StorageWrapper:
     def put(self, name: str, data: bytes | memoryview, *, overwrite: bool = False) -> None:
         """Store ``data`` under ``name`` in the inner backend."""
         self.inner.put(name, data, overwrite=overwrite)
+
+    def put_file(self, name: str, path: str, *, overwrite: bool = False) -> None:
+        """Store the file's content with this wrapper's ``put``, so that what a subclass
+        does to writes applies; a wrapper that changes nothing passes the file on."""
+        if type(self).put is StorageWrapper.put:
+            self.inner.put_file(name, path, overwrite=overwrite)
+        else:
+            put_file_content(self, name, path, overwrite=overwrite)
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         """Read a range of ``name`` from the inner backend."""
