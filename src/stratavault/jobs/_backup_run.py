@@ -27,6 +27,7 @@ from stratavault.snapshot import (
     NodeType,
     Snapshot,
     SnapshotSummary,
+    save_tree,
     save_tree_docs,
     tree_docs,
 )
@@ -102,6 +103,18 @@ class OpenDir:
         if not self.pending or self.pending[-1] is not future:
             self.pending.append(future)
         self.on_done.append((future, then))
+
+    def take_finished(self) -> None:
+        """Record the results of the files read so far, in walk order up to the first one
+        still being read, and let go of what held them (a folder of thousands of files
+        would otherwise keep every file's result until its last file is read)."""
+        done = next((i for i, (f, _) in enumerate(self.on_done) if not f.done()), None)
+        done = len(self.on_done) if done is None else done
+        for f, then in self.on_done[:done]:
+            then(f)
+        del self.on_done[:done]
+        read = next((i for i, f in enumerate(self.pending) if not f.done()), len(self.pending))
+        del self.pending[:read]
 
     def take_results(self) -> None:
         """Wait for every file of this directory and record the results in its nodes."""
@@ -214,10 +227,13 @@ class FilesRun:
             self.submit_batch()
 
     def submit_batch(self) -> None:
-        """Hand the small files collected so far to a worker process."""
+        """Hand the small files collected so far to a worker process (and record what the
+        folder being walked has got back)."""
         batch, self.batch = self.batch, Batch()
         if batch.entries:
             self.readers.submit(batch)
+        if self.stack:
+            self.stack[-1].take_finished()
 
     def shutdown(self, *, cancel: bool) -> None:
         """Stop the readers: wait for running tasks, drop queued ones when cancelling."""
@@ -302,9 +318,10 @@ class FilesRun:
     def _tree_id(self, d: OpenDir) -> ChunkId:
         """Store the folder's listing, or reuse the parent's tree when it is the same; a
         folder with nothing failed below it is remembered in the listing cache."""
-        docs = tree_docs(d.children)
         old = self.parents.listing(d.path)
-        if old.tree is not None and docs == old.docs:
+        if old.tree is None:
+            tree = save_tree(self.repo, d.children)
+        elif (docs := tree_docs(d.children)) == old.docs:
             tree = old.tree  # read from the repository: stored
         else:
             tree = save_tree_docs(self.repo, docs)

@@ -64,7 +64,7 @@ class FileChunkResult:
     chunks_added: int = 0
     bytes_stored: int = 0
     changed: bool = False
-    sealed: list[tuple[ChunkId, int, bytes]] = field(default_factory=list)
+    sealed: list[tuple[ChunkId, int, bytes | bytearray]] = field(default_factory=list)
     """Chunks sealed in a worker process, ``(id, raw length, blob)``, not yet stored."""
 
 
@@ -182,7 +182,7 @@ def seal_files(paths: list[str]) -> list[FileChunkResult | OSError]:
     """In a worker process: read files and seal their chunks (see ``store_sealed``)."""
     assert _worker is not None, "init_seal_worker was not called"
     sealer, level = _worker
-    sealed: list[tuple[ChunkId, int, bytes]] = []
+    sealed: list[tuple[ChunkId, int, bytes | bytearray]] = []
     seen: set[ChunkId] = set()
 
     def seal(chunk: bytes | memoryview) -> tuple[ChunkId, int]:

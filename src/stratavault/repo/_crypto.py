@@ -71,13 +71,14 @@ class KdfParams:
         }
 
 
-def seal(aead: AESGCM, plaintext: bytes | memoryview, ad: bytes) -> bytes:
-    """Encrypt into ``nonce || ciphertext || tag`` with a random nonce."""
+def seal(aead: AESGCM, plaintext: bytes | memoryview, ad: bytes) -> bytearray:
+    """Encrypt into ``nonce || ciphertext || tag`` with a random nonce (the buffer it was
+    encrypted into: a copy as ``bytes`` would double a 4 MiB chunk's memory for a moment)."""
     nonce = os.urandom(F.NONCE_BYTES)
     out = bytearray(F.NONCE_BYTES + len(plaintext) + F.TAG_BYTES)
     out[: F.NONCE_BYTES] = nonce
     aead.encrypt_into(nonce, plaintext, ad, memoryview(out)[F.NONCE_BYTES :])
-    return bytes(out)
+    return out
 
 
 def unseal(aead: AESGCM, envelope: bytes | memoryview, ad: bytes) -> bytes:
@@ -110,7 +111,7 @@ def compress(data: bytes | memoryview, level: int) -> bytes:
     packed = _compressor(level).compress(data)
     if len(packed) < raw_len * F.COMPRESSED_MAX_RATIO:
         return bytes((F.CODEC_ZSTD,)) + packed
-    return bytes((F.CODEC_RAW,)) + bytes(data)
+    return bytes((F.CODEC_RAW,)) + data  # one copy
 
 
 def decompress(plaintext: bytes, max_bytes: int = 1 << 31) -> bytes:
@@ -156,6 +157,11 @@ class MasterKeys:
 
     def seal(self, plaintext: bytes | memoryview, ad: bytes) -> bytes:
         """Encrypt and authenticate with the repository key."""
+        return bytes(seal(self._aead, plaintext, ad))
+
+    def seal_blob(self, plaintext: bytes | memoryview, ad: bytes) -> bytearray:
+        """:meth:`seal` into a buffer that is not copied again (a blob of up to 4 MiB on
+        its way into a pack)."""
         return seal(self._aead, plaintext, ad)
 
     def __reduce__(self) -> tuple[type[MasterKeys], tuple[bytes]]:
@@ -189,6 +195,6 @@ class ChunkSealer:
 
     def seal(
         self, chunk_id: ChunkId, data: bytes | memoryview, kind: BlobKind, level: int
-    ) -> bytes:
+    ) -> bytearray:
         """The stored form of a chunk: compressed (or raw), encrypted, bound to its id."""
-        return self._keys.seal(compress(data, level), blob_ad(kind, chunk_id))
+        return self._keys.seal_blob(compress(data, level), blob_ad(kind, chunk_id))

@@ -33,7 +33,7 @@ def frame_ad(kind: int) -> bytes:
 
 def seal_frame(
     keys: MasterKeys, kind: int, members: Sequence[tuple[bytes, bytes | memoryview]], level: int
-) -> bytes:
+) -> bytearray:
     """The stored blob of a frame holding ``members`` (``(chunk id, data)``, 2 to
     ``FRAME_MAX_MEMBERS``): member table, then the members' bytes compressed together."""
     if not 2 <= len(members) <= F.FRAME_MAX_MEMBERS:
@@ -41,7 +41,7 @@ def seal_frame(
     table = [F.FRAME_COUNT.pack(len(members))]
     table += [F.FRAME_MEMBER.pack(cid, len(data)) for cid, data in members]
     body = compress(b"".join(data for _, data in members), level)
-    return keys.seal(b"".join(table) + body, frame_ad(kind))
+    return keys.seal_blob(b"".join(table) + body, frame_ad(kind))
 
 
 @dataclass(frozen=True, slots=True)

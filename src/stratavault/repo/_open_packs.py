@@ -34,7 +34,9 @@ class OpenPacks:
         """The pack holding a chunk not indexed yet, and its entry (pack number -1)."""
         return self._chunks.get(chunk_id)
 
-    def append(self, kind: int, members: list[tuple[bytes, int]], blob: bytes) -> list[OpenPack]:
+    def append(
+        self, kind: int, members: list[tuple[bytes, int]], blob: bytes | bytearray
+    ) -> list[OpenPack]:
         """Add a blob holding ``members`` (``(chunk id, raw length)``, none of them stored
         yet) to the pack of its kind; return the packs that are full now (they leave the
         open packs: upload them). A pack is full before a blob would take it past the

@@ -68,7 +68,7 @@ class PackFile:
             self._flush()
         return self._named or f"/proc/self/fd/{self._fd}"
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append ``data``."""
         with self._lock:
             if len(self._pending) + len(data) < _WRITE_BYTES:
@@ -159,12 +159,14 @@ class OpenPack:
         header = F.ENVELOPE_OVERHEAD + F.PACK_HEADER_PREFIX.size + entries
         return self.file.length + blob_bytes + header + F.PACK_TRAILER.size
 
-    def append(self, chunk_id: bytes, kind: int, blob: bytes | memoryview, raw_len: int) -> int:
+    def append(
+        self, chunk_id: bytes, kind: int, blob: bytes | bytearray | memoryview, raw_len: int
+    ) -> int:
         """Add an encrypted blob; return its offset in the pack."""
         return self.append_frame([(chunk_id, raw_len)], kind, blob)
 
     def append_frame(
-        self, members: list[tuple[bytes, int]], kind: int, blob: bytes | memoryview
+        self, members: list[tuple[bytes, int]], kind: int, blob: bytes | bytearray | memoryview
     ) -> int:
         """Add a blob holding ``members`` (``(chunk id, raw length)``; ``kind`` has
         ``KIND_FRAMED`` when there are several); return its offset in the pack."""

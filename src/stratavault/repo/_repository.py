@@ -202,7 +202,7 @@ class Repository:
         self._raise_failure()
         if self.has_chunk(chunk_id):
             return 0
-        blob = self._keys.seal(compress(data, level), blob_ad(kind, chunk_id))
+        blob = self._keys.seal_blob(compress(data, level), blob_ad(kind, chunk_id))
         return self.add_sealed(chunk_id, blob, len(data), kind)
 
     def sealer(self) -> ChunkSealer:
@@ -236,7 +236,11 @@ class Repository:
         return added, stored
 
     def add_sealed(
-        self, chunk_id: ChunkId, blob: bytes, raw_len: int, kind: BlobKind = BlobKind.DATA
+        self,
+        chunk_id: ChunkId,
+        blob: bytes | bytearray,
+        raw_len: int,
+        kind: BlobKind = BlobKind.DATA,
     ) -> int:
         """Store a blob made by :meth:`ChunkSealer.seal` unless the chunk is present.
 
@@ -245,13 +249,18 @@ class Repository:
         return len(blob) if self._append(kind, [(chunk_id, raw_len)], blob) else 0
 
     def add_sealed_frame(
-        self, members: list[tuple[ChunkId, int]], blob: bytes, kind: BlobKind = BlobKind.DATA
+        self,
+        members: list[tuple[ChunkId, int]],
+        blob: bytes | bytearray,
+        kind: BlobKind = BlobKind.DATA,
     ) -> int:
         """Store a frame blob (``(chunk id, raw length)`` of its members) for those of its
         members not present; return how many that were (0: the frame is not stored)."""
         return self._append(kind | F.KIND_FRAMED, members, blob)
 
-    def _append(self, kind: int, members: list[tuple[ChunkId, int]], blob: bytes) -> int:
+    def _append(
+        self, kind: int, members: list[tuple[ChunkId, int]], blob: bytes | bytearray
+    ) -> int:
         """Append a blob to the open pack of its kind, indexing the members not present."""
         self._raise_failure()
         with self._lock:

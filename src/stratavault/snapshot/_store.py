@@ -14,7 +14,7 @@ from stratavault.snapshot._tree import (
     decode_docs,
     decode_tree,
     encode_docs,
-    tree_docs,
+    encode_tree,
 )
 from stratavault.types import BlobKind, ChunkId
 
@@ -33,12 +33,15 @@ __all__ = [
 
 def save_tree(repo: Repository, nodes: list[Node]) -> ChunkId:
     """Store a directory listing (once per distinct content) and return its id."""
-    return save_tree_docs(repo, tree_docs(nodes))
+    return _save_encoded(repo, encode_tree(nodes))
 
 
 def save_tree_docs(repo: Repository, docs: TreeDocs) -> ChunkId:
     """Store a listing given in its canonical JSON form (see ``tree_docs``)."""
-    data = encode_docs(docs)
+    return _save_encoded(repo, encode_docs(docs))
+
+
+def _save_encoded(repo: Repository, data: bytes) -> ChunkId:
     tree_id = repo.chunk_id(data)
     if not repo.has_chunk(tree_id):
         repo.add_chunk(tree_id, data, BlobKind.TREE)

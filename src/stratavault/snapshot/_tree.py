@@ -156,8 +156,11 @@ TreeDocs = list[dict[str, Any]]
 
 def tree_docs(nodes: list[Node]) -> TreeDocs:
     """The canonical JSON form of a listing (sorted by the bytes of the names)."""
-    ordered = sorted(nodes, key=lambda n: n.name.encode("utf-8", "surrogateescape"))
-    return [n.to_json() for n in ordered]
+    return [n.to_json() for n in _ordered(nodes)]
+
+
+def _ordered(nodes: list[Node]) -> list[Node]:
+    return sorted(nodes, key=lambda n: n.name.encode("utf-8", "surrogateescape"))
 
 
 def encode_docs(docs: TreeDocs) -> bytes:
@@ -167,8 +170,17 @@ def encode_docs(docs: TreeDocs) -> bytes:
 
 
 def encode_tree(nodes: list[Node]) -> bytes:
-    """Serialize a directory listing canonically (nodes sorted by name)."""
-    return encode_docs(tree_docs(nodes))
+    """Serialize a directory listing canonically (nodes sorted by name): the bytes of
+    ``encode_docs(tree_docs(nodes))``, one node at a time (a folder of thousands of files
+    does not hold the JSON form of them all, and then a text copy, at once)."""
+    head = json.dumps({"v": TREE_VERSION, "nodes": []}, separators=(",", ":"))
+    parts = [head[:-2].encode()]
+    for number, node in enumerate(_ordered(nodes)):
+        text = json.dumps(node.to_json(), separators=(",", ":"), ensure_ascii=False)
+        parts.append(b"," if number else b"")
+        parts.append(text.encode("utf-8", "surrogateescape"))
+    parts.append(b"]}")
+    return b"".join(parts)
 
 
 def decode_docs(data: bytes, *, where: str = "tree") -> TreeDocs:
