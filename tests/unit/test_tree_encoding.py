@@ -6,7 +6,13 @@ import os
 import random
 
 from stratavault.snapshot import Node, NodeType
-from stratavault.snapshot._tree import decode_tree, encode_docs, encode_tree, tree_docs
+from stratavault.snapshot._tree import (
+    decode_tree,
+    encode_docs,
+    encode_tree,
+    same_listing,
+    tree_docs,
+)
 from stratavault.types import ChunkId
 
 NAMES = ["a", "B", "zz", "é", "日本", "\udcff-raw", "x" * 200, "with,comma", 'quo"te', "tab\t"]
@@ -36,3 +42,15 @@ def test_streamed_tree_encoding_is_the_canonical_one() -> None:
         assert [n.name for n in decode_tree(data)] == sorted(
             names, key=lambda s: s.encode("utf-8", "surrogateescape")
         )
+
+
+def test_same_listing_compares_as_the_json_forms() -> None:
+    rng = random.Random(9)
+    nodes = [_node(rng, f"n{i}") for i in range(50)]
+    docs = tree_docs(nodes)
+    assert same_listing(list(reversed(nodes)), docs)  # the order of the nodes is the name's
+    assert not same_listing(nodes[:-1], docs)
+    assert not same_listing(nodes, docs[:-1])
+    nodes[7].mtime_ns += 1
+    assert not same_listing(nodes, docs)
+    assert same_listing([], [])

@@ -27,9 +27,8 @@ from stratavault.snapshot import (
     NodeType,
     Snapshot,
     SnapshotSummary,
+    same_listing,
     save_tree,
-    save_tree_docs,
-    tree_docs,
 )
 from stratavault.sources import FileStamp, FsEntry, KnownFolder, StandbyWalker, same_file_stat
 from stratavault.types import ChunkId
@@ -319,12 +318,10 @@ class FilesRun:
         """Store the folder's listing, or reuse the parent's tree when it is the same; a
         folder with nothing failed below it is remembered in the listing cache."""
         old = self.parents.listing(d.path)
-        if old.tree is None:
-            tree = save_tree(self.repo, d.children)
-        elif (docs := tree_docs(d.children)) == old.docs:
+        if old.tree is not None and same_listing(d.children, old.docs):
             tree = old.tree  # read from the repository: stored
         else:
-            tree = save_tree_docs(self.repo, docs)
+            tree = save_tree(self.repo, d.children)
         key = self.keys.pop(d.path, None)
         if key is not None and d.clean and not any(c.error for c in d.children):
             self.listings.record(key, tree)

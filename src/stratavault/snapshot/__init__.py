@@ -50,6 +50,7 @@ if TYPE_CHECKING:
         content_runs as content_runs,
         decode_tree as decode_tree,
         encode_tree as encode_tree,
+        same_listing as same_listing,
         tree_docs as tree_docs,
     )
 

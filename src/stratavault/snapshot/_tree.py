@@ -28,6 +28,7 @@ __all__ = [
     "decode_tree",
     "encode_docs",
     "encode_tree",
+    "same_listing",
     "tree_docs",
 ]
 
@@ -157,6 +158,14 @@ TreeDocs = list[dict[str, Any]]
 def tree_docs(nodes: list[Node]) -> TreeDocs:
     """The canonical JSON form of a listing (sorted by the bytes of the names)."""
     return [n.to_json() for n in _ordered(nodes)]
+
+
+def same_listing(nodes: list[Node], docs: TreeDocs) -> bool:
+    """Whether ``tree_docs(nodes) == docs``, comparing one node at a time (the JSON form of
+    a folder of thousands of files is not built to be compared)."""
+    return len(nodes) == len(docs) and all(
+        node.to_json() == doc for node, doc in zip(_ordered(nodes), docs, strict=True)
+    )
 
 
 def _ordered(nodes: list[Node]) -> list[Node]:
