@@ -35,11 +35,12 @@ __all__ = [
 ]
 
 _CHUNKER = CdcChunker()
-_BUFFER_BYTES = 4 << 20
-"""Read buffer per thread or worker process: as large as the largest file a worker process
-gets (``FilesRun.SMALL_FILE_BYTES``), so it reads any file in one piece. Large files stream
-through it in threads: a 2 GiB file backed up in 9.2-10.9 s with 4 MiB against 11.0-12.7 s
-with 8 MiB, and 120 MiB peak instead of 131-148 MiB."""
+_BUFFER_BYTES = 1 << 20
+"""Read buffer per thread or worker process (files longer than a chunk stream through it).
+Measured by hand, cold: the files bench's first backup peaked at 133-134 MiB with 1 MiB,
+136-137 with 2 MiB and 144-149 with 4 MiB at the same speed, and a 2 GiB file took
+9.5-11.2 s with 1 MiB against 10.3-11.1 s with 4 MiB (73 against 83 MiB); 8 MiB had been
+slower (11.0-12.7 s)."""
 _local = threading.local()
 
 Sink = Callable[[bytes | memoryview], tuple[ChunkId, int]]
