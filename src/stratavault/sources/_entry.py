@@ -13,16 +13,20 @@ import os
 import pwd
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from stratavault.types import EntryType
 
 __all__ = [
+    "UNREAD_XATTRS",
     "EntryMetadata",
     "EntryType",
     "FileStamp",
     "FsEntry",
     "OwnerNames",
+    "entry_fields",
+    "entry_from_fields",
     "same_file_stat",
 ]
 
@@ -161,6 +165,33 @@ class FsEntry:
     def stamp(self) -> FileStamp:
         """The fields :func:`same_file_stat` compares."""
         return FileStamp(self.size, self.mtime_ns, self.ctime_ns, self.inode)
+
+
+UNREAD_XATTRS: Mapping[str, bytes] = MappingProxyType({})
+"""The extended attributes of an entry walked without them (``walk(xattrs=False)``);
+tell it by identity (``entry.xattrs is UNREAD_XATTRS``)."""
+
+
+def entry_fields(entry: FsEntry) -> tuple[Any, ...]:
+    """The entry's fields in :class:`FsEntry` order as plain values (the type as its
+    string, the xattrs as a dict, ``None`` for :data:`UNREAD_XATTRS`): they pickle and
+    marshal fast and small."""
+    e = entry
+    xattrs = None if e.xattrs is UNREAD_XATTRS else dict(e.xattrs)
+    return (
+        e.path, e.parent, e.name, e.depth, str(e.type), e.mode, e.uid, e.gid, e.user,
+        e.group, e.size, e.mtime_ns, e.atime_ns, e.ctime_ns, e.inode, e.dev, e.nlink,
+        e.rdev, e.link_target, xattrs,
+    )  # fmt: skip
+
+
+def entry_from_fields(values: tuple[Any, ...]) -> FsEntry:
+    """The entry :func:`entry_fields` gave ``values`` of."""
+    entry = FsEntry(*values)
+    entry.type = EntryType(entry.type)
+    if entry.xattrs is None:
+        entry.xattrs = UNREAD_XATTRS
+    return entry
 
 
 def _name_or_empty(lookup: Callable[[int], Any], number: int) -> str:

@@ -21,11 +21,12 @@ from __future__ import annotations
 import hashlib
 import marshal
 import os
+import struct
 from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any
 
-from stratavault.sources._entry import EntryType, FsEntry
+from stratavault.sources._entry import EntryType, FsEntry, entry_fields, entry_from_fields
 
 __all__ = ["FolderDone", "FolderStates", "KnownFolder", "WalkRecord"]
 
@@ -62,11 +63,13 @@ WalkRecord = FsEntry | FolderDone | KnownFolder
 
 @dataclass(slots=True)
 class _Open:
-    """A folder whose subtree is being walked."""
+    """A folder whose subtree is being walked. What it holds is kept compact (a folder of
+    thousands of files holds them all until its key is known): entries as marshalled
+    field tuples, states marshalled."""
 
     entry: FsEntry
-    held: list[WalkRecord]
-    states: list[tuple[Any, ...]] = field(default_factory=list)
+    held: list[WalkRecord | bytes]
+    states: list[bytes] = field(default_factory=list)
     keys: list[bytes] = field(default_factory=list)
     clean: bool = True
     passing: bool = False
@@ -111,7 +114,7 @@ class FolderStates:
         if self._open:
             top = self._open[-1]
             if entry.type != EntryType.DIR:
-                top.states.append(_state(entry))
+                top.states.append(marshal.dumps(_state(entry), 2))
                 top.entries += 1
                 if entry.type == EntryType.FILE:
                     top.files, top.file_bytes = top.files + 1, top.file_bytes + entry.size
@@ -134,17 +137,23 @@ class FolderStates:
     def _hold(self, record: WalkRecord, out: list[WalkRecord]) -> None:
         """Hold a record in the innermost open folder, or pass it on if that one passes."""
         if self._open and not self._open[-1].passing:
-            self._open[-1].held.append(record)
+            held = self._open[-1].held
+            if isinstance(record, FsEntry):
+                held.append(marshal.dumps(entry_fields(record), 2))
+            else:
+                held.append(record)
         else:
             out.append(record)
 
     def _close(self, out: list[WalkRecord]) -> None:
         folder = self._open.pop()
-        data = os.fsencode(folder.entry.path) + b"\0" + marshal.dumps(folder.states, 2)
-        key = hashlib.blake2b(data, key=self._secret, digest_size=32).digest()
+        hasher = hashlib.blake2b(key=self._secret, digest_size=32)
+        hasher.update(os.fsencode(folder.entry.path) + b"\0")
+        _hash_marshalled_list(hasher, folder.states)
+        key = hasher.digest()
         parent = self._open[-1] if self._open else None
         if parent is not None:
-            parent.states.append((*_state(folder.entry), key))
+            parent.states.append(marshal.dumps((*_state(folder.entry), key), 2))
         if folder.clean and not folder.passing and key in self._known:
             known = KnownFolder(
                 folder.entry, key, tuple(folder.keys), folder.entries, folder.folders,
@@ -160,7 +169,19 @@ class FolderStates:
             return
         for above in self._open:  # their keys include this one: unknown too
             if not above.passing:
-                out += above.held
+                out += map(_unpacked, above.held)
                 above.held, above.passing = [], True
-        out += folder.held
+        out += map(_unpacked, folder.held)
         out.append(FolderDone(folder.entry.path, key if folder.clean else None))
+
+
+def _hash_marshalled_list(hasher: Any, items: list[bytes]) -> None:
+    """Hash ``marshal.dumps(list, 2)`` of the values marshalled in ``items`` (version 2
+    writes a list as its type, its length and its items, with no back-references)."""
+    hasher.update(b"[" + struct.pack("<i", len(items)))
+    for item in items:
+        hasher.update(item)
+
+
+def _unpacked(record: WalkRecord | bytes) -> WalkRecord:
+    return entry_from_fields(marshal.loads(record)) if isinstance(record, bytes) else record

@@ -8,11 +8,10 @@ import os
 import queue
 import stat
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from types import MappingProxyType
 
-from stratavault.sources._entry import EntryType, FsEntry, OwnerNames
+from stratavault.sources._entry import UNREAD_XATTRS, EntryType, FsEntry, OwnerNames
 from stratavault.sources._exclude import ExcludeMatcher, read_exclude_file
 
 __all__ = [
@@ -211,8 +210,8 @@ class _Walker:
         except OSError as exc:
             self._on_error(Path(path), exc)
             return iter(())
-        children.sort(key=_name_key)
-        return iter(children)
+        children.sort(key=_name_key, reverse=True)
+        return _drained(children)
 
     def _entry(
         self, path: str, parent: str, name: str, depth: int, st: os.stat_result
@@ -249,11 +248,6 @@ class _Walker:
         )
 
 
-UNREAD_XATTRS: Mapping[str, bytes] = MappingProxyType({})
-"""The extended attributes of an entry walked without them (``walk(xattrs=False)``);
-tell it by identity (``entry.xattrs is UNREAD_XATTRS``)."""
-
-
 def read_xattrs(path: str, on_error: ErrorHandler) -> dict[str, bytes]:
     """Return all extended attributes of ``path`` itself (symlinks not followed).
 
@@ -278,3 +272,10 @@ def read_xattrs(path: str, on_error: ErrorHandler) -> dict[str, bytes]:
 
 def _name_key(entry: os.DirEntry[str]) -> bytes:
     return os.fsencode(entry.name)
+
+
+def _drained(items: list[os.DirEntry[str]]) -> Iterator[os.DirEntry[str]]:
+    """The items from last to first, each dropped once given (a folder of thousands of
+    entries does not keep them all, with their cached ``stat``, until its walk is done)."""
+    while items:
+        yield items.pop()

@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from stratavault._process import die_with_parent, shared_heap
 from stratavault.errors import SourceError, UsageError
-from stratavault.sources._entry import EntryType, FsEntry
+from stratavault.sources._entry import EntryType, FsEntry, entry_fields, entry_from_fields
 from stratavault.sources._folder_states import FolderDone, FolderStates, KnownFolder, WalkRecord
 from stratavault.sources._walk import (
     UNREAD_XATTRS,
@@ -164,12 +164,6 @@ def _receive(
         receiver.close()
 
 
-def _entry(value: tuple[Any, ...]) -> FsEntry:
-    entry = FsEntry(*value)
-    entry.type = _TYPES[entry.type]
-    return entry
-
-
 def _records(receiver: Connection, on_error: ErrorHandler) -> Iterator[WalkRecord]:
     while True:
         try:
@@ -178,11 +172,11 @@ def _records(receiver: Connection, on_error: ErrorHandler) -> Iterator[WalkRecor
             raise SourceError("backup: the process walking the files ended early") from exc
         for kind, value in batch:
             if kind == _ENTRY:
-                yield _entry(value)
+                yield entry_from_fields(value)
             elif kind == _FOLDER:
                 yield FolderDone(*value)
             elif kind == _KNOWN:
-                yield KnownFolder(_entry(value[0]), *value[1:])
+                yield KnownFolder(entry_from_fields(value[0]), *value[1:])
             elif kind == _ERROR:
                 path, errno, strerror = value
                 on_error(Path(path), OSError(errno, strerror))
@@ -319,20 +313,11 @@ def _with_xattrs(
 def _encode(record: WalkRecord) -> _Record:
     """A record as plain tuples (they pickle fast)."""
     if isinstance(record, FsEntry):
-        return _ENTRY, _fields(record)
+        return _ENTRY, entry_fields(record)
     if isinstance(record, FolderDone):
         return _FOLDER, (record.path, record.key)
     counts = (record.entries, record.folders, record.files, record.file_bytes)
-    return _KNOWN, (_fields(record.entry), record.key, record.keys, *counts)
-
-
-def _fields(e: FsEntry) -> tuple[Any, ...]:
-    """The entry's fields in :class:`FsEntry` order (a plain tuple pickles fast)."""
-    return (
-        e.path, e.parent, e.name, e.depth, str(e.type), e.mode, e.uid, e.gid, e.user,
-        e.group, e.size, e.mtime_ns, e.atime_ns, e.ctime_ns, e.inode, e.dev, e.nlink,
-        e.rdev, e.link_target, dict(e.xattrs),
-    )  # fmt: skip
+    return _KNOWN, (entry_fields(record.entry), record.key, record.keys, *counts)
 
 
 def _prefetch_child(
