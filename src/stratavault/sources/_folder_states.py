@@ -61,11 +61,16 @@ class KnownFolder:
 WalkRecord = FsEntry | FolderDone | KnownFolder
 
 
+_COMPACT_AFTER = 256
+"""Entries a folder holds as objects before it holds the next ones marshalled: small
+folders, most of them, pay nothing for it (an unchanged backup drops what they held)."""
+
+
 @dataclass(slots=True)
 class _Open:
     """A folder whose subtree is being walked. What it holds is kept compact (a folder of
-    thousands of files holds them all until its key is known): entries as marshalled
-    field tuples, states marshalled."""
+    thousands of files holds them all until its key is known): entries beyond the first
+    ``_COMPACT_AFTER`` as marshalled field tuples, states marshalled."""
 
     entry: FsEntry
     held: list[WalkRecord | bytes]
@@ -138,7 +143,7 @@ class FolderStates:
         """Hold a record in the innermost open folder, or pass it on if that one passes."""
         if self._open and not self._open[-1].passing:
             held = self._open[-1].held
-            if isinstance(record, FsEntry):
+            if isinstance(record, FsEntry) and len(held) >= _COMPACT_AFTER:
                 held.append(marshal.dumps(entry_fields(record), 2))
             else:
                 held.append(record)
