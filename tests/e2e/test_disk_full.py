@@ -34,6 +34,7 @@ def test_full_disk_fails_cleanly_and_next_backup_succeeds(
     full = cli("backup", "files", src)
     assert full.code == StorageFullError.exit_code, full.err
     assert "space" in full.err.lower() or "full" in full.err.lower()
+    assert "cannot read" not in full.err  # the repository failed, not the files
     assert cli("snapshots", "--json").json() == []
     assert cli("check", "--read-data").code == 0  # consistent: nothing half-written is used
     leftovers = [p for p in (small_disk / "repo").rglob(".tmp-*")]

@@ -72,6 +72,29 @@ def test_pack_file_errors_name_the_folder(tmp_path: Path, monkeypatch: pytest.Mo
     pack.write(b"abc")  # small writes are gathered
     with pytest.raises(StorageFullError, match="writing a pack file"):
         pack.write(os.urandom(2 << 20))
+    with pytest.raises(StorageFullError):  # broken for good: the pack is given up
+        pack.write(b"more")
+    pack.remove()
+
+
+def test_a_short_write_then_a_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pack = PackFile(str(tmp_path))
+    pwrite = os.pwrite
+    calls = []
+
+    def short_then_full(fd: int, data: memoryview, offset: int) -> int:
+        calls.append(len(data))
+        if len(calls) == 1:
+            return pwrite(fd, data[:1000], offset)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", short_then_full)
+    with pytest.raises(StorageFullError):
+        pack.write(os.urandom(2 << 20))
+    assert calls == [2 << 20, (2 << 20) - 1000]  # the rest was tried at once
+    with pytest.raises(StorageFullError):
+        pack.write(os.urandom(2 << 20))  # no BufferError: nothing was left exported
+    monkeypatch.undo()
     pack.remove()
 
 

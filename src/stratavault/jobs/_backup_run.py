@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stratavault.errors import Interrupted
+from stratavault.errors import Interrupted, StorageError
 from stratavault.jobs._backup_sources import node_from_entry
 from stratavault.jobs._file_readers import Batch, FileReaders, FileResults
 from stratavault.jobs._listing_cache import ListingCache
@@ -262,6 +262,8 @@ class FilesRun:
         if future.cancelled() or isinstance(future.exception(), Interrupted):
             return
         exc = future.exception()
+        if isinstance(exc, StorageError):
+            raise exc  # the repository failed (a full disk): the backup cannot go on
         result = exc if exc is not None else future.result()[position]
         if isinstance(result, BaseException):
             why = result.strerror if isinstance(result, OSError) and result.strerror else result

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from stratavault._malloc import tune_malloc
 from stratavault._process import die_with_parent
 from stratavault.chunking import CdcChunker
+from stratavault.errors import StorageError
 from stratavault.jobs._progress import Cancellation
 from stratavault.snapshot import ContentRun
 from stratavault.sources import SparseFileReader, prefetch_files
@@ -143,6 +144,8 @@ def _results(
         cancel.check()
         try:
             results.append(chunk_file(path, sink, cancel=cancel, on_bytes=on_bytes))
+        except StorageError:
+            raise  # the repository failed (a full disk), not this file
         except OSError as exc:
             results.append(exc)
     return results

@@ -49,6 +49,7 @@ class PackFile:
         copy: a first backup adds ~50,000 blobs of small files)."""
         self._lock = threading.Lock()
         self._hasher = blake3.blake3(max_threads=1)
+        self._failed: StorageError | None = None
         try:
             self._fd = os.open(folder, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o666)
             self._named: str | None = None
@@ -71,6 +72,8 @@ class PackFile:
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append ``data``."""
         with self._lock:
+            if self._failed is not None:
+                raise self._failed
             if len(self._pending) + len(data) < _WRITE_BYTES:
                 self._pending += data
             else:
@@ -107,15 +110,21 @@ class PackFile:
             self._pending.clear()
 
     def _write(self, data: bytes | bytearray | memoryview) -> None:
+        """Write at the end; after a failure the file is broken: every later call raises
+        the same error (the pack is given up)."""
+        if self._failed is not None:
+            raise self._failed
+        done = 0
+        with memoryview(data) as whole, whole.cast("B") as flat:  # released on errors too
+            try:
+                while done < len(flat):
+                    done += os.pwrite(self._fd, flat[done:], self._on_disk + done)
+            except OSError as e:
+                self._failed = _file_error(f"writing a pack file ({self._named or 'unnamed'})", e)
+        if self._failed is not None:
+            raise self._failed
+        self._on_disk += done
         self._hasher.update(data)
-        view = memoryview(data).cast("B")
-        try:
-            while view:
-                written = os.pwrite(self._fd, view, self._on_disk)
-                self._on_disk += written
-                view = view[written:]
-        except OSError as e:
-            raise _file_error(f"writing a pack file ({self._named or 'unnamed'})", e) from e
 
 
 _WRITE_BYTES = 1 << 20

@@ -15,6 +15,7 @@ from typing import Any, cast
 from stratavault.errors import (
     ChunkNotFoundError,
     ObjectExistsError,
+    StorageError,
 )
 from stratavault.repo import (
     _collect,
@@ -267,7 +268,11 @@ class Repository:
             new = [(c, r) for c, r in members if c not in self._filling and c not in self._index]
             if not new:
                 return 0
-            full = self._filling.append(kind, list(new), blob)
+            try:
+                full = self._filling.append(kind, list(new), blob)
+            except StorageError as exc:  # the pack's file: the repository cannot go on
+                self._error = self._error or exc
+                raise
         for pack in full:
             self._uploader.submit(pack)
         return len(new)
