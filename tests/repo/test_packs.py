@@ -70,7 +70,7 @@ def test_pack_file_errors_name_the_folder(tmp_path: Path, monkeypatch: pytest.Mo
 
     monkeypatch.setattr(os, "pwrite", full)
     pack.write(b"abc")  # small writes are gathered
-    with pytest.raises(StorageFullError, match="writing a pack file"):
+    with pytest.raises(StorageFullError, match=f"writing a pack file in {tmp_path}"):
         pack.write(os.urandom(2 << 20))
     with pytest.raises(StorageFullError):  # broken for good: the pack is given up
         pack.write(b"more")

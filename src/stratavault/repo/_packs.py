@@ -50,6 +50,7 @@ class PackFile:
         self._lock = threading.Lock()
         self._hasher = blake3.blake3(max_threads=1)
         self._failed: StorageError | None = None
+        self._folder = folder
         try:
             self._fd = os.open(folder, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o666)
             self._named: str | None = None
@@ -120,7 +121,7 @@ class PackFile:
                 while done < len(flat):
                     done += os.pwrite(self._fd, flat[done:], self._on_disk + done)
             except OSError as e:
-                self._failed = _file_error(f"writing a pack file ({self._named or 'unnamed'})", e)
+                self._failed = _file_error(f"writing a pack file in {self._folder}", e)
         if self._failed is not None:
             raise self._failed
         self._on_disk += done
