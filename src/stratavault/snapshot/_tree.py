@@ -183,13 +183,13 @@ def encode_tree(nodes: list[Node]) -> bytes:
     ``encode_docs(tree_docs(nodes))``, one node at a time (a folder of thousands of files
     does not hold the JSON form of them all, and then a text copy, at once)."""
     head = json.dumps({"v": TREE_VERSION, "nodes": []}, separators=(",", ":"))
-    parts = [head[:-2].encode()]
+    out = bytearray(head[:-2].encode())
     for number, node in enumerate(_ordered(nodes)):
         text = json.dumps(node.to_json(), separators=(",", ":"), ensure_ascii=False)
-        parts.append(b"," if number else b"")
-        parts.append(text.encode("utf-8", "surrogateescape"))
-    parts.append(b"]}")
-    return b"".join(parts)
+        out += b"," if number else b""
+        out += text.encode("utf-8", "surrogateescape")
+    out += b"]}"
+    return bytes(out)
 
 
 def decode_docs(data: bytes, *, where: str = "tree") -> TreeDocs:
