@@ -61,3 +61,33 @@ def test_a_known_folder_replaces_its_entries(tmp_path: Path) -> None:
     assert not any(
         isinstance(r, FsEntry) and r.path.startswith(folder.entry.path + "/") for r in out
     )
+
+
+def test_a_big_folder_goes_to_the_consumer_in_batches(tmp_path: Path) -> None:
+    """A folder of thousands of entries released at once is sent in several messages."""
+    from stratavault.sources import _walk_process as wp
+
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(3 * wp._BATCH):
+        (big / f"f{i:05d}").touch()
+    entries = list(walk([tmp_path], on_error=lambda *_: None, xattrs=False))
+
+    class Walked:
+        def entries(self, on_error: object) -> list[FsEntry]:
+            return entries
+
+    class Conn:
+        sent: list[list[tuple[int, object]]] = []
+
+        def send(self, batch: list[tuple[int, object]]) -> None:
+            self.sent.append(list(batch))
+
+        def close(self) -> None:
+            pass
+
+    conn = Conn()
+    wp._send_records(conn, Walked(), (set(), SECRET))  # type: ignore[arg-type]
+    assert max(len(b) for b in conn.sent) <= wp._BATCH + 1  # + the end marker
+    paths = [v[0] for b in conn.sent for k, v in b if k == wp._ENTRY]  # type: ignore[index]
+    assert paths == [e.path for e in entries]

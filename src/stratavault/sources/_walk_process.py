@@ -274,15 +274,17 @@ def _send_records(
             states.error()
 
     def send(records: Iterable[WalkRecord]) -> None:
+        """Encode ``records`` into batches of ``_BATCH`` (a folder of thousands of entries
+        released at once goes in several messages, not one that both sides hold whole)."""
         for record in _with_xattrs(records, failed, failures):
             batch.append(_encode(record))
+            if len(batch) >= _BATCH:
+                conn.send(batch)
+                batch.clear()
 
     try:
         for e in walked.entries(failed):
             send(states.feed(e) if states is not None else (e,))
-            if len(batch) >= _BATCH:
-                conn.send(batch)
-                batch.clear()
         if states is not None:
             send(states.finish())
     except UsageError as exc:
