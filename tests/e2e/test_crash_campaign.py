@@ -6,8 +6,11 @@ seeded generator: after a random delay, or right when (or a few ms after) the ba
 creates the temporary file of a pack, an index object or the snapshot object. The
 temporary files of ``LocalStorage`` (``.tmp-*``, in the object's own folder)
 are watched with inotify, so the kill lands while the object is being written; a
-temporary file left behind after the kill proves it (each targeted kind must be hit at
-least once, so the campaign cannot pass vacuously).
+temporary file left behind after the kill proves it for index objects and snapshots. A
+pack is filled in a file of its own (anonymous, in the repository's folder) and then
+linked into place, so a kill that lands while the process has such a file open proves it
+for packs. Each targeted kind must be hit at least once, so the campaign cannot pass
+vacuously.
 
 After each kill: ``check --read-data`` passes, every snapshot not seen before restores and
 matches the source, and the next backup completes and does not store again the packs
@@ -16,6 +19,7 @@ that had landed. ``STRATAVAULT_CRASH_SEED=<n>`` replays a campaign; failures pri
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import filecmp
 import os
@@ -163,8 +167,21 @@ def _files(repo: Path, folder: str) -> dict[Path, int]:
     return {p: p.stat().st_size for p in found if p.is_file() and TEMP_PREFIX not in p.name}
 
 
+def _pack_file_open(pid: int, repo: Path) -> bool:
+    """Whether process ``pid`` has a pack's file open: an anonymous one in the repository's
+    folder (``REPO/#N (deleted)``) or a named ``.tmp-pack-*`` one."""
+    found = False
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):  # closed meanwhile
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                found = found or target.startswith(f"{repo}/#") or "/.tmp-pack-" in target
+    return found
+
+
 def _kill_backup(cli: Cli, src: Path, watch: _TempWatch, plan: _Plan) -> tuple[bool, str]:
-    """Run a backup and kill it as planned; return (killed, what happened)."""
+    """Run a backup and kill it as planned; return (killed, what happened: "killed" or
+    "killed while filling a pack", or "completed before the kill")."""
     exe = Path(sys.executable).with_name("stratavault")
     watch.drain()
     proc = subprocess.Popen(
@@ -189,13 +206,15 @@ def _kill_backup(cli: Cli, src: Path, watch: _TempWatch, plan: _Plan) -> tuple[b
             err = proc.communicate(timeout=60)[1]
             assert proc.returncode == 0, err
             return False, "completed before the kill"
+        filling = _pack_file_open(proc.pid, cli.repo)
         os.kill(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    return proc.returncode == -signal.SIGKILL, "killed"
+    killed = proc.returncode == -signal.SIGKILL
+    return killed, "killed while filling a pack" if killed and filling else "killed"
 
 
 def _fires(plan: _Plan, seen: Counter[str], kind: str) -> bool:
@@ -241,6 +260,7 @@ class _Campaign:
         # Temp files stay where the kill left them: check and backups must cope with them.
         left = {p: k for p, k in _temp_files(repo).items() if p not in temps_before}
         self.hits.update(left.values())
+        self.hits.update(["pack"] if what == "killed while filling a pack" else [])
         landed = sum(s for p, s in _files(repo, "data").items() if p not in packs_before)
         self.log.append(
             f"round {n}: kill at {plan}: {what}; temp files left (kind, bytes): "
