@@ -2,15 +2,15 @@
 
 One repository, rounds in sequence: each round changes the source tree, starts a real
 ``stratavault backup files`` process and kills it with SIGKILL at a moment drawn from a
-seeded generator: after a random delay, or right when (or a few ms after) the backend
-creates the temporary file of a pack, an index object or the snapshot object. The
-temporary files of ``LocalStorage`` (``.tmp-*``, in the object's own folder)
-are watched with inotify, so the kill lands while the object is being written; a
-temporary file left behind after the kill proves it for index objects and snapshots. A
-pack is filled in a file of its own (anonymous, in the repository's folder) and then
-linked into place, so a kill that lands while the process has such a file open proves it
-for packs. Each targeted kind must be hit at least once, so the campaign cannot pass
-vacuously.
+seeded generator: after a random delay, right when (or a few ms after) the backend
+creates the temporary file of an index object or the snapshot object, or while the
+process fills its n-th pack. The temporary files of ``LocalStorage`` (``.tmp-*``, in the
+object's own folder) are watched with inotify, so the kill lands while the object is being
+written, and a temporary file left behind proves it. A pack is filled in a file of its own
+(anonymous, in the repository's folder: ``REPO/#N (deleted)`` among the process's open
+files, polled every millisecond) and then linked into place; that file still open when the
+kill is sent proves it for packs. Each targeted kind must be hit at least once, so the
+campaign cannot pass vacuously.
 
 After each kill: ``check --read-data`` passes, every snapshot not seen before restores and
 matches the source, and the next backup completes and does not store again the packs
@@ -101,8 +101,9 @@ class _TempWatch:
 
 @dataclass
 class _Plan:
-    """When to kill: the ``occurrence``-th temp file of ``kind`` (+ ``delay_s``), or
-    ``delay_s`` after the start when ``kind`` is ``time``."""
+    """When to kill: the ``occurrence``-th temp file of ``kind`` (for ``pack``, the
+    ``occurrence``-th pack file seen open), + ``delay_s``; or ``delay_s`` after the start
+    when ``kind`` is ``time``."""
 
     kind: str
     occurrence: int = 1
@@ -116,13 +117,13 @@ class _Plan:
 
 def _plans(rng: random.Random) -> list[_Plan]:
     """Six kills of each kind and the rest after random delays (an incremental backup
-    takes about 0.5 s here), in random order; the first round (a full backup) targets a
+    takes 0.3-0.5 s here), in random order; the first round (a full backup) targets a
     pack in the middle of the run."""
     plans = [_Plan("pack", rng.randint(3, 5), rng.choice([0.0, 0.002, 0.01]))]
     for _ in range(5):
         plans.append(_Plan("pack", rng.randint(1, 2), rng.choice([0.0, 0.001, 0.004])))
     plans += [_Plan("index") for _ in range(6)] + [_Plan("snapshot") for _ in range(6)]
-    plans += [_Plan("time", delay_s=rng.uniform(0.02, 0.5)) for _ in range(ROUNDS - 18)]
+    plans += [_Plan("time", delay_s=rng.uniform(0.02, 0.3)) for _ in range(ROUNDS - 18)]
     rest = plans[1:]
     rng.shuffle(rest)
     return [plans[0], *rest]
@@ -167,15 +168,16 @@ def _files(repo: Path, folder: str) -> dict[Path, int]:
     return {p: p.stat().st_size for p in found if p.is_file() and TEMP_PREFIX not in p.name}
 
 
-def _pack_file_open(pid: int, repo: Path) -> bool:
-    """Whether process ``pid`` has a pack's file open: an anonymous one in the repository's
-    folder (``REPO/#N (deleted)``) or a named ``.tmp-pack-*`` one."""
-    found = False
+def _pack_files(pid: int, repo: Path) -> set[str]:
+    """The pack files process ``pid`` has open: anonymous ones in the repository's folder
+    (``REPO/#N (deleted)``) or named ``.tmp-pack-*`` ones."""
+    found: set[str] = set()
     with contextlib.suppress(OSError):
         for fd in os.listdir(f"/proc/{pid}/fd"):
             with contextlib.suppress(OSError):  # closed meanwhile
                 target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                found = found or target.startswith(f"{repo}/#") or "/.tmp-pack-" in target
+                if target.startswith(f"{repo}/#") or "/.tmp-pack-" in target:
+                    found.add(target)
     return found
 
 
@@ -190,7 +192,7 @@ def _kill_backup(cli: Cli, src: Path, watch: _TempWatch, plan: _Plan) -> tuple[b
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    started, seen = time.monotonic(), Counter[str]()
+    started, seen, packs = time.monotonic(), Counter[str](), set[str]()
     try:
         while proc.poll() is None:
             assert time.monotonic() - started < 60, "backup neither ended nor was killed"
@@ -198,6 +200,12 @@ def _kill_backup(cli: Cli, src: Path, watch: _TempWatch, plan: _Plan) -> tuple[b
                 if time.monotonic() >= started + plan.delay_s:
                     break
                 time.sleep(0.002)
+            elif plan.kind == "pack":
+                packs |= _pack_files(proc.pid, cli.repo)
+                if len(packs) >= plan.occurrence:
+                    time.sleep(plan.delay_s)
+                    break
+                time.sleep(0.001)
             elif any(_fires(plan, seen, kind) for kind, _path in watch.wait(0.05)):
                 if plan.delay_s:
                     time.sleep(plan.delay_s)
@@ -206,7 +214,7 @@ def _kill_backup(cli: Cli, src: Path, watch: _TempWatch, plan: _Plan) -> tuple[b
             err = proc.communicate(timeout=60)[1]
             assert proc.returncode == 0, err
             return False, "completed before the kill"
-        filling = _pack_file_open(proc.pid, cli.repo)
+        filling = bool(_pack_files(proc.pid, cli.repo))
         os.kill(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=60)
     finally:
