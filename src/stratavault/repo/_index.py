@@ -41,6 +41,15 @@ class Entry(NamedTuple):
     raw: int
 
 
+def _search(
+    ids: npt.NDArray[np.bytes_], keys: npt.NDArray[np.bytes_]
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bool_]]:
+    """Where each of ``keys`` is or would be in the sorted (non-empty) ``ids``, and
+    whether it is there."""
+    pos = np.minimum(ids.searchsorted(keys), len(ids) - 1)
+    return pos, ids[pos] == keys
+
+
 def _sorted(entries: Array) -> Array:
     order = np.argsort(entries["id"], kind="stable")
     return entries[order]
@@ -152,6 +161,8 @@ class ChunkIndex:
     def lookup_many(self, chunk_ids: Sequence[bytes]) -> list[Entry | None]:
         """:meth:`lookup` of each of ``chunk_ids``, with one vectorized binary search per
         run for them all (a restore locates tens of thousands of chunks at once)."""
+        if len(chunk_ids) == 1:  # one id: the scalar search is faster (a read's chunk)
+            return [self.lookup(chunk_ids[0])]
         found: list[Entry | None] = [self._pending.get(c) for c in chunk_ids]
         todo = [i for i, e in enumerate(found) if e is None and len(chunk_ids[i]) == 32]
         if not todo or not self._runs:
@@ -161,8 +172,8 @@ class ChunkIndex:
         for number, ids in enumerate(self._ids):  # newest first, as _find
             if not len(ids):
                 continue
-            pos = np.minimum(ids.searchsorted(keys), len(ids) - 1)
-            hit = open_ & (ids[pos] == keys)
+            pos, present = _search(ids, keys)
+            hit = open_ & present
             if not hit.any():
                 continue
             open_ &= ~hit
@@ -188,8 +199,7 @@ class ChunkIndex:
         found = np.zeros(len(keys), dtype=bool)
         for ids in self._ids:
             if len(ids):
-                pos = np.minimum(ids.searchsorted(keys), len(ids) - 1)
-                found |= ids[pos] == keys
+                found |= _search(ids, keys)[1]
         return set() if found.all() else {wanted[i] for i in np.flatnonzero(~found)}
 
     def merged(self) -> Array:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 from collections.abc import Iterable
+from pathlib import Path
 
 from stratavault.repo import _formats as F
 from stratavault.repo._index import Entry
 from stratavault.repo._packs import OpenPack, PackFile
+from stratavault.storage import Storage
 
-__all__ = ["OpenPacks"]
+__all__ = ["OpenPacks", "staging_folder"]
 
 
 class OpenPacks:
@@ -67,3 +71,16 @@ class OpenPacks:
         """The open packs that hold something (they leave the open packs: upload them)."""
         packs, self._open = [p for p in self._open.values() if p.count], {}
         return packs
+
+
+def staging_folder(storage: Storage, cache_dir: Path | None) -> str:
+    """Where packs are filled: the backend's staging folder (a local repository's own
+    folder: a pack is then stored without a copy), else the local cache, else the system's
+    temporary folder."""
+    if storage.properties.staging_dir is not None:
+        return storage.properties.staging_dir
+    if cache_dir is not None:
+        with contextlib.suppress(OSError):
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            return str(cache_dir)
+    return tempfile.gettempdir()

@@ -129,8 +129,7 @@ class PackFile:
 
 
 _WRITE_BYTES = 1 << 20
-"""Blobs are gathered up to this size before they are written; files are hashed in
-pieces of this size."""
+"""Blobs are gathered up to this size before they are written."""
 
 
 def _file_error(doing: str, e: OSError) -> StorageError:

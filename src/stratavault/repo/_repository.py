@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -38,7 +37,7 @@ from stratavault.repo._frames import FrameCache, is_framed, seal_frame
 from stratavault.repo._index import ChunkIndex, Entry, decode_index_object, encode_index_object
 from stratavault.repo._keys import KeyInfo
 from stratavault.repo._locks import EXCLUSIVE, PRUNE, SHARED, Locker
-from stratavault.repo._open_packs import OpenPacks
+from stratavault.repo._open_packs import OpenPacks, staging_folder
 from stratavault.repo._opening import Unlocked, create_repository, unlock_repository
 from stratavault.repo._packs import OpenPack, SealedPack
 from stratavault.repo._uploader import Uploader
@@ -46,8 +45,8 @@ from stratavault.repo._values import ChunkInfo, RepoStats
 from stratavault.storage import Storage
 from stratavault.types import BlobKind, ChunkId
 
-_Located = tuple[str, Entry, "bytes | memoryview | None"]
-"""Where a chunk is: pack name, index entry, and its blob while the pack is in memory."""
+_Located = tuple[str, Entry, bytes | None]
+"""Where a chunk is: pack name, index entry, and its blob while its pack is being filled."""
 
 __all__ = ["Repository"]
 
@@ -97,7 +96,7 @@ class Repository:
         self._pending: ChunkIndex | None = None
         self._tree_windows = _reading.WindowCache()
         self._frames = FrameCache()
-        self._filling = OpenPacks(_staging_folder(storage, cache_dir), options.pack_target_bytes)
+        self._filling = OpenPacks(staging_folder(storage, cache_dir), options.pack_target_bytes)
         self._unindexed: list[tuple[str, Any]] = []
         self._error: BaseException | None = None
         self._closed = False
@@ -637,16 +636,3 @@ def _locate_in(index: ChunkIndex, ids: Sequence[bytes], located: list[_Located |
     for i, entry in zip(rest, index.lookup_many([ids[i] for i in rest]), strict=True):
         if entry is not None:
             located[i] = (index.packs[entry.pack], entry, None)
-
-
-def _staging_folder(storage: Storage, cache_dir: Path | None) -> str:
-    """Where packs are filled: the backend's staging folder (a local repository's own
-    folder: a pack is then stored without a copy), else the local cache, else the system's
-    temporary folder."""
-    if storage.properties.staging_dir is not None:
-        return storage.properties.staging_dir
-    if cache_dir is not None:
-        with suppress(OSError):
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            return str(cache_dir)
-    return tempfile.gettempdir()

@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from stratavault._process import die_with_parent, shared_heap
 from stratavault.errors import SourceError, UsageError
-from stratavault.sources._entry import EntryType, FsEntry, entry_fields, entry_from_fields
+from stratavault.sources._entry import FsEntry, entry_fields, entry_from_fields
 from stratavault.sources._folder_states import FolderDone, FolderStates, KnownFolder, WalkRecord
 from stratavault.sources._walk import (
     UNREAD_XATTRS,
@@ -32,7 +32,6 @@ _BATCH = 512
 the pipe (and so the memory held) stays small when the consumer is slower."""
 
 _ENTRY, _ERROR, _USAGE, _DONE, _FOLDER, _KNOWN = range(6)
-_TYPES = {str(t): t for t in EntryType}
 _Record = tuple[int, Any]
 
 
