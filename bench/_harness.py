@@ -17,6 +17,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -252,20 +253,31 @@ def run_measured(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> t
     rss_file = log.with_suffix(".rss")
     full = [GNU_TIME, "-f", "%M", "-o", str(rss_file), *cmd]
     tree_peak = 0
+    ended: list[float] = []
     with open(log, "wb") as out:
         out.write((" ".join(cmd) + "\n").encode())
         out.flush()
         start = time.perf_counter()
         proc = subprocess.Popen(full, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
-        while proc.poll() is None:
+        # The end is taken when waitpid returns (in a thread), not at the next memory
+        # sample: sampling every 0.2 s would round every run up to the next 0.2 s.
+        waiter = threading.Thread(target=lambda: ended.append(_wait(proc)), daemon=True)
+        waiter.start()
+        while waiter.is_alive():
             tree_peak = max(tree_peak, _tree_memory_kib(proc.pid))
-            time.sleep(0.2)
-        seconds = time.perf_counter() - start
+            waiter.join(0.2)
+        seconds = ended[0] - start
     if proc.returncode != 0:
         tail = log.read_text(errors="replace").splitlines()[-15:]
         raise BenchError(f"{cmd[0]} failed (exit {proc.returncode}): " + "\n".join(tail))
     rss_lines = rss_file.read_text().split()
     return seconds, max(tree_peak, int(rss_lines[-1]) if rss_lines else 0)
+
+
+def _wait(proc: subprocess.Popen[bytes]) -> float:
+    """Wait for ``proc`` to end; the ``perf_counter`` time it ended at."""
+    proc.wait()
+    return time.perf_counter()
 
 
 @dataclass
