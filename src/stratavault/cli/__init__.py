@@ -1,7 +1,11 @@
 """The command line: thin commands over the jobs layer."""
 
+import atexit
+import os
 import sys
+import threading
 from collections.abc import Sequence
+from typing import NoReturn
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -18,7 +22,28 @@ def main() -> None:
     except KeyboardInterrupt:  # Ctrl-C before the command set up its own handling
         print("stratavault: interrupted", file=sys.stderr)
         code = 130
-    sys.exit(code)
+    exit_now(code)
 
 
-__all__ = ["main", "run"]
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` as ``sys.exit`` would, but without tearing down
+    the interpreter: freeing a disk command's modules and objects one by one takes
+    30-40 ms here, a tenth of a short incremental backup.
+
+    A command has closed and synced everything it wrote when it returns. At-exit
+    handlers still run and the output is flushed; while a thread that ``sys.exit``
+    would wait for is still running, this is ``sys.exit``.
+    """
+    others = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    if any(not t.daemon for t in others):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe, or a stream closed by the command
+            code = code or 120  # what the interpreter exits with when it cannot flush
+    os._exit(code)
+
+
+__all__ = ["exit_now", "main", "run"]
