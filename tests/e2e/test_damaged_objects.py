@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -153,3 +154,25 @@ def test_next_backup_reads_again_what_a_lost_pack_held(cli: Cli, tmp_path: Path)
     assert all((out / p.relative_to("/")).read_bytes() == p.read_bytes() for p in src.iterdir())
     assert cli("restore", "disk", "latest", "--to", tmp_path / "d.raw").code == 0
     assert (tmp_path / "d.raw").read_bytes() == image.read_bytes()
+
+
+def test_bitmap_incremental_reads_again_what_a_lost_pack_held(cli: Cli, tmp_path: Path) -> None:
+    """A qcow2's next backup reads only what its dirty bitmap marks, except the chunks
+    the parent had in a pack that was lost since: those are read again."""
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(os.urandom(1 << 20))
+    image = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", raw, image], check=True)
+    assert cli("init").code == 0
+    args = ("backup", "image", image, "--format", "qcow2", "--json")
+    assert cli(*args).code == 0
+    packs = sorted((p for p in (cli.repo / "data").rglob("*") if p.is_file()), key=os.path.getsize)
+    packs[-1].unlink()  # the disk's data
+    assert cli("repair", "index").code == 0
+    again = cli(*args)
+    assert again.code == 0, again.err
+    summary = again.json_lines()[-1]
+    assert summary["disks"][0]["bitmap"] and summary["bytes_read"] == 1 << 20
+    assert cli("check", "--read-data").code == 0
+    assert cli("restore", "disk", "latest", "--to", tmp_path / "d.raw").code == 0
+    assert (tmp_path / "d.raw").read_bytes() == raw.read_bytes()

@@ -76,6 +76,23 @@ def test_missing_checks_many_ids_across_runs_and_fresh_entries() -> None:
     assert all((c in index) is (c not in index.missing([c])) for c in ids[::37])
     assert ChunkIndex().missing(ids[:3]) == set(ids[:3])
     assert index.missing([ids[0], b"short", ids[950]]) == {b"short", ids[950]}
+    keys = np.frombuffer(b"".join(ids), dtype="S32")  # the ids with trailing zeros too
+    assert index.present(keys).tolist() == [i < 900 for i in range(1000)]
+    assert not ChunkIndex().present(keys[:3]).any()
+
+
+def test_present_chunks_counts_chunks_on_their_way_into_a_pack(tmp_path: Path) -> None:
+    repo = Repository.init(MemoryStorage(), PASS, cache_dir=tmp_path, kdf=KdfParams.fast())
+    chunks = random_chunks(3)
+    ids = [repo.chunk_id(c) for c in chunks]
+    repo.add_chunk(ids[0], chunks[0])  # in an open pack: not indexed yet
+    keys = np.frombuffer(b"".join(ids), dtype="S32")
+    assert repo.present_chunks(keys).tolist() == [True, False, False]
+    repo.flush()
+    repo.add_chunk(ids[1], chunks[1])
+    assert repo.present_chunks(keys).tolist() == [True, True, False]
+    assert repo.present_chunks(keys).tolist() == [repo.has_chunk(c) for c in ids]
+    repo.close()
 
 
 def test_cache_written_extended_and_rebuilt(tmp_path: Path) -> None:

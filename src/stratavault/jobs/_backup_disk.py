@@ -340,13 +340,11 @@ def _plan(
     if source.size_bytes != old.size_bytes:  # resized: read what the parent did not have whole
         tail = min(source.size_bytes, old.size_bytes) // old.chunk_bytes * old.chunk_bytes
         extents.append((tail, source.size_bytes - tail))
-    entries = list(index.entries())
-    missing = repo.missing_chunks([cid for _, cid in entries])
-    for number, cid in entries:
-        if cid in missing:  # removed since (damaged and repaired): read it again
-            start, end = index.chunk_range(number)
-            extents.append((start, end - start))
-            index.put(number, None)
+    numbers, keys = index.data_ids()
+    for number in numbers[~repo.present_chunks(keys)].tolist():
+        start, end = index.chunk_range(number)  # removed since (damaged and repaired)
+        extents.append((start, end - start))  # read it again
+        index.put(number, None)
     extents.sort()
     return index, list(chunk_runs(extents, source.size_bytes, old.chunk_bytes))
 

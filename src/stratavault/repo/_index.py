@@ -195,12 +195,26 @@ class ChunkIndex:
         joined = b"".join(wanted)
         if len(joined) != 32 * len(wanted):  # not all chunk ids: none of them can be here
             return {c for c in wanted if len(c) != 32 or c not in self}
-        keys = np.frombuffer(joined, dtype="S32")
+        found = self._in_runs(np.frombuffer(joined, dtype="S32"))
+        return set() if found.all() else {wanted[i] for i in np.flatnonzero(~found)}
+
+    def present(self, keys: npt.NDArray[np.bytes_]) -> npt.NDArray[np.bool_]:
+        """One bool per 32-byte id of ``keys`` (an ``S32`` array): whether it is in the
+        index (``missing`` for ids already in an array: a disk's, say)."""
+        found = self._in_runs(keys)
+        if self._pending:
+            raw = keys.tobytes()  # not keys[i]: numpy drops an S32 item's trailing zeros
+            for i in np.flatnonzero(~found).tolist():
+                found[i] = raw[32 * i : 32 * i + 32] in self._pending
+        return found
+
+    def _in_runs(self, keys: npt.NDArray[np.bytes_]) -> npt.NDArray[np.bool_]:
+        """Whether each of ``keys`` is in a sorted run: one vectorized search per run."""
         found = np.zeros(len(keys), dtype=bool)
         for ids in self._ids:
             if len(ids):
                 found |= _search(ids, keys)[1]
-        return set() if found.all() else {wanted[i] for i in np.flatnonzero(~found)}
+        return found
 
     def merged(self) -> Array:
         """All entries as one sorted array (merges everything)."""

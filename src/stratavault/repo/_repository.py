@@ -11,6 +11,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
 
+import numpy as np
+import numpy.typing as npt
+
 from stratavault.errors import (
     ChunkNotFoundError,
     ObjectExistsError,
@@ -185,6 +188,16 @@ class Repository:
             filling = self._filling
             unknown = [c for c in chunk_ids if c not in filling] if filling else chunk_ids
             return cast(set[ChunkId], self._index.missing(list(unknown)))
+
+    def present_chunks(self, keys: npt.NDArray[np.bytes_]) -> npt.NDArray[np.bool_]:
+        """``has_chunk`` for each 32-byte id of ``keys`` (an ``S32`` array), vectorized."""
+        with self._lock:
+            found = self._index.present(keys)
+            if self._filling:
+                raw = keys.tobytes()
+                for i in np.flatnonzero(~found).tolist():
+                    found[i] = raw[32 * i : 32 * i + 32] in self._filling
+            return found
 
     def add_chunk(
         self,

@@ -136,10 +136,15 @@ class DiskIndex:
 
     def entries(self) -> Iterator[tuple[int, ChunkId]]:
         """``(chunk number, id)`` of every data chunk, in disk order."""
-        numbers = np.flatnonzero(self.data_mask())
-        raw = self.ids[numbers].tobytes()  # one copy, then slices: ~10x faster than per row
+        numbers, keys = self.data_ids()
+        raw = keys.tobytes()  # one copy, then slices: ~10x faster than per row
         for i, number in enumerate(numbers.tolist()):
             yield number, ChunkId(raw[i * CHUNK_ID_BYTES : (i + 1) * CHUNK_ID_BYTES])
+
+    def data_ids(self) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bytes_]]:
+        """The numbers of the data chunks, in disk order, and their ids (``S32``)."""
+        numbers = np.flatnonzero(self.data_mask())
+        return numbers, self.ids[numbers].view(f"S{CHUNK_ID_BYTES}").ravel()
 
     def chunk_ids(self) -> set[ChunkId]:
         """The distinct ids of the data chunks."""
