@@ -12,8 +12,8 @@ import contextlib
 import dataclasses
 import json
 import os
+import socket
 import subprocess
-import time
 from pathlib import Path
 from types import TracebackType
 
@@ -111,42 +111,40 @@ class ImageExport:
         return fmt
 
     def _start_daemon(self, fmt: str, writable: bool) -> QmpSession:
-        qmp = self.scratch_dir / "qsd.qmp"
-        if "," in os.fspath(qmp):
-            raise SourceError(f"exporting the image {self.image} - no commas allowed in {qmp}")
         ro = not writable
         file_node = {"driver": "file", "node-name": "file", "filename": os.fspath(self.image),
                      "read-only": ro}  # fmt: skip
         fmt_node = {"driver": fmt, "node-name": _NODE, "file": "file", "read-only": ro}
+        # The monitor is one end of a socket pair: its greeting comes as soon as the
+        # daemon is up, with no socket file to wait for and connect to.
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         argv = [
             "qemu-storage-daemon",
             "--blockdev", json.dumps(file_node), "--blockdev", json.dumps(fmt_node),
-            "--chardev", f"socket,id=qmp0,path={qmp},server=on,wait=off",
-            "--monitor", "chardev=qmp0",
+            "--chardev", f"socket,id=qmp0,fd={theirs.fileno()}", "--monitor", "chardev=qmp0",
         ]  # fmt: skip
-        self._process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        while not qmp.exists():
-            if self._process.poll() is not None:
-                raise SourceError(f"opening the image {self.image} - {self._exit_reason()}")
-            if time.monotonic() > deadline:
-                raise SourceError(f"opening the image {self.image} - qemu-storage-daemon hangs")
-            time.sleep(0.01)
-        while True:
-            try:
-                return QmpSession(qmp, timeout_s=30.0)
-            except SourceError as exc:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self._process.wait(timeout=0.05)
-                if self._process.returncode is not None:  # it ended after making its socket
-                    why = self._exit_reason()
-                    raise SourceError(f"opening the image {self.image} - {why}") from exc
-                if time.monotonic() > deadline:
-                    raise
-                # The socket file exists from bind(), before the daemon listens on it and
-                # sets up its monitor: a connection in between is refused or hung up on.
+        try:
+            self._process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                pass_fds=(theirs.fileno(),),
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        try:
+            label = Path(f"qemu-storage-daemon for {self.image}")
+            return QmpSession(label, timeout_s=30.0, connected=ours)
+        except SourceError as exc:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._process.wait(timeout=_START_TIMEOUT_S)
+            if self._process.returncode is None:
+                raise SourceError(f"opening the image {self.image} - {exc}") from exc
+            raise SourceError(f"opening the image {self.image} - {self._exit_reason()}") from exc
 
     def _exit_reason(self) -> str:
         """What the daemon, which has ended, said on stderr (else its exit status)."""
@@ -173,8 +171,6 @@ class ImageExport:
                     errors.append(f"qemu-storage-daemon for {self.image} did not quit; killed")
             if process.stderr is not None:
                 process.stderr.close()
-        with contextlib.suppress(OSError):
-            (self.scratch_dir / "qsd.qmp").unlink()
         return errors
 
 

@@ -38,7 +38,16 @@ class QmpSession:
     from several threads (one command at a time goes out).
     """
 
-    def __init__(self, socket_path: str | os.PathLike[str], *, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str],
+        *,
+        timeout_s: float = 30.0,
+        connected: socket.socket | None = None,
+    ) -> None:
+        """Connect to the QMP socket at ``socket_path``; or take over ``connected``, a
+        socket already connected to QEMU's monitor (one end of a socket pair whose
+        other end QEMU was started with), and ``socket_path`` only names it in messages."""
         self.socket_path = Path(socket_path)
         self.timeout_s = timeout_s
         self.peer_pid: int | None = None
@@ -56,14 +65,14 @@ class QmpSession:
         self._listener: EventListener | None = None
         self._backlog: collections.deque[dict[str, Any]] = collections.deque(maxlen=_BACKLOG_EVENTS)
         try:
-            self._connect()
+            self._connect(connected if connected is not None else self._open_socket())
         except BaseException:
             self.close()
             raise
 
     # -- life cycle -------------------------------------------------------------------------
 
-    def _connect(self) -> None:
+    def _open_socket(self) -> socket.socket:
         where = f"QMP socket {self.socket_path}"
         if not self.socket_path.exists():
             raise SourceError(f"connecting to {where} - no such socket (is the VM running?)")
@@ -71,12 +80,17 @@ class QmpSession:
         try:
             sock.settimeout(self.timeout_s)
             sock.connect(os.fspath(self.socket_path))
-            self.peer_pid = _peer_pid(sock)
         except OSError as exc:
             sock.close()
             raise SourceError(
                 f"connecting to {where} - {exc.strerror or exc} (is the VM running?)"
             ) from exc
+        return sock
+
+    def _connect(self, sock: socket.socket) -> None:
+        """Negotiate QMP on the connected ``sock`` (closed on failure)."""
+        where = f"QMP socket {self.socket_path}"
+        self.peer_pid = _peer_pid(sock)
 
         async def connect() -> None:
             from qemu.qmp import EventListener, QMPClient
