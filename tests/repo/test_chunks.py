@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from pathlib import Path
@@ -15,7 +16,7 @@ from stratavault.errors import (
     UsageError,
 )
 from stratavault.repo import KdfParams, Repository
-from stratavault.storage import FaultyStorage, MemoryStorage, StorageWrapper
+from stratavault.storage import FaultyStorage, MemoryStorage, StorageProperties, StorageWrapper
 from stratavault.types import BlobKind, ChunkId
 
 from .conftest import PASS, SMALL_PACK, open_repo, random_chunks
@@ -263,3 +264,41 @@ def test_chunks_by_pack_groups_as_chunk_info(repo: Repository) -> None:
         repo.chunk_info(flushed[1]).pack: [flushed[1]]
     }
     assert missing == [lost]
+
+
+class _RecordingGets(StorageWrapper):
+    """Records the length of every ranged get, and reports ``read_range_bytes``."""
+
+    def __init__(self, inner: MemoryStorage, read_range_bytes: int) -> None:
+        super().__init__(inner)
+        self.lengths: list[int] = []
+        self._props = dataclasses.replace(inner.properties, read_range_bytes=read_range_bytes)
+
+    @property
+    def properties(self) -> StorageProperties:
+        return self._props
+
+    def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        self.lengths.append(-1 if length is None else length)
+        return super().get(name, offset, length)
+
+
+@pytest.mark.parametrize("range_kib", [64, 300, 1024])
+def test_restores_read_packs_in_ranges_of_at_most_the_backends_size(
+    storage: MemoryStorage, cache: Path, range_kib: int
+) -> None:
+    """Neighbouring blobs are read together up to the backend's ``read_range_bytes`` (a
+    restore's buffers stay that small); a larger blob is read alone, whole."""
+    chunks = [*random_chunks(60, 20_000), os.urandom(200_000)]
+    with Repository.init(
+        storage, PASS, cache_dir=cache, kdf=KdfParams.fast(), pack_target_bytes=4 << 20
+    ) as repo:
+        ids = add_all(repo, chunks)
+    recording = _RecordingGets(storage, range_kib << 10)
+    with Repository.open(recording, PASS, cache_dir=cache) as again:
+        got = dict(again.read_chunks(ids))
+    assert [got[c] for c in ids] == chunks
+    lengths = [n for n in recording.lengths if n > 0]
+    biggest = max(len(c) for c in chunks) + 1024  # one incompressible blob, sealed
+    assert max(lengths) <= max(range_kib << 10, biggest)
+    assert len(lengths) < len(chunks)  # neighbours merged

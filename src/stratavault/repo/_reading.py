@@ -41,7 +41,6 @@ __all__ = [
 
 MERGE_GAP_BYTES = 1 << 20
 """Blobs of one pack closer than this are read with one ranged get."""
-MAX_RANGE_BYTES = 32 << 20
 
 
 def open_blob(
@@ -98,7 +97,11 @@ def _check_length(where: str, entry: Entry, blob: bytes | memoryview) -> None:
         raise IntegrityError(f"{where} - truncated: {len(blob)} of {entry.stored} bytes")
 
 
-def _ranges(entries: list[tuple[bytes, Entry]]) -> Iterator[list[tuple[bytes, Entry]]]:
+def _ranges(
+    entries: list[tuple[bytes, Entry]], max_bytes: int
+) -> Iterator[list[tuple[bytes, Entry]]]:
+    """``entries`` of one pack in groups read with one ``get`` each: neighbours less than
+    ``MERGE_GAP_BYTES`` apart, spanning at most ``max_bytes`` (a larger blob alone)."""
     group: list[tuple[bytes, Entry]] = []
     for item in sorted(entries, key=lambda item: item[1].offset):
         if group:
@@ -107,7 +110,7 @@ def _ranges(entries: list[tuple[bytes, Entry]]) -> Iterator[list[tuple[bytes, En
             entry = item[1]
             if (
                 entry.offset - end > MERGE_GAP_BYTES
-                or entry.offset + entry.stored - start > MAX_RANGE_BYTES
+                or entry.offset + entry.stored - start > max_bytes
             ):
                 yield group
                 group = []
@@ -185,7 +188,7 @@ def _pack_blobs(
     """Per blob that ``entries`` of one pack name (nearby blobs read with one get): its
     entries (one, or the members of a frame asked for), its stored bytes, the decoded frame
     (None for a plain blob) and each entry's plaintext, verified."""
-    for group in _ranges(entries):
+    for group in _ranges(entries, storage.properties.read_range_bytes):
         start = group[0][1].offset
         end = max(e.offset + e.stored for _, e in group)
         data = memoryview(get_range(storage, pack, start, end - start))
