@@ -147,3 +147,20 @@ def test_kdf_parameters_are_stored_per_slot(repo: Repository, storage: MemorySto
         json.loads(storage.get(n))["body"]["kdf"]["time_cost"] for n in key_names(storage)
     )
     assert kdfs == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("params", "passphrase", "salt", "expected"),
+    [
+        (KdfParams(time_cost=1, memory_kib=8, parallelism=1), b"x", b"s" * 16,
+         "dd6886e62d99ccc714d29d5c414a963be72e45ad130e4e91def770280af68973"),
+        (KdfParams(time_cost=2, memory_kib=64, parallelism=2), b"correct horse",
+         b"0123456789abcdef", "7a1a864655e1358f74bb5997a24b9a1a9a2bf4e686e1649955be2309f7afe32b"),
+    ],
+)  # fmt: skip
+def test_key_derivation_is_rfc_9106_argon2id(
+    params: KdfParams, passphrase: bytes, salt: bytes, expected: str
+) -> None:
+    """Known answers (computed with argon2-cffi, which derived the keys of slots made
+    before 2026-12-07): every existing key slot still opens."""
+    assert params.derive(passphrase, salt).hex() == expected

@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blake3
-import zstandard
-from argon2.low_level import Type, hash_secret_raw
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+
+if TYPE_CHECKING:  # imported on first use: opening a repository needs no codec
+    import zstandard
 
 from stratavault.repo import _formats as F
 from stratavault.types import BlobKind, ChunkId
@@ -51,15 +53,13 @@ class KdfParams:
 
     def derive(self, passphrase: bytes, salt: bytes) -> bytes:
         """Derive a 32-byte wrapping key from ``passphrase`` and ``salt``."""
-        return hash_secret_raw(
-            secret=passphrase,
+        return Argon2id(
             salt=salt,
-            time_cost=self.time_cost,
+            length=F.KEY_BYTES,
+            iterations=self.time_cost,
+            lanes=self.parallelism,
             memory_cost=self.memory_kib,
-            parallelism=self.parallelism,
-            hash_len=F.KEY_BYTES,
-            type=Type.ID,
-        )
+        ).derive(passphrase)
 
     def to_json(self) -> dict[str, Any]:
         """The parameters as stored in a key file."""
@@ -101,6 +101,8 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
         cache = _local.compressors = {}
     comp = cache.get(level)
     if comp is None:
+        import zstandard
+
         comp = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
     return comp
 
@@ -122,6 +124,8 @@ def decompress(plaintext: bytes, max_bytes: int = 1 << 31) -> bytes:
     if codec == F.CODEC_RAW:
         return plaintext[1:]
     if codec == F.CODEC_ZSTD:
+        import zstandard  # ~0.3 us once loaded: nothing beside a chunk's decompression
+
         dec: zstandard.ZstdDecompressor | None = getattr(_local, "decompressor", None)
         if dec is None:
             dec = _local.decompressor = zstandard.ZstdDecompressor()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from stratavault.errors import IntegrityError, UsageError
@@ -93,5 +92,7 @@ def extend(storage: Storage, config: dict[str, Any], packs: Iterable[str], now: 
     names = [*packs, F.CONFIG_NAME]
     for prefix in (F.SNAPSHOTS_PREFIX, F.KEYS_PREFIX):
         names.extend(o.name for o in storage.list(prefix))
+    from concurrent.futures import ThreadPoolExecutor
+
     with ThreadPoolExecutor(_THREADS, thread_name_prefix="retain") as pool:
         return sum(pool.map(lambda name: s3.extend_retention(name, until), sorted(names)))
