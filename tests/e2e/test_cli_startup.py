@@ -143,6 +143,9 @@ def test_backup_image_loads_no_other_commands_job_code(cli: Cli, tmp_path: Path)
     assert code == 0
     assert "stratavault.jobs._backup_disk" in modules  # it did back up
     assert _loaded(modules, OTHER_COMMANDS_JOBS) == []
+    # Nor the VM backup's: libvirt's code and the XML parser it needs.
+    vm_only = ("stratavault.jobs._backup_vm", "stratavault.sources._libvirt", "xml.etree")
+    assert _loaded(modules, vm_only) == []
 
 
 def test_file_backups_derive_the_key_before_loading_numpy(cli: Cli, tmp_path: Path) -> None:
@@ -234,6 +237,8 @@ def test_disk_images_that_qemu_opens_are_recognised(tmp_path: Path) -> None:
     qcow2 = tmp_path / "disk.qcow2"
     assert "qemu.qmp" not in backup_modules([raw]) + restore_modules(raw, qcow2=False)
     assert "qemu.qmp" in backup_modules([raw, qcow2])
-    assert "qemu.qmp" in backup_modules(qmp=True)
+    assert "qemu.qmp" in backup_modules(vm=True, qmp=True)
+    assert "stratavault.jobs._backup_images" in backup_modules([raw])
+    assert "stratavault.jobs._backup_vm" in backup_modules(vm=True)
     assert "qemu.qmp" in restore_modules(qcow2, qcow2=False)
     assert "qemu.qmp" in restore_modules(None, qcow2=True)

@@ -92,7 +92,7 @@ def run_vm(ns: argparse.Namespace, options: GlobalOptions) -> int:
     keep_freed_memory()  # large buffers allocated and freed over and over
     out = Output(json_mode=options.json, quiet=options.quiet)
     progress = make_progress(json_mode=options.json, quiet=options.quiet)
-    with open_repo(options, preload=backup_modules(qmp=bool(ns.qmp))) as repo:
+    with open_repo(options, preload=backup_modules(vm=True, qmp=bool(ns.qmp))) as repo:
         from stratavault.jobs import BackupVmOptions, backup_vm
 
         job = BackupVmOptions(

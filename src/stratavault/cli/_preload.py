@@ -28,9 +28,13 @@ def has_image_magic(path: Path) -> bool:
         return False
 
 
-def backup_modules(images: Iterable[Path] = (), *, qmp: bool = False) -> tuple[str, ...]:
-    """What ``backup image IMAGES`` / ``backup vm`` (``qmp``: driven over QMP) loads."""
-    modules = ("stratavault.repo._repository", "stratavault.jobs._backup_vm")
+def backup_modules(
+    images: Iterable[Path] = (), *, vm: bool = False, qmp: bool = False
+) -> tuple[str, ...]:
+    """What ``backup image IMAGES`` / ``backup vm`` (``vm``; ``qmp``: driven over QMP)
+    loads."""
+    job = "stratavault.jobs._backup_vm" if vm else "stratavault.jobs._backup_images"
+    modules = ("stratavault.repo._repository", job)
     return modules + _QMP if qmp or any(map(has_image_magic, images)) else modules
 
 

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
         read_groups as read_groups,
     )
     from stratavault.jobs._backup_files import backup_files as backup_files
+    from stratavault.jobs._backup_images import backup_images as backup_images
     from stratavault.jobs._backup_run import BackupFilesOptions as BackupFilesOptions
     from stratavault.jobs._backup_sources import (
         ReadAhead as ReadAhead,
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
     )
     from stratavault.jobs._backup_vm import (
         BackupVmOptions as BackupVmOptions,
-        backup_images as backup_images,
         backup_vm as backup_vm,
     )
     from stratavault.jobs._browse import (

@@ -1,0 +1,133 @@
+"""Use case: back up disk images (raw files and block devices read directly; qcow2, vmdk,
+vhdx, vdi through qemu-storage-daemon; a qcow2's dirty bitmap makes the next backup an
+incremental). Apart from the VM backup: an image backup loads nothing of libvirt."""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from stratavault._defaults import IMAGE_FORMATS
+from stratavault.errors import UsageError
+from stratavault.jobs._backup_disk import DISK_KINDS, BackupDisksOptions, DiskSource, backup_disks
+from stratavault.jobs._nbd_source import NbdDiskSource
+from stratavault.jobs._progress import Cancellation, Progress
+from stratavault.repo import Repository
+from stratavault.snapshot import Snapshot, find_snapshot, latest, load_snapshots
+from stratavault.sources import ImageExport, RawDiskSource, probe_image
+
+__all__ = ["backup_images", "latest_disk_snapshot", "scratch_folder"]
+
+
+def latest_disk_snapshot(repo: Repository, host: str, paths: list[str]) -> Snapshot | None:
+    """The latest complete disk snapshot of the same host and paths (damaged ones skipped)."""
+    snaps = [
+        s
+        for s in load_snapshots(repo, damaged=[])
+        if s.kind in DISK_KINDS and s.host == host and sorted(s.paths) == sorted(paths)
+    ]
+    return latest(snaps) if snaps else None
+
+
+@contextlib.contextmanager
+def scratch_folder(given: Path | None) -> Any:
+    """``given`` (made if missing), else a temporary folder removed afterwards."""
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        yield given
+        return
+    with tempfile.TemporaryDirectory(prefix="stratavault-") as tmp:
+        yield Path(tmp)
+
+
+def _probed_format(image: Path) -> str:
+    """The probed format of an image that names no other file; ``UsageError`` for one that
+    does (a backing file, vmdk extents): the file's own header decides what is read, and
+    a guest can write any header into its raw disk, so the caller must say the format."""
+    info = probe_image(image)
+    if info.format != "raw" and info.references:
+        raise UsageError(
+            f"image {image} reads as {info.format} naming {', '.join(info.references)}: "
+            f"give --format {info.format} to back it up with the files it names, or "
+            "--format raw for its own bytes (a guest can write such a header into a raw disk)"
+        )
+    return info.format
+
+
+def backup_images(
+    repo: Repository,
+    images: Sequence[Path],
+    options: BackupDisksOptions,
+    *,
+    names: Sequence[str] = (),
+    image_format: str | None = None,
+    scratch_dir: Path | None = None,
+    progress: Progress | None = None,
+    cancel: Cancellation | None = None,
+) -> Snapshot:
+    """Back up disk images (raw files and block devices read directly; qcow2, vmdk, vhdx,
+    vdi and others through qemu-storage-daemon) into one snapshot; ``names`` names the
+    disks (default: the file names). A qcow2 keeps a persistent dirty bitmap, so its next
+    backup reads only what changed.
+
+    ``image_format`` is the format of every image; ``None`` asks ``qemu-img`` (block
+    devices: raw). Give it for an image a guest wrote: a raw disk that starts with another
+    format's header would be probed as that format, its backing file (a path the guest
+    chose) opened and backed up."""
+    if names and len(names) != len(images):
+        raise UsageError(f"{len(names)} names given for {len(images)} images")
+    if image_format is not None and image_format not in IMAGE_FORMATS:
+        raise UsageError(f"image format {image_format!r}: expected one of {IMAGE_FORMATS}")
+    paths = options.paths or tuple(str(Path(i).absolute()) for i in images)
+    if options.parent is None:
+        parent = latest_disk_snapshot(repo, options.host, list(paths))
+    else:
+        parent = find_snapshot(repo, options.parent)
+    recorded = {d.path: d.bitmap for d in parent.disks if d.bitmap} if parent else {}
+    if parent is not None:
+        options = replace(options, parent=parent.id)
+    with contextlib.ExitStack() as stack:
+        scratch = stack.enter_context(scratch_folder(scratch_dir))
+        sources = [
+            _image_source(
+                stack,
+                Path(image),
+                names[number] if names else Path(image).name,
+                image_format,
+                scratch / f"image{number}",
+                recorded.get(str(Path(image).absolute())),
+            )
+            for number, image in enumerate(images)
+        ]
+        return backup_disks(
+            repo, sources, replace(options, paths=paths), progress=progress, cancel=cancel
+        )
+
+
+def _image_source(
+    stack: contextlib.ExitStack,
+    image: Path,
+    name: str,
+    image_format: str | None,
+    scratch: Path,
+    bitmap: str | None,
+) -> DiskSource:
+    """The source of one image, closed with ``stack``: a raw file or device read directly,
+    another format through a private qemu-storage-daemon (``bitmap``: the one the parent
+    snapshot recorded for it)."""
+    fmt = image_format or ("raw" if image.is_block_device() else _probed_format(image))
+    if fmt == "raw":
+        raw = RawDiskSource(image, name=name)
+        stack.callback(raw.close)
+        return raw
+    export = stack.enter_context(ImageExport(image, scratch, fmt=fmt, expected_bitmap=bitmap))
+    assert export.export is not None
+    source = NbdDiskSource(export.export)
+    source.name = name
+    source.path = str(image.absolute())
+    stack.callback(source.close)
+    return source
