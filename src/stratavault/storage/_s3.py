@@ -110,10 +110,7 @@ class S3Storage:
         where = f"s3:{endpoint_url.rstrip('/')}/" if endpoint_url else "s3://"
         location = f"{where}{bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self._properties = StorageProperties(
-            location=location,
-            conditional_create=conditional_create,
-            fork_safe=False,
-            read_range_bytes=32 << 20,
+            location, conditional_create, fork_safe=False, read_range_bytes=32 << 20
         )
         if path_style is None:
             path_style = endpoint_url is not None
