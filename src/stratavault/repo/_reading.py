@@ -27,12 +27,13 @@ from stratavault.storage import Storage
 
 __all__ = [
     "WindowCache",
+    "cached_frame",
     "get_range",
     "member",
+    "member_and_mates",
     "open_blob",
     "open_document",
     "open_frame",
-    "read_member",
     "read_pack_blobs",
     "read_pack_header",
     "read_pack_headers",
@@ -208,33 +209,9 @@ def _pack_blobs(
             yield members, blob, frame, plains
 
 
-def read_member(
-    storage: Storage,
-    keys: MasterKeys,
-    frames: FrameCache,
-    pack: str,
-    chunk_id: bytes,
-    entry: Entry,
-    blob: bytes | memoryview | None,
-) -> bytes:
-    """A chunk of a frame (``blob``: the frame's bytes, None to read them), decoding the
-    frame unless ``frames`` holds it."""
-    frame = cached_frame(storage, keys, frames, pack, entry, blob)
-    return member(frame, pack, chunk_id, entry)
-
-
-def read_member_and_mates(
-    storage: Storage,
-    keys: MasterKeys,
-    frames: FrameCache,
-    pack: str,
-    chunk_id: bytes,
-    entry: Entry,
-    blob: bytes | memoryview | None,
-) -> dict[bytes, bytes]:
-    """A chunk of a frame (checked as by :func:`read_member`) and the frame's other members
+def member_and_mates(frame: Frame, pack: str, chunk_id: bytes, entry: Entry) -> dict[bytes, bytes]:
+    """A chunk of ``frame`` (checked as by :func:`member`) and the frame's other members
     (as authenticated with the frame), by chunk id."""
-    frame = cached_frame(storage, keys, frames, pack, entry, blob)
     mates = {cid: frame.member(cid) for cid in frame.spans}
     mates[chunk_id] = member(frame, pack, chunk_id, entry)
     return mates

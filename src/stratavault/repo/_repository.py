@@ -36,7 +36,7 @@ from stratavault.repo._crypto import (
     compress,
     content_hash,
 )
-from stratavault.repo._frames import FrameCache, is_framed, seal_frame
+from stratavault.repo._frames import Frame, FrameCache, is_framed, seal_frame
 from stratavault.repo._index import ChunkIndex, Entry, decode_index_object, encode_index_object
 from stratavault.repo._keys import KeyInfo
 from stratavault.repo._locks import EXCLUSIVE, PRUNE, SHARED, Locker
@@ -382,15 +382,18 @@ class Repository:
         pack, entry, blob = self._locate(chunk_id)
         if not is_framed(entry.kind):
             return {chunk_id: self._read_located(chunk_id, pack, entry, blob)}
-        args = (self.storage, self._keys, self._frames, pack, chunk_id, entry, blob)
-        return cast(dict[ChunkId, bytes], _reading.read_member_and_mates(*args))
+        frame = self._frame(pack, entry, blob)
+        return cast(dict[ChunkId, bytes], _reading.member_and_mates(frame, pack, chunk_id, entry))
+
+    def _frame(self, pack: str, entry: Entry, blob: bytes | memoryview | None) -> Frame:
+        """The decoded frame ``entry`` points into (``blob``: its bytes, None to read them)."""
+        return _reading.cached_frame(self.storage, self._keys, self._frames, pack, entry, blob)
 
     def _read_located(
         self, chunk_id: ChunkId, pack: str, entry: Entry, blob: bytes | memoryview | None
     ) -> bytes:
         if is_framed(entry.kind):
-            args = (self.storage, self._keys, self._frames, pack, chunk_id, entry, blob)
-            return _reading.read_member(*args)
+            return _reading.member(self._frame(pack, entry, blob), pack, chunk_id, entry)
         if blob is None and entry.kind == BlobKind.TREE:
             blob = self._tree_windows.get(self.storage, pack, entry.offset, entry.stored)
         elif blob is None:
