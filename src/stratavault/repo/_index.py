@@ -8,7 +8,7 @@ import struct
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -18,7 +18,7 @@ from stratavault.repo import _formats as F
 from stratavault.repo._dtypes import HEADER_ENTRY, INDEX_ENTRY
 from stratavault.repo._packs import pack_name
 
-__all__ = ["ChunkIndex", "Entry", "decode_index_object", "encode_index_object"]
+__all__ = ["ChunkIndex", "Entry", "decode_index_object", "encode_index_object", "mark_held"]
 
 MERGE_EVERY = 50_000
 """Entries added this session are merged into a sorted run after this many."""
@@ -48,6 +48,17 @@ def _search(
     whether it is there."""
     pos = np.minimum(ids.searchsorted(keys), len(ids) - 1)
     return pos, ids[pos] == keys
+
+
+class _Holder(Protocol):
+    def __contains__(self, chunk_id: bytes) -> bool: ...
+
+
+def mark_held(found: npt.NDArray[np.bool_], keys: npt.NDArray[np.bytes_], held: _Holder) -> None:
+    """Set ``found`` for each id of ``keys`` (``S32``) not found yet that ``held`` holds."""
+    raw = keys.tobytes()  # not keys[i]: numpy drops an S32 item's trailing zeros
+    for i in np.flatnonzero(~found).tolist():
+        found[i] = raw[32 * i : 32 * i + 32] in held
 
 
 def _sorted(entries: Array) -> Array:
@@ -203,9 +214,7 @@ class ChunkIndex:
         index (``missing`` for ids already in an array: a disk's, say)."""
         found = self._in_runs(keys)
         if self._pending:
-            raw = keys.tobytes()  # not keys[i]: numpy drops an S32 item's trailing zeros
-            for i in np.flatnonzero(~found).tolist():
-                found[i] = raw[32 * i : 32 * i + 32] in self._pending
+            mark_held(found, keys, self._pending)
         return found
 
     def _in_runs(self, keys: npt.NDArray[np.bytes_]) -> npt.NDArray[np.bool_]:

@@ -37,7 +37,13 @@ from stratavault.repo._crypto import (
     content_hash,
 )
 from stratavault.repo._frames import Frame, FrameCache, is_framed, seal_frame
-from stratavault.repo._index import ChunkIndex, Entry, decode_index_object, encode_index_object
+from stratavault.repo._index import (
+    ChunkIndex,
+    Entry,
+    decode_index_object,
+    encode_index_object,
+    mark_held,
+)
 from stratavault.repo._keys import KeyInfo
 from stratavault.repo._locks import EXCLUSIVE, PRUNE, SHARED, Locker
 from stratavault.repo._open_packs import OpenPacks, staging_folder
@@ -194,9 +200,7 @@ class Repository:
         with self._lock:
             found = self._index.present(keys)
             if self._filling:
-                raw = keys.tobytes()
-                for i in np.flatnonzero(~found).tolist():
-                    found[i] = raw[32 * i : 32 * i + 32] in self._filling
+                mark_held(found, keys, self._filling)
             return found
 
     def add_chunk(
