@@ -176,3 +176,28 @@ def test_bitmap_incremental_reads_again_what_a_lost_pack_held(cli: Cli, tmp_path
     assert cli("check", "--read-data").code == 0
     assert cli("restore", "disk", "latest", "--to", tmp_path / "d.raw").code == 0
     assert (tmp_path / "d.raw").read_bytes() == raw.read_bytes()
+
+
+def test_disk_incremental_goes_on_beside_a_damaged_snapshot(cli: Cli, tmp_path: Path) -> None:
+    """A damaged snapshot of something else does not stop a qcow2's bitmap incremental:
+    only the parent is read (a damaged one of the same disk would only make it read more)."""
+    raw = tmp_path / "disk.raw"
+    raw.write_bytes(os.urandom(1 << 20))
+    image = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", raw, image], check=True)
+    assert cli("init").code == 0
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x" * 1000)
+    files = cli("backup", "files", src, "--json")
+    assert files.code == 0
+    args = ("backup", "image", image, "--format", "qcow2", "--json")
+    assert cli(*args).code == 0
+    damaged = cli.repo / "snapshots" / str(files.json_lines()[-1]["snapshot_id"])
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 1
+    damaged.write_bytes(bytes(data))
+    again = cli(*args)
+    assert again.code == 0, again.err
+    summary = again.json_lines()[-1]
+    assert summary["disks"][0]["bitmap"] and summary["bytes_read"] == 0

@@ -39,6 +39,7 @@ from stratavault.snapshot import (
     FileError,
     Snapshot,
     SnapshotSummary,
+    find_snapshot,
     latest,
     load_disk_index,
     load_snapshots,
@@ -303,14 +304,16 @@ class _DiskRun:
 def _pick_parent(
     repo: Repository, options: BackupDisksOptions, paths: list[str]
 ) -> Snapshot | None:
-    snaps = [s for s in load_snapshots(repo) if s.kind in DISK_KINDS]
-    if options.parent:
-        sid = repo.resolve_snapshot_id(options.parent)
-        found = [s for s in snaps if s.id == sid]
-        if not found:
+    if options.parent:  # only this one is read (image and VM backups name their parent)
+        found = find_snapshot(repo, options.parent)
+        if found.kind not in DISK_KINDS:
             raise UsageError(f"parent snapshot {options.parent}: not a disk snapshot")
-        return found[0]
-    same = [s for s in snaps if s.host == options.host and sorted(s.paths) == sorted(paths)]
+        return found
+    same = [
+        s
+        for s in load_snapshots(repo, damaged=[])
+        if s.kind in DISK_KINDS and s.host == options.host and sorted(s.paths) == sorted(paths)
+    ]
     return latest(same) if same else None
 
 
