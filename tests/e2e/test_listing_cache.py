@@ -3,6 +3,7 @@ snapshot's listing, and nothing stale is ever reused."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Iterator
@@ -21,8 +22,9 @@ from stratavault.jobs import (
 )
 from stratavault.jobs._parent_trees import ParentTrees
 from stratavault.repo import KdfParams, Repository
-from stratavault.snapshot import Snapshot
+from stratavault.snapshot import Snapshot, load_tree
 from stratavault.storage import LocalStorage
+from stratavault.types import ChunkId
 from tests.e2e.fstree import build_sample_tree, describe
 
 
@@ -71,6 +73,30 @@ def _backup(repo: Repository, src: Path, **options: Any) -> Snapshot:
     return backup_files(repo, BackupFilesOptions(paths=(src,), **options))
 
 
+def _differences(
+    repo: Repository, a: ChunkId | None, b: ChunkId | None, path: str = ""
+) -> Iterator[str]:
+    """What differs between two trees, node field by node field (for a failure's message)."""
+    old = {n.name: n for n in load_tree(repo, a)} if a else {}
+    new = {n.name: n for n in load_tree(repo, b)} if b else {}
+    for name in sorted(old.keys() | new.keys()):
+        x, y = old.get(name), new.get(name)
+        if x is None or y is None:
+            yield f"{path}/{name}: {'added' if x is None else 'removed'}"
+            continue
+        fields = [f.name for f in dataclasses.fields(x) if f.name != "subtree"]
+        changed = [f"{f} {getattr(x, f)!r} -> {getattr(y, f)!r}" for f in fields
+                   if getattr(x, f) != getattr(y, f)]  # fmt: skip
+        if changed:
+            yield f"{path}/{name}: " + ", ".join(changed)
+        if x.subtree != y.subtree:
+            yield from _differences(repo, x.subtree, y.subtree, f"{path}/{name}")
+
+
+def _same_tree(repo: Repository, got: Snapshot, want: Snapshot) -> None:
+    assert got.tree == want.tree, "\n".join(_differences(repo, want.tree, got.tree))
+
+
 def _cache_files(repo: Repository) -> list[Path]:
     assert repo.cache_dir is not None
     return sorted((repo.cache_dir / "listings").glob("*.cache"))
@@ -85,7 +111,7 @@ def test_unchanged_tree_reads_no_listing_and_gives_the_same_tree(
     listings_read.clear()
     third = _backup(repo, src)
     assert listings_read == []  # every folder came from the cache
-    assert third.tree == second.tree
+    _same_tree(repo, third, second)
     assert third.summary.files_unmodified == first.summary.files_new > 40
     assert (third.summary.files_new, third.summary.files_changed) == (0, 0)
     assert third.summary.dirs == second.summary.dirs
@@ -140,7 +166,7 @@ def test_cache_is_not_used_after_the_index_was_replaced(
     with repo.lock(exclusive=True):
         repo.rebuild_index()
     third = _old_cache_ignored(repo, src, listings_read)
-    assert third.tree == second.tree
+    _same_tree(repo, third, second)
     listings_read.clear()
     _backup(repo, src)  # the cache written by the third backup is valid again
     assert listings_read == []
@@ -173,7 +199,7 @@ def test_a_damaged_cache_file_is_ignored(
         data = bytearray(b"not a cache at all")
     path.write_bytes(bytes(data))
     third = _old_cache_ignored(repo, src, listings_read)
-    assert third.tree == second.tree
+    _same_tree(repo, third, second)
 
 
 def test_folder_with_an_unreadable_file_is_read_again(
