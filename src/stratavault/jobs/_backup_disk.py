@@ -58,6 +58,7 @@ __all__ = [
     "backup_disks",
     "chunk_runs",
     "is_zero",
+    "latest_disk_snapshot",
     "new_disk_chunk_bytes",
     "read_groups",
 ]
@@ -309,12 +310,17 @@ def _pick_parent(
         if found.kind not in DISK_KINDS:
             raise UsageError(f"parent snapshot {options.parent}: not a disk snapshot")
         return found
-    same = [
+    return latest_disk_snapshot(repo, options.host, paths)
+
+
+def latest_disk_snapshot(repo: Repository, host: str, paths: list[str]) -> Snapshot | None:
+    """The latest complete disk snapshot of the same host and paths (damaged ones skipped)."""
+    snaps = [
         s
         for s in load_snapshots(repo, damaged=[])
-        if s.kind in DISK_KINDS and s.host == options.host and sorted(s.paths) == sorted(paths)
+        if s.kind in DISK_KINDS and s.host == host and sorted(s.paths) == sorted(paths)
     ]
-    return latest(same) if same else None
+    return latest(snaps) if snaps else None
 
 
 def _snapshot_paths(options: BackupDisksOptions, sources: Sequence[DiskSource]) -> list[str]:

@@ -13,24 +13,19 @@ from typing import Any
 
 from stratavault._defaults import IMAGE_FORMATS
 from stratavault.errors import UsageError
-from stratavault.jobs._backup_disk import DISK_KINDS, BackupDisksOptions, DiskSource, backup_disks
+from stratavault.jobs._backup_disk import (
+    BackupDisksOptions,
+    DiskSource,
+    backup_disks,
+    latest_disk_snapshot,
+)
 from stratavault.jobs._nbd_source import NbdDiskSource
 from stratavault.jobs._progress import Cancellation, Progress
 from stratavault.repo import Repository
-from stratavault.snapshot import Snapshot, find_snapshot, latest, load_snapshots
+from stratavault.snapshot import Snapshot, find_snapshot
 from stratavault.sources import ImageExport, RawDiskSource, probe_image
 
-__all__ = ["backup_images", "latest_disk_snapshot", "scratch_folder"]
-
-
-def latest_disk_snapshot(repo: Repository, host: str, paths: list[str]) -> Snapshot | None:
-    """The latest complete disk snapshot of the same host and paths (damaged ones skipped)."""
-    snaps = [
-        s
-        for s in load_snapshots(repo, damaged=[])
-        if s.kind in DISK_KINDS and s.host == host and sorted(s.paths) == sorted(paths)
-    ]
-    return latest(snaps) if snaps else None
+__all__ = ["backup_images", "scratch_folder"]
 
 
 @contextlib.contextmanager

@@ -12,8 +12,13 @@ from pathlib import Path
 
 from stratavault._defaults import DEFAULT_DISK_FRAME_BYTES
 from stratavault.errors import UsageError
-from stratavault.jobs._backup_disk import DEFAULT_DISK_CHUNK_BYTES, BackupDisksOptions, backup_disks
-from stratavault.jobs._backup_images import latest_disk_snapshot, scratch_folder
+from stratavault.jobs._backup_disk import (
+    DEFAULT_DISK_CHUNK_BYTES,
+    BackupDisksOptions,
+    backup_disks,
+    latest_disk_snapshot,
+)
+from stratavault.jobs._backup_images import scratch_folder
 from stratavault.jobs._nbd_source import NbdDiskSource
 from stratavault.jobs._progress import Cancellation, Progress
 from stratavault.repo import Repository
