@@ -22,7 +22,7 @@ from stratavault.jobs import (
 )
 from stratavault.jobs._parent_trees import ParentTrees
 from stratavault.repo import KdfParams, Repository
-from stratavault.snapshot import Snapshot, load_tree
+from stratavault.snapshot import Node, Snapshot, load_tree
 from stratavault.storage import LocalStorage
 from stratavault.types import ChunkId
 from tests.e2e.fstree import build_sample_tree, describe
@@ -93,8 +93,21 @@ def _differences(
             yield from _differences(repo, x.subtree, y.subtree, f"{path}/{name}")
 
 
-def _same_tree(repo: Repository, got: Snapshot, want: Snapshot) -> None:
-    assert got.tree == want.tree, "\n".join(_differences(repo, want.tree, got.tree))
+def _node_at(repo: Repository, snap: Snapshot, path: Path) -> Node:
+    """The node a snapshot holds for `path`, found through the folders above it."""
+    tree, node = snap.tree, None
+    for name in path.parts[1:]:
+        node = next(n for n in load_tree(repo, tree) if n.name == name)
+        tree = node.subtree
+    assert node is not None
+    return node
+
+
+def _same_tree(repo: Repository, got: Snapshot, want: Snapshot, src: Path) -> None:
+    """The two snapshots hold the same `src`, node and tree. The folders above it are left
+    out: other tests running beside this one change /tmp and pytest's folders."""
+    a, b = _node_at(repo, want, src), _node_at(repo, got, src)
+    assert a == b, "\n".join(_differences(repo, want.tree, got.tree))
 
 
 def _cache_files(repo: Repository) -> list[Path]:
@@ -111,7 +124,7 @@ def test_unchanged_tree_reads_no_listing_and_gives_the_same_tree(
     listings_read.clear()
     third = _backup(repo, src)
     assert listings_read == []  # every folder came from the cache
-    _same_tree(repo, third, second)
+    _same_tree(repo, third, second, src)
     assert third.summary.files_unmodified == first.summary.files_new > 40
     assert (third.summary.files_new, third.summary.files_changed) == (0, 0)
     assert third.summary.dirs == second.summary.dirs
@@ -166,7 +179,7 @@ def test_cache_is_not_used_after_the_index_was_replaced(
     with repo.lock(exclusive=True):
         repo.rebuild_index()
     third = _old_cache_ignored(repo, src, listings_read)
-    _same_tree(repo, third, second)
+    _same_tree(repo, third, second, src)
     listings_read.clear()
     _backup(repo, src)  # the cache written by the third backup is valid again
     assert listings_read == []
@@ -199,7 +212,7 @@ def test_a_damaged_cache_file_is_ignored(
         data = bytearray(b"not a cache at all")
     path.write_bytes(bytes(data))
     third = _old_cache_ignored(repo, src, listings_read)
-    _same_tree(repo, third, second)
+    _same_tree(repo, third, second, src)
 
 
 def test_folder_with_an_unreadable_file_is_read_again(
