@@ -97,6 +97,7 @@ def _node_at(repo: Repository, snap: Snapshot, path: Path) -> Node:
     """The node a snapshot holds for `path`, found through the folders above it."""
     tree, node = snap.tree, None
     for name in path.parts[1:]:
+        assert tree is not None
         node = next(n for n in load_tree(repo, tree) if n.name == name)
         tree = node.subtree
     assert node is not None
