@@ -1,10 +1,13 @@
 """Defaults that several layers share and the command line shows in ``--help``.
 
-In a module of their own, importing nothing, so that building the parser does not load
-the (heavy) modules that use them.
+In a module of their own, importing nothing heavy, so that building the parser does not
+load the (heavy) modules that use them.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 __all__ = [
     "DEFAULT_DISK_CHUNK_BYTES",
@@ -12,6 +15,7 @@ __all__ = [
     "DEFAULT_LIBVIRT_URI",
     "DISK_FORMATS",
     "IMAGE_FORMATS",
+    "default_cache_dir",
 ]
 
 DEFAULT_DISK_CHUNK_BYTES = 64 << 10
@@ -28,3 +32,9 @@ DISK_FORMATS = ("raw", "qcow2")
 
 IMAGE_FORMATS = ("qcow2", "raw", "vmdk", "vhdx", "vdi")
 """Formats an image is backed up from (all but raw through qemu-storage-daemon)."""
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/stratavault`` or ``~/.cache/stratavault``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "stratavault"

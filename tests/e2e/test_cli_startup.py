@@ -242,3 +242,24 @@ def test_disk_images_that_qemu_opens_are_recognised(tmp_path: Path) -> None:
     assert "stratavault.jobs._backup_vm" in backup_modules(vm=True)
     assert "qemu.qmp" in restore_modules(qcow2, qcow2=False)
     assert "qemu.qmp" in restore_modules(None, qcow2=True)
+
+
+def test_the_console_script_lists_the_files_it_loaded(cli: Cli, tmp_path: Path) -> None:
+    """``stratavault`` notes what a command loaded (bytecode, native libraries) for the
+    next run to read ahead; a damaged list is ignored, ``--no-cache`` writes none, and the
+    command line run inside a program (``run``) leaves them alone."""
+    assert cli("init").code == 0
+    manifest = tmp_path / "cache" / "startup" / "snapshots-run.files"
+    assert cli("snapshots").code == 0 and not manifest.exists()  # in this process
+    assert cli.subprocess("snapshots").code == 0
+    files = manifest.read_text().splitlines()
+    assert any(f.endswith(".pyc") and "/stratavault/cli/" in f for f in files), files[:5]
+    assert any("/libc.so" in f for f in files)
+    manifest.write_bytes(b"\xff\x00 damaged")
+    result = cli.subprocess("snapshots")
+    assert (result.code, result.err) == (0, "")
+    assert sorted(manifest.read_text().splitlines()) == sorted(files)  # listed anew
+    other = tmp_path / "cache2"
+    env = {"STRATAVAULT_CACHE_DIR": str(other)}
+    assert cli.subprocess("snapshots", "--no-cache", env=env).code == 0
+    assert not other.exists()

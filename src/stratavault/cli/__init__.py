@@ -8,17 +8,18 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 
-def run(argv: Sequence[str] | None = None) -> int:
-    """Run the command line with ``argv``; return the exit code."""
+def run(argv: Sequence[str] | None = None, *, read_ahead: bool = False) -> int:
+    """Run the command line with ``argv``; return the exit code (``read_ahead``: see
+    :func:`stratavault.cli._app.main`)."""
     from stratavault.cli._app import main as app_main
 
-    return app_main(argv)
+    return app_main(argv, read_ahead=read_ahead)
 
 
 def main() -> None:
     """Entry point of the ``stratavault`` console script."""
     try:
-        code = run()
+        code = run(read_ahead=True)
     except KeyboardInterrupt:  # Ctrl-C before the command set up its own handling
         print("stratavault: interrupted", file=sys.stderr)
         code = 130

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from stratavault._defaults import default_cache_dir
 from stratavault.errors import NoPassphraseError, PassphraseError, UsageError
 
 if TYPE_CHECKING:  # imported where used: a command that needs no repository does not load them
@@ -66,8 +67,6 @@ class GlobalOptions:
         env = os.environ.get(ENV_CACHE_DIR)
         if env:
             return Path(env)
-        from stratavault.repo import default_cache_dir
-
         return default_cache_dir()
 
 

@@ -1,5 +1,6 @@
 """What a command needs before the rest of the repository layer loads: where the local
-cache lives, and the config and master keys (unlocking a key slot, or creating them).
+cache lives (:func:`~stratavault._defaults.default_cache_dir`), and the config and master
+keys (unlocking a key slot, or creating them).
 
 This module imports nothing heavy (no numpy, no chunk index), so that a command can derive
 the passphrase's key (Argon2id's 32 MiB, or scrypt's) while the process is still small and
@@ -9,12 +10,11 @@ load the rest afterwards: the two peaks do not add up.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from stratavault._defaults import default_cache_dir
 from stratavault.errors import ObjectExistsError, ObjectNotFoundError, RepositoryExistsError
 from stratavault.repo import _formats as F, _immutable, _keyring
 from stratavault.repo._config import new_config, read_config
@@ -22,12 +22,6 @@ from stratavault.repo._crypto import KdfParams, MasterKeys
 from stratavault.storage import Storage
 
 __all__ = ["Unlocked", "create_repository", "default_cache_dir", "unlock_repository"]
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/stratavault`` or ``~/.cache/stratavault``."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "stratavault"
 
 
 @dataclass(frozen=True, slots=True)
