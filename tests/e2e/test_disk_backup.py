@@ -612,20 +612,27 @@ def test_format_option_keeps_a_raw_disk_that_looks_like_qcow2_raw(cli: Cli, tmp_
         backup_images(repo, [guest], BackupDisksOptions(), image_format="iso")
 
 
-def test_restore_onto_an_image_naming_other_files_is_refused(cli: Cli, tmp_path: Path) -> None:
-    """A vmdk descriptor (which a guest can write into its raw disk) names the files it is
-    made of: restoring onto it would write them. Refused, and they stay as they were."""
+@pytest.mark.parametrize("kind", ["vmdk", "qcow2"])
+def test_restore_onto_an_image_naming_other_files_is_refused(
+    cli: Cli, tmp_path: Path, kind: str
+) -> None:
+    """A vmdk descriptor names the files it is made of, a qcow2 header an external data
+    file (a guest can write either into its raw disk): restoring onto it would write them.
+    Refused, and they stay as they were."""
     image = tmp_path / "disk.img"
     _make_image(image)
     cli("init")
     assert cli("backup", "image", image, "-q").code == 0
-    split = tmp_path / "split.vmdk"
+    if kind == "vmdk":
+        split, extent = tmp_path / "split.vmdk", tmp_path / "split-flat.vmdk"
+        options = "subformat=monolithicFlat"
+    else:
+        split, extent = tmp_path / "split.qcow2", tmp_path / "data.raw"
+        options = f"data_file={extent}"
     subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat",
-         str(split), str(SIZE)],
+        ["qemu-img", "create", "-q", "-f", kind, "-o", options, str(split), str(SIZE)],
         check=True,
-    )  # fmt: skip
-    extent = tmp_path / "split-flat.vmdk"
+    )
     before = extent.stat().st_mtime_ns, extent.stat().st_size
     result = cli("restore", "disk", "latest", "--onto", split)
     assert result.code == RestoreError.exit_code

@@ -46,7 +46,8 @@ class ImageInfo:
     backing: str = ""
     """The backing file its header names ("" for none)."""
     extents: tuple[str, ...] = ()
-    """Other files its descriptor names as extents (vmdk), the image itself left out."""
+    """Other files that hold its data: the extents a vmdk descriptor names, a qcow2's
+    external data file (the image itself left out)."""
 
     @property
     def references(self) -> tuple[str, ...]:
@@ -77,14 +78,15 @@ def probe_image(path: Path | str) -> ImageInfo:
         raise SourceError(f"probing image {path} - qemu-img info: {why}")
     try:
         doc = json.loads(proc.stdout)
-        extents = doc.get("format-specific", {}).get("data", {}).get("extents", [])
+        specific = doc.get("format-specific", {}).get("data", {})
+        named = [str(e["filename"]) for e in specific.get("extents", [])]
+        if specific.get("data-file"):
+            named.append(str(specific["data-file"]))
         own = os.path.realpath(path)
         return ImageInfo(
             format=str(doc["format"]),
             backing=str(doc.get("full-backing-filename") or doc.get("backing-filename") or ""),
-            extents=tuple(
-                str(e["filename"]) for e in extents if os.path.realpath(str(e["filename"])) != own
-            ),
+            extents=tuple(n for n in named if os.path.realpath(n) != own),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SourceError(f"probing image {path} - unexpected qemu-img output") from exc
