@@ -168,11 +168,13 @@ def main(argv: Sequence[str] | None = None, *, read_ahead: bool = False) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     options = _options(ns)
-    manifest = _readahead.manifest_path(options.effective_cache_dir, _command_name(ns))
-    if read_ahead and manifest is not None:
+    manifest = None
+    if read_ahead:
+        manifest = _readahead.manifest_path(options.effective_cache_dir, _command_name(ns))
+    if manifest is not None:
         _readahead.read_ahead(manifest)
     code = _dispatch(ns, options)
-    if read_ahead and manifest is not None and code != Interrupted.exit_code:
+    if manifest is not None and code != Interrupted.exit_code:
         _readahead.record(manifest)
     return code
 
