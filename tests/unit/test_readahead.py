@@ -120,3 +120,25 @@ def test_read_ahead_brings_the_listed_files_into_memory(tmp_path: Path) -> None:
     while any(_resident_pages(f) == 0 for f in files) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert all(_resident_pages(f) > 0 for f in files)
+
+
+def test_only_regular_files_are_opened(tmp_path: Path) -> None:
+    """A FIFO (opening one waits for a writer), a device or a symlink listed in a manifest
+    is left alone: the thread gets through to the file after them."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    link = tmp_path / "link"
+    target = _evicted(tmp_path / "target.so")
+    link.symlink_to(target)
+    last = _evicted(tmp_path / "last.so")
+    manifest = tmp_path / "x.files"
+    manifest.write_text(f"{fifo}\n/dev/null\n{link}\n{last}\n")
+    thread = read_ahead(manifest)
+    assert thread is not None
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    deadline = time.monotonic() + 10
+    while _resident_pages(last) == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _resident_pages(last) > 0
+    assert _resident_pages(target) == 0  # not through the symlink

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 import sys
 import threading
 from collections.abc import Iterator
@@ -49,14 +50,22 @@ def read_ahead(manifest: Path) -> threading.Thread | None:
     return thread
 
 
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+
+
 def _advise(paths: list[str]) -> None:
+    """Read ahead each path that is a regular file. Nothing else is even opened: opening a
+    device can act (a watchdog starts, a tape rewinds), and a manifest is only a hint."""
     for path in paths:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                continue
+            fd = os.open(path, _OPEN_FLAGS)
         except OSError:
             continue  # gone since (an upgrade): nothing to read ahead
         try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
         except OSError:
             pass
         finally:
