@@ -148,6 +148,18 @@ def test_backup_image_loads_no_other_commands_job_code(cli: Cli, tmp_path: Path)
     assert _loaded(modules, vm_only) == []
 
 
+def test_restore_disk_loads_no_backup_job_code(cli: Cli, tmp_path: Path) -> None:
+    disk = tmp_path / "disk.raw"
+    disk.write_bytes(os.urandom(1 << 20))
+    assert cli("init").code == 0
+    assert cli("backup", "image", disk, "-q").code == 0
+    code, modules = _imports(cli, tmp_path, "restore", "disk", "latest", "--to", tmp_path / "o")
+    assert code == 0
+    assert "stratavault.jobs._restore_disk" in modules  # it did restore
+    backup_jobs = ("stratavault.jobs._backup_disk", "stratavault.jobs._backup_images")
+    assert _loaded(modules, (*backup_jobs, "stratavault.jobs._backup_files")) == []
+
+
 def test_file_backups_derive_the_key_before_loading_numpy(cli: Cli, tmp_path: Path) -> None:
     """The key derivation's memory peak and the repository layer's do not add up (a disk
     backup, whose peak comes later, loads its modules while the key is derived)."""

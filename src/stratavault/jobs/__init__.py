@@ -14,9 +14,7 @@ if TYPE_CHECKING:
         BackupDisksOptions as BackupDisksOptions,
         DiskSource as DiskSource,
         backup_disks as backup_disks,
-        chunk_runs as chunk_runs,
         new_disk_chunk_bytes as new_disk_chunk_bytes,
-        read_groups as read_groups,
     )
     from stratavault.jobs._backup_files import backup_files as backup_files
     from stratavault.jobs._backup_images import backup_images as backup_images
@@ -50,6 +48,7 @@ if TYPE_CHECKING:
         shares_chunk_ids as shares_chunk_ids,
     )
     from stratavault.jobs._disk_info import DiskInfo as DiskInfo, describe_disks as describe_disks
+    from stratavault.jobs._disk_ranges import chunk_runs as chunk_runs, read_groups as read_groups
     from stratavault.jobs._disk_reader import (
         DiskReader as DiskReader,
         open_disk_reader as open_disk_reader,

@@ -16,7 +16,7 @@ import getpass
 import os
 import socket
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from stratavault import __version__
 from stratavault._defaults import DEFAULT_DISK_CHUNK_BYTES, DEFAULT_DISK_FRAME_BYTES
 from stratavault.errors import SourceError, UsageError
+from stratavault.jobs._disk_ranges import chunk_runs, is_zero, read_groups
 from stratavault.jobs._progress import (
     Cancellation,
     NullProgress,
@@ -46,7 +47,6 @@ from stratavault.snapshot import (
     save_disk_index,
     save_snapshot,
 )
-from stratavault.sources import ZEROS
 from stratavault.types import BlobKind, ChunkId
 
 __all__ = [
@@ -99,13 +99,6 @@ class DiskSource(Protocol):
         ...
 
 
-def is_zero(data: bytes | bytearray | memoryview) -> bool:
-    """Whether ``data`` is all zero bytes (fast: compares 1 MiB at a time with memcmp)."""
-    view = memoryview(data).cast("B")
-    step = len(ZEROS)
-    return all(ZEROS.startswith(view[pos : pos + step]) for pos in range(0, len(view), step))
-
-
 @dataclass(frozen=True, slots=True)
 class BackupDisksOptions:
     """How to back up disks."""
@@ -152,47 +145,6 @@ def _check_chunk_bytes(chunk_bytes: int) -> None:
         raise UsageError(
             f"disk chunk size {chunk_bytes}: must be a power of two from 64 KiB to 64 MiB"
         )
-
-
-def chunk_runs(
-    extents: Iterable[tuple[int, int]], size_bytes: int, chunk_bytes: int
-) -> Iterator[tuple[int, int]]:
-    """``(first chunk, count)`` runs of the chunks that ``extents`` touch, merged, in order."""
-    total = -(-size_bytes // chunk_bytes)
-    run_first = run_end = -1
-    for offset, length in extents:
-        if length <= 0 or offset >= size_bytes:
-            continue
-        first = offset // chunk_bytes
-        end = min((offset + length - 1) // chunk_bytes + 1, total)
-        if first <= run_end:
-            run_end = max(run_end, end)
-            continue
-        if run_end > run_first:
-            yield run_first, run_end - run_first
-        run_first, run_end = first, end
-    if run_end > run_first:
-        yield run_first, run_end - run_first
-
-
-def read_groups(
-    runs: Iterable[tuple[int, int]], per_read: int, *, max_runs: int = 64
-) -> Iterator[list[tuple[int, int]]]:
-    """The chunk runs ``(first, count)`` in groups of at most ``per_read`` chunks and
-    ``max_runs`` runs (a run longer than ``per_read`` is split): one worker task each, so
-    that many small dirty extents cost few tasks and their reads go out together."""
-    group: list[tuple[int, int]] = []
-    chunks = 0
-    for first, count in runs:
-        for sub in range(first, first + count, per_read):
-            n = min(per_read, first + count - sub)
-            if group and (chunks + n > per_read or len(group) == max_runs):
-                yield group
-                group, chunks = [], 0
-            group.append((sub, n))
-            chunks += n
-    if group:
-        yield group
 
 
 @dataclass(slots=True)

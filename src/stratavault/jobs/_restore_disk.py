@@ -29,7 +29,7 @@ import numpy.typing as npt
 
 from stratavault._defaults import DISK_FORMATS
 from stratavault.errors import RestoreError, SnapshotNotFoundError, UsageError
-from stratavault.jobs._backup_disk import chunk_runs, is_zero
+from stratavault.jobs._disk_ranges import chunk_runs, is_zero
 from stratavault.jobs._nbd_disk import NbdDiskTarget, is_nbd_uri
 from stratavault.jobs._progress import (
     Cancellation,
