@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -275,3 +277,29 @@ def test_the_console_script_lists_the_files_it_loaded(cli: Cli, tmp_path: Path) 
     env = {"STRATAVAULT_CACHE_DIR": str(other)}
     assert cli.subprocess("snapshots", "--no-cache", env=env).code == 0
     assert not other.exists()
+
+
+def test_a_user_without_a_home_folder_runs_without_a_cache(cli: Cli) -> None:
+    """No ``HOME``, no entry in the user database, no cache folder given: nowhere to put
+    the local caches, so the command goes without them (slower, not broken)."""
+    base = Path(tempfile.mkdtemp(prefix="sv-homeless-", dir="/tmp"))
+    try:
+        os.chmod(base, 0o755)
+        user = Cli(base, cli._capsys)
+        assert user("init").code == 0
+        for dirpath, _dirs, files in os.walk(base):
+            os.chown(dirpath, 54321, 54321)
+            for f in files:
+                os.chown(os.path.join(dirpath, f), 54321, 54321)
+        env = {k: v for k, v in os.environ.items() if k not in ("HOME", "XDG_CACHE_HOME")}
+        env.update(user.env)
+        del env["STRATAVAULT_CACHE_DIR"]
+        exe = Path(sys.executable).with_name("stratavault")
+        uid = ["setpriv", "--reuid=54321", "--regid=54321", "--clear-groups"]
+        proc = subprocess.run(
+            [*uid, str(exe), "snapshots", "--json"], env=env, capture_output=True, text=True
+        )
+        assert (proc.returncode, proc.stderr) == (0, "")
+        assert json.loads(proc.stdout) == []
+    finally:
+        shutil.rmtree(base)

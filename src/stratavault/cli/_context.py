@@ -59,7 +59,8 @@ class GlobalOptions:
 
     @property
     def effective_cache_dir(self) -> Path | None:
-        """Where the local index cache lives, or ``None`` when disabled."""
+        """Where the local caches live, or ``None`` when disabled, or when there is no home
+        folder to find them in (no ``HOME``, no entry in the user database)."""
         if self.no_cache:
             return None
         if self.cache_dir:
@@ -67,7 +68,10 @@ class GlobalOptions:
         env = os.environ.get(ENV_CACHE_DIR)
         if env:
             return Path(env)
-        return default_cache_dir()
+        try:
+            return default_cache_dir()
+        except RuntimeError:  # Path.home() found none
+            return None
 
 
 def _from_command(command: str) -> bytes:

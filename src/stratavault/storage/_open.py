@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from stratavault._defaults import default_cache_dir
 from stratavault.errors import UsageError
 from stratavault.storage._base import Storage
 from stratavault.storage._cache import CachedStorage
@@ -82,8 +83,10 @@ def _cache_root(cache_dir: Path | bool | None) -> Path | None:
         env = os.environ.get(_ENV_CACHE_DIR)
         if env:
             return Path(env)
-        base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        return Path(base) / "stratavault"
+        try:
+            return default_cache_dir()
+        except RuntimeError:  # no home folder to find it in: no cache
+            return None
     return Path(cache_dir)
 
 
