@@ -2,9 +2,11 @@
 
 One repository, rounds in sequence: each round changes the source tree, starts a real
 ``stratavault backup files`` process and kills it with SIGKILL at a moment drawn from a
-seeded generator: after a random delay, right when (or a few ms after) the backend
-creates the temporary file of an index object or the snapshot object, or while the
-process fills its n-th pack. The temporary files of ``LocalStorage`` (``.tmp-*``, in the
+seeded generator: at a random moment (a fraction of the time an incremental backup
+takes to reach its snapshot on this machine, measured in the campaign, so that the kills
+land on a fast machine too), right when (or a few ms after) the backend creates the
+temporary file of an index object or the snapshot object, or while the process fills its
+n-th pack. The temporary files of ``LocalStorage`` (``.tmp-*``, in the
 object's own folder) are watched with inotify, so the kill lands while the object is being
 written, and a temporary file left behind proves it. A pack is filled in a file of its own
 (anonymous, in the repository's folder: ``REPO/#N (deleted)`` among the process's open
@@ -102,31 +104,34 @@ class _TempWatch:
 @dataclass
 class _Plan:
     """When to kill: the ``occurrence``-th temp file of ``kind`` (for ``pack``, the
-    ``occurrence``-th pack file seen open), + ``delay_s``; or ``delay_s`` after the start
-    when ``kind`` is ``time``."""
+    ``occurrence``-th pack file seen open), + ``delay_s``; or, when ``kind`` is ``time``,
+    after ``fraction`` of the time an incremental backup has been seen to take on this
+    machine to reach its snapshot (``delay_s`` is set from it when the round starts)."""
 
     kind: str
     occurrence: int = 1
     delay_s: float = 0.0
+    fraction: float = 0.0
 
     def __str__(self) -> str:
         if self.kind == "time":
-            return f"after {self.delay_s * 1000:.0f} ms"
+            return f"after {self.delay_s * 1000:.0f} ms ({self.fraction:.2f} of a backup)"
         return f"{self.kind} #{self.occurrence} (+{self.delay_s * 1000:.0f} ms)"
 
 
 def _plans(rng: random.Random) -> list[_Plan]:
-    """Six kills of each kind and the rest after random delays (an incremental backup
-    takes 0.3-0.5 s here), in random order; the first round (a full backup) targets a
-    pack in the middle of the run."""
-    plans = [_Plan("pack", rng.randint(3, 5), rng.choice([0.0, 0.002, 0.01]))]
+    """Six kills of each kind and the rest at random moments, in random order. The first
+    round (a full backup) targets a pack in the middle of the run; the second kills as
+    the snapshot is written, which measures how long an incremental backup takes before
+    any kill is timed (how long depends on the machine: 0.2-0.5 s on those seen)."""
+    plans = [_Plan("pack", rng.randint(3, 5), rng.choice([0.0, 0.002, 0.01])), _Plan("snapshot")]
     for _ in range(5):
         plans.append(_Plan("pack", rng.randint(1, 2), rng.choice([0.0, 0.001, 0.004])))
-    plans += [_Plan("index") for _ in range(6)] + [_Plan("snapshot") for _ in range(6)]
-    plans += [_Plan("time", delay_s=rng.uniform(0.02, 0.3)) for _ in range(ROUNDS - 18)]
-    rest = plans[1:]
+    plans += [_Plan("index") for _ in range(6)] + [_Plan("snapshot") for _ in range(5)]
+    plans += [_Plan("time", fraction=rng.uniform(0.05, 1.0)) for _ in range(ROUNDS - 18)]
+    rest = plans[2:]
     rng.shuffle(rest)
-    return [plans[0], *rest]
+    return [*plans[:2], *rest]
 
 
 @pytest.fixture(scope="session")
@@ -181,9 +186,10 @@ def _pack_files(pid: int, repo: Path) -> set[str]:
     return found
 
 
-def _kill_backup(cli: Cli, src: Path, watch: _TempWatch, plan: _Plan) -> tuple[bool, str]:
+def _kill_backup(cli: Cli, src: Path, watch: _TempWatch, plan: _Plan) -> tuple[bool, str, float]:
     """Run a backup and kill it as planned; return (killed, what happened: "killed" or
-    "killed while filling a pack", or "completed before the kill")."""
+    "killed while filling a pack", or "completed before the kill", seconds from the start
+    to the kill or to the end)."""
     exe = Path(sys.executable).with_name("stratavault")
     watch.drain()
     proc = subprocess.Popen(
@@ -213,7 +219,8 @@ def _kill_backup(cli: Cli, src: Path, watch: _TempWatch, plan: _Plan) -> tuple[b
         else:
             err = proc.communicate(timeout=60)[1]
             assert proc.returncode == 0, err
-            return False, "completed before the kill"
+            return False, "completed before the kill", time.monotonic() - started
+        elapsed = time.monotonic() - started
         filling = bool(_pack_files(proc.pid, cli.repo))
         os.kill(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=60)
@@ -222,7 +229,7 @@ def _kill_backup(cli: Cli, src: Path, watch: _TempWatch, plan: _Plan) -> tuple[b
             proc.kill()
             proc.wait()
     killed = proc.returncode == -signal.SIGKILL
-    return killed, "killed while filling a pack" if killed and filling else "killed"
+    return killed, "killed while filling a pack" if killed and filling else "killed", elapsed
 
 
 def _fires(plan: _Plan, seen: Counter[str], kind: str) -> bool:
@@ -257,13 +264,26 @@ class _Campaign:
     def __post_init__(self) -> None:
         self.verified: set[str] = set()
         self.log: list[str] = []
+        self.backup_s: list[float] = []  # incremental backups: start to snapshot, or to end
+
+    # A timed kill counts only when the backup had not completed. A backup ends a few ms
+    # after its snapshot is written (seen here: 1.01 of the time to it completes), so the
+    # fractions stop at 1 of the shortest time to a snapshot.
+
+    def _time(self, plan: _Plan) -> None:
+        """Set a timed plan's delay from the shortest incremental backup seen so far."""
+        if plan.kind == "time":
+            plan.delay_s = plan.fraction * min(self.backup_s)
 
     def round(self, n: int, plan: _Plan, watch: _TempWatch, new_bytes: int) -> None:
         """Kill one backup as planned, then check the repository and back up again."""
         repo = self.cli.repo
         where = f"seed {self.seed}, round {n}"
         packs_before, temps_before = _files(repo, "data"), _temp_files(repo)
-        killed, what = _kill_backup(self.cli, self.src, watch, plan)
+        self._time(plan)
+        killed, what, elapsed = _kill_backup(self.cli, self.src, watch, plan)
+        if n and (plan.kind == "snapshot" or not killed):
+            self.backup_s.append(elapsed)
         self.kills += killed
         # Temp files stay where the kill left them: check and backups must cope with them.
         left = {p: k for p, k in _temp_files(repo).items() if p not in temps_before}
