@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -44,10 +45,12 @@ class Cli:
     def __call__(self, *args: str | Path) -> Result:
         self._capsys.readouterr()
         saved = {k: os.environ.get(k) for k in self.env}
+        sigterm = signal.getsignal(signal.SIGTERM)  # run() turns SIGTERM into Ctrl-C
         os.environ.update(self.env)
         try:
             code = run([str(a) for a in args])
         finally:
+            signal.signal(signal.SIGTERM, sigterm)
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)

@@ -221,6 +221,7 @@ def _kill_backup(cli: Cli, src: Path, watch: _TempWatch, plan: _Plan) -> tuple[b
             assert proc.returncode == 0, err
             return False, "completed before the kill", time.monotonic() - started
         elapsed = time.monotonic() - started
+        os.kill(proc.pid, signal.SIGSTOP)  # stopped where it is while its files are looked at
         filling = bool(_pack_files(proc.pid, cli.repo))
         os.kill(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=60)

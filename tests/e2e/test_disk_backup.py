@@ -8,7 +8,6 @@ import json
 import os
 import random
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from stratavault.snapshot import load_disk_index, load_snapshots
 from stratavault.sources import RawDiskSource
 from stratavault.storage import LocalStorage
 from tests.e2e.conftest import Cli, Result
+from tests.sockets import wait_for_socket
 
 MiB = 1 << 20
 CHUNK = DEFAULT_DISK_CHUNK_BYTES
@@ -478,10 +478,7 @@ def qemu_nbd(tmp_path: Path) -> Iterator[Callable[[Path], str]]:
              "--persistent", "--cache=writeback", str(image)],
         )  # fmt: skip
         servers.append(proc)
-        deadline = time.monotonic() + 10
-        while not sock.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, "qemu-nbd did not start"
-            time.sleep(0.02)
+        wait_for_socket(sock, proc)
         return f"nbd+unix:///?socket={sock}"
 
     yield serve

@@ -104,7 +104,6 @@ def test_prune_keeps_locked_packs_and_says_until_when(
     )  # fmt: skip
     a, b, d = os.urandom(400_000), os.urandom(400_000), os.urandom(300_000)
     src, keep = tmp_path / "src", tmp_path / "keep"
-    start = time.monotonic()
     cache = tmp_path / "cache"
     with Repository.init(
         storage, PASSPHRASE, cache_dir=cache, kdf=KdfParams.fast(), immutable_days=1,
@@ -112,20 +111,21 @@ def test_prune_keeps_locked_packs_and_says_until_when(
     ) as repo:  # fmt: skip
         old1 = backup_files(repo, BackupFilesOptions(paths=(_write(src, {"a": a, "b": b}),)))
         old2 = backup_files(repo, BackupFilesOptions(paths=(_write(src, {"a": a}),)))
+        written_by = time.monotonic()  # old1 and old2 are retained until 4 s after it at most
         written[0] = now[0] = dt.timedelta(0)  # from now on, a day of retention
         kept = backup_files(repo, BackupFilesOptions(paths=(_write(keep, {"d": d}),)))
         with pytest.raises(ObjectLockedError):
             repo.remove_snapshot(kept.id)
-        time.sleep(max(0.0, start + 5 - time.monotonic()))
+        time.sleep(max(0.0, written_by + 5 - time.monotonic()))
         repo.remove_snapshot(old1.id)  # its retention is over
-        start = time.monotonic()
         written[0], now[0] = dt.timedelta(days=-1, seconds=16), dt.timedelta(days=-1, seconds=7)
         first = prune(repo, max_unused=0.0)  # repacks `a` into a pack retained for 16 s
         assert first.deleted_packs >= 2 and not first.locked_packs
         assert first.retention_extended >= 3  # old2 and what it uses: 7 s
-        time.sleep(max(0.0, start + 8 - time.monotonic()))
-        repo.remove_snapshot(old2.id)
-    unlocked_at = start + 17
+        pruned_by = time.monotonic()
+        time.sleep(8)
+        repo.remove_snapshot(old2.id)  # its 7 s are over; the repacked pack keeps 8 more
+    unlocked_at = pruned_by + 16
 
     report = cli("prune", "--json")
     assert report.code == 0, report.err

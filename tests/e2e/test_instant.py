@@ -23,6 +23,7 @@ from stratavault.sources import GuestAgent, QmpSession
 from tests.e2e.conftest import Cli
 from tests.guest.build import GuestImage, break_root_filesystem, make_data_disk
 from tests.guest.vm import GuestVM
+from tests.sockets import wait_for_socket
 from tests.sources import vm_harness
 
 pytestmark = pytest.mark.infra("qemu")
@@ -53,9 +54,8 @@ def backup_paused_guest(
     )
     try:
         vm.start()
-        deadline = time.monotonic() + 30
-        while not vm.qmp_path.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert vm.proc is not None
+        wait_for_socket(vm.qmp_path, vm.proc, timeout_s=30)
         if not (cli.repo / "config").exists():
             assert cli("init").code == 0
         done = cli("backup", "vm", "--qmp", vm.qmp_path, "--name", "guest", "-q")

@@ -175,9 +175,13 @@ def test_backups_in_other_processes_while_prune_runs(cli: Cli, tmp_path: Path) -
     assert cli("forget", *old).code == 0
     expected: dict[str, str] = {}
     errors: list[str] = []
+    prunes = 0
 
     def backups(n: int, src: Path) -> None:
-        for i in range(4):
+        """Four backups, and more until two prunes have run beside them (at most 20)."""
+        for i in range(20):
+            if i >= 4 and prunes >= 2:
+                break
             write_tree(src, 1000 * n + i % 3, files=6, size=150_000)  # forgotten content again
             (src / "f6").write_bytes(os.urandom(50_000))
             tag = f"p{n}-{i}"
@@ -192,7 +196,6 @@ def test_backups_in_other_processes_while_prune_runs(cli: Cli, tmp_path: Path) -
     threads = [threading.Thread(target=backups, args=(n, s)) for n, s in enumerate(sources)]
     for t in threads:
         t.start()
-    prunes = 0
     while any(t.is_alive() for t in threads):
         proc = subprocess.run(
             [_stratavault(), "prune", "--max-unused", "0%", "-q"],

@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
 
 from stratavault.nbd import FileBackend, NbdServer
+from tests.sockets import wait_for_socket
 
 QEMU_TOOLS = ("qemu-img", "qemu-nbd", "qemu-io", "qemu-storage-daemon", "nbdinfo")
 
@@ -30,22 +29,6 @@ def run(*args: str | Path) -> str:
     done = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, f"{args}: {done.stderr}"
     return done.stdout
-
-
-def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout_s: float = 10) -> None:
-    """Wait until a unix socket accepts connections."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"server exited: {proc.stderr.read() if proc.stderr else ''!r}"
-        if path.exists():
-            with socket.socket(socket.AF_UNIX) as probe:
-                try:
-                    probe.connect(str(path))
-                    return
-                except OSError:
-                    pass
-        time.sleep(0.02)
-    raise AssertionError(f"{path} never accepted connections")
 
 
 class Peers:

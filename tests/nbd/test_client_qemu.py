@@ -163,7 +163,7 @@ def test_sequential_read_throughput(
             f"\nNBD client from qemu-nbd: whole 1 GiB disk {1024 / whole_s:.0f} MiB/s, "
             f"256 MiB data region {', '.join(f'{r:.0f}' for r in rates)} MiB/s"
         )
-    assert max(rates) > 100, "reading data through the NBD client is far too slow"
+    assert max(rates) > 25, "reading data through the NBD client is far too slow"  # ~1 GiB/s here
 
 
 def test_writes_trim_and_zeroes_to_qemu_nbd(tmp_path: Path, peers: Peers) -> None:

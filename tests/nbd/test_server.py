@@ -121,7 +121,7 @@ def test_backend_errors_reach_the_client_and_partial_block_status(tmp_path: Path
         start = time.monotonic()
         with connect(nbd_uri, timeout_s=5) as c:
             assert c.size == MiB
-        assert time.monotonic() - start < 2
+        assert time.monotonic() - start < 4
 
 
 class SlowBackend(FlakyBackend):
@@ -152,4 +152,4 @@ def test_workers_run_a_client_s_requests_concurrently(workers: int) -> None:
     if workers == 1:
         assert elapsed >= 0.8
     else:
-        assert elapsed < 0.6, f"8 reads of 0.1 s on 4 workers took {elapsed:.2f} s"
+        assert elapsed < 0.7, f"8 reads of 0.1 s on 4 workers took {elapsed:.2f} s"

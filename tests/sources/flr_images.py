@@ -26,10 +26,12 @@ def need_tools() -> None:
 
 
 def run(*args: str | Path, stdin: str | None = None) -> None:
-    """Run a tool; fail the test with its stderr when it fails."""
+    """Run a tool; fail the test with its stderr when it fails. Tools run with ``TZ=UTC``:
+    FAT stores local times, which the reader (knowing no guest's zone) takes as UTC."""
     done = subprocess.run(
-        [str(a) for a in args], input=stdin, capture_output=True, text=True, check=False
-    )
+        [str(a) for a in args], input=stdin, capture_output=True, text=True, check=False,
+        env={**os.environ, "TZ": "UTC"},
+    )  # fmt: skip
     if done.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} failed: {done.stderr}{done.stdout}")
 

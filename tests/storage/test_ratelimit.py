@@ -87,7 +87,9 @@ def test_many_threads_share_one_budget_in_real_time() -> None:
         t.join()
     elapsed = time.monotonic() - start
     expected = (32 * len(blob) - rate * 0.1) / rate  # 2 MiB at 2 MiB/s, minus the burst
-    assert elapsed == pytest.approx(expected, rel=0.1)
+    # One budget: not faster than the rate (four budgets would take a quarter of the time);
+    # the upper bound only catches gross over-throttling (a busy machine adds delays).
+    assert expected * 0.95 <= elapsed < expected * 2, elapsed
 
 
 def test_bad_rate_is_a_usage_error() -> None:
