@@ -12,12 +12,14 @@ readers that want the same missing chunk wait for one fetch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
-from collections import OrderedDict, deque
-from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+from stratavault._loading_cache import LoadingCache
 from stratavault._positional import PositionalReader
 from stratavault.errors import IntegrityError
 from stratavault.jobs._restore_disk import select_disk
@@ -62,12 +64,11 @@ class DiskReader(PositionalReader):
         self.chunk_bytes = index.chunk_bytes
         self._size = index.size_bytes
         self._mask = index.data_mask()
-        self._capacity = max(cache_bytes // self.chunk_bytes, 2)
+        capacity = max(cache_bytes // self.chunk_bytes, 2)
         ahead = max(readahead_bytes // self.chunk_bytes, 1)
-        self._ahead = min(ahead, max(self._capacity // 2, 1))
+        self._ahead = min(ahead, max(capacity // 2, 1))
         self._lock = threading.Lock()
-        self._cache: OrderedDict[bytes, bytes] = OrderedDict()
-        self._inflight: dict[bytes, Future[bytes]] = {}
+        self._cache: LoadingCache[bytes, bytes] = LoadingCache(capacity)
         self._ends: deque[int] = deque(maxlen=_STREAMS)
         self._windows: deque[tuple[int, int]] = deque(maxlen=_STREAMS)
         """``(first, end)`` chunk numbers each recent stream's read-ahead asked for."""
@@ -96,12 +97,7 @@ class DiskReader(PositionalReader):
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
-        with self._lock:
-            self._cache.clear()
-            orphans = [f for f in self._inflight.values() if not f.done()]
-        for future in orphans:  # read-ahead cancelled by the shutdown: wake its waiters
-            if future.set_running_or_notify_cancel():
-                future.set_exception(ValueError(f"disk {self.name}: reader closed"))
+        self._cache.close(self._closed_error())  # wakes the waiters of cancelled read-ahead
         super().close()
 
     # --- position-free reads -------------------------------------------------------------------
@@ -148,6 +144,9 @@ class DiskReader(PositionalReader):
 
     # --- chunks --------------------------------------------------------------------------------
 
+    def _closed_error(self) -> ValueError:
+        return ValueError(f"disk {self.name}: reader closed")
+
     def _zero_bytes(self) -> bytes:
         if not self._zeros:
             self._zeros = bytes(self.chunk_bytes)
@@ -168,56 +167,25 @@ class DiskReader(PositionalReader):
 
     def _load(self, number: int) -> bytes:
         cid = self.index.ids[number].tobytes()
-        with self._lock:
-            data = self._cache.get(cid)
-            if data is not None:
-                self._cache.move_to_end(cid)
-                return data
-            future = self._inflight.get(cid)
-            owner = future is None
-            if future is None:
-                future = self._inflight[cid] = Future()
-        if owner:
-            self._fetch(number, cid, future)
-        return future.result()
+        return self._cache.get_or_load(cid, lambda: self._fetch(number, cid))
 
-    def _fetch(self, number: int, cid: bytes, future: Future[bytes]) -> None:
-        """Read one chunk from the repository, fill the cache (with the other members of its
-        frame too) and wake the waiters."""
-        if future.done():  # came with a frame mate fetched meanwhile
-            return
-        try:
-            chunks = self.repo.read_chunk_and_mates(ChunkId(cid))
-            data = chunks[ChunkId(cid)]
-            start, end = self.index.chunk_range(number)
-            if len(data) != end - start:
-                raise IntegrityError(
-                    f"reading chunk {number} ({cid.hex()[:16]}) of disk {self.name} - "
-                    f"{len(data)} bytes, the disk index says {end - start}"
-                )
-        except BaseException as exc:
-            with self._lock:
-                self._inflight.pop(cid, None)
-            with contextlib.suppress(InvalidStateError):  # closed meanwhile
-                future.set_exception(exc)
-            return
-        woken = [(future, data)]
+    def _fetch(self, number: int, cid: bytes) -> bytes:
+        """Read chunk ``number`` from the repository; the other members of its frame go
+        into the cache too (the one asked for is cached last, so evicted last)."""
+        chunks = self.repo.read_chunk_and_mates(ChunkId(cid))
+        data = chunks[ChunkId(cid)]
+        start, end = self.index.chunk_range(number)
+        if len(data) != end - start:
+            raise IntegrityError(
+                f"reading chunk {number} ({cid.hex()[:16]}) of disk {self.name} - "
+                f"{len(data)} bytes, the disk index says {end - start}"
+            )
         with self._lock:
-            self._inflight.pop(cid, None)
             self.chunks_fetched += 1
-            for mate, mate_data in chunks.items():
-                if mate != cid and len(mate_data) == self.chunk_bytes:  # a short one: fetched
-                    self._cache[mate] = mate_data
-                    waiting = self._inflight.pop(mate, None)
-                    if waiting is not None:
-                        woken.append((waiting, mate_data))
-            self._cache[cid] = data  # the one asked for: used last, evicted last
-            self._cache.move_to_end(cid)
-            while len(self._cache) > self._capacity:
-                self._cache.popitem(last=False)
-        for waiter, result in woken:
-            with contextlib.suppress(InvalidStateError):
-                waiter.set_result(result)
+        for mate, mate_data in chunks.items():
+            if mate != cid and len(mate_data) == self.chunk_bytes:  # a short one: fetched
+                self._cache.put(mate, mate_data)
+        return data
 
     def _sequential(self, offset: int) -> bool:
         with self._lock:
@@ -247,30 +215,21 @@ class DiskReader(PositionalReader):
                 if not self._mask[number]:
                     continue
                 cid = self.index.ids[number].tobytes()
-                if cid in self._cache:
-                    self._cache.move_to_end(cid)
-                    continue
-                if cid in self._inflight:
-                    continue
-                future: Future[bytes] = Future()
-                self._inflight[cid] = future
-                todo.append((number, cid, future))
+                future = self._cache.reserve(cid)
+                if future is not None:
+                    todo.append((number, cid, future))
             if todo and self._pool is None and not self.closed:
                 self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="disk-read")
             pool = self._pool
         for number, cid, future in todo:
-            if pool is None:
-                self._abandon(cid, future)
-                continue
+            fetch = functools.partial(self._fetch, number, cid)
             try:
-                pool.submit(self._fetch, number, cid, future)
-            except RuntimeError:  # closed meanwhile
-                self._abandon(cid, future)
-
-    def _abandon(self, cid: bytes, future: Future[bytes]) -> None:
-        with self._lock:
-            self._inflight.pop(cid, None)
-        future.set_exception(ValueError(f"disk {self.name}: reader closed"))
+                if pool is not None:
+                    pool.submit(self._cache.load, cid, future, fetch)
+                    continue
+            except RuntimeError:  # shut down meanwhile
+                pass
+            self._cache.abandon(cid, future, self._closed_error())
 
 
 def open_disk_reader(

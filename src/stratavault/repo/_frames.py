@@ -9,16 +9,14 @@ in the kind byte. See docs/format.md ("Frames").
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from stratavault._loading_cache import LoadingCache
 from stratavault.repo import _formats as F
 from stratavault.repo._crypto import MasterKeys, compress, decompress
 
-__all__ = ["Frame", "FrameCache", "frame_ad", "is_framed", "seal_frame"]
+__all__ = ["FRAMES_CACHED", "Frame", "FrameCache", "frame_ad", "is_framed", "seal_frame"]
 
 
 def is_framed(kind: int) -> bool:
@@ -83,44 +81,10 @@ class Frame:
         return self.body[start : start + length]
 
 
-class FrameCache:
-    """The frames decoded last, by ``(pack, offset)``: reading a frame's members one by one
-    (instant recovery, file-level restore) decrypts and decompresses it once, also when
-    several threads want members of the same frame at once (read-ahead). Thread-safe."""
+FrameCache = LoadingCache[tuple[str, int], Frame]
+"""The frames decoded last, by ``(pack, offset)``: reading a frame's members one by one
+(instant recovery, file-level restore) decrypts and decompresses it once, also when several
+threads want members of the same frame at once (read-ahead)."""
 
-    def __init__(self, frames: int = 8) -> None:
-        self._frames = frames
-        self._cached: OrderedDict[tuple[str, int], Frame] = OrderedDict()
-        self._opening: dict[tuple[str, int], Future[Frame]] = {}
-        self._lock = threading.Lock()
-
-    def get_or_open(self, pack: str, offset: int, opener: Callable[[], Frame]) -> Frame:
-        """The frame at ``offset`` of ``pack``: cached, or decoded by ``opener`` (once: a
-        thread that wants a frame another is decoding waits for it; the opener's error is
-        raised in every thread that waited)."""
-        key = (pack, offset)
-        with self._lock:
-            frame = self._cached.get(key)
-            if frame is not None:
-                self._cached.move_to_end(key)
-                return frame
-            opening = self._opening.get(key)
-            owner = opening is None
-            if opening is None:
-                opening = self._opening[key] = Future()
-        if not owner:
-            return opening.result()
-        try:
-            frame = opener()
-        except BaseException as exc:
-            with self._lock:
-                del self._opening[key]
-            opening.set_exception(exc)
-            raise
-        with self._lock:
-            del self._opening[key]
-            self._cached[key] = frame  # forgetting the one used longest ago when full
-            while len(self._cached) > self._frames:
-                self._cached.popitem(last=False)
-        opening.set_result(frame)
-        return frame
+FRAMES_CACHED = 8
+"""Frames a repository keeps decoded."""

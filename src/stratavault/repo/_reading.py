@@ -232,7 +232,7 @@ def cached_frame(
         data = get_range(storage, pack, entry.offset, entry.stored) if blob is None else blob
         return open_frame(keys, pack, entry, data)
 
-    return frames.get_or_open(pack, entry.offset, opener)
+    return frames.get_or_load((pack, entry.offset), opener)
 
 
 def open_document(storage: Storage, keys: MasterKeys, name: str, ad: bytes) -> bytes:

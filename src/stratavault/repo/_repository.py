@@ -36,7 +36,7 @@ from stratavault.repo._crypto import (
     compress,
     content_hash,
 )
-from stratavault.repo._frames import Frame, FrameCache, is_framed, seal_frame
+from stratavault.repo._frames import FRAMES_CACHED, Frame, FrameCache, is_framed, seal_frame
 from stratavault.repo._index import (
     ChunkIndex,
     Entry,
@@ -104,7 +104,7 @@ class Repository:
         """The index objects the local cache file was last loaded or saved with."""
         self._pending: ChunkIndex | None = None
         self._tree_windows = _reading.WindowCache()
-        self._frames = FrameCache()
+        self._frames = FrameCache(FRAMES_CACHED)
         self._filling = OpenPacks(staging_folder(storage, cache_dir), options.pack_target_bytes)
         self._unindexed: list[tuple[str, Any]] = []
         self._error: BaseException | None = None
