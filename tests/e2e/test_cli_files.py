@@ -73,6 +73,32 @@ def test_restore_subpath_include_exclude(cli: Cli, tmp_path: Path) -> None:
     assert list(excl.rglob("big.bin"))
 
 
+def test_a_path_through_a_symlinked_folder_is_backed_up_as_given(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """``backup files lnk/f`` (like ``/bin/true`` on Debian 12, /bin -> usr/bin): the
+    snapshot holds a folder ``lnk`` with ``f`` in it, not the link without its file."""
+    real = tmp_path / "real"
+    (real / "sub").mkdir(parents=True)
+    (real / "sub" / "f").write_bytes(b"through the link\n")
+    os.chmod(real / "sub", 0o750)
+    (tmp_path / "lnk").symlink_to("real")
+    assert cli("init").code == 0
+    assert cli("backup", "files", tmp_path / "lnk" / "sub" / "f", "-q").code == 0
+    by_path = {e["path"]: e for e in cli("ls", "latest", "--json").json_lines()}
+    assert by_path[str(tmp_path / "lnk")]["type"] == "dir"
+    assert by_path[str(tmp_path / "lnk" / "sub")]["mode"] & 0o777 == 0o750
+    assert by_path[str(tmp_path / "lnk" / "sub" / "f")]["size"] == 17
+    target = tmp_path / "out"
+    assert cli("restore", f"latest:{tmp_path}/lnk/sub/f", "--target", target).code == 0
+    assert (target / "f").read_bytes() == b"through the link\n"
+    whole = tmp_path / "whole"
+    assert cli("restore", "latest", "--target", whole).code == 0
+    restored = whole / tmp_path.relative_to("/") / "lnk"
+    assert restored.is_dir() and not restored.is_symlink()
+    assert (restored / "sub" / "f").read_bytes() == b"through the link\n"
+
+
 def test_listing_commands_and_json(cli: Cli, tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()

@@ -4,7 +4,7 @@ up, the folders above them, and entries turned into tree nodes."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 from stratavault.errors import SourceError
@@ -51,8 +51,20 @@ def ancestors(paths: list[PurePosixPath]) -> list[PurePosixPath]:
 
 
 def entry_of(path: Path) -> FsEntry:
-    """The metadata of one folder above a backed-up path (its contents are not read)."""
+    """The metadata of one folder above a backed-up path (its contents are not read).
 
+    A symbolic link there (``/bin`` on Debian 12, for ``backup files /bin/true``) is
+    followed: the path was backed up through it, so the snapshot holds a folder of that
+    name with the metadata of the folder it leads to, and restore recreates the path as it
+    was given."""
+    entry = _entry_of(path)
+    if entry.type != "symlink":
+        return entry
+    followed = _entry_of(Path(os.path.realpath(path)))
+    return replace(followed, path=entry.path, parent=entry.parent, name=entry.name)
+
+
+def _entry_of(path: Path) -> FsEntry:
     def fail(where: Path, exc: OSError) -> None:
         raise SourceError(f"backup: cannot read folder {where}: {exc.strerror or exc}")
 
