@@ -73,6 +73,34 @@ def test_restore_subpath_include_exclude(cli: Cli, tmp_path: Path) -> None:
     assert list(excl.rglob("big.bin"))
 
 
+@pytest.mark.parametrize("pattern", ["{src}/docs", "docs", "{src}", "src"])
+def test_patterns_that_match_the_restored_path_or_a_folder_above_it(
+    cli: Cli, tmp_path: Path, pattern: str
+) -> None:
+    """What is below a matching path matches too, also when the match is the path restored
+    (``SNAP:PATH``) or a folder above it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    build_sample_tree(src)
+    cli("init")
+    assert cli("backup", "files", src, "-q").code == 0
+    pattern = pattern.format(src=src)
+    inc, exc = tmp_path / "inc", tmp_path / "exc"
+    done = cli("restore", f"latest:{src}/docs", "--target", inc, "--include", pattern)
+    assert done.code == 0, done.err
+    assert (inc / "a.txt").read_text() == "hello world\n" * 100
+    assert (inc / "deep" / "er" / "b.bin").stat().st_size == 3 << 20
+    one = cli("restore", f"latest:{src}/docs/a.txt", "--target", inc / "one", "-i", pattern)
+    assert one.code == 0 and (inc / "one" / "a.txt").exists()
+    done = cli("restore", f"latest:{src}/docs", "--target", exc, "--exclude", pattern)
+    assert done.code == 0, done.err
+    assert not exc.exists() or not any(exc.iterdir())
+    one = cli("restore", f"latest:{src}/docs/a.txt", "--target", exc / "one", "-e", pattern)
+    assert one.code == 0 and not (exc / "one" / "a.txt").exists()
+    other = cli("restore", f"latest:{src}/docs/a.txt", "--target", exc / "no", "-i", "nomatch")
+    assert other.code == 0 and not (exc / "no" / "a.txt").exists()
+
+
 def test_a_path_through_a_symlinked_folder_is_backed_up_as_given(
     cli: Cli, tmp_path: Path
 ) -> None:

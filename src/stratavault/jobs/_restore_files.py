@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from stratavault.jobs._progress import (
     Cancellation,
@@ -224,6 +224,18 @@ class _Restore:
         self.state.bytes_done, self.state.files_done = self.writers.progress()
 
 
+def _matches_on_the_way(patterns: ExcludeMatcher, where: str, *, is_dir: bool) -> bool:
+    """Whether ``where`` (the path restored; a folder if ``is_dir``) or a folder above it
+    matches ``patterns``: what is below a matching path matches too."""
+    if not patterns or where == "/":
+        return False
+    path = PurePosixPath(where)
+    above = (str(p) for p in reversed(path.parents) if str(p) != "/")
+    return any(patterns.excluded(p, is_dir=True) for p in above) or patterns.excluded(
+        where, is_dir=is_dir
+    )
+
+
 def restore_files(
     repo: Repository,
     snapshot: Snapshot,
@@ -257,13 +269,16 @@ def restore_files(
         raise
     if snapshot.summary.bytes_processed and where == "/" and not options.includes:
         run.state.bytes_total = snapshot.summary.bytes_processed
+    is_dir = node is None or node.type == NodeType.DIR
+    excluded = _matches_on_the_way(run.excludes, where, is_dir=is_dir)
+    included = _matches_on_the_way(run.includes, where, is_dir=is_dir)
     try:
         with repo.lock(exclusive=False), Ticker(run.progress, run.state):
             if node is None or node.type == NodeType.DIR:
                 tree = snapshot.tree if node is None else node.subtree
-                if tree is not None:
-                    run.walk(tree, base, (), [], False)
-            else:
+                if tree is not None and not excluded:
+                    run.walk(tree, base, (), [], included)
+            elif not excluded and (included or not run.includes):
                 run.add_entry((node.name,), node)
             run.send_batch()
             run.take(writers.finish())
