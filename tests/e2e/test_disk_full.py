@@ -46,3 +46,32 @@ def test_full_disk_fails_cleanly_and_next_backup_succeeds(
     assert cli("check", "--read-data").code == 0
     target = tmp_path / "restored"
     assert cli("restore", "latest", "--target", target, "--verify").code == 0
+
+
+@pytest.mark.infra("root and tmpfs")
+def test_restore_onto_a_full_disk_names_the_files_and_counts_only_what_was_written(
+    cli: Cli, tmp_path: Path, small_disk: Path
+) -> None:
+    """Files that could not be written are issues, keep the marks of unfinished files (mode
+    0600, the restore's time) and are not counted as restored; the small one that fits is."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "small").write_bytes(b"fits\n")
+    for i in range(3):
+        (src / f"big{i}").write_bytes(os.urandom(2 << 20))
+    os.chmod(src / "big0", 0o644)
+    os.utime(src / "big0", (1_000_000_000, 1_000_000_000))
+    assert cli("init").code == 0
+    assert cli("backup", "files", src, "-q").code == 0
+    done = cli("restore", f"latest:{src}", "--target", small_disk / "r", "--json")
+    assert done.code == 1, done.err
+    summary = done.json_lines()[-1]
+    failed = {i["path"] for i in summary["issues"] if "No space left" in i["error"]}
+    assert failed and failed <= {"big0", "big1", "big2"}, summary
+    assert summary["files"] == 4 - len(failed)  # the small one at least
+    written = sum(p.stat().st_blocks * 512 for p in (small_disk / "r").iterdir())
+    assert summary["bytes_written"] <= written
+    for name in failed:
+        st = (small_disk / "r" / name).stat()
+        assert st.st_mode & 0o777 == 0o600 and st.st_mtime > 1_000_000_000, name
+    assert (small_disk / "r" / "small").read_bytes() == b"fits\n"

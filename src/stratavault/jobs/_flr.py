@@ -286,16 +286,18 @@ class _Writer:
         try:
             for block in flr_read(self.fs, entry, path=shown):
                 self.cancel.check()
-                handle.write_at(offset, block)
+                if not handle.write_at(offset, block):
+                    break  # a write failed (disk full...): among the restorer's issues
                 offset += len(block)
                 self.state.bytes_done += len(block)
         except SourceError as exc:
             self.result.issues.append(FlrIssue(shown, str(exc)))
         finally:
             self.restorer.finish_file(handle)
-        self.result.files += 1
         self.result.bytes_written += offset
-        self.state.files_done += 1
+        if not handle.failed:
+            self.result.files += 1
+            self.state.files_done += 1
 
 
 def flr_dump(

@@ -163,7 +163,6 @@ class FileWriter:
         handle = self.fs.create_file(parts, node)
         if handle is None:
             return None
-        self.result.files += 1
         if node.nlink > 1:
             self.result.linkable.append(parts)
         planned = _PlannedFile(handle, node, parts, 0)
@@ -207,13 +206,13 @@ class FileWriter:
 
     def _place(self, cid: ChunkId, data: bytes, places: _Places) -> None:
         """Write one chunk everywhere it belongs; finish files that are complete."""
-        spots = places[cid]
-        for planned, offset in spots:
-            planned.handle.write_at(offset, data)
+        written = 0
+        for planned, offset in places[cid]:
+            written += len(data) if planned.handle.write_at(offset, data) else 0
             self._count_chunk(planned)
         with self.lock:
-            self.result.bytes_written += len(data) * len(spots)
-        self.progress(len(data) * len(spots), 0)
+            self.result.bytes_written += written
+        self.progress(written, 0)
 
     def _count_chunk(self, planned: _PlannedFile) -> None:
         """Count one chunk of a file as handled (written or given up)."""
@@ -224,8 +223,13 @@ class FileWriter:
             self._finish(planned)
 
     def _finish(self, planned: _PlannedFile) -> None:
+        """Finish a file all of whose chunks were handled; count it unless writing failed
+        (that failure is among the restorer's issues)."""
         self.fs.finish_file(planned.handle)
-        self.progress(0, 1)
+        if not planned.handle.failed:
+            with self.lock:
+                self.result.files += 1
+            self.progress(0, 1)
 
     def _verify_file(self, planned: _PlannedFile) -> bool:
         stream = _Stream(self.fs.read_back(planned.parts))

@@ -87,12 +87,13 @@ class RestoreFile:
         """The file's path below the target, readable (for messages)."""
         return display(self._parts)
 
-    def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Write ``data`` at ``offset``; aligned all-zero blocks are skipped and stay holes."""
+    def write_at(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """Write ``data`` at ``offset``; aligned all-zero blocks are skipped and stay holes.
+        False when the file failed (now or before): the error is recorded once."""
         view = memoryview(data).cast("B")
         with self._lock:
             if self.failed:
-                return
+                return False
             if self._finished:
                 raise RestoreError(f"writing {self.path!r} - the file was already finished")
             try:
@@ -102,6 +103,8 @@ class RestoreFile:
             except (OSError, RestoreError) as exc:
                 self.failed = True
                 self._restorer._record(self._parts, "writing", exc)
+                return False
+            return True
 
 
 class FsRestorer:
@@ -259,21 +262,27 @@ class FsRestorer:
     # ---- finishing -------------------------------------------------------------------------
 
     def finish_file(self, handle: RestoreFile) -> None:
-        """Set the file's owner, mode, xattrs and times, and close it (once all data is written)."""
+        """Set the file's owner, mode, xattrs and times, and close it (once all data is
+        written). A file whose writing failed keeps the marks of an unfinished one (mode
+        0600, the time of the restore), so it cannot pass for a restored file."""
         with handle._lock:
             if handle._finished:
                 return
             handle._finished = True
-            try:
-                fd = self._file_fd(handle)
-            except (OSError, RestoreError) as exc:
-                self._record(handle._parts, "setting metadata", exc)
-            else:
-                for step, err in apply_metadata(fd, handle.meta, self._owners):
-                    self._record(handle._parts, step, err)
+            if not handle.failed:
+                self._set_file_metadata(handle)
             with self._lock:
                 self._close_file(handle)
                 self._unfinished.discard(handle)
+
+    def _set_file_metadata(self, handle: RestoreFile) -> None:
+        try:
+            fd = self._file_fd(handle)
+        except (OSError, RestoreError) as exc:
+            self._record(handle._parts, "setting metadata", exc)
+            return
+        for step, err in apply_metadata(fd, handle.meta, self._owners):
+            self._record(handle._parts, step, err)
 
     def finish_dir(self, path: RelPath) -> None:
         """Set a directory's metadata now; call it after every entry in it was created."""
