@@ -201,3 +201,35 @@ def test_disk_incremental_goes_on_beside_a_damaged_snapshot(cli: Cli, tmp_path: 
     assert again.code == 0, again.err
     summary = again.json_lines()[-1]
     assert summary["disks"][0]["bitmap"] and summary["bytes_read"] == 0
+
+
+def test_damaged_pack_header_is_found_and_repair_index_keeps_its_chunks(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A flipped byte in a pack's header (its tail): `check --read-data` names it although
+    every chunk authenticates; `repair index` cannot read it but keeps the pack's entries
+    from the old index (exit 12, the damage stays), so nothing is lost."""
+    _bad, _good, src = _two_snapshots(cli, tmp_path)
+    packs = sorted((p for p in (cli.repo / "data").rglob("*") if p.is_file()), key=os.path.getsize)
+    pack = packs[-1]
+    raw = bytearray(pack.read_bytes())
+    raw[-10] ^= 0x01  # in the sealed header, before the 4-byte length trailer
+    pack.write_bytes(bytes(raw))
+
+    check = cli("check", "--read-data", "--json")
+    assert check.code == DataDamagedError.exit_code, check.out
+    doc = check.json_lines()[-1]
+    (damage,) = doc["damages"]
+    assert damage["object"] == f"pack data/{pack.parent.name}/{pack.name}"
+    assert "header" in damage["problem"] and damage["snapshots"]
+    assert doc["chunks_read"] == doc["chunks"]  # every chunk itself is fine
+
+    repair = cli("repair", "index", "--json")
+    assert repair.code == DataDamagedError.exit_code, repair.err
+    report = repair.json_lines()[-1]
+    assert report["unreadable_packs"] == report["kept_packs"] == [damage["object"][5:]]
+    assert "entries in the old index were kept" in repair.err
+    out = tmp_path / "out"
+    assert cli("restore", "latest", "--target", out, "--verify").code == 0
+    assert (out / src.relative_to("/") / "data").read_bytes() == (src / "data").read_bytes()
+    assert cli("check").code == 0  # every chunk is in the index

@@ -175,6 +175,11 @@ def test_lost_data_pack(cli: Cli, tmp_path: Path, how: str) -> None:
     files = {p for p in src.rglob("*") if p.is_file()}
     if how == "delete":
         assert paths == files  # all file data was in that pack
+    else:  # the truncated pack's first chunks are used still, but its header is gone:
+        damaged = cli("check", "--read-data")
+        assert damaged.code == 12 and "header" in damaged.out, damaged.out
+        # prune rewrites the readable chunks of the pack, now partly unused, into a new one
+        assert cli("prune", "--max-unused", "0%").code == 0
     assert cli("check", "--read-data").code == 0
     target = tmp_path / "t"
     assert cli("restore", "latest", "--target", target, "--verify").code == 0

@@ -7,6 +7,7 @@ import argparse
 
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._output import Output, make_progress
+from stratavault.errors import DataDamagedError
 
 
 def register(
@@ -46,16 +47,20 @@ def run_index(ns: argparse.Namespace, options: GlobalOptions) -> int:
         f"{len(result.replaced_index_objects)}"
     )
     for pack in result.unreadable_packs:
-        out.warn(f"pack {pack}: header unreadable, its chunks are not in the index")
+        if pack in result.kept_packs:
+            out.warn(f"pack {pack}: header damaged; its entries in the old index were kept")
+        else:
+            out.warn(f"pack {pack}: header unreadable, its chunks are not in the index")
     out.data(
         {
             "message_type": "repair_index",
             "packs": result.packs,
             "unreadable_packs": result.unreadable_packs,
+            "kept_packs": result.kept_packs,
             "damaged_index_objects": result.replaced_index_objects,
         }
     )
-    return 0
+    return DataDamagedError.exit_code if result.unreadable_packs else 0
 
 
 def run_snapshots(ns: argparse.Namespace, options: GlobalOptions) -> int:

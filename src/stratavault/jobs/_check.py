@@ -119,7 +119,7 @@ class _Checker:
             self.damage(f"pack {pack}", "in the index but missing (run `repair index`)", [])
 
     def check_chunks(self, read_data: bool, subset: Subset | None) -> None:
-        existing = {obj.name for obj in self.repo.storage.list("data/")}
+        existing = {obj.name: obj.size_bytes for obj in self.repo.storage.list("data/")}
         missing: list[ChunkId] = []
         # also finds chunks of packs a prune is about to delete
         by_pack = self.repo.chunks_by_pack(self.refs, missing=missing)
@@ -134,22 +134,42 @@ class _Checker:
                 self.damage(f"pack {pack}", f"missing ({len(ids)} chunks)", users)
             elif read_data and (subset is None or subset.selects(pack)):
                 self.read_pack(pack, ids)
+                if pack in existing:
+                    self.read_header(pack, existing[pack], ids)
             self.state.files_done += 1
             self.progress.update(self.state)
 
     def read_pack(self, pack: str, ids: list[ChunkId]) -> None:
+        read = 0
         try:
             for _cid, data in self.repo.read_chunks(ids):
-                self.result.chunks_read += 1
+                read += 1
                 self.state.bytes_done += len(data)
+            self.result.chunks_read += read
             return
         except DataDamagedError:
             pass
         for cid in ids:  # find exactly which chunks are damaged
             try:
                 self.repo.read_chunk(cid)
+                self.result.chunks_read += 1
             except DataDamagedError as exc:
                 self.damage(f"pack {pack}", f"chunk {cid.hex()[:16]}: {exc}", self.refs[cid])
+
+    def read_header(self, pack: str, size: int, ids: list[ChunkId]) -> None:
+        """The pack's own header (what `repair index` rebuilds the index from) must be
+        intact and list the chunks the index places in the pack."""
+        users = [u for cid in ids for u in self.refs[cid]][:_REFS_KEPT]
+        try:
+            listed = self.repo.pack_header_ids(pack, size)
+        except DataDamagedError as exc:
+            keep = "its chunks are indexed, and `repair index` keeps their entries"
+            self.damage(f"pack {pack}", f"header: {exc} ({keep})", users)
+            return
+        absent = [cid for cid in ids if cid not in listed]
+        if absent:
+            problem = f"header does not list {len(absent)} chunks the index places here"
+            self.damage(f"pack {pack}", f"{problem}, e.g. {absent[0].hex()[:16]}", users)
 
 
 @dataclass(frozen=True, slots=True)

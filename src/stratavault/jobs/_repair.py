@@ -11,10 +11,12 @@ __all__ = ["RepairIndexResult", "repair_index"]
 
 @dataclass(slots=True)
 class RepairIndexResult:
-    """Packs indexed anew, and packs whose header could not be read."""
+    """Packs indexed anew, packs whose header could not be read (and those of them whose
+    entries in the old index were kept), and the damaged index objects replaced."""
 
     packs: int = 0
     unreadable_packs: list[str] = field(default_factory=list)
+    kept_packs: list[str] = field(default_factory=list)
     replaced_index_objects: list[str] = field(default_factory=list)
 
 
@@ -22,5 +24,5 @@ def repair_index(repo: Repository) -> RepairIndexResult:
     """Rebuild the index from the packs under the exclusive lock (no backup runs meanwhile)."""
     with repo.lock(exclusive=True):
         damaged = repo.damaged_index_names()
-        packs, unreadable = repo.rebuild_index()
-    return RepairIndexResult(packs, unreadable, damaged)
+        packs, unreadable, kept = repo.rebuild_index()
+    return RepairIndexResult(packs, unreadable, kept, damaged)

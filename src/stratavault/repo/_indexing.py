@@ -75,20 +75,24 @@ def damaged_index_names(repo: Repository) -> list[str]:
     return sorted(damaged)
 
 
-def rebuild_index(repo: Repository) -> tuple[int, list[str]]:
+def rebuild_index(repo: Repository) -> tuple[int, list[str], list[str]]:
     """See :meth:`Repository.rebuild_index`."""
     repo.flush()
     old = {obj.name for obj in repo.storage.list(F.INDEX_PREFIX)}
     found, unreadable = _reading.read_pack_headers(repo.storage, repo._keys)
     with repo._lock:
+        previous = dict(repo._index.by_pack()) if unreadable else {}
         repo._index, repo._index_objects = ChunkIndex(), set()
-    index_packs(repo, found)
+    # A damaged header does not make its chunks unreadable (each is authenticated on its
+    # own): the entries the old index had for such a pack are kept.
+    kept = [(name, previous[name]) for name in unreadable if name in previous]
+    index_packs(repo, found + kept)
     for name in sorted(old - repo._index_objects):
         repo.storage.delete(name)
     for plan in repo.storage.list(F.GC_PREFIX):
         repo.storage.delete(plan.name)
     repo._save_cache()
-    return len(found), unreadable
+    return len(found), unreadable, [name for name, _entries in kept]
 
 
 def recover_unindexed_packs(repo: Repository) -> int:

@@ -248,19 +248,25 @@ def open_document(storage: Storage, keys: MasterKeys, name: str, ad: bytes) -> b
         raise IntegrityError(f"reading {name} - {exc}") from exc
 
 
+def load_pack_header(storage: Storage, keys: MasterKeys, name: str, size: int) -> Any:
+    """Header entries of pack ``name`` (``size`` bytes) read from its tail; raise
+    ``DataDamagedError`` naming the damage."""
+    want = min(size, F.PACK_TAIL_READ_BYTES)
+    for _ in range(2):
+        tail = storage.get(name, size - want, want)
+        result = parse_pack_tail(keys, name, tail, size)
+        if not isinstance(result, int):
+            return result
+        want = result
+    raise IntegrityError(f"reading pack {name} header - its length changed while read")
+
+
 def read_pack_header(storage: Storage, keys: MasterKeys, name: str, size: int) -> Any | None:
     """Header entries of pack ``name`` read from its tail, or None if the pack is damaged."""
-    want = min(size, F.PACK_TAIL_READ_BYTES)
     try:
-        for _ in range(2):
-            tail = storage.get(name, size - want, want)
-            result = parse_pack_tail(keys, name, tail, size)
-            if not isinstance(result, int):
-                return result
-            want = result
+        return load_pack_header(storage, keys, name, size)
     except DataDamagedError:
         return None
-    return None
 
 
 def read_pack_headers(

@@ -52,7 +52,7 @@ from stratavault.repo._packs import OpenPack, SealedPack
 from stratavault.repo._uploader import Uploader
 from stratavault.repo._values import ChunkInfo, RepoStats
 from stratavault.storage import Storage
-from stratavault.types import BlobKind, ChunkId
+from stratavault.types import CHUNK_ID_BYTES, BlobKind, ChunkId
 
 _Located = tuple[str, Entry, bytes | None]
 """Where a chunk is: pack name, index entry, and its blob while its pack is being filled."""
@@ -350,6 +350,13 @@ class Repository:
         with self._lock:
             return {name for name, _entries in self._index.by_pack()}
 
+    def pack_header_ids(self, pack: str, size: int) -> set[ChunkId]:
+        """The chunk ids the header of ``pack`` (``size`` bytes) lists, authenticated;
+        ``DataDamagedError`` naming the damage when it cannot be read."""
+        header = _reading.load_pack_header(self.storage, self._keys, pack, size)
+        raw = header["id"].tobytes()  # not row by row: bytes() of an S32 drops trailing NULs
+        return {ChunkId(raw[i : i + CHUNK_ID_BYTES]) for i in range(0, len(raw), CHUNK_ID_BYTES)}
+
     def chunk_info(self, chunk_id: ChunkId) -> ChunkInfo:
         """Pack name, offset, stored and raw length and kind of a chunk (a framed chunk's
         offset and stored length are its frame's)."""
@@ -496,13 +503,14 @@ class Repository:
         """Read and authenticate every index object (not the cache); return the damaged ones."""
         return _indexing.damaged_index_names(self)
 
-    def rebuild_index(self) -> tuple[int, list[str]]:
+    def rebuild_index(self) -> tuple[int, list[str], list[str]]:
         """Index every pack afresh from its own header, then delete the old index objects.
 
-        Returns the number of packs indexed and the names of packs whose header could not be
-        read (their chunks are lost to the index). New index objects are written before old
-        ones are removed, so a crash leaves at worst both. Pending deletions of prune are
-        cancelled (their packs are indexed again). Hold the exclusive lock.
+        Returns the number of packs indexed from their header, the names of packs whose
+        header could not be read, and those of them whose entries in the old index were
+        kept (the others' chunks are lost to the index). New index objects are written
+        before old ones are removed, so a crash leaves at worst both. Pending deletions of
+        prune are cancelled (their packs are indexed again). Hold the exclusive lock.
         """
         return _indexing.rebuild_index(self)
 
