@@ -226,6 +226,10 @@ def test_backup_excludes_tags_and_host_filters(cli: Cli, tmp_path: Path) -> None
     tagged = cli("snapshots", "--tag", "nightly,db", "--json").json()
     assert isinstance(tagged, list) and [s["host"] for s in tagged] == ["alpha"]
     assert cli("snapshots", "--tag", "nightly,other", "--json").json() == []
+    # Commas separate tags at backup time too (as in restic)
+    assert cli("backup", "files", src, "--tag", "x, y", "--tag", "z,", "-q").code == 0
+    (xyz,) = cli("snapshots", "--tag", "y", "--json").json()  # type: ignore[misc]
+    assert xyz["tags"] == ["x", "y", "z"]
 
 
 def test_metadata_only_change_deep_in_tree_is_seen(cli: Cli, tmp_path: Path) -> None:

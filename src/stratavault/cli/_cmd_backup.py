@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from stratavault._defaults import DEFAULT_DISK_CHUNK_BYTES, IMAGE_FORMATS
 from stratavault._malloc import keep_freed_memory
-from stratavault.cli._cmd_backup_vm import add_frame_size, register_vm
+from stratavault.cli._cmd_backup_vm import add_frame_size, add_tags, register_vm
 from stratavault.cli._context import GlobalOptions, open_repo
 from stratavault.cli._disk_report import report_disk_backup
 from stratavault.cli._output import Output, format_bytes, make_progress, shows_progress
@@ -47,7 +47,7 @@ def register(
     f.add_argument(
         "-x", "--one-file-system", action="store_true", help="do not cross file system boundaries"
     )
-    f.add_argument("--tag", action="append", default=[], help="tag the snapshot (repeatable)")
+    add_tags(f)
     f.add_argument("--host", default=socket.gethostname(), help="host name to record")
     f.add_argument("--parent", help="compare against this snapshot (default: latest of same paths)")
     f.add_argument("--force", action="store_true", help="read all files, even unchanged ones")
@@ -76,7 +76,7 @@ def _register_image(
         default=[],
         help="disk name in the snapshot, once per FILE in order (default: the file name)",
     )
-    i.add_argument("--tag", action="append", default=[], help="tag the snapshot (repeatable)")
+    add_tags(i)
     i.add_argument("--host", default=socket.gethostname(), help="host name to record")
     i.add_argument("--parent", help="parent snapshot (default: latest of the same files)")
     i.add_argument(

@@ -49,7 +49,7 @@ def register_vm(
         metavar="SOCKET",
         help="guest agent socket (default: found among the VM's chardevs)",
     )
-    v.add_argument("--tag", action="append", default=[], help="tag the snapshot (repeatable)")
+    add_tags(v)
     v.add_argument("--host", default=socket.gethostname(), help="host name to record")
     v.add_argument(
         "--chunk-size",
@@ -63,6 +63,23 @@ def register_vm(
     v.add_argument("--compression", type=int, default=3, metavar="LEVEL", help="zstd level")
     v.add_argument("--scratch-dir", type=Path, help="folder for fleecing overlays and sockets")
     v.set_defaults(run=run_vm)
+
+
+def add_tags(parser: argparse.ArgumentParser) -> None:
+    """``--tag``: labels of the new snapshot; repeatable, and commas separate tags (as in
+    restic: ``--tag a,b`` gives two)."""
+    parser.add_argument(
+        "--tag",
+        action="extend",
+        type=_tags,
+        default=[],
+        metavar="TAG[,TAG...]",
+        help="tag the snapshot (repeatable; commas separate tags)",
+    )
+
+
+def _tags(text: str) -> list[str]:
+    return [tag.strip() for tag in text.split(",") if tag.strip()]
 
 
 def add_frame_size(parser: argparse.ArgumentParser) -> None:
