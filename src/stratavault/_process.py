@@ -10,8 +10,9 @@ import os
 import signal
 from collections.abc import Iterator
 from multiprocessing.context import ForkContext
+from pathlib import Path
 
-__all__ = ["die_with_parent", "shared_heap"]
+__all__ = ["die_with_parent", "kill_process_tree", "shared_heap"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -46,3 +47,21 @@ def shared_heap() -> Iterator[ForkContext]:
         yield multiprocessing.get_context("fork")
     finally:
         gc.unfreeze()
+
+
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL process ``pid`` and every process below it (found through /proc): a shell
+    command's own children do not die with the shell."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:  # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # ended meanwhile
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    todo = [pid]
+    while todo:
+        victim = todo.pop()
+        todo.extend(children.get(victim, ()))
+        with contextlib.suppress(OSError):
+            os.kill(victim, signal.SIGKILL)

@@ -234,5 +234,6 @@ EXIT_CODES: dict[int, str] = {
     15: "NBD peer failed, refused the request or broke the protocol",
     16: "verify --boot: the restored VM showed no sign of life in time",
     130: "interrupted (Ctrl-C); the repository is consistent",
+    141: "output closed by its reader (`stratavault ls | head`); nothing is printed",
 }
 """Exit codes of the ``stratavault`` command, documented in the README."""

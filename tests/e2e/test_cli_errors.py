@@ -302,3 +302,69 @@ def test_tampered_key_file_and_newer_format_have_their_own_exit_codes(
     newer = cli("snapshots")
     assert newer.code == UnsupportedFormatError.exit_code, newer.err
     assert "99" in newer.err or "version" in newer.err
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], list(children.get(pid, ()))
+    while todo:
+        found.append(todo.pop())
+        todo.extend(children.get(found[-1], ()))
+    return found
+
+
+def test_sigterm_during_a_password_command_ends_what_it_started(cli: Cli, tmp_path: Path) -> None:
+    assert cli("init").code == 0
+    marker = tmp_path / "started"
+    command = f"touch {marker}; sleep 300; echo never"  # the shell cannot exec sleep
+    exe = Path(sys.executable).with_name("stratavault")
+    env = {**os.environ, **cli.env, "STRATAVAULT_PASSWORD_FILE": ""}
+    proc = subprocess.Popen(
+        [str(exe), "snapshots", "--password-command", command],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not marker.exists() or not _descendants(proc.pid)[1:]:
+        assert proc.poll() is None and time.monotonic() < deadline, "the command never ran"
+        time.sleep(0.02)
+    started = _descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    deadline = time.monotonic() + 10  # SIGKILL takes effect at once, not synchronously
+    while running := [pid for pid in started if _running(pid)]:
+        assert time.monotonic() < deadline, f"left running: {running}"
+        time.sleep(0.02)
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_output_closed_by_its_reader_ends_quietly(cli: Cli, tmp_path: Path) -> None:
+    """`stratavault ls | head`: no "broken pipe" message, exit 141 (as a tool that SIGPIPE
+    ended); the same error on anything else than standard output stays an error."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(50):
+        (src / f"f{i}").write_text(str(i))
+    assert cli("init").code == 0
+    assert cli("backup", "files", src, "-q").code == 0
+    exe = Path(sys.executable).with_name("stratavault")
+    proc = subprocess.Popen(
+        [str(exe), "ls", "latest"], env={**os.environ, **cli.env},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # gone before the command writes anything
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141, err
+    assert err == b""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import signal
 import sys
 from collections.abc import Sequence
@@ -197,7 +198,25 @@ def _dispatch(ns: argparse.Namespace, options: GlobalOptions) -> int:
     except StratavaultError as exc:
         print(f"stratavault: {exc}", file=sys.stderr)
         return exc.exit_code
-    except BrokenPipeError:  # output piped into a program that stopped reading
+    except BrokenPipeError:
+        if _stdout_closed_by_reader():  # `stratavault ls | head`: quiet, as a shell tool
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+            return _EXIT_OUTPUT_CLOSED
         print("stratavault: broken pipe", file=sys.stderr)
         return 1
     return code
+
+
+_EXIT_OUTPUT_CLOSED = 141
+"""Standard output is a pipe whose reader went away: 128 + SIGPIPE, what a shell reports
+for a tool that SIGPIPE ended (in ``EXIT_CODES``)."""
+
+
+def _stdout_closed_by_reader() -> bool:
+    """Whether standard output is a pipe with no reader left (poll reports an error)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLERR)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return False

@@ -77,12 +77,20 @@ class GlobalOptions:
 def _from_command(command: str) -> bytes:
     import subprocess
 
-    result = subprocess.run(command, shell=True, capture_output=True, check=False)
-    if result.returncode != 0:
+    from stratavault._process import kill_process_tree
+
+    proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        out, _err = proc.communicate()
+    except BaseException:  # Ctrl-C, SIGTERM: the command and what it started end too
+        kill_process_tree(proc.pid)
+        proc.wait()
+        raise
+    if proc.returncode != 0:
         raise NoPassphraseError(
-            f"password command {command!r} failed with exit code {result.returncode}"
+            f"password command {command!r} failed with exit code {proc.returncode}"
         )
-    return result.stdout.rstrip(b"\r\n")
+    return out.rstrip(b"\r\n")
 
 
 def _from_file(path: Path) -> bytes:
