@@ -101,9 +101,7 @@ def test_patterns_that_match_the_restored_path_or_a_folder_above_it(
     assert other.code == 0 and not (exc / "no" / "a.txt").exists()
 
 
-def test_a_path_through_a_symlinked_folder_is_backed_up_as_given(
-    cli: Cli, tmp_path: Path
-) -> None:
+def test_a_path_through_a_symlinked_folder_is_backed_up_as_given(cli: Cli, tmp_path: Path) -> None:
     """``backup files lnk/f`` (like ``/bin/true`` on Debian 12, /bin -> usr/bin): the
     snapshot holds a folder ``lnk`` with ``f`` in it, not the link without its file."""
     real = tmp_path / "real"
