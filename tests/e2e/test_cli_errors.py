@@ -273,6 +273,9 @@ def test_bad_options_are_usage_errors(cli: Cli, tmp_path: Path) -> None:
     assert cli.subprocess("backup", "files", tmp_path, "--compression", "40").code == 2
     assert cli.subprocess("restore", "latest").code == 2  # --target is required
     assert cli("ls", "not-hex!").code == 2
+    for empty in (["restore", "latest", "--target", ""], ["backup", "files", ""]):
+        refused = cli(*empty)  # an empty path is not the current folder
+        assert refused.code == 2 and "empty path" in refused.err, refused.err
 
 
 def test_tampered_key_file_and_newer_format_have_their_own_exit_codes(

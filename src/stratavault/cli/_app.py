@@ -8,7 +8,6 @@ import select
 import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from types import ModuleType
 
 from stratavault import __version__
@@ -35,7 +34,7 @@ from stratavault.cli import (
     _cmd_verify,
     _readahead,
 )
-from stratavault.cli._context import GlobalOptions
+from stratavault.cli._context import GlobalOptions, path_arg
 from stratavault.errors import EXIT_CODES, Interrupted, StratavaultError
 
 __all__ = ["main"]
@@ -78,7 +77,7 @@ def _global_parser(*, suppress: bool) -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--password-file",
-        type=Path,
+        type=path_arg,
         default=default,
         help="read the passphrase from this file (or STRATAVAULT_PASSWORD_FILE)",
     )
@@ -87,7 +86,7 @@ def _global_parser(*, suppress: bool) -> argparse.ArgumentParser:
         default=default,
         help="run this to get the passphrase (or STRATAVAULT_PASSWORD_COMMAND)",
     )
-    g.add_argument("--cache-dir", type=Path, default=default, help="local cache folder")
+    g.add_argument("--cache-dir", type=path_arg, default=default, help="local cache folder")
     g.add_argument(
         "--no-cache", action="store_true", default=default or False, help="do not use a local cache"
     )

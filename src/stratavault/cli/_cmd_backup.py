@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import socket
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from stratavault._defaults import DEFAULT_DISK_CHUNK_BYTES, IMAGE_FORMATS
 from stratavault._malloc import keep_freed_memory
 from stratavault.cli._cmd_backup_vm import add_frame_size, add_tags, register_vm
-from stratavault.cli._context import GlobalOptions, open_repo
+from stratavault.cli._context import GlobalOptions, open_repo, path_arg
 from stratavault.cli._disk_report import report_disk_backup
 from stratavault.cli._output import Output, format_bytes, make_progress, shows_progress
 from stratavault.cli._preload import backup_modules
@@ -27,7 +26,7 @@ def register(
     p = sub.add_parser("backup", parents=[common], help="create a snapshot")
     kinds = p.add_subparsers(dest="backup_kind", metavar="KIND", required=True)
     f = kinds.add_parser("files", parents=[common], help="back up files and folders")
-    f.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    f.add_argument("paths", nargs="+", type=path_arg, metavar="PATH")
     f.add_argument(
         "-e",
         "--exclude",
@@ -40,7 +39,7 @@ def register(
         "--exclude-file",
         action="append",
         default=[],
-        type=Path,
+        type=path_arg,
         metavar="FILE",
         help="read exclude patterns from FILE",
     )
@@ -69,7 +68,7 @@ def _register_image(
     i = kinds.add_parser(
         "image", parents=[common], help="back up disk images (raw, qcow2, vmdk...) or devices"
     )
-    i.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    i.add_argument("files", nargs="+", type=path_arg, metavar="FILE")
     i.add_argument(
         "--name",
         action="append",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import socket
-from pathlib import Path
 
 from stratavault._defaults import (
     DEFAULT_DISK_CHUNK_BYTES,
@@ -12,7 +11,7 @@ from stratavault._defaults import (
     DEFAULT_LIBVIRT_URI,
 )
 from stratavault._malloc import keep_freed_memory
-from stratavault.cli._context import GlobalOptions, open_repo
+from stratavault.cli._context import GlobalOptions, open_repo, path_arg
 from stratavault.cli._disk_report import report_disk_backup
 from stratavault.cli._output import Output, make_progress
 from stratavault.cli._preload import backup_modules
@@ -37,7 +36,7 @@ def register_vm(
     )
     which.add_argument(
         "--qmp",
-        type=Path,
+        type=path_arg,
         metavar="SOCKET",
         help="the VM's QMP unix socket (QEMU serves one client per monitor: give the backup "
         "a monitor of its own, e.g. -qmp unix:/run/vm1-backup.qmp,server=on,wait=off)",
@@ -45,7 +44,7 @@ def register_vm(
     v.add_argument("--name", default="", help="the VM's name in snapshots (default: -name)")
     v.add_argument(
         "--guest-agent",
-        type=Path,
+        type=path_arg,
         metavar="SOCKET",
         help="guest agent socket (default: found among the VM's chardevs)",
     )
@@ -61,7 +60,7 @@ def register_vm(
     )
     add_frame_size(v)
     v.add_argument("--compression", type=int, default=3, metavar="LEVEL", help="zstd level")
-    v.add_argument("--scratch-dir", type=Path, help="folder for fleecing overlays and sockets")
+    v.add_argument("--scratch-dir", type=path_arg, help="folder for fleecing overlays and sockets")
     v.set_defaults(run=run_vm)
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from pathlib import Path
 from typing import IO
 
-from stratavault.cli._context import GlobalOptions, open_repo
+from stratavault.cli._context import GlobalOptions, open_repo, path_arg
 from stratavault.cli._output import Output, format_bytes
 from stratavault.errors import RestoreError, UsageError
 
@@ -27,7 +26,7 @@ def register(
     )
     p.add_argument("ref", metavar="SNAPSHOT:DISK[:PARTITION]/PATH")
     p.add_argument(
-        "-o", "--output", type=Path, metavar="FILE", help="write the tar here, not to stdout"
+        "-o", "--output", type=path_arg, metavar="FILE", help="write the tar here, not to stdout"
     )
     p.set_defaults(run=run)
 

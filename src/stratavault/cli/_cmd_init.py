@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 from contextlib import ExitStack
-from pathlib import Path
 
-from stratavault.cli._context import GlobalOptions, kdf_params, read_new_passphrase, storage_for
+from stratavault.cli._context import (
+    GlobalOptions,
+    kdf_params,
+    path_arg,
+    read_new_passphrase,
+    storage_for,
+)
 from stratavault.cli._output import Output
 from stratavault.cli._passphrases import add_from_password_options, open_other_repo
 
@@ -16,7 +21,7 @@ def register(
 ) -> None:
     """Add the command to the parser."""
     p = sub.add_parser("init", parents=[common], help="create a new repository")
-    p.add_argument("--new-password-file", type=Path, help="passphrase of the first key slot")
+    p.add_argument("--new-password-file", type=path_arg, help="passphrase of the first key slot")
     p.add_argument(
         "--immutable-days",
         type=int,

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from stratavault.cli._context import GlobalOptions, kdf_params, open_repo, read_new_passphrase
+from stratavault.cli._context import (
+    GlobalOptions,
+    kdf_params,
+    open_repo,
+    path_arg,
+    read_new_passphrase,
+)
 from stratavault.cli._output import Output
 
 
@@ -16,7 +21,7 @@ def register(
     p = sub.add_parser("key", parents=[common], help="manage passphrase key slots")
     keysub = p.add_subparsers(dest="key_command", metavar="ACTION", required=True)
     add = keysub.add_parser("add", parents=[common], help="add a key slot with a new passphrase")
-    add.add_argument("--new-password-file", type=Path)
+    add.add_argument("--new-password-file", type=path_arg)
     add.set_defaults(run=run_add)
     ls = keysub.add_parser("list", parents=[common], help="list key slots")
     ls.set_defaults(run=run_list)
@@ -24,7 +29,7 @@ def register(
     rm.add_argument("key_id", help="id (or unique prefix) of the slot to remove")
     rm.set_defaults(run=run_remove)
     pw = keysub.add_parser("passwd", parents=[common], help="change the passphrase in use")
-    pw.add_argument("--new-password-file", type=Path)
+    pw.add_argument("--new-password-file", type=path_arg)
     pw.set_defaults(run=run_passwd)
 
 

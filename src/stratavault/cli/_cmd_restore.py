@@ -10,7 +10,7 @@ from pathlib import Path
 from stratavault._defaults import DISK_FORMATS
 from stratavault._malloc import keep_freed_memory
 from stratavault.cli._cmd_restore_vm import run_instant, run_vm
-from stratavault.cli._context import GlobalOptions, open_repo
+from stratavault.cli._context import GlobalOptions, open_repo, path_arg
 from stratavault.cli._flr import restore_flr
 from stratavault.cli._output import Output, format_bytes, make_progress
 from stratavault.cli._preload import restore_modules
@@ -36,7 +36,7 @@ def register(
         ":DISK names the disk (needed when the snapshot has several); a disk snapshot's "
         "SNAPSHOT:DISK[:PARTITION]/PATH restores files out of its filesystem",
     )
-    p.add_argument("-t", "--target", type=Path, help="files: folder to restore into")
+    p.add_argument("-t", "--target", type=path_arg, help="files: folder to restore into")
     _add_disk_options(p)
     _add_file_options(p)
     _add_vm_options(p)
@@ -105,7 +105,7 @@ def _add_vm_options(p: argparse.ArgumentParser) -> None:
     )
     v.add_argument(
         "--migrate-to",
-        type=Path,
+        type=path_arg,
         metavar="DIR",
         help="vm, --instant: then move the disks here",
     )

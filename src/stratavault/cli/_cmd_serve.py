@@ -7,9 +7,8 @@ import argparse
 import signal
 import sys
 import threading
-from pathlib import Path
 
-from stratavault.cli._context import GlobalOptions, open_repo
+from stratavault.cli._context import GlobalOptions, open_repo, path_arg
 from stratavault.cli._output import Output
 from stratavault.errors import UsageError
 
@@ -33,9 +32,9 @@ def register(
     p.add_argument(
         "--writable", action="store_true", help="accept writes into a local overlay (discarded)"
     )
-    p.add_argument("--overlay-dir", type=Path, help="with --writable: where overlays go")
+    p.add_argument("--overlay-dir", type=path_arg, help="with --writable: where overlays go")
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--socket", type=Path, metavar="PATH", help="listen on a unix socket")
+    where.add_argument("--socket", type=path_arg, metavar="PATH", help="listen on a unix socket")
     where.add_argument(
         "--listen", metavar="HOST:PORT", help="listen on TCP (default 127.0.0.1:10809)"
     )

@@ -4,9 +4,8 @@ in isolation and report whether it comes to life (exit 16 when it does not)."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from stratavault.cli._context import GlobalOptions, open_repo
+from stratavault.cli._context import GlobalOptions, open_repo, path_arg
 from stratavault.cli._output import Output
 from stratavault.errors import UsageError, VerificationFailedError
 
@@ -32,7 +31,7 @@ def register(
     p.add_argument(
         "--expect", metavar="TEXT", help="regular expression awaited on the serial console"
     )
-    p.add_argument("--log-dir", type=Path, help="where the console log is kept (default: /tmp)")
+    p.add_argument("--log-dir", type=path_arg, help="where the console log is kept (default: /tmp)")
     p.set_defaults(run=run)
 
 

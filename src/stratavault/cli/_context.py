@@ -74,6 +74,16 @@ class GlobalOptions:
             return None
 
 
+def path_arg(text: str) -> Path:
+    """An argparse ``type`` for paths: an empty one is a usage error (``Path("")`` would be
+    the current folder, so ``--target ""`` restored into it)."""
+    if not text:
+        import argparse
+
+        raise argparse.ArgumentTypeError("an empty path")
+    return Path(text)
+
+
 def _from_command(command: str) -> bytes:
     import subprocess
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stratavault.cli._context import GlobalOptions, read_passphrase, storage_for
+from stratavault.cli._context import GlobalOptions, path_arg, read_passphrase, storage_for
 
 if TYPE_CHECKING:
     from stratavault.repo import Repository
@@ -20,7 +19,7 @@ def add_from_password_options(p: argparse.ArgumentParser, side: str = "from") ->
     """``--<side>-password-file`` and ``--<side>-password-command``."""
     p.add_argument(
         f"--{side}-password-file",
-        type=Path,
+        type=path_arg,
         metavar="FILE",
         help=f"passphrase of the --{side} repository (default: the usual passphrase)",
     )
