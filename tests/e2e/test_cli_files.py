@@ -272,6 +272,14 @@ def test_json_progress_has_totals_and_summary(cli: Cli, tmp_path: Path) -> None:
     assert lines[-1]["message_type"] == "summary"
     quiet = cli("backup", "files", src, "--quiet")
     assert quiet.code == 0 and quiet.out == ""
+    with open(src / "sparse", "wb") as f:  # a restore's progress counts holes as done too
+        f.truncate(64 << 20)
+        f.seek(32 << 20)
+        f.write(b"data in the middle")
+    assert cli("backup", "files", src, "-q").code == 0
+    restored = cli("restore", "latest", "--target", tmp_path / "out", "--json").json_lines()
+    last = [line for line in restored if line["message_type"] == "status"][-1]
+    assert last["bytes_done"] == last["bytes_total"] > 64 << 20, last
 
 
 def test_restore_verify_reports_content_that_differs(

@@ -229,7 +229,8 @@ class FileWriter:
         if not planned.handle.failed:
             with self.lock:
                 self.result.files += 1
-            self.progress(0, 1)
+            holes = sum(length for cid, length in planned.node.content if cid is None)
+            self.progress(holes, 1)  # the total counts them: the bar reaches its end
 
     def _verify_file(self, planned: _PlannedFile) -> bool:
         stream = _Stream(self.fs.read_back(planned.parts))
