@@ -233,3 +233,21 @@ def test_damaged_pack_header_is_found_and_repair_index_keeps_its_chunks(
     assert cli("restore", "latest", "--target", out, "--verify").code == 0
     assert (out / src.relative_to("/") / "data").read_bytes() == (src / "data").read_bytes()
     assert cli("check").code == 0  # every chunk is in the index
+
+
+def test_latest_when_the_only_snapshots_are_damaged_names_the_damage(
+    cli: Cli, tmp_path: Path
+) -> None:
+    assert cli("init").code == 0
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"data")
+    done = cli("backup", "files", src, "--json")
+    sid = str(done.json_lines()[-1]["snapshot_id"])
+    obj = cli.repo / "snapshots" / sid
+    raw = bytearray(obj.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    obj.write_bytes(bytes(raw))
+    result = cli("restore", "latest", "--target", tmp_path / "out")
+    assert result.code == DataDamagedError.exit_code, result.err
+    assert sid[:12] in result.err and "damaged" in result.err

@@ -89,8 +89,16 @@ def find_snapshot(
 ) -> Snapshot:
     """Resolve ``latest`` (optionally filtered) or a unique id prefix to a snapshot."""
     if ref == "latest":
-        usable = load_snapshots(repo, damaged=[])
-        return latest(select_snapshots(usable, hosts=hosts, paths=paths))
+        damaged: list[tuple[str, str]] = []
+        usable = load_snapshots(repo, damaged=damaged)
+        matching = select_snapshots(usable, hosts=hosts, paths=paths)
+        if not matching and damaged:  # one of those may have been the one meant
+            ids = ", ".join(sid[:12] for sid, _problem in damaged[:3])
+            raise DataDamagedError(
+                f"no readable snapshot matches 'latest'; {len(damaged)} snapshot objects "
+                f"are damaged ({ids}{', ...' if len(damaged) > 3 else ''}): run `check`"
+            )
+        return latest(matching)
     if not ref or any(c not in "0123456789abcdef" for c in ref):
         raise UsageError(f"snapshot {ref!r}: expected 'latest' or a hex id prefix")
     sid = repo.resolve_snapshot_id(ref)
