@@ -29,6 +29,7 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
 
     out = Output(json_mode=options.json, quiet=options.quiet)
     with open_repo(options) as repo:
+        snap = find_snapshot(repo, ns.snapshot) if ns.snapshot else None  # before any output
         st = repo.stats()
         doc: dict[str, object] = {
             "snapshots": st.snapshots,
@@ -42,8 +43,7 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
         out.text(f"chunks:           {st.chunks} in {st.packs} packs")
         out.text(f"unique raw data:  {format_bytes(st.raw_bytes)}")
         out.text(f"stored:           {format_bytes(st.pack_bytes)}")
-        if ns.snapshot:
-            snap = find_snapshot(repo, ns.snapshot)
+        if snap is not None:
             if snap.tree is None:
                 doc["snapshot"] = _disk_stats(out, repo, snap)
                 out.data(doc)
