@@ -251,3 +251,16 @@ def test_latest_when_the_only_snapshots_are_damaged_names_the_damage(
     result = cli("restore", "latest", "--target", tmp_path / "out")
     assert result.code == DataDamagedError.exit_code, result.err
     assert sid[:12] in result.err and "damaged" in result.err
+
+
+def test_plain_check_finds_a_truncated_pack_without_reading_it(cli: Cli, tmp_path: Path) -> None:
+    _bad, _good, _src = _two_snapshots(cli, tmp_path)
+    assert cli("check").code == 0
+    packs = sorted((p for p in (cli.repo / "data").rglob("*") if p.is_file()), key=os.path.getsize)
+    with open(packs[-1], "r+b") as f:
+        f.truncate(packs[-1].stat().st_size // 2)
+    check = cli("check", "--json")
+    assert check.code == DataDamagedError.exit_code, check.out
+    (damage,) = check.json_lines()[-1]["damages"]
+    assert damage["object"].endswith(packs[-1].name) and "truncated" in damage["problem"]
+    assert damage["snapshots"], "the snapshot that uses it is named"

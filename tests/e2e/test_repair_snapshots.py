@@ -208,6 +208,9 @@ def test_truncated_tree_pack_loses_the_root_listing(cli: Cli, tmp_path: Path) ->
     (repaired,) = result.json_lines()[-1]["snapshots"]
     assert [r["path"] for r in repaired["removed"]] == ["/"]
     assert "empty folder" in repaired["removed"][0]["error"]
+    still = cli("check")  # no snapshot uses the truncated pack now, but it is still there
+    assert still.code == DataDamagedError.exit_code and "truncated" in still.out, still.out
+    assert cli("prune").code == 0  # it holds only unused data: deleted
     assert cli("check", "--read-data").code == 0
     target = tmp_path / "t"
     assert cli("restore", "latest", "--target", target).code == 0

@@ -61,6 +61,8 @@ class _Checker:
         self.result = CheckResult()
         self.refs: dict[ChunkId, list[tuple[str, str]]] = {}
         self.seen_trees: set[ChunkId] = set()
+        self.pack_chunks: dict[str, list[ChunkId]] = {}
+        """The chunks snapshots use, by pack (once :meth:`check_chunks` ran)."""
         self.state = ProgressState(phase="check", started=now())
 
     def refer(self, cid: ChunkId, snapshot: str, path: str) -> None:
@@ -110,19 +112,26 @@ class _Checker:
 
     def check_index_packs(self) -> None:
         """Every pack the index names must exist, used by a snapshot or not (those used by one
-        were reported with their snapshots already)."""
-        existing = {obj.name for obj in self.repo.storage.list("data/")}
+        were reported with their snapshots already), and be large enough for what the index
+        places in it (a truncated pack is found without reading it)."""
+        sizes = {obj.name: obj.size_bytes for obj in self.repo.storage.list("data/")}
         reported = {d.object for d in self.result.damages}
-        for pack in sorted(self.repo.indexed_packs() - existing):
-            if f"pack {pack}" in reported:
+        for pack, least in sorted(self.repo.indexed_packs().items()):
+            size = sizes.get(pack)
+            if f"pack {pack}" in reported or (size is not None and size >= least):
                 continue
-            self.damage(f"pack {pack}", "in the index but missing (run `repair index`)", [])
+            users = [u for cid in self.pack_chunks.get(pack, ()) for u in self.refs[cid]]
+            if size is None:
+                problem = "in the index but missing (run `repair index`)"
+            else:
+                problem = f"truncated: {size} bytes, the index places data up to byte {least}"
+            self.damage(f"pack {pack}", problem, users[:_REFS_KEPT])
 
     def check_chunks(self, read_data: bool, subset: Subset | None) -> None:
         existing = {obj.name: obj.size_bytes for obj in self.repo.storage.list("data/")}
         missing: list[ChunkId] = []
         # also finds chunks of packs a prune is about to delete
-        by_pack = self.repo.chunks_by_pack(self.refs, missing=missing)
+        by_pack = self.pack_chunks = self.repo.chunks_by_pack(self.refs, missing=missing)
         for cid in missing:
             self.damage(f"chunk {cid.hex()}", "not in the index", self.refs[cid])
         self.result.chunks, self.result.packs = len(self.refs), len(by_pack)

@@ -248,6 +248,13 @@ class ChunkIndex:
         new.add_entries(kept)
         return new
 
+    def pack_ends(self) -> dict[str, int]:
+        """For every pack with entries, where its last blob ends (the header follows)."""
+        arr = self.merged()
+        ends = np.zeros(len(self.packs), dtype=np.int64)
+        np.maximum.at(ends, arr["pack"], arr["offset"].astype(np.int64) + arr["stored"])
+        return {self.packs[n]: int(ends[n]) for n in np.flatnonzero(ends)}
+
     def by_pack(self) -> list[tuple[str, Array]]:
         """``(pack name, its entries)`` for every pack that has entries."""
         arr = self.merged()

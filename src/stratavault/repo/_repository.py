@@ -345,10 +345,12 @@ class Repository:
         with self._lock:
             return frozenset(self._index_objects)
 
-    def indexed_packs(self) -> set[str]:
-        """Names of the packs the index has entries for."""
+    def indexed_packs(self) -> dict[str, int]:
+        """The packs the index has entries for, each with the smallest size it can have
+        (its last blob's end and the header's length field: a smaller pack is truncated)."""
         with self._lock:
-            return {name for name, _entries in self._index.by_pack()}
+            ends = self._index.pack_ends()
+        return {name: end + F.PACK_TRAILER.size for name, end in ends.items()}
 
     def pack_header_ids(self, pack: str, size: int) -> set[ChunkId]:
         """The chunk ids the header of ``pack`` (``size`` bytes) lists, authenticated;
