@@ -357,3 +357,25 @@ def test_protected_snapshots_survive_forget(cli: Cli, tmp_path: Path) -> None:
     assert cli("unprotect", protected["id"][:8], "-q").code == 0
     assert cli("forget", "--keep-last", "1", "-q").code == 0
     assert len(cli("snapshots", "--json").json()) == 1  # type: ignore[arg-type]
+
+
+def test_control_characters_in_names_are_escaped_in_text_output(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A newline in a name does not make two lines of `ls` or `diff` (JSON keeps it)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "two\nlines").write_text("x")
+    (src / "tab\there").write_text("y")
+    assert cli("init").code == 0
+    assert cli("backup", "files", src, "-q").code == 0
+    listed = cli("ls", "latest").out.splitlines()
+    assert f"{src}/two\\nlines" in listed and f"{src}/tab\\there" in listed
+    (src / "two\nlines").write_text("changed")
+    assert cli("backup", "files", src, "-q").code == 0
+    snaps = cli("snapshots", "--json").json()
+    assert isinstance(snaps, list)
+    diff = cli("diff", snaps[0]["id"], snaps[1]["id"]).out.splitlines()
+    assert f"M  {src}/two\\nlines" in diff
+    names = {e["path"] for e in cli("ls", "latest", "--json").json_lines()}
+    assert f"{src}/two\nlines" in names

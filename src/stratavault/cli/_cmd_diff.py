@@ -43,8 +43,9 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
                     "type": entry.node.type,
                 }
             )
+    out.text()
     out.text(
-        f"\nadded {counts['+']}, removed {counts['-']}, modified {counts['M']}, "
+        f"added {counts['+']}, removed {counts['-']}, modified {counts['M']}, "
         f"metadata changed {counts['U']}"
     )
     out.data(

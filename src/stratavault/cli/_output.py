@@ -29,9 +29,15 @@ def format_bytes(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)} | {0x0A: "\\n", 0x09: "\\t"}
+"""Control characters of names, escaped: a newline in a name must not make two lines."""
+
+
 def printable(text: str) -> str:
-    """Show bytes of non-UTF-8 file names as ``\\xNN`` instead of failing to print."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    """Show bytes of non-UTF-8 file names as ``\\xNN`` instead of failing to print, and
+    control characters (a newline in a name) escaped; the backslash itself stays as is."""
+    shown = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return shown.translate(_CONTROL) if not shown.isprintable() else shown
 
 
 class Output:
@@ -56,7 +62,7 @@ class Output:
         """Print an aligned text table (not in JSON mode)."""
         if self.json_mode or self.quiet:
             return
-        cells = [[str(c) for c in row] for row in rows]
+        cells = [[printable(str(c)) for c in row] for row in rows]
         widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
         line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
         print(line.rstrip(), file=self.stream)
