@@ -359,9 +359,7 @@ def test_protected_snapshots_survive_forget(cli: Cli, tmp_path: Path) -> None:
     assert len(cli("snapshots", "--json").json()) == 1  # type: ignore[arg-type]
 
 
-def test_control_characters_in_names_are_escaped_in_text_output(
-    cli: Cli, tmp_path: Path
-) -> None:
+def test_control_characters_in_names_are_escaped_in_text_output(cli: Cli, tmp_path: Path) -> None:
     """A newline in a name does not make two lines of `ls` or `diff` (JSON keeps it)."""
     src = tmp_path / "src"
     src.mkdir()
