@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 from collections.abc import Callable
@@ -33,7 +35,19 @@ from stratavault.sources import QmpSession
 from stratavault.storage import MemoryStorage
 from tests.e2e.conftest import Cli
 from tests.sources import vm_harness
-from tests.sources.vm_harness import KiB, MiB, Vm, reference_image
+from tests.sources.vm_harness import KiB, MiB, Vm, plain, reference_image
+
+
+def image_bitmaps(image: Path) -> list[str]:
+    """The persistent bitmaps stored in a qcow2 image."""
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "-U", "--output=json", str(image)],
+            check=True, capture_output=True, text=True,
+        ).stdout
+    )  # fmt: skip
+    return [b["name"] for b in info["format-specific"]["data"].get("bitmaps", [])]
+
 
 pytestmark = pytest.mark.infra("qemu")
 make_vm = vm_harness.make_vm
@@ -90,10 +104,12 @@ def test_incremental_forever_backups_of_a_running_vm(
     opts = BackupVmOptions(qmp_socket=vm.qmp_path, name="web1", host="h")
     first = backup_vm(repo, opts)
     assert first.kind == "vm" and first.paths == ["web1"]
-    assert {d.name: d.bitmap for d in first.disks} == {
+    assert {d.name: plain(d.bitmap) for d in first.disks} == {
         "vda": "stratavault-1",
         "vdb": "stratavault-1",
     }
+    assert all(re.fullmatch(r"stratavault-1-[0-9a-f]{12}", str(d.bitmap)) for d in first.disks)
+    assert len({d.bitmap for d in first.disks}) == 2  # each disk's chain has its own token
     assert first.vm_config is not None and "crash-consistent" in first.vm_config["consistency"]
     assert first.vm_config["argv"][0] == "qemu-system-x86_64"
 
@@ -103,7 +119,7 @@ def test_incremental_forever_backups_of_a_running_vm(
     assert second.parent == first.id
     # Only the two dirty regions were read (64 KiB and 128 KiB: whole 64 KiB chunks).
     assert second.summary.bytes_read == 3 * 64 * KiB
-    assert {d.name: d.bitmap for d in second.disks} == {
+    assert {d.name: plain(d.bitmap) for d in second.disks} == {
         "vda": "stratavault-2",
         "vdb": "stratavault-2",
     }
@@ -254,7 +270,7 @@ def test_backup_vm_and_restore_vm_from_the_command_line(
     assert res.code == 0, res.err
     summary = res.json_lines()[-1]
     assert summary["message_type"] == "summary"
-    assert [d["bitmap"] for d in summary["disks"]] == ["stratavault-1"]  # type: ignore[attr-defined]
+    assert [plain(str(d["bitmap"])) for d in summary["disks"]] == ["stratavault-1"]  # type: ignore[attr-defined]
     guest_writes(vm, "vda", [(0x62, 9 * MiB, 64 * KiB)])
     res = cli("backup", "vm", "--qmp", vm.qmp_path, "--name", "cli-vm")
     assert res.code == 0 and "crash-consistent" in res.out, res.out + res.err
@@ -287,10 +303,10 @@ def test_changed_only_restore_onto_a_stopped_qcow2_uses_its_bitmap(
         ["qemu-io", "-c", "write -P 0x99 1M 64k", "-c", "write -P 0x98 28M 512k", str(disk)],
         check=True, capture_output=True,
     )  # fmt: skip
-    res = cli("restore", "disk", "latest", "--onto", disk, "--changed-only", "--json")
-    assert res.code == 0, res.err
+    res = cli("restore", "disk", "latest", "--onto", disk, "--changed-only", "--verify", "--json")
+    assert res.code == 0, res.err  # --verify reads the disk back, not the bitmap
     doc = res.json_lines()[-1]
-    assert doc["bitmap_used"] is True and doc["bytes_read"] == 0
+    assert doc["bitmap_used"] is True and doc["bytes_read"] == 0 and not doc["issues"]
     # 1 chunk (64 KiB) at 1M and 8 at 28M..28.5M: written, nothing else.
     assert doc["chunks_written"] + doc["chunks_zeroed"] == 9, doc
     ref = reference_image(short_tmp / "ref.qcow2", 32 * MiB, original)
@@ -299,9 +315,96 @@ def test_changed_only_restore_onto_a_stopped_qcow2_uses_its_bitmap(
     subprocess.run(
         ["qemu-io", "-c", "write -P 0x97 8M 64k", str(disk)], check=True, capture_output=True
     )
-    subprocess.run(["qemu-img", "bitmap", "--remove", str(disk), "stratavault-1"], check=True)
+    (name,) = image_bitmaps(disk)
+    subprocess.run(["qemu-img", "bitmap", "--remove", str(disk), name], check=True)
     res = cli("restore", "disk", "latest", "--onto", disk, "--changed-only", "--json")
     doc = res.json_lines()[-1]
     assert res.code == 0 and doc["bitmap_used"] is False and doc["bytes_read"] > 0
     assert "no bitmap" in str(doc["bitmap_problem"])
     assert subprocess.run(["qemu-img", "compare", str(disk), str(ref)], check=False).returncode == 0
+
+
+def test_a_bitmap_of_another_disk_is_never_taken_for_the_snapshot_s(
+    cli: Cli, short_tmp: Path
+) -> None:
+    """Two images, each with a chain of its own (both at generation 1): restoring A's
+    snapshot onto C with --changed-only compares (C's bitmap is not A's), and when C's
+    file replaces A's, the next backup of that path reads it in full instead of trusting
+    C's bitmap."""
+    a, c = short_tmp / "a.qcow2", short_tmp / "c.qcow2"
+    reference_image(a, 16 * MiB, [(0xAA, 0, 8 * MiB)])
+    reference_image(c, 16 * MiB, [(0xBB, 0, 8 * MiB)])
+    assert cli("init").code == 0
+    first = cli("backup", "image", a, "--json")
+    assert first.code == 0, first.err
+    sid_a = str(first.json_lines()[-1]["snapshot_id"])
+    assert cli("backup", "image", c, "-q").code == 0
+    onto = cli("restore", "disk", sid_a, "--onto", c, "--changed-only", "--json")
+    assert onto.code == 0, onto.err
+    doc = onto.json_lines()[-1]
+    assert doc["bitmap_used"] is False and doc["chunks_written"] > 0, doc
+    assert subprocess.run(["qemu-img", "compare", str(a), str(c)], check=False).returncode == 0
+    reference_image(c, 16 * MiB, [(0xCC, 0, 8 * MiB)])  # a new image, then a chain of its own
+    assert cli("backup", "image", c, "-q").code == 0
+    shutil.copyfile(c, a)  # A's path now holds C, bitmap and all
+    again = cli("backup", "image", a, "--json")
+    assert again.code == 0, again.err
+    summary = again.json_lines()[-1]
+    assert summary["bytes_read"] >= 8 * MiB, summary  # read in full, not from C's bitmap
+    out = short_tmp / "out.raw"
+    assert cli("restore", "disk", "latest", "--to", out).code == 0
+    assert subprocess.run(["qemu-img", "compare", str(out), str(c)], check=False).returncode == 0
+
+
+def test_an_image_backed_up_under_a_new_name_is_read_in_full(cli: Cli, short_tmp: Path) -> None:
+    """The parent (same path) has the disk under another name: its bitmap is of no use
+    (the new disk index has no parent disk to take clean chunks from), no failure."""
+    image = short_tmp / "vm.qcow2"
+    reference_image(image, 8 * MiB, [(0x5A, 0, 2 * MiB)])
+    assert cli("init").code == 0
+    assert cli("backup", "image", image, "-q").code == 0
+    renamed = cli("backup", "image", image, "--name", "vda", "--json")
+    assert renamed.code == 0, renamed.err
+    assert renamed.json_lines()[-1]["bytes_read"] >= 2 * MiB
+    again = cli("backup", "image", image, "--name", "vda", "--json")  # the chain goes on
+    assert again.code == 0 and again.json_lines()[-1]["bytes_read"] == 0, again.err
+
+
+def test_a_shrink_and_grow_between_backups_is_not_missed(cli: Cli, short_tmp: Path) -> None:
+    """QEMU's bitmap does not record a shrink: what was cut off and grown back reads as
+    zeros now, and the incremental must say so (not keep the parent's data there)."""
+    image = short_tmp / "s.qcow2"
+    reference_image(image, 128 * MiB, [(0x22, 100 * MiB, 1 * MiB), (0x23, 0, 1 * MiB)])
+    assert cli("init").code == 0
+    assert cli("backup", "image", image, "-q").code == 0
+    for size in ("64M", "128M"):
+        extra = ["--shrink"] if size == "64M" else []
+        subprocess.run(["qemu-img", "resize", *extra, str(image), size], check=True)
+    again = cli("backup", "image", image, "--json")
+    assert again.code == 0, again.err
+    assert again.json_lines()[-1]["bytes_read"] == 0  # nothing to read: zeros are known
+    out = short_tmp / "out.raw"
+    assert cli("restore", "disk", "latest", "--to", out).code == 0
+    assert (
+        subprocess.run(["qemu-img", "compare", str(out), str(image)], check=False).returncode == 0
+    )
+
+
+def test_changed_only_restore_after_a_shrink_and_grow_rewrites_what_was_cut(
+    cli: Cli, short_tmp: Path
+) -> None:
+    image = short_tmp / "s.qcow2"
+    writes = [(0x22, 100 * MiB, 1 * MiB), (0x23, 0, 1 * MiB)]
+    reference_image(image, 128 * MiB, writes)
+    assert cli("init").code == 0
+    assert cli("backup", "image", image, "-q").code == 0
+    subprocess.run(["qemu-img", "resize", "--shrink", str(image), "64M"], check=True)
+    subprocess.run(["qemu-img", "resize", str(image), "128M"], check=True)
+    res = cli("restore", "disk", "latest", "--onto", image, "--changed-only", "--json")
+    assert res.code == 0, res.err
+    doc = res.json_lines()[-1]
+    assert doc["bitmap_used"] is True and doc["chunks_written"] == 16, doc  # 1 MiB at 100M
+    ref = reference_image(short_tmp / "ref.qcow2", 128 * MiB, writes)
+    assert (
+        subprocess.run(["qemu-img", "compare", str(image), str(ref)], check=False).returncode == 0
+    )

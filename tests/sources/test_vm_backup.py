@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from tests.sources.vm_harness import (
     data_ranges,
     dirty_ranges,
     make_vm,
+    plain,
     reference_image,
     short_tmp,
 )
@@ -59,6 +61,11 @@ def chain(backup: VmBackup) -> dict[str, str]:
     return {e.device: e.new_bitmap for e in backup.exports if e.new_bitmap}
 
 
+def generations(chain: dict[str, str]) -> dict[str, str | None]:
+    """The chain names without their random tokens (``stratavault-2`` per disk)."""
+    return {device: plain(name) for device, name in chain.items()}
+
+
 def test_first_backup_exports_both_disks_at_the_transaction_point(
     make_vm: Callable[..., Vm], short_tmp: Path
 ) -> None:
@@ -75,7 +82,9 @@ def test_first_backup_exports_both_disks_at_the_transaction_point(
         )  # fmt: skip
         assert vda.bitmap_context is None and vdb.bitmap_context is None
         assert vda.full_read_reason == "first backup of this disk: no bitmap yet"
-        assert (vda.new_bitmap, vdb.new_bitmap) == ("stratavault-1", "stratavault-1")
+        assert (plain(vda.new_bitmap), plain(vdb.new_bitmap)) == ("stratavault-1", "stratavault-1")
+        for name in (vda.new_bitmap, vdb.new_bitmap):  # a random token makes each one unique
+            assert name is not None and re.fullmatch(r"stratavault-1-[0-9a-f]{12}", name), name
         assert backup.consistency_text == "crash-consistent (no agent)"
         assert backup.config["argv"] == vm.argv()
         # The guest keeps writing, over old data and into holes; the exports do not change.
@@ -91,8 +100,8 @@ def test_first_backup_exports_both_disks_at_the_transaction_point(
         assert (4 * MiB, 128 * KiB) in data_ranges(vdb.uri)
     assert_torn_down(session, before, scratch)
     assert bitmaps(session) == {
-        "vda": [("stratavault-1", True, 128 * KiB)],
-        "vdb": [("stratavault-1", True, 1 * MiB)],
+        "vda": [(vda.new_bitmap, True, 128 * KiB)],
+        "vdb": [(vdb.new_bitmap, True, 1 * MiB)],
     }
 
 
@@ -111,29 +120,30 @@ def test_incrementals_see_exactly_the_writes_between_two_transactions(
     with VmBackup(session, scratch, expected_bitmaps=expected, find_guest_agent=False) as second:
         vm.write(session, "vda", 0x04, 20 * MiB, 64 * KiB)  # after the point in time
         vda, vdb = second.exports
-        assert vda.bitmap_context == "qemu:dirty-bitmap:stratavault-1"
+        assert vda.bitmap_context == f"qemu:dirty-bitmap:{expected['vda']}"
         assert vda.full_read_reason is None
         assert dirty_ranges(vda.uri, vda.bitmap_context) == [
             (1 * MiB, 64 * KiB),
             (5 * MiB, 192 * KiB),
         ]
-        assert vdb.bitmap_context is not None
+        assert vdb.bitmap_context == f"qemu:dirty-bitmap:{expected['vdb']}"
         assert dirty_ranges(vdb.uri, vdb.bitmap_context) == [(0, 64 * KiB)]
         ref = reference_image(
             short_tmp / "a.qcow2", 64 * MiB, [(0x01, 1 * MiB, 64 * KiB), (0x02, 5 * MiB, 192 * KiB)]
         )
         assert compare(vda.uri, ref).returncode == 0
         expected = chain(second)
-    assert expected == {"vda": "stratavault-2", "vdb": "stratavault-2"}
+    assert generations(expected) == {"vda": "stratavault-2", "vdb": "stratavault-2"}
     assert_torn_down(session, before, scratch)
     with VmBackup(session, scratch, expected_bitmaps=expected, find_guest_agent=False) as third:
         vda, vdb = third.exports
         assert vda.bitmap_context and vdb.bitmap_context
         assert dirty_ranges(vda.uri, vda.bitmap_context) == [(20 * MiB, 64 * KiB)]
         assert dirty_ranges(vdb.uri, vdb.bitmap_context) == []
+    assert generations(chain(third)) == {"vda": "stratavault-3", "vdb": "stratavault-3"}
     assert bitmaps(session) == {
-        "vda": [("stratavault-3", True, 0)],
-        "vdb": [("stratavault-3", True, 0)],
+        "vda": [(chain(third)["vda"], True, 0)],
+        "vdb": [(chain(third)["vdb"], True, 0)],
     }
 
 
@@ -155,12 +165,12 @@ def test_failure_inside_the_backup_merges_the_bitmap_back(
         raise RuntimeError("upload failed")
     assert_torn_down(session, before, scratch)
     assert bitmaps(session) == {
-        "vda": [("stratavault-1", True, 128 * KiB)],
-        "vdb": [("stratavault-1", True, 0)],
+        "vda": [(expected["vda"], True, 128 * KiB)],
+        "vdb": [(expected["vdb"], True, 0)],
     }
     with VmBackup(session, scratch, expected_bitmaps=expected, find_guest_agent=False) as again:
         vda = again.exports[0]
-        assert vda.bitmap_context == "qemu:dirty-bitmap:stratavault-1"
+        assert vda.bitmap_context == f"qemu:dirty-bitmap:{expected['vda']}"
         assert dirty_ranges(vda.uri, vda.bitmap_context) == [
             (1 * MiB, 64 * KiB), (8 * MiB, 64 * KiB),
         ]  # fmt: skip
@@ -185,7 +195,7 @@ def test_export_killed_mid_way_loses_no_change(make_vm: Callable[..., Vm], short
         dirty_ranges(vda.uri, vda.bitmap_context)  # the reader fails
     assert any("block-export-del" in note for note in err.value.__notes__)
     assert_torn_down(session, before, scratch)
-    assert bitmaps(session) == {"vda": [("stratavault-1", True, 64 * KiB)]}
+    assert bitmaps(session) == {"vda": [(expected["vda"], True, 64 * KiB)]}
 
 
 def test_failure_after_the_transaction_during_start_merges_back(
@@ -204,7 +214,7 @@ def test_failure_after_the_transaction_during_start_merges_back(
         VmBackup(session, scratch, expected_bitmaps=expected, find_guest_agent=False).__enter__()
     session.execute("nbd-server-stop")
     assert_torn_down(session, before, scratch)
-    assert bitmaps(session) == {"vda": [("stratavault-1", True, 64 * KiB)]}
+    assert bitmaps(session) == {"vda": [(expected["vda"], True, 64 * KiB)]}
 
 
 def test_kill_9_after_a_backup_loses_the_new_bitmap_and_falls_back(
@@ -217,22 +227,22 @@ def test_kill_9_after_a_backup_loses_the_new_bitmap_and_falls_back(
     with VmBackup(session, scratch, find_guest_agent=False) as first:
         expected = chain(first)
     vm.hmp_io(session, "vda", "flush")  # the guest flushed; what it did not flush is lost
-    vm.kill()  # SIGKILL: stratavault-1 was added at run time and never reached the file
+    vm.kill()  # SIGKILL: the first bitmap was added at run time and never reached the file
     session = vm.start()
     assert bitmaps(session) == {"vda": [], "vdb": []}
     with VmBackup(session, scratch, expected_bitmaps=expected, find_guest_agent=False) as backup:
         for export in backup.exports:
             assert export.bitmap_context is None
             assert export.full_read_reason is not None
-            assert "stratavault-1 expected by the previous snapshot is missing" in (
+            assert f"{expected[export.device]} expected by the previous snapshot is missing" in (
                 export.full_read_reason
             )
-            assert export.new_bitmap == "stratavault-2"
+            assert plain(export.new_bitmap) == "stratavault-2"
         ref = reference_image(short_tmp / "a.qcow2", 64 * MiB, [(0x01, 0, 64 * KiB)])
         assert compare(backup.exports[0].uri, ref).returncode == 0
     assert bitmaps(session) == {
-        "vda": [("stratavault-2", True, 0)],
-        "vdb": [("stratavault-2", True, 0)],
+        "vda": [(chain(backup)["vda"], True, 0)],
+        "vdb": [(chain(backup)["vdb"], True, 0)],
     }
 
 
@@ -245,40 +255,45 @@ def test_restart_keeps_the_chain_and_kill_9_makes_it_inconsistent(
     with VmBackup(session, scratch, find_guest_agent=False) as first:
         expected = chain(first)
     vm.write(session, "vda", 0x01, 2 * MiB, 64 * KiB)
-    vm.quit()  # clean shutdown: stratavault-1 is stored in the qcow2
+    vm.quit()  # clean shutdown: the first bitmap is stored in the qcow2
     session = vm.start()
     vm.write(session, "vda", 0x02, 6 * MiB, 64 * KiB)
     with VmBackup(session, scratch, expected_bitmaps=expected, find_guest_agent=False) as second:
         vda = second.exports[0]
-        assert vda.bitmap_context == "qemu:dirty-bitmap:stratavault-1"
+        assert vda.bitmap_context == f"qemu:dirty-bitmap:{expected['vda']}"
         assert dirty_ranges(vda.uri, vda.bitmap_context) == [
             (2 * MiB, 64 * KiB), (6 * MiB, 64 * KiB),
         ]  # fmt: skip
         expected = chain(second)
+    assert generations(expected) == {"vda": "stratavault-2"}
     vm.quit()
-    session = vm.start()  # stratavault-2 is in the file now, and in use
+    session = vm.start()  # the second bitmap is in the file now, and in use
     vm.write(session, "vda", 0x03, 9 * MiB, 64 * KiB)
     vm.hmp_io(session, "vda", "flush")
     vm.kill()
     session = vm.start()
     (disk,) = list_vm_disks(session)
-    stale = disk.bitmap("stratavault-2")
+    stale = disk.bitmap(expected["vda"])
     assert stale is not None and stale.inconsistent and not stale.recording
     with VmBackup(session, scratch, expected_bitmaps=expected, find_guest_agent=False) as third:
         vda = third.exports[0]
         assert vda.bitmap_context is None
         assert vda.full_read_reason is not None and "inconsistent" in vda.full_read_reason
-        assert vda.new_bitmap == "stratavault-3"
+        assert plain(vda.new_bitmap) == "stratavault-3"
         ref = reference_image(
             short_tmp / "a.qcow2", 64 * MiB,
             [(0x01, 2 * MiB, 64 * KiB), (0x02, 6 * MiB, 64 * KiB), (0x03, 9 * MiB, 64 * KiB)],
         )  # fmt: skip
         assert compare(vda.uri, ref).returncode == 0
-    assert bitmaps(session) == {"vda": [("stratavault-3", True, 0)]}
+    assert bitmaps(session) == {"vda": [(vda.new_bitmap, True, 0)]}
 
 
+@pytest.mark.parametrize(
+    "leftover",
+    ["stratavault-2-0123456789ab", "stratavault-2"],  # left by this version, by an older one
+)
 def test_an_interrupted_backup_is_recovered_by_the_next_one(
-    make_vm: Callable[..., Vm], short_tmp: Path
+    make_vm: Callable[..., Vm], short_tmp: Path, leftover: str
 ) -> None:
     vm = make_vm((64,))
     session = vm.start()
@@ -289,19 +304,20 @@ def test_an_interrupted_backup_is_recovered_by_the_next_one(
     # What a backup process that died right after its transaction leaves behind:
     actions = [
         {"type": "block-dirty-bitmap-add",
-         "data": {"node": "disk0", "name": "stratavault-2", "persistent": True}},
-        {"type": "block-dirty-bitmap-disable", "data": {"node": "disk0", "name": "stratavault-1"}},
+         "data": {"node": "disk0", "name": leftover, "persistent": True}},
+        {"type": "block-dirty-bitmap-disable",
+         "data": {"node": "disk0", "name": expected["vda"]}},
     ]  # fmt: skip
     session.execute("transaction", {"actions": actions})
     vm.write(session, "vda", 0x02, 3 * MiB, 64 * KiB)
     with VmBackup(session, scratch, expected_bitmaps=expected, find_guest_agent=False) as backup:
         vda = backup.exports[0]
-        assert vda.bitmap_context == "qemu:dirty-bitmap:stratavault-1"
+        assert vda.bitmap_context == f"qemu:dirty-bitmap:{expected['vda']}"
         assert dirty_ranges(vda.uri, vda.bitmap_context) == [
             (1 * MiB, 64 * KiB), (3 * MiB, 64 * KiB),
         ]  # fmt: skip
-        assert vda.new_bitmap == "stratavault-3"
-    assert bitmaps(session) == {"vda": [("stratavault-3", True, 0)]}
+        assert plain(vda.new_bitmap) == "stratavault-3"
+    assert bitmaps(session) == {"vda": [(vda.new_bitmap, True, 0)]}
 
 
 def test_stale_bitmaps_of_a_lost_chain_are_removed(
@@ -309,11 +325,13 @@ def test_stale_bitmaps_of_a_lost_chain_are_removed(
 ) -> None:
     vm = make_vm((64,))
     session = vm.start()
-    for name in ("stratavault-4", "user-bitmap"):
+    # Chain bitmaps with and without a token (left by an older version), and someone else's.
+    for name in ("stratavault-3-0123456789ab", "stratavault-4", "user-bitmap"):
         session.execute("block-dirty-bitmap-add", {"node": "disk0", "name": name})
     with VmBackup(session, short_tmp / "s", find_guest_agent=False) as backup:
-        assert backup.exports[0].new_bitmap == "stratavault-5"
-    assert sorted(bitmaps(session)["vda"]) == [("stratavault-5", True, 0), ("user-bitmap", True, 0)]
+        new = backup.exports[0].new_bitmap
+        assert plain(new) == "stratavault-5"
+    assert sorted(bitmaps(session)["vda"]) == [(new, True, 0), ("user-bitmap", True, 0)]
 
 
 def test_agent_channel_without_an_agent_gives_crash_consistency(
@@ -349,7 +367,7 @@ def test_leftovers_of_a_dead_backup_process_are_removed_and_the_chain_repaired(
     session.close()
     session = vm.connect()
     vm.write(session, "vda", 0x02, 3 * MiB, 64 * KiB)
-    with pytest.raises(SourceError, match="bitmap stratavault-1 is busy"):
+    with pytest.raises(SourceError, match=f"bitmap {re.escape(expected['vda'])} is busy"):
         VmBackup(session, scratch, expected_bitmaps=expected, find_guest_agent=False).__enter__()
     removed = remove_backup_leftovers(session, scratch)
     assert len([r for r in removed if r.startswith("export ")]) == 2
@@ -358,7 +376,7 @@ def test_leftovers_of_a_dead_backup_process_are_removed_and_the_chain_repaired(
     assert_torn_down(session, before, scratch)
     with VmBackup(session, scratch, expected_bitmaps=expected, find_guest_agent=False) as backup:
         vda, vdb = backup.exports
-        assert vda.bitmap_context == "qemu:dirty-bitmap:stratavault-1"
+        assert vda.bitmap_context == f"qemu:dirty-bitmap:{expected['vda']}"
         assert dirty_ranges(vda.uri, vda.bitmap_context) == [
             (1 * MiB, 64 * KiB), (3 * MiB, 64 * KiB),
         ]  # fmt: skip
@@ -372,8 +390,9 @@ def test_raw_disk_gets_an_in_memory_chain(make_vm: Callable[..., Vm], short_tmp:
     session = vm.start()
     with VmBackup(session, short_tmp / "s", find_guest_agent=False) as first:
         expected = chain(first)
+    assert generations(expected) == {"vda": "stratavault-1"}
     (disk,) = list_vm_disks(session)
-    bitmap = disk.bitmap("stratavault-1")
+    bitmap = disk.bitmap(expected["vda"])
     assert disk.format == "raw" and bitmap is not None and not bitmap.persistent
     vm.write(session, "vda", 0x01, 5 * MiB, 64 * KiB)
     with VmBackup(session, short_tmp / "s", expected_bitmaps=expected) as second:

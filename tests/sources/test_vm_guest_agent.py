@@ -21,7 +21,7 @@ import pytest
 from stratavault.errors import SourceError
 from stratavault.sources import GuestAgent, QmpSession, VmBackup, list_vm_disks
 from tests.guest.fixtures import MakeGuest
-from tests.sources.vm_harness import MiB, Vm, make_vm, short_tmp
+from tests.sources.vm_harness import MiB, Vm, make_vm, plain, short_tmp
 
 __all__ = ["make_vm", "short_tmp"]  # fixtures
 
@@ -132,7 +132,9 @@ def test_freeze_just_before_and_thaw_right_after_the_transaction(
         assert backup.frozen_s is not None
     # Frozen: nothing started yet. Thawed: both fleecing jobs run, both new bitmaps exist.
     assert seen["guest-fsfreeze-freeze"] == (0, [])
-    assert seen["guest-fsfreeze-thaw"] == (2, ["stratavault-1", "stratavault-1"])
+    new = [e.new_bitmap for e in backup.exports]
+    assert [plain(name) for name in new] == ["stratavault-1", "stratavault-1"]
+    assert seen["guest-fsfreeze-thaw"] == (2, new)
     assert agent.calls[-2:] == ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
 
 

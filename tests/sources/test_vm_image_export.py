@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from tests.sources.vm_harness import (
     compare,
     dirty_ranges,
     make_vm,
+    plain,
     reference_image,
     short_tmp,
 )
@@ -55,34 +57,38 @@ def test_stopped_qcow2_gets_incrementals_from_its_bitmap_chain(short_tmp: Path) 
     with ImageExport(image, scratch) as first:
         assert first.export is not None
         assert first.export.bitmap_context is None
-        assert first.export.new_bitmap == "stratavault-1"
+        expected = first.export.new_bitmap
+        assert expected is not None and re.fullmatch(r"stratavault-1-[0-9a-f]{12}", expected)
         assert compare(first.export.uri, reference_image(
             short_tmp / "ref1.qcow2", 32 * MiB, [(0x01, 0, 1 * MiB)]
         )).returncode == 0  # fmt: skip
-    assert stored_bitmaps(image) == ["stratavault-1"]  # stored, and the daemon is gone
+    assert stored_bitmaps(image) == [expected]  # stored, and the daemon is gone
     offline_write(image, 0x02, 4 * MiB, 128 * KiB)
-    with ImageExport(image, scratch, expected_bitmap="stratavault-1") as second:
+    with ImageExport(image, scratch, expected_bitmap=expected) as second:
         assert second.export is not None
-        assert second.export.bitmap_context == "qemu:dirty-bitmap:stratavault-1"
+        assert second.export.bitmap_context == f"qemu:dirty-bitmap:{expected}"
         assert dirty_ranges(second.export.uri, second.export.bitmap_context) == [
             (4 * MiB, 128 * KiB)
         ]
-    assert stored_bitmaps(image) == ["stratavault-2"]
+        assert plain(second.export.new_bitmap) == "stratavault-2"
+    assert stored_bitmaps(image) == [second.export.new_bitmap]
     assert list(scratch.iterdir()) == []
 
 
 def test_failed_image_backup_merges_the_bitmap_back(short_tmp: Path) -> None:
     image = reference_image(short_tmp / "disk.qcow2", 32 * MiB, [])
-    with ImageExport(image, short_tmp / "s"):
-        pass
+    with ImageExport(image, short_tmp / "s") as first:
+        assert first.export is not None
+        expected = first.export.new_bitmap
+    assert plain(expected) == "stratavault-1"
     offline_write(image, 0x02, 2 * MiB, 64 * KiB)
     with (
         pytest.raises(RuntimeError, match="repository unreachable"),
-        ImageExport(image, short_tmp / "s", expected_bitmap="stratavault-1"),
+        ImageExport(image, short_tmp / "s", expected_bitmap=expected),
     ):
         raise RuntimeError("repository unreachable")
-    assert stored_bitmaps(image) == ["stratavault-1"]
-    with ImageExport(image, short_tmp / "s", expected_bitmap="stratavault-1") as again:
+    assert stored_bitmaps(image) == [expected]
+    with ImageExport(image, short_tmp / "s", expected_bitmap=expected) as again:
         assert again.export is not None and again.export.bitmap_context is not None
         assert dirty_ranges(again.export.uri, again.export.bitmap_context) == [(2 * MiB, 64 * KiB)]
 
@@ -176,9 +182,10 @@ def test_chain_continues_from_running_to_stopped_and_back(
         expected = stopped.export.new_bitmap
     session = vm.start()
     vm.write(session, "vda", 0x02, 9 * MiB, 64 * KiB)
+    assert plain(expected) == "stratavault-2"
     with VmBackup(session, scratch, expected_bitmaps={"vda": expected or ""}) as live:
         vda = live.exports[0]
-        assert vda.bitmap_context == "qemu:dirty-bitmap:stratavault-2"
+        assert vda.bitmap_context == f"qemu:dirty-bitmap:{expected}"
         assert dirty_ranges(vda.uri, vda.bitmap_context) == [(9 * MiB, 64 * KiB)]
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from stratavault.errors import SourceError
 from stratavault.sources import QmpSession, VmBackup, list_vm_disks, vm_config
-from tests.sources.vm_harness import MiB, Vm, make_vm, short_tmp
+from tests.sources.vm_harness import MiB, Vm, make_vm, plain, short_tmp
 
 __all__ = ["make_vm", "short_tmp"]  # fixtures
 
@@ -141,7 +141,9 @@ def test_disks_are_found_below_filter_nodes(make_vm: Callable[..., Vm], short_tm
         vm.write(session, "vda", 0x5A, 0, 64 * 1024)
         assert backup.exports[0].node_name == "disk0"
     (after,) = list_vm_disks(session)
-    assert [b.name for b in after.bitmaps] == ["stratavault-1", "bm"]
+    new = backup.exports[0].new_bitmap
+    assert plain(new) == "stratavault-1"
+    assert [b.name for b in after.bitmaps] == [new, "bm"]
 
 
 def test_session_works_from_inside_a_running_event_loop(make_vm: Callable[..., Vm]) -> None:

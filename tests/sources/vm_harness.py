@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -175,6 +176,15 @@ def make_vm(short_tmp: Path) -> Iterator[Callable[..., Vm]]:
     yield make
     for vm in vms:
         vm.kill()
+
+
+def plain(name: str | None) -> str | None:
+    """A chain bitmap name without its random token: ``stratavault-1-3f9a0c21d4e8`` ->
+    ``stratavault-1`` (names without a token unchanged)."""
+    if name is None:
+        return None
+    match = re.fullmatch(r"(.*)-[0-9a-f]{12}", name)
+    return match.group(1) if match else name
 
 
 def nbd_map(uri: str, context: str | None = None) -> list[tuple[int, int, int]]:

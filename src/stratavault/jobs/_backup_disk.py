@@ -21,10 +21,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
+
 from stratavault import __version__
 from stratavault._defaults import DEFAULT_DISK_CHUNK_BYTES, DEFAULT_DISK_FRAME_BYTES
 from stratavault.errors import SourceError, UsageError
-from stratavault.jobs._disk_ranges import chunk_runs, is_zero, read_groups
+from stratavault.jobs._disk_ranges import chunk_runs, hole_chunks, is_zero, read_groups
 from stratavault.jobs._progress import (
     Cancellation,
     NullProgress,
@@ -83,6 +85,13 @@ class DiskSource(Protocol):
 
     def extents(self) -> Iterable[tuple[int, int]]:
         """``(offset, length)`` regions to read, sorted and not overlapping."""
+        ...
+
+    def data_regions(self) -> Iterable[tuple[int, int]]:
+        """``(offset, length)`` regions that may hold data now, sorted; the rest reads as
+        zeros. With ``dirty_only``, a chunk the parent has data in that now lies wholly in
+        such a hole is zeros in the new snapshot: a bitmap does not record a shrink
+        followed by a grow."""
         ...
 
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes | bytearray]:
@@ -298,6 +307,11 @@ def _plan(
     index = DiskIndex(source.name, source.size_bytes, old.chunk_bytes)
     index.copy_from(old)
     extents = list(source.extents())
+    # Data in the parent where the disk is a hole now: cut off by a shrink and grown
+    # again, which no dirty bitmap records. Those chunks read as zeros.
+    holes = hole_chunks(source.data_regions(), index.size_bytes, index.chunk_bytes)
+    for number in np.flatnonzero(holes & index.data_mask()).tolist():
+        index.put(number, None)
     if source.size_bytes != old.size_bytes:  # resized: read what the parent did not have whole
         tail = min(source.size_bytes, old.size_bytes) // old.chunk_bytes * old.chunk_bytes
         extents.append((tail, source.size_bytes - tail))

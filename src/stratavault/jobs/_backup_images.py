@@ -82,22 +82,23 @@ def backup_images(
         parent = latest_disk_snapshot(repo, options.host, list(paths))
     else:
         parent = find_snapshot(repo, options.parent)
-    recorded = {d.path: d.bitmap for d in parent.disks if d.bitmap} if parent else {}
+    # The bitmap a parent disk recorded serves the disk of the same path and name only:
+    # the new index reuses the entries of the parent's disk of that name.
+    recorded = {(d.path, d.name): d.bitmap for d in parent.disks if d.bitmap} if parent else {}
     if parent is not None:
         options = replace(options, parent=parent.id)
     with contextlib.ExitStack() as stack:
         scratch = stack.enter_context(scratch_folder(scratch_dir))
+        named = [
+            (Path(image), names[n] if names else Path(image).name) for n, image in enumerate(images)
+        ]
         sources = [
             _image_source(
-                stack,
-                Path(image),
-                names[number] if names else Path(image).name,
-                image_format,
-                scratch / f"image{number}",
-                recorded.get(str(Path(image).absolute())),
+                stack, image, name, image_format, scratch / f"image{number}",
+                recorded.get((str(image.absolute()), name)),
             )
-            for number, image in enumerate(images)
-        ]
+            for number, (image, name) in enumerate(named)
+        ]  # fmt: skip
         return backup_disks(
             repo, sources, replace(options, paths=paths), progress=progress, cancel=cancel
         )

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+import numpy as np
+import numpy.typing as npt
+
 from stratavault.sources import ZEROS
 
-__all__ = ["chunk_runs", "is_zero", "read_groups"]
+__all__ = ["chunk_runs", "hole_chunks", "is_zero", "number_runs", "read_groups"]
 
 
 def is_zero(data: bytes | bytearray | memoryview) -> bool:
@@ -56,3 +59,31 @@ def read_groups(
             chunks += n
     if group:
         yield group
+
+
+def number_runs(numbers: Iterable[int]) -> Iterator[tuple[int, int]]:
+    """``(first, count)`` runs of consecutive numbers in sorted ``numbers``."""
+    first = prev = -2
+    for n in numbers:
+        if n != prev + 1:
+            if prev >= 0:
+                yield first, prev - first + 1
+            first = n
+        prev = n
+    if prev >= 0:
+        yield first, prev - first + 1
+
+
+def hole_chunks(
+    data: Iterable[tuple[int, int]], size: int, chunk_bytes: int
+) -> npt.NDArray[np.bool_]:
+    """One bool per chunk of a ``size``-byte disk: True for the chunks that lie wholly
+    outside the sorted ``data`` regions (in holes: they read as zeros)."""
+    count = -(-size // chunk_bytes)
+    holes = np.zeros(count, np.bool_)
+    at = 0
+    for offset, length in [*data, (size, 0)]:
+        if offset > at:  # a hole from `at` to `offset`
+            holes[-(-at // chunk_bytes) : offset // chunk_bytes if offset < size else count] = True
+        at = max(at, offset + length)
+    return holes

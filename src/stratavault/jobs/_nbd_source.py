@@ -4,7 +4,7 @@ the source of a disk backup."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from stratavault.nbd import BASE_ALLOCATION, NbdClient, connect
 from stratavault.sources import DiskExport
@@ -42,14 +42,20 @@ class NbdDiskSource:
 
     def extents(self) -> Iterator[tuple[int, int]]:
         """``(offset, length)`` of the regions to read, in order."""
-        context = self.export.bitmap_context or BASE_ALLOCATION
+        if not self.dirty_only:
+            yield from self.data_regions()
+            return
+        assert self.export.bitmap_context is not None
+        yield from self._flagged(self.export.bitmap_context, lambda flags: bool(flags & _DIRTY))
+
+    def data_regions(self) -> Iterator[tuple[int, int]]:
+        """``(offset, length)`` of the regions that hold data (not holes, not zeros)."""
+        yield from self._flagged(BASE_ALLOCATION, lambda flags: not flags & (_HOLE | _ZERO))
+
+    def _flagged(self, context: str, wanted: Callable[[int], bool]) -> Iterator[tuple[int, int]]:
         with self._open((context,)) as client:
             for extent in client.extents(context):
-                if self.dirty_only:
-                    wanted = bool(extent.flags & _DIRTY)
-                else:
-                    wanted = not extent.flags & (_HOLE | _ZERO)
-                if wanted and extent.length:
+                if extent.length and wanted(extent.flags):
                     yield extent.offset, extent.length
 
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes | bytearray]:

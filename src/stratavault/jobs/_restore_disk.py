@@ -29,7 +29,7 @@ import numpy.typing as npt
 
 from stratavault._defaults import DISK_FORMATS
 from stratavault.errors import RestoreError, SnapshotNotFoundError, UsageError
-from stratavault.jobs._disk_ranges import chunk_runs, is_zero
+from stratavault.jobs._disk_ranges import chunk_runs, hole_chunks, is_zero, number_runs
 from stratavault.jobs._nbd_disk import NbdDiskTarget, is_nbd_uri
 from stratavault.jobs._progress import (
     Cancellation,
@@ -177,17 +177,20 @@ class _DiskRestore:
             for sub in range(first, first + count, per):
                 yield sub, min(per, first + count - sub)
 
-    def differing(self) -> npt.NDArray[np.bool_]:
+    def differing(self, *, trust_bitmap: bool = True) -> npt.NDArray[np.bool_]:
         """One bool per chunk: True where the target differs from the snapshot.
 
-        Only the target's data regions are read (in threads) and hashed; a chunk in a
-        hole of the target reads as zeros, so it differs exactly when the snapshot has
-        data there.
+        With ``trust_bitmap``, a target that has a dirty bitmap since the snapshot is
+        taken at its word (nothing is read). Otherwise only the target's data regions are
+        read (in threads) and hashed; a chunk in a hole of the target reads as zeros, so
+        it differs exactly when the snapshot has data there.
         """
         size, count = self.index.chunk_bytes, self.index.chunk_count
-        changed = getattr(self.target, "changed", None)
+        changed = getattr(self.target, "changed", None) if trust_bitmap else None
         if changed is not None:  # a dirty bitmap since this snapshot: read nothing
-            differ = np.zeros(count, np.bool_)
+            # ... but what a shrink cut off and a grow gave back (zeros) is not in it
+            holes = hole_chunks(self.target.data_extents(), self.index.size_bytes, size)
+            differ = holes & self.index.data_mask()
             for first, n in chunk_runs(changed, self.index.size_bytes, size):
                 differ[first : first + n] = True
             return differ
@@ -242,7 +245,7 @@ class _DiskRestore:
         """Zero what must be zero (in runs), then write the data chunks in pack order."""
         self.state.phase, self.state.bytes_done = "restore", 0
         self.state.bytes_total = sum(len(v) for v in places.values()) * self.index.chunk_bytes
-        for first, count in _runs(zeros):
+        for first, count in number_runs(zeros):
             start = self.index.chunk_range(first)[0]
             self.target.zero(start, self.index.chunk_range(first + count - 1)[1] - start)
         self.result.chunks_zeroed = len(zeros)
@@ -282,7 +285,7 @@ class _DiskRestore:
         self.state.phase, self.state.bytes_done = "verify", 0
         self.state.bytes_total = self.index.size_bytes
         read_before = self.result.bytes_read
-        for number in np.flatnonzero(self.differing()):
+        for number in np.flatnonzero(self.differing(trust_bitmap=False)):  # read it all back
             start, end = self.index.chunk_range(int(number))
             self.result.issues.append(
                 f"verify: disk {self.index.name} bytes {start}-{end} differ from the snapshot"
@@ -303,19 +306,6 @@ class _DiskRestore:
             self.pool.shutdown(wait=True, cancel_futures=True)
             raise
         self.pool.shutdown(wait=True)
-
-
-def _runs(numbers: list[int]) -> Iterator[tuple[int, int]]:
-    """``(first, count)`` runs of consecutive numbers in a sorted list."""
-    first = prev = -2
-    for n in numbers:
-        if n != prev + 1:
-            if prev >= 0:
-                yield first, prev - first + 1
-            first = n
-        prev = n
-    if prev >= 0:
-        yield first, prev - first + 1
 
 
 def _check_options(options: RestoreDiskOptions) -> None:

@@ -1,13 +1,15 @@
 """The chain of persistent dirty bitmaps that gives each backup its changed blocks.
 
-Naming: one bitmap per disk, ``<prefix>-<n>`` (``stratavault-7``), tracks every
-write since the backup that created it; the snapshot of that backup records the
-name. The next backup expects that name, and in its transaction adds
-``<prefix>-<n+1>`` (recording) and disables ``<prefix>-<n>`` (frozen: exactly the
-changes between the two points in time), which it exports. On success
-``<prefix>-<n>`` is removed; on failure ``<prefix>-<n+1>`` is merged back into
-``<prefix>-<n>``, which is enabled again and keeps its name, so the parent
-snapshot still matches it and no change is lost.
+Naming: one bitmap per disk, ``<prefix>-<n>-<token>`` (``stratavault-7-3f9a0c21d4e8``),
+tracks every write since the backup that created it; the snapshot of that backup
+records the name. The token is random, so a bitmap of another disk (another image
+backed up under the same name, or restored onto) never passes for it; names without a
+token (``stratavault-7``, before 2026-12-07) are still recognised. The next backup
+expects that name, and in its transaction adds ``<prefix>-<n+1>-<new token>``
+(recording) and disables ``<prefix>-<n>-...`` (frozen: exactly the changes between the
+two points in time), which it exports. On success the frozen one is removed; on failure
+the new one is merged back into it, which is enabled again and keeps its name, so the
+parent snapshot still matches it and no change is lost.
 
 This module decides, per disk, what to do (pure: no QEMU calls).
 """
@@ -15,6 +17,7 @@ This module decides, per disk, what to do (pure: no QEMU calls).
 from __future__ import annotations
 
 import re
+import secrets
 from dataclasses import dataclass
 
 from stratavault.errors import SourceError
@@ -44,9 +47,15 @@ class BitmapPlan:
 
 
 def generation(name: str, prefix: str) -> int | None:
-    """The ``n`` of a chain bitmap ``<prefix>-<n>``; None for other names."""
-    match = re.fullmatch(re.escape(prefix) + r"-(\d+)", name)
+    """The ``n`` of a chain bitmap ``<prefix>-<n>-<token>`` (or ``<prefix>-<n>``); None for
+    other names."""
+    match = re.fullmatch(re.escape(prefix) + r"-(\d+)(?:-[0-9a-f]{12})?", name)
     return int(match.group(1)) if match else None
+
+
+def chain_name(prefix: str, n: int) -> str:
+    """A new name for generation ``n`` of a chain, unique to it (a random token)."""
+    return f"{prefix}-{n}-{secrets.token_hex(6)}"
 
 
 def plan_bitmaps(disk: VmDisk, expected: str | None, prefix: str) -> BitmapPlan:
@@ -60,9 +69,9 @@ def plan_bitmaps(disk: VmDisk, expected: str | None, prefix: str) -> BitmapPlan:
     if disk.read_only:
         return BitmapPlan(None, None, False, (), None, "read-only disk: no bitmap, full read")
     last = max([generation(n, prefix) or 0 for n in own] + [_gen(expected, prefix)])
-    new = f"{prefix}-{last + 1}"
+    new = chain_name(prefix, last + 1)
     persistent = disk.format == "qcow2"
-    frozen, recover, reason = _usable(disk, own.get(expected or ""), expected, prefix)
+    frozen, recover, reason = _usable(disk, own, expected, prefix)
     keep = {frozen, recover}
     stale = tuple(sorted(n for n in own if n not in keep))
     return BitmapPlan(frozen, new, persistent, stale, recover, reason)
@@ -73,9 +82,11 @@ def _gen(name: str | None, prefix: str) -> int:
 
 
 def _usable(
-    disk: VmDisk, bitmap: DirtyBitmap | None, expected: str | None, prefix: str
+    disk: VmDisk, own: dict[str, DirtyBitmap], expected: str | None, prefix: str
 ) -> tuple[str | None, str | None, str | None]:
-    """(frozen, recover_from, full_read_reason) for the expected bitmap."""
+    """(frozen, recover_from, full_read_reason) for the expected bitmap, among the chain
+    bitmaps ``own`` of the disk."""
+    bitmap = own.get(expected or "")
     if expected is None:
         return None, None, "first backup of this disk: no bitmap yet"
     if bitmap is None:
@@ -96,10 +107,11 @@ def _usable(
     if bitmap.recording:
         return expected, None, None
     # Disabled: an earlier backup was interrupted before it could merge back.
-    successor = f"{prefix}-{_gen(expected, prefix) + 1}"
-    later = disk.bitmap(successor)
-    if later is not None and later.recording and not later.inconsistent and not later.busy:
-        return expected, successor, None
+    following = _gen(expected, prefix) + 1
+    for later in own.values():
+        usable = later.recording and not later.inconsistent and not later.busy
+        if generation(later.name, prefix) == following and usable:
+            return expected, later.name, None
     return None, None, (
         f"bitmap {expected} was left disabled by an interrupted backup and its successor"
         " is gone; removed, a new chain starts"

@@ -1,9 +1,11 @@
 """Backup of a libvirt domain: pull-mode ``backupBegin`` with checkpoints, or its stopped disks.
 
 Checkpoint naming: the backup that starts at point in time *n* creates the
-libvirt checkpoint ``<prefix>-<n>`` (``stratavault-7``, the same names and the
-same ``DEFAULT_BITMAP_PREFIX`` as the QMP bitmap chain; libvirt names the QEMU
-bitmaps after the checkpoint). The snapshot records it per disk
+libvirt checkpoint ``<prefix>-<n>`` (``stratavault-7``, the same
+``DEFAULT_BITMAP_PREFIX`` as the QMP bitmap chain; libvirt names the QEMU bitmaps
+after the checkpoint). Unlike the QMP chain's bitmaps, checkpoints carry no random
+token: they belong to one domain (libvirt keeps them with it, by its UUID), so one
+of another disk cannot be met. The snapshot records it per disk
 (:attr:`DiskExport.new_bitmap`), and the next backup passes it back in
 ``expected_bitmaps``: that disk is then exported incrementally, with the blocks
 changed since that checkpoint. On success every older checkpoint of ours is

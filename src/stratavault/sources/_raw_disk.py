@@ -166,6 +166,13 @@ class RawDiskSource:
         if self._changed is not None:
             yield from sorted(self._changed)
             return
+        yield from self.data_regions()
+
+    def data_regions(self) -> Iterator[tuple[int, int]]:
+        """``(offset, length)`` regions that may hold data (SEEK_DATA; all of a device)."""
+        if self.is_block_device:
+            yield (0, self.size_bytes)
+            return
         yield from _data_regions(self._fd, self.size_bytes, self.path)
 
     def read(self, offset: int, length: int) -> bytes:
