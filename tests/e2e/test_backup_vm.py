@@ -24,6 +24,7 @@ from stratavault.jobs import (
     RestoreVmOptions,
     backup_images,
     backup_vm,
+    disk_files,
     restore_disk,
     restore_vm,
     vm_command,
@@ -257,6 +258,14 @@ def test_vm_command_rewrites_disks_sockets_and_name(tmp_path: Path) -> None:
     isolated = without_network(with_nic)
     assert "-netdev" not in isolated and "virtio-net-pci,netdev=n0" not in isolated
     assert isolated[-2:] == ["-nic", "none"] and "-blockdev" in isolated
+    # Restored in another format: the command line opens each disk in its new format
+    files = disk_files(tmp_path, {"vda": "raw", "vdb": "qcow2"})
+    assert files == {"vda": tmp_path / "vda.raw", "vdb": tmp_path / "vdb.qcow2"}
+    converted = vm_command(config, files, "new", tmp_path, {"vda": "raw", "vdb": "qcow2"})
+    assert f"file={tmp_path}/vdb.qcow2,format=qcow2,if=virtio" in converted
+    assert f'"driver":"file","filename":"{tmp_path}/vda.raw"' in " ".join(converted)
+    same_stem = disk_files(tmp_path, {"a.qcow2": "raw", "a.raw": "raw", "a": "raw"})
+    assert sorted(p.name for p in same_stem.values()) == ["a-2.raw", "a-3.raw", "a.raw"]
 
 
 def test_backup_vm_and_restore_vm_from_the_command_line(
@@ -408,3 +417,24 @@ def test_changed_only_restore_after_a_shrink_and_grow_rewrites_what_was_cut(
     assert (
         subprocess.run(["qemu-img", "compare", str(image), str(ref)], check=False).returncode == 0
     )
+
+
+def test_restore_vm_of_disks_with_one_stem_into_a_relative_folder(
+    cli: Cli, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two images a.qcow2 and a.raw: two files (not one overwriting or refusing the
+    other); a relative --to is made absolute."""
+    two = short_tmp / "two"
+    two.mkdir()
+    reference_image(two / "a.qcow2", 4 * MiB, [(0x31, 0, 1 * MiB)])
+    (two / "a.raw").write_bytes(b"\x32" * (2 * MiB))
+    assert cli("init").code == 0
+    assert cli("backup", "image", two / "a.qcow2", two / "a.raw", "-q").code == 0
+    monkeypatch.chdir(short_tmp)
+    res = cli("restore", "vm", "latest", "--to", "rv", "--json")
+    assert res.code == 0, res.err
+    disks = res.json_lines()[-1]["disks"]
+    assert sorted(Path(str(p)).name for p in disks.values()) == ["a-2.raw", "a.raw"]  # type: ignore[union-attr]
+    assert all(Path(str(p)).is_absolute() for p in disks.values())  # type: ignore[union-attr]
+    restored = Path(str(disks["a.raw"]))  # type: ignore[index]
+    assert restored.read_bytes() == (two / "a.raw").read_bytes()

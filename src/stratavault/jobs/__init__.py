@@ -126,6 +126,7 @@ if TYPE_CHECKING:
         verify_boot as verify_boot,
     )
     from stratavault.jobs._vm_boot import (
+        disk_files as disk_files,
         vm_command as vm_command,
         without_network as without_network,
     )

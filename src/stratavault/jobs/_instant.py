@@ -40,6 +40,7 @@ from stratavault.jobs._progress import Cancellation, Progress, ProgressState
 from stratavault.jobs._serve import ServeOptions, serve_snapshot
 from stratavault.jobs._vm_boot import (
     boot_command,
+    disk_files,
     make_overlays,
     process_alive,
     read_pid,
@@ -247,9 +248,7 @@ def migrate_instant_vm(
     and the VM goes on from the overlays. ``speed_bytes_per_s`` limits each copy (0: no
     limit), to spare the storage while the guest runs."""
     target_dir.mkdir(parents=True, exist_ok=True)
-    targets = {
-        disk: target_dir / f"{Path(disk).stem or 'disk'}.{vm.formats[disk]}" for disk in vm.overlays
-    }
+    targets = disk_files(target_dir, {disk: vm.formats[disk] for disk in vm.overlays})
     for target in targets.values():
         if target.exists():
             raise UsageError(f"restore vm --migrate-to: {target} exists")

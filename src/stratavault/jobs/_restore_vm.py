@@ -7,14 +7,14 @@ import json
 import os
 import shlex
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from stratavault.errors import RestoreError, UsageError
 from stratavault.jobs._progress import Cancellation, Progress
 from stratavault.jobs._restore_disk import RestoreDiskOptions, RestoreDiskResult, restore_disk
-from stratavault.jobs._vm_boot import start_qemu, vm_command, without_network
+from stratavault.jobs._vm_boot import disk_files, start_qemu, vm_command, without_network
 from stratavault.repo import Repository
 from stratavault.snapshot import Snapshot
 
@@ -45,6 +45,8 @@ class RestoreVmResult:
     """What was restored and, with ``start``, the running VM."""
 
     disks: dict[str, Path] = field(default_factory=dict)
+    formats: dict[str, str] = field(default_factory=dict)
+    """Disk -> the format it was restored in (the command line opens it so)."""
     results: list[RestoreDiskResult] = field(default_factory=list)
     config_path: Path | None = None
     command: list[str] | None = None
@@ -61,23 +63,24 @@ def _restore_disks(
     repo: Repository, snapshot: Snapshot, options: RestoreVmOptions,
     progress: Progress | None, cancel: Cancellation | None, result: RestoreVmResult,
 ) -> None:  # fmt: skip
-    formats = _original_formats(snapshot.vm_config or {})
     for ref in snapshot.disks:
-        original = formats.get(ref.name, "raw")
-        fmt = options.format or (original if original in _STARTABLE_FORMATS else "qcow2")
-        if options.start and fmt != original:
-            raise UsageError(
-                f"restore vm --start: disk {ref.name} was {original}, restoring as {fmt} "
-                "would not match the command line; restore without --start and adapt it"
-            )
-        target = options.target_dir / f"{Path(ref.name).stem}.{fmt}"
+        target, fmt = result.disks[ref.name], result.formats[ref.name]
         disk_options = RestoreDiskOptions(
             target=target, disk=ref.name, format=fmt, verify=options.verify
         )
         result.results.append(
             restore_disk(repo, snapshot, disk_options, progress=progress, cancel=cancel)
         )
-        result.disks[ref.name] = target
+
+
+def _plan_disks(snapshot: Snapshot, options: RestoreVmOptions, result: RestoreVmResult) -> None:
+    """Each disk's format (``--format``, else its original one when QEMU can start it
+    from a file, else qcow2) and file (unique in the target folder)."""
+    original = _original_formats(snapshot.vm_config or {})
+    for ref in snapshot.disks:
+        was = original.get(ref.name, "raw")
+        result.formats[ref.name] = options.format or (was if was in _STARTABLE_FORMATS else "qcow2")
+    result.disks.update(disk_files(options.target_dir, result.formats))
 
 
 def restore_vm(
@@ -92,15 +95,18 @@ def restore_vm(
     configuration (``vm.json``) and, with ``start``, start QEMU on the restored disks."""
     if snapshot.kind not in ("vm", "image") or not snapshot.disks:
         raise UsageError(f"restore vm: snapshot {snapshot.short_id} holds no disks")
+    # Absolute: start.sh names the disks and sockets, wherever it is run from.
+    options = replace(options, target_dir=options.target_dir.absolute())
     options.target_dir.mkdir(parents=True, exist_ok=True)
     result = RestoreVmResult()
+    _plan_disks(snapshot, options, result)
     _restore_disks(repo, snapshot, options, progress, cancel, result)
     config = dict(snapshot.vm_config or {})
     result.config_path = options.target_dir / "vm.json"
     result.config_path.write_text(json.dumps(config, indent=1, sort_keys=True))
     if config.get("argv"):
         name = options.name or f"{config.get('name') or snapshot.paths[0]}-restored"
-        result.command = vm_command(config, result.disks, name, options.target_dir)
+        result.command = vm_command(config, result.disks, name, options.target_dir, result.formats)
         if options.no_network:
             result.command = without_network(result.command)
         (options.target_dir / "start.sh").write_text(

@@ -18,6 +18,7 @@ from stratavault.sources import QmpSession
 
 __all__ = [
     "boot_command",
+    "disk_files",
     "make_overlays",
     "process_alive",
     "read_pid",
@@ -42,11 +43,16 @@ def _rewrite_socket_paths(arg: str, run_dir: Path) -> str:
 
 
 def vm_command(
-    config: Mapping[str, Any], disks: Mapping[str, Path], name: str, run_dir: Path
+    config: Mapping[str, Any],
+    disks: Mapping[str, Path],
+    name: str,
+    run_dir: Path,
+    formats: Mapping[str, str] | None = None,
 ) -> list[str]:
     """The stored QEMU command line with the restored disks in place of the original
-    images, the new name, its monitors and consoles in ``run_dir`` (plus a QMP socket
-    ``run_dir/qmp.sock``), and no ``-daemonize``/``-pidfile``."""
+    images (opened in their format in ``formats``, by disk, when given), the new name,
+    its monitors and consoles in ``run_dir`` (plus a QMP socket ``run_dir/qmp.sock``),
+    and no ``-daemonize``/``-pidfile``."""
     argv = config.get("argv")
     if not argv:
         raise RestoreError("starting the restored VM - the snapshot has no QEMU command line")
@@ -68,10 +74,14 @@ def vm_command(
             value = next(args, None)
             if value is not None:
                 out.append(_rewrite_socket_paths(value, run_dir))
+    new_formats = {str(disks[d]): f for d, f in (formats or {}).items() if d in disks}
     rewritten = []
     for arg in out:
         for old, new in files.items():
-            arg = arg.replace(old, str(new))
+            if old in arg:
+                arg = arg.replace(old, str(new))
+                if str(new) in new_formats:
+                    arg = _with_format(arg, new_formats[str(new)])
         rewritten.append(arg)
     if "-name" not in rewritten:
         rewritten += ["-name", name]
@@ -95,12 +105,29 @@ def make_overlays(
     return overlays
 
 
-def _as_qcow2(arg: str, overlays: Mapping[str, Path]) -> str:
-    """An option that names an overlay opens it as qcow2 (the original may have been raw)."""
-    if not any(str(p) in arg for p in overlays.values()):
-        return arg
-    arg = re.sub(r"(^|,)driver=raw(,|$)", r"\1driver=qcow2\2", arg)
-    return re.sub(r"(^|,)format=raw(,|$)", r"\1format=qcow2\2", arg)
+_IMAGE_DRIVERS = "raw|qcow2|qcow|vmdk|vhdx|vdi|vpc|qed|parallels|dmg|cloop"
+
+
+def _with_format(arg: str, fmt: str) -> str:
+    """An option that names a disk file opens it as ``fmt`` (``format=``, or a format
+    ``driver=``; a protocol driver such as ``driver=file`` stays)."""
+    arg = re.sub(rf"(^|,)driver=(?:{_IMAGE_DRIVERS})(?=,|$)", rf"\1driver={fmt}", arg)
+    return re.sub(r"(^|,)format=[^,]*", rf"\1format={fmt}", arg)
+
+
+def disk_files(folder: Path, formats: Mapping[str, str]) -> dict[str, Path]:
+    """A file in ``folder`` for each disk (name -> format): the name's stem with the
+    format as suffix, numbered when two disks would share one (``a.qcow2`` and ``a.raw``
+    restored as raw: ``a.raw`` and ``a-2.raw``)."""
+    files: dict[str, Path] = {}
+    for disk, fmt in formats.items():
+        stem = Path(disk).stem or "disk"
+        path, n = folder / f"{stem}.{fmt}", 1
+        while path in files.values():
+            n += 1
+            path = folder / f"{stem}-{n}.{fmt}"
+        files[disk] = path
+    return files
 
 
 def without_network(argv: list[str], *, drop: tuple[str, ...] = ()) -> list[str]:
@@ -136,7 +163,7 @@ def boot_command(
 ) -> list[str]:
     """The stored command line on the overlays (see ``vm_command``), with ``-pidfile
     run_dir/qemu.pid``; with ``console``, isolated: no network, serial console to that file."""
-    argv = [_as_qcow2(a, overlays) for a in vm_command(config, overlays, name, run_dir)]
+    argv = vm_command(config, overlays, name, run_dir, dict.fromkeys(overlays, "qcow2"))
     if console is not None:
         argv = _isolate(argv, console)
     return [*argv, "-pidfile", str(run_dir / "qemu.pid")]
