@@ -438,3 +438,18 @@ def test_restore_vm_of_disks_with_one_stem_into_a_relative_folder(
     assert all(Path(str(p)).is_absolute() for p in disks.values())  # type: ignore[union-attr]
     restored = Path(str(disks["a.raw"]))  # type: ignore[index]
     assert restored.read_bytes() == (two / "a.raw").read_bytes()
+
+
+@pytest.mark.parametrize("size", ["8M", "32M"])
+def test_restore_onto_an_image_of_another_size_is_refused_naming_it(
+    cli: Cli, short_tmp: Path, size: str
+) -> None:
+    image = short_tmp / "vm.qcow2"
+    reference_image(image, 16 * MiB, [(0x41, 0, 1 * MiB)])
+    assert cli("init").code == 0
+    assert cli("backup", "image", image, "-q").code == 0
+    other = short_tmp / "other.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(other), size], check=True)
+    res = cli("restore", "disk", "latest", "--onto", other)
+    assert res.code == 1 and f"onto {other}" in res.err and "qemu-img resize" in res.err, res.err
+    assert "socket" not in res.err

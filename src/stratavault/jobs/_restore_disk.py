@@ -386,6 +386,8 @@ def _restore_onto_image(
     with contextlib.ExitStack() as stack:
         scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="sv-onto-", dir="/tmp"))
         server = stack.enter_context(ImageServer(options.target, scratch, fmt=fmt, bitmap=bitmap))
+        with connect(server.uri) as probe:
+            _same_size(options.target, probe.size, index.size_bytes)
         nbd = stack.enter_context(NbdDiskTarget(server.uri, index.size_bytes))
         if server.bitmap_context is not None:
             with connect(server.uri, meta_contexts=[server.bitmap_context]) as client:
@@ -396,6 +398,17 @@ def _restore_onto_image(
         run.result.bitmap_problem = server.bitmap_problem
         run.run()
     return run
+
+
+def _same_size(image: Path | str, size: int, wanted: int) -> None:
+    """An image restored onto must have the disk's size: a larger one would keep old data
+    past the end (a raw file is resized instead; an image is left to the user)."""
+    if size != wanted:
+        shrink = " --shrink" if size > wanted else ""
+        raise RestoreError(
+            f"restoring disk onto {image} - the image has {size} bytes, the snapshot's disk "
+            f"{wanted}: resize it first (qemu-img resize{shrink} {image} {wanted})"
+        )
 
 
 def _restore_to_file(
