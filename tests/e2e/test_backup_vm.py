@@ -453,3 +453,27 @@ def test_restore_onto_an_image_of_another_size_is_refused_naming_it(
     res = cli("restore", "disk", "latest", "--onto", other)
     assert res.code == 1 and f"onto {other}" in res.err and "qemu-img resize" in res.err, res.err
     assert "socket" not in res.err
+
+
+def test_image_arguments_that_are_odd(
+    cli: Cli, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative name with a colon is a file (not a qemu protocol), a FIFO is refused (it
+    would block the probe), and one file given twice is a usage error."""
+    monkeypatch.chdir(short_tmp)
+    reference_image(short_tmp / "vm:1.qcow2", 4 * MiB, [(0x51, 0, 1 * MiB)])
+    assert cli("init").code == 0
+    assert cli("backup", "image", "vm:1.qcow2", "-q").code == 0
+    res = cli("restore", "disk", "latest", "--to", "web:2024.qcow2", "--format", "qcow2")
+    assert res.code == 0, res.err
+    same = ["qemu-img", "compare", str(short_tmp / "vm:1.qcow2"), str(short_tmp / "web:2024.qcow2")]
+    assert subprocess.run(same, check=False, capture_output=True).returncode == 0
+    onto = cli("restore", "disk", "latest", "--onto", "web:2024.qcow2", "--changed-only")
+    assert onto.code == 0, onto.err
+    os.mkfifo(short_tmp / "fifo")
+    fifo = cli("backup", "image", short_tmp / "fifo")
+    assert fifo.code == 1 and "not a regular file or block device" in fifo.err, fifo.err
+    twice = cli(
+        "backup", "image", "vm:1.qcow2", short_tmp / "vm:1.qcow2", "--name", "a", "--name", "b"
+    )
+    assert twice.code == 2 and "same file" in twice.err, twice.err

@@ -7,6 +7,8 @@ thread imports them while Argon2id runs without the GIL.
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,10 +24,17 @@ def has_image_magic(path: Path) -> bool:
     """Whether ``path`` looks like an image format QEMU must open (a hint for preloading
     only: the command itself asks ``qemu-img``)."""
     try:
-        with path.open("rb") as f:
-            return f.read(8).startswith(_IMAGE_MAGICS)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError:
         return False
+    try:  # a FIFO given by mistake must not block here (the job refuses it)
+        mode = os.fstat(fd).st_mode
+        regular = stat.S_ISREG(mode) or stat.S_ISBLK(mode)
+        return regular and os.read(fd, 8).startswith(_IMAGE_MAGICS)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def backup_modules(

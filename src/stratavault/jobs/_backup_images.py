@@ -5,6 +5,8 @@ incremental). Apart from the VM backup: an image backup loads nothing of libvirt
 from __future__ import annotations
 
 import contextlib
+import os
+import stat
 import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from stratavault._defaults import IMAGE_FORMATS
-from stratavault.errors import UsageError
+from stratavault.errors import SourceError, UsageError
 from stratavault.jobs._backup_disk import (
     BackupDisksOptions,
     DiskSource,
@@ -37,6 +39,23 @@ def scratch_folder(given: Path | None) -> Any:
         return
     with tempfile.TemporaryDirectory(prefix="stratavault-") as tmp:
         yield Path(tmp)
+
+
+def _check_images(images: Sequence[Path]) -> None:
+    """Each image a regular file or a block device (a FIFO would block the probe), and no
+    file given twice (its second opening would find the first's lock)."""
+    seen: dict[str, Path] = {}
+    for image in images:
+        try:
+            st = image.stat()
+        except OSError as exc:
+            raise SourceError(f"backing up image {image} - {exc.strerror or exc}") from exc
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise SourceError(f"backing up image {image} - not a regular file or block device")
+        real = os.path.realpath(image)
+        if real in seen:
+            raise UsageError(f"backing up images: {seen[real]} and {image} are the same file")
+        seen[real] = image
 
 
 def _probed_format(image: Path) -> str:
@@ -75,6 +94,7 @@ def backup_images(
     chose) opened and backed up."""
     if names and len(names) != len(images):
         raise UsageError(f"{len(names)} names given for {len(images)} images")
+    _check_images([Path(i) for i in images])
     if image_format is not None and image_format not in IMAGE_FORMATS:
         raise UsageError(f"image format {image_format!r}: expected one of {IMAGE_FORMATS}")
     paths = options.paths or tuple(str(Path(i).absolute()) for i in images)

@@ -55,6 +55,12 @@ class ImageInfo:
         return ((self.backing,) if self.backing else ()) + self.extents
 
 
+def _file_argument(path: Path | str) -> str:
+    """A file name for qemu-img: absolute, so that a name with a colon (``web:2024.qcow2``)
+    is not taken for a protocol prefix."""
+    return os.path.abspath(path)
+
+
 def probe_image(path: Path | str) -> ImageInfo:
     """The format of ``path`` as ``qemu-img info`` probes it, and the files it names.
 
@@ -65,7 +71,7 @@ def probe_image(path: Path | str) -> ImageInfo:
     """
     try:
         proc = subprocess.run(
-            ["qemu-img", "info", "-U", "--output=json", str(path)],
+            ["qemu-img", "info", "-U", "--output=json", _file_argument(path)],
             capture_output=True,
             text=True,
             timeout=60,
@@ -395,7 +401,16 @@ def _punch_hole(fd: int, offset: int, length: int) -> bool:
 def convert_image(raw: Path, target: Path, fmt: str) -> None:
     """Write the raw image ``raw`` as ``target`` in format ``fmt`` with ``qemu-img convert``
     (zero ranges stay unallocated); ``RestoreError`` when it fails."""
-    cmd = ["qemu-img", "convert", "-f", "raw", "-O", fmt, str(raw), str(target)]
+    cmd = [
+        "qemu-img",
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        fmt,
+        _file_argument(raw),
+        _file_argument(target),
+    ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=None, check=False)
     except OSError as exc:
