@@ -477,3 +477,21 @@ def test_image_arguments_that_are_odd(
         "backup", "image", "vm:1.qcow2", short_tmp / "vm:1.qcow2", "--name", "a", "--name", "b"
     )
     assert twice.code == 2 and "same file" in twice.err, twice.err
+
+
+def test_a_qcow2_on_read_only_storage_is_read_in_full(cli: Cli, short_tmp: Path) -> None:
+    folder, ro = short_tmp / "images", short_tmp / "ro"
+    folder.mkdir()
+    ro.mkdir()
+    reference_image(folder / "vm.qcow2", 4 * MiB, [(0x61, 0, 1 * MiB)])
+    subprocess.run(["mount", "--bind", str(folder), str(ro)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(ro)], check=True)
+        assert cli("init").code == 0
+        for _ in range(2):  # no bitmap can be kept: each backup reads it all
+            res = cli("backup", "image", ro / "vm.qcow2", "--json")
+            assert res.code == 0, res.err
+            assert res.json_lines()[-1]["bytes_read"] >= 1 * MiB
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+    assert image_bitmaps(folder / "vm.qcow2") == []

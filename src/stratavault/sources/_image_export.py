@@ -38,8 +38,9 @@ class ImageExport:
     A qcow2 opened with ``track_changes`` (the default) is opened read-write so its
     bitmap chain rotates as for a live VM (``expected_bitmap`` as recorded by the
     parent snapshot; see :attr:`DiskExport.new_bitmap`); on failure the frozen
-    bitmap is merged back. Other formats, or ``track_changes=False``, are opened
-    read-only and always read in full. The image must not be in use by a VM.
+    bitmap is merged back. Other formats, a qcow2 that cannot be written (read-only
+    storage), or ``track_changes=False``, are opened read-only and always read in
+    full. The image must not be in use by a VM.
     """
 
     def __init__(
@@ -66,7 +67,8 @@ class ImageExport:
 
     def __enter__(self) -> ImageExport:
         fmt = self._prepare("exporting")
-        writable = self.track_changes and fmt == "qcow2"
+        # A qcow2 on read-only storage (a snapshot, a read-only mount) is read in full.
+        writable = self.track_changes and fmt == "qcow2" and os.access(self.image, os.W_OK)
         try:
             self._session = self._start_daemon(fmt, writable)
             disk = disk_by_node(self._session, _NODE)
