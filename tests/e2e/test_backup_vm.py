@@ -35,6 +35,7 @@ from stratavault.snapshot import Snapshot
 from stratavault.sources import QmpSession
 from stratavault.storage import MemoryStorage
 from tests.e2e.conftest import Cli
+from tests.sockets import wait_for_socket
 from tests.sources import vm_harness
 from tests.sources.vm_harness import KiB, MiB, Vm, plain, reference_image
 
@@ -495,3 +496,29 @@ def test_a_qcow2_on_read_only_storage_is_read_in_full(cli: Cli, short_tmp: Path)
     finally:
         subprocess.run(["umount", str(ro)], check=True)
     assert image_bitmaps(folder / "vm.qcow2") == []
+
+
+def test_restore_onto_a_raw_disk_that_a_running_vm_writes_is_refused(
+    cli: Cli, short_tmp: Path
+) -> None:
+    """QEMU's image locks say a VM has the file open for writing: writing under it would
+    corrupt the guest's view. (qcow2 targets are refused by qemu-storage-daemon's locks.)"""
+    disk = short_tmp / "vm.raw"
+    disk.write_bytes(os.urandom(1 * MiB) + bytes(3 * MiB))
+    assert cli("init").code == 0
+    assert cli("backup", "image", disk, "-q").code == 0
+    qemu = subprocess.Popen(
+        ["qemu-system-x86_64", "-machine", "accel=tcg", "-nographic", "-display", "none",
+         "-S", "-qmp", f"unix:{short_tmp}/q.sock,server=on,wait=off",
+         "-drive", f"file={disk},format=raw,if=virtio"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for_socket(short_tmp / "q.sock", qemu)
+        res = cli("restore", "disk", "latest", "--onto", disk, "--changed-only")
+        assert res.code == 1 and "running VM" in res.err, res.err
+    finally:
+        qemu.kill()
+        qemu.wait()
+    res = cli("restore", "disk", "latest", "--onto", disk, "--changed-only")
+    assert res.code == 0, res.err

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import stat
+import struct
 import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -213,6 +215,25 @@ class RawDiskSource:
         self.close()
 
 
+_QEMU_LOCK_BYTES = ((101, 1), (201, 1))
+"""Where QEMU's image locking marks that a process holds the WRITE permission (100 + 1)
+or does not share it with others (200 + 1): shared OFD locks on single bytes."""
+
+
+def _qemu_writer_lock(fd: int) -> bool:
+    """Whether another process (QEMU, qemu-nbd, qemu-storage-daemon) holds an image lock
+    that says it writes the file or forbids others to."""
+    for start, length in _QEMU_LOCK_BYTES:
+        query = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, start, length, 0)
+        try:
+            answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, query)
+        except OSError:
+            return False  # no OFD locks here: nothing to tell
+        if struct.unpack("hhqqi4x", answer)[0] != fcntl.F_UNLCK:
+            return True
+    return False
+
+
 class RawDiskTarget:
     """A raw disk being restored: a new sparse file, an existing file, or a block device.
 
@@ -263,6 +284,11 @@ class RawDiskTarget:
                 )
         elif not stat.S_ISREG(os.fstat(self._fd).st_mode):
             raise RestoreError(f"restoring disk to {self.path} - not a file or block device")
+        elif not self.fresh and _qemu_writer_lock(self._fd):
+            raise RestoreError(
+                f"restoring disk to {self.path} - a QEMU process (a running VM?) has it "
+                "open for writing; stop it first"
+            )
         else:
             os.ftruncate(self._fd, self.size_bytes)
 
