@@ -423,8 +423,8 @@ def test_changed_only_restore_after_a_shrink_and_grow_rewrites_what_was_cut(
 def test_restore_vm_of_disks_with_one_stem_into_a_relative_folder(
     cli: Cli, short_tmp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Two images a.qcow2 and a.raw: two files (not one overwriting or refusing the
-    other); a relative --to is made absolute."""
+    """Two images a.qcow2 and a.raw restored as raw: two files (not one overwriting or
+    refusing the other); a relative --to is made absolute."""
     two = short_tmp / "two"
     two.mkdir()
     reference_image(two / "a.qcow2", 4 * MiB, [(0x31, 0, 1 * MiB)])
@@ -432,7 +432,7 @@ def test_restore_vm_of_disks_with_one_stem_into_a_relative_folder(
     assert cli("init").code == 0
     assert cli("backup", "image", two / "a.qcow2", two / "a.raw", "-q").code == 0
     monkeypatch.chdir(short_tmp)
-    res = cli("restore", "vm", "latest", "--to", "rv", "--json")
+    res = cli("restore", "vm", "latest", "--to", "rv", "--format", "raw", "--json")
     assert res.code == 0, res.err
     disks = res.json_lines()[-1]["disks"]
     assert sorted(Path(str(p)).name for p in disks.values()) == ["a-2.raw", "a.raw"]  # type: ignore[union-attr]
@@ -522,3 +522,23 @@ def test_restore_onto_a_raw_disk_that_a_running_vm_writes_is_refused(
         qemu.wait()
     res = cli("restore", "disk", "latest", "--onto", disk, "--changed-only")
     assert res.code == 0, res.err
+
+
+def test_image_snapshots_record_formats_and_why_a_disk_was_read_in_full(
+    cli: Cli, short_tmp: Path
+) -> None:
+    image = short_tmp / "vm.qcow2"
+    reference_image(image, 4 * MiB, [(0x71, 0, 1 * MiB)])
+    assert cli("init").code == 0
+    first = cli("backup", "image", image)
+    assert first.code == 0 and "read in full: first backup of this disk" in first.out, first.out
+    (name,) = image_bitmaps(image)
+    subprocess.run(["qemu-img", "bitmap", "--remove", str(image), name], check=True)
+    again = cli("backup", "image", image)
+    assert again.code == 0 and f"read in full: bitmap {name}" in again.out, again.out
+    res = cli("restore", "vm", "latest", "--to", short_tmp / "rv", "--json")
+    assert res.code == 0, res.err
+    restored = Path(str(res.json_lines()[-1]["disks"]["vm.qcow2"]))  # type: ignore[index]
+    assert restored.name == "vm.qcow2"  # its format back, not raw
+    cmp = ["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(restored), str(image)]
+    assert subprocess.run(cmp, check=False).returncode == 0

@@ -127,7 +127,4 @@ def run_vm(ns: argparse.Namespace, options: GlobalOptions) -> int:
         snap = backup_vm(repo, job, progress=progress)
     config = snap.vm_config or {}
     out.text(f"VM {snap.paths[0]}: {config.get('consistency', '')}")
-    for disk, reason in (config.get("full_read") or {}).items():
-        if reason:
-            out.text(f"disk {disk}: read in full ({reason})")
     return report_disk_backup(out, snap)

@@ -14,8 +14,11 @@ if TYPE_CHECKING:
 def report_disk_backup(out: Output, snap: Snapshot) -> int:
     """Print what a disk or VM backup did (text or a JSON summary); exit code."""
     s = snap.summary
+    full_read = (snap.vm_config or {}).get("full_read") or {}
     for d in snap.disks:
         out.text(f"Disk {d.name}: {format_bytes(d.size_bytes)} ({d.path})")
+        if full_read.get(d.name):
+            out.text(f"  read in full: {full_read[d.name]}")
     out.text(
         f"Read {format_bytes(s.bytes_read)}; added to the repository: "
         f"{format_bytes(s.bytes_added_stored)} ({s.chunks_added} new chunks)"

@@ -112,16 +112,21 @@ def backup_images(
         named = [
             (Path(image), names[n] if names else Path(image).name) for n, image in enumerate(images)
         ]
-        sources = [
+        opened = [
             _image_source(
                 stack, image, name, image_format, scratch / f"image{number}",
                 recorded.get((str(image.absolute()), name)),
             )
             for number, (image, name) in enumerate(named)
         ]  # fmt: skip
-        return backup_disks(
-            repo, sources, replace(options, paths=paths), progress=progress, cancel=cancel
-        )
+        # The layout, as for a VM: restore vm gives each disk its format back
+        config = {
+            "disks": [layout for _source, layout, _why in opened],
+            "full_read": {layout["device"]: why for _source, layout, why in opened},
+        }
+        options = replace(options, paths=paths, vm_config=config)
+        sources = [source for source, _layout, _why in opened]
+        return backup_disks(repo, sources, options, progress=progress, cancel=cancel)
 
 
 def _image_source(
@@ -131,19 +136,21 @@ def _image_source(
     image_format: str | None,
     scratch: Path,
     bitmap: str | None,
-) -> DiskSource:
+) -> tuple[DiskSource, dict[str, str], str | None]:
     """The source of one image, closed with ``stack``: a raw file or device read directly,
     another format through a private qemu-storage-daemon (``bitmap``: the one the parent
-    snapshot recorded for it)."""
+    snapshot recorded for it). With it, the disk's layout (name, file, format) and why it
+    is read in full when it has a bitmap chain that could not be used."""
     fmt = image_format or ("raw" if image.is_block_device() else _probed_format(image))
+    layout = {"device": name, "filename": str(image.absolute()), "format": fmt}
     if fmt == "raw":
         raw = RawDiskSource(image, name=name)
         stack.callback(raw.close)
-        return raw
+        return raw, layout, None
     export = stack.enter_context(ImageExport(image, scratch, fmt=fmt, expected_bitmap=bitmap))
     assert export.export is not None
     source = NbdDiskSource(export.export)
     source.name = name
     source.path = str(image.absolute())
     stack.callback(source.close)
-    return source
+    return source, layout, export.export.full_read_reason
