@@ -384,6 +384,7 @@ def _run_and_save(
             run.errors.append(FileError(source.name, "disk changed while it was read"))
             run.progress.warn(f"disk {source.name}: changed while it was read")
     run.shutdown(cancel=False)
+    run.repo.flush()  # the last pack and the index are part of the time taken
     run.summary.duration_s = round(now() - t0, 3)
     snapshot = Snapshot(
         time=started,

@@ -212,6 +212,7 @@ def _run_and_save(
         root = _finishancestors(run, dirs)
         run.shutdown(cancel=False)
         assert root.subtree is not None
+        run.repo.flush()  # the last pack and the index are part of the time taken
         run.summary.duration_s = round(now() - t0, 3)
         snapshot = Snapshot(
             time=started,
