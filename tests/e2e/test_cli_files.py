@@ -150,6 +150,10 @@ def test_listing_commands_and_json(cli: Cli, tmp_path: Path) -> None:
     assert snaps[0]["tree"] in cat.out
     config = cli("cat", "config")
     assert '"version"' in config.out or "version" in config.out
+    blob = cli("cat", "blob", snaps[0]["tree"])  # a tree is a blob too
+    assert blob.code == 0 and blob.out
+    absent = cli("cat", "blob", "ab" * 32)
+    assert absent.code == 1 and "no chunk" in absent.err, absent.err  # not damage (12)
 
 
 def test_incomplete_snapshot_exit_code(cli: Cli, tmp_path: Path) -> None:

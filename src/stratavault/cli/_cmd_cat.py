@@ -7,7 +7,7 @@ import json
 import sys
 
 from stratavault.cli._context import GlobalOptions, open_repo
-from stratavault.errors import UsageError
+from stratavault.errors import ChunkNotFoundError, StratavaultError, UsageError
 from stratavault.types import CHUNK_ID_BYTES, ChunkId
 
 KINDS = ("config", "snapshot", "tree", "blob")
@@ -52,5 +52,9 @@ def run(ns: argparse.Namespace, options: GlobalOptions) -> int:
                 cid = b""
             if len(cid) != CHUNK_ID_BYTES:
                 raise UsageError(f"cat blob: {ns.ref!r} is not a {CHUNK_ID_BYTES}-byte hex id")
-            sys.stdout.buffer.write(repo.read_chunk(ChunkId(cid)))
+            try:
+                data = repo.read_chunk(ChunkId(cid))
+            except ChunkNotFoundError:  # an id typed in: not found, not damage
+                raise StratavaultError(f"cat blob: no chunk {ns.ref} in the repository") from None
+            sys.stdout.buffer.write(data)
     return 0
