@@ -381,3 +381,26 @@ def test_control_characters_in_names_are_escaped_in_text_output(cli: Cli, tmp_pa
     assert f"M  {src}/two\\nlines" in diff
     names = {e["path"] for e in cli("ls", "latest", "--json").json_lines()}
     assert f"{src}/two\nlines" in names
+
+
+def test_sockets_are_backed_up_as_entries_and_named_when_left_out(cli: Cli, tmp_path: Path) -> None:
+    import socket
+
+    src = Path(tempfile.mkdtemp(prefix="sv-sock-", dir="/tmp"))  # a short path for the socket
+    try:
+        (src / "f").write_text("x")
+        with socket.socket(socket.AF_UNIX) as listener:
+            listener.bind(str(src / "app.sock"))
+            assert cli("init").code == 0
+            assert cli("backup", "files", src, "-q").code == 0
+        kinds = {
+            Path(e["path"]).name: e["type"] for e in cli("ls", "latest", "--json").json_lines()
+        }
+        assert kinds["app.sock"] == "socket"
+        text = cli("restore", f"latest:{src}", "--target", tmp_path / "t")
+        assert text.code == 0 and "left out 1 sockets" in text.out, text.out
+        res = cli("restore", f"latest:{src}", "--target", tmp_path / "j", "--json")
+        assert res.json_lines()[-1]["skipped"] == ["app.sock"]
+        assert (tmp_path / "j" / "f").exists() and not (tmp_path / "j" / "app.sock").exists()
+    finally:
+        shutil.rmtree(src)

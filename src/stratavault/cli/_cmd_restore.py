@@ -235,6 +235,8 @@ def run_files(ns: argparse.Namespace, word: str, options: GlobalOptions) -> int:
         f"entries ({format_bytes(result.bytes_written)}) from snapshot {snap.short_id} "
         f"to {ns.target}"
     )
+    if result.skipped:
+        out.text(f"left out {len(result.skipped)} sockets (not restored; their programs make them)")
     if ns.verify:
         out.text(f"verified {result.files_verified} files")
     out.data(
@@ -247,6 +249,7 @@ def run_files(ns: argparse.Namespace, word: str, options: GlobalOptions) -> int:
             "bytes_written": result.bytes_written,
             "files_verified": result.files_verified,
             "issues": [{"path": p, "error": e} for p, e in result.issues],
+            "skipped": result.skipped,
         }
     )
     if result.issues:

@@ -73,6 +73,8 @@ class RestoreResult:
     bytes_written: int = 0
     files_verified: int = 0
     issues: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    """Entries left out on purpose: sockets (a program makes them when it starts)."""
 
 
 def _process_count(wanted: int) -> int:
@@ -292,5 +294,6 @@ def restore_files(
     finally:
         issues = run.fs.close()
     run.result.issues[:0] = [(i.path, str(i.error)) for i in issues]
+    run.result.skipped = [i.path for i in run.fs.skipped]
     run.progress.done(run.state)
     return run.result
