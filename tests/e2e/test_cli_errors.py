@@ -305,6 +305,12 @@ def test_tampered_key_file_and_newer_format_have_their_own_exit_codes(
     newer = cli("snapshots")
     assert newer.code == UnsupportedFormatError.exit_code, newer.err
     assert "99" in newer.err or "version" in newer.err
+    conf["version"] = 1
+    for bad_id, code in ((conf["id"][:-1] + "z", 12), (conf["id"][::-1], 3)):
+        config.write_text(json.dumps({**conf, "id": bad_id}))
+        damaged = cli("snapshots")  # not hex: damage; hex but another: no slot opens
+        assert damaged.code == code, damaged.err
+        assert ("not 64 hex digits" if code == 12 else "bound to the config's id") in damaged.err
 
 
 def _descendants(pid: int) -> list[int]:

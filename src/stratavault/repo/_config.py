@@ -48,6 +48,8 @@ def read_config(storage: Storage) -> dict[str, Any]:
         version = config["version"]
         if not isinstance(version, int) or not isinstance(config["id"], str):
             raise ValueError("version or id has the wrong type")
+        if len(config["id"]) != 64 or config["id"].strip("0123456789abcdef"):
+            raise ValueError(f"id {config['id']!r} is not 64 hex digits")
     except (ValueError, KeyError, TypeError) as exc:
         raise IntegrityError(f"reading config of repository at {where} - malformed: {exc}") from exc
     if version > F.FORMAT_VERSION:

@@ -76,7 +76,8 @@ def unlock(
     if not slots:
         raise KeyFileDamagedError(f"opening repository at {where} - no key slots in keys/")
     raise PassphraseError(
-        f"opening repository at {where} - wrong passphrase: none of {len(slots)} key slots opens"
+        f"opening repository at {where} - wrong passphrase: none of {len(slots)} key slots "
+        "opens (they are bound to the config's id: a changed config would look the same)"
     )
 
 
