@@ -12,7 +12,9 @@ spreads the reading over days.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import islice
 
 from stratavault.errors import DataDamagedError
 from stratavault.jobs._progress import Cancellation, NullProgress, Progress, ProgressState, now
@@ -63,7 +65,13 @@ class _Checker:
         self.seen_trees: set[ChunkId] = set()
         self.pack_chunks: dict[str, list[ChunkId]] = {}
         """The chunks snapshots use, by pack (once :meth:`check_chunks` ran)."""
+        self.pack_sizes: dict[str, int] = {}
+        """The packs on the backend and their sizes (listed once, by :meth:`check_chunks`)."""
         self.state = ProgressState(phase="check", started=now())
+
+    def users(self, ids: Iterable[ChunkId]) -> list[tuple[str, str]]:
+        """The first snapshots and paths that use any of ``ids``."""
+        return list(islice((u for cid in ids for u in self.refs[cid]), _REFS_KEPT))
 
     def refer(self, cid: ChunkId, snapshot: str, path: str) -> None:
         users = self.refs.setdefault(cid, [])
@@ -113,22 +121,21 @@ class _Checker:
     def check_index_packs(self) -> None:
         """Every pack the index names must exist, used by a snapshot or not (those used by one
         were reported with their snapshots already), and be large enough for what the index
-        places in it (a truncated pack is found without reading it)."""
-        sizes = {obj.name: obj.size_bytes for obj in self.repo.storage.list("data/")}
+        places in it (a truncated pack is found without reading it). Runs after
+        :meth:`check_chunks`, whose listing of the packs it uses."""
         reported = {d.object for d in self.result.damages}
         for pack, least in sorted(self.repo.indexed_packs().items()):
-            size = sizes.get(pack)
+            size = self.pack_sizes.get(pack)
             if f"pack {pack}" in reported or (size is not None and size >= least):
                 continue
-            users = [u for cid in self.pack_chunks.get(pack, ()) for u in self.refs[cid]]
             if size is None:
                 problem = "in the index but missing (run `repair index`)"
             else:
                 problem = f"truncated: {size} bytes, the index places data up to byte {least}"
-            self.damage(f"pack {pack}", problem, users[:_REFS_KEPT])
+            self.damage(f"pack {pack}", problem, self.users(self.pack_chunks.get(pack, ())))
 
     def check_chunks(self, read_data: bool, subset: Subset | None) -> None:
-        existing = {obj.name: obj.size_bytes for obj in self.repo.storage.list("data/")}
+        existing = self.pack_sizes = {o.name: o.size_bytes for o in self.repo.storage.list("data/")}
         missing: list[ChunkId] = []
         # also finds chunks of packs a prune is about to delete
         by_pack = self.pack_chunks = self.repo.chunks_by_pack(self.refs, missing=missing)
@@ -139,8 +146,7 @@ class _Checker:
         for pack, ids in by_pack.items():
             self.cancel.check()
             if pack not in existing and not pack.startswith("("):
-                users = [u for cid in ids for u in self.refs[cid]][:_REFS_KEPT]
-                self.damage(f"pack {pack}", f"missing ({len(ids)} chunks)", users)
+                self.damage(f"pack {pack}", f"missing ({len(ids)} chunks)", self.users(ids))
             elif read_data and (subset is None or subset.selects(pack)):
                 self.read_pack(pack, ids)
                 if pack in existing:
@@ -168,17 +174,16 @@ class _Checker:
     def read_header(self, pack: str, size: int, ids: list[ChunkId]) -> None:
         """The pack's own header (what `repair index` rebuilds the index from) must be
         intact and list the chunks the index places in the pack."""
-        users = [u for cid in ids for u in self.refs[cid]][:_REFS_KEPT]
         try:
             listed = self.repo.pack_header_ids(pack, size)
         except DataDamagedError as exc:
             keep = "its chunks are indexed, and `repair index` keeps their entries"
-            self.damage(f"pack {pack}", f"header: {exc} ({keep})", users)
+            self.damage(f"pack {pack}", f"header: {exc} ({keep})", self.users(ids))
             return
         absent = [cid for cid in ids if cid not in listed]
         if absent:
             problem = f"header does not list {len(absent)} chunks the index places here"
-            self.damage(f"pack {pack}", f"{problem}, e.g. {absent[0].hex()[:16]}", users)
+            self.damage(f"pack {pack}", f"{problem}, e.g. {absent[0].hex()[:16]}", self.users(ids))
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,7 @@ from stratavault.jobs._vm_boot import (
     boot_command,
     disk_files,
     make_overlays,
+    original_formats,
     process_alive,
     read_pid,
     start_qemu,
@@ -120,7 +121,7 @@ def start_instant_vm(repo: Repository, snapshot: Snapshot, options: InstantOptio
     except BaseException:
         _stop(server_pid)
         raise
-    formats = {str(d["device"]): str(d.get("format", "raw")) for d in config.get("disks", [])}
+    formats = original_formats(config)
     vm = InstantVm(
         run_dir=run_dir, command=command, qemu_pid=proc.pid, server_pid=server_pid,
         qmp_socket=run_dir / "qmp.sock", overlays=overlays, exports=exports,

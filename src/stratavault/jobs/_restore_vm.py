@@ -6,15 +6,19 @@ from __future__ import annotations
 import json
 import os
 import shlex
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from stratavault.errors import RestoreError, UsageError
 from stratavault.jobs._progress import Cancellation, Progress
 from stratavault.jobs._restore_disk import RestoreDiskOptions, RestoreDiskResult, restore_disk
-from stratavault.jobs._vm_boot import disk_files, start_qemu, vm_command, without_network
+from stratavault.jobs._vm_boot import (
+    disk_files,
+    original_formats,
+    start_qemu,
+    vm_command,
+    without_network,
+)
 from stratavault.repo import Repository
 from stratavault.snapshot import Snapshot
 
@@ -55,10 +59,6 @@ class RestoreVmResult:
     qmp_socket: Path | None = None
 
 
-def _original_formats(config: Mapping[str, Any]) -> dict[str, str]:
-    return {str(d["device"]): str(d.get("format", "raw")) for d in config.get("disks", [])}
-
-
 def _restore_disks(
     repo: Repository, snapshot: Snapshot, options: RestoreVmOptions,
     progress: Progress | None, cancel: Cancellation | None, result: RestoreVmResult,
@@ -76,7 +76,7 @@ def _restore_disks(
 def _plan_disks(snapshot: Snapshot, options: RestoreVmOptions, result: RestoreVmResult) -> None:
     """Each disk's format (``--format``, else its original one when QEMU can start it
     from a file, else qcow2) and file (unique in the target folder)."""
-    original = _original_formats(snapshot.vm_config or {})
+    original = original_formats(snapshot.vm_config or {})
     for ref in snapshot.disks:
         was = original.get(ref.name, "raw")
         result.formats[ref.name] = options.format or (was if was in _STARTABLE_FORMATS else "qcow2")

@@ -20,6 +20,7 @@ __all__ = [
     "boot_command",
     "disk_files",
     "make_overlays",
+    "original_formats",
     "process_alive",
     "read_pid",
     "start_qemu",
@@ -113,6 +114,11 @@ def _with_format(arg: str, fmt: str) -> str:
     ``driver=``; a protocol driver such as ``driver=file`` stays)."""
     arg = re.sub(rf"(^|,)driver=(?:{_IMAGE_DRIVERS})(?=,|$)", rf"\1driver={fmt}", arg)
     return re.sub(r"(^|,)format=[^,]*", rf"\1format={fmt}", arg)
+
+
+def original_formats(config: Mapping[str, Any]) -> dict[str, str]:
+    """Disk -> its image format, as the snapshot's configuration recorded it (raw if not)."""
+    return {str(d["device"]): str(d.get("format", "raw")) for d in config.get("disks", [])}
 
 
 def disk_files(folder: Path, formats: Mapping[str, str]) -> dict[str, Path]:
