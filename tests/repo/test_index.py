@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,8 +11,9 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from stratavault.repo import KdfParams, Repository
+from stratavault.repo import KdfParams, Repository, _index
 from stratavault.repo._index import ChunkIndex, Entry
 from stratavault.storage import LocalStorage, MemoryStorage
 
@@ -275,8 +277,10 @@ def test_index_objects_replaced_while_opening_are_listed_again(
     assert not before & {o.name for o in storage.list("index/")}
 
 
-def _index_of(seed: int, count: int) -> ChunkIndex:
+def _index_of(seed: int, count: int, *, packs_reversed: bool = False) -> ChunkIndex:
     index = ChunkIndex()
+    for number in reversed(range(3)) if packs_reversed else ():
+        index.pack_number(f"data/p{seed}-{number}")
     for i in range(count):
         cid = bytes([seed]) * 16 + i.to_bytes(16, "big")
         index.add(cid, Entry(index.pack_number(f"data/p{seed}-{i % 3}"), 0, i, 10, 20))
@@ -298,6 +302,33 @@ def test_the_cache_pairs_entries_with_the_index_objects_they_cover(tmp_path: Pat
     found = index.lookup(cid)
     assert found is not None and index.packs[found.pack] == "data/p2-1" and found.offset == 79
     assert [p.name for p in tmp_path.iterdir()] == ["index.cache"]
+
+
+def test_a_cache_replaced_while_it_is_loaded_gives_one_saves_packs_and_entries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process replaces the cache after the loader read its head: the entries
+    must still be those of the head read (the file was opened twice: prune then paired one
+    save's list of packs with another's entries and read chunks from the wrong packs)."""
+    ours, theirs = _index_of(1, 50), _index_of(1, 50, packs_reversed=True)
+    ours.save(tmp_path, ["index/a"])
+
+    class ReplacedAfterTheHead:
+        dumps = staticmethod(json.dumps)
+
+        @staticmethod
+        def loads(text: bytes) -> object:
+            theirs.save(tmp_path, ["index/b"])
+            return json.loads(text)
+
+    monkeypatch.setattr(_index, "json", ReplacedAfterTheHead)
+    loaded = ChunkIndex.load(tmp_path)
+    assert loaded is not None
+    index, covered = loaded
+    assert covered == {"index/a"}
+    for i in range(50):
+        found = index.lookup(bytes([1]) * 16 + i.to_bytes(16, "big"))
+        assert found is not None and index.packs[found.pack] == f"data/p1-{i % 3}", i
 
 
 def test_a_damaged_cache_is_ignored_and_the_index_read_from_the_repository(

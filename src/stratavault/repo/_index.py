@@ -301,16 +301,19 @@ class ChunkIndex:
         absent or unusable (then the index is read from the backend)."""
         path = directory / _CACHE_NAME
         try:
+            # One open for the head and the entries: another process may replace the file
+            # in between, and its entries read with this head's list of packs would send
+            # chunks to the wrong packs (found by prune running beside two backups).
             with path.open("rb") as fh:
                 magic, head_len, offset = _CACHE_PREFIX.unpack(fh.read(_CACHE_PREFIX.size))
                 meta = json.loads(fh.read(head_len))
-            count = meta["entries"]
-            if magic != _CACHE_MAGIC or meta.get("version") != _CACHE_VERSION:
-                return None
-            arr: Array = np.zeros(0, dtype=INDEX_ENTRY)
-            if count:  # still mapped, but a plain ndarray: np.memmap's __getitem__ is slow
-                mapped = np.memmap(path, INDEX_ENTRY, mode="r", offset=offset, shape=(count,))
-                arr = mapped.view(np.ndarray)
+                count = meta["entries"]
+                if magic != _CACHE_MAGIC or meta.get("version") != _CACHE_VERSION:
+                    return None
+                arr: Array = np.zeros(0, dtype=INDEX_ENTRY)
+                if count:  # still mapped, but a plain ndarray: np.memmap's __getitem__ is slow
+                    mapped = np.memmap(fh, INDEX_ENTRY, mode="r", offset=offset, shape=(count,))
+                    arr = mapped.view(np.ndarray)
             if len(arr) and int(arr["pack"].max()) >= len(meta["packs"]):
                 return None
         except (OSError, ValueError, KeyError, TypeError, struct.error):
