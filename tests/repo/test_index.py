@@ -277,6 +277,41 @@ def test_index_objects_replaced_while_opening_are_listed_again(
     assert not before & {o.name for o in storage.list("index/")}
 
 
+def test_a_prune_rewriting_the_index_again_and_again_does_not_stop_an_open(
+    repo: Repository, storage: MemoryStorage
+) -> None:
+    """Prunes one after the other each rewrite the index while we read it, more times than
+    we list ``index/`` again: what was read is kept, so every listing gets further."""
+    from stratavault.repo._collect import rewrite_index
+    from stratavault.storage import StorageWrapper
+
+    chunks = random_chunks(40, 20_000)
+    ids = [repo.chunk_id(c) for c in chunks]
+    for cid, data in zip(ids, chunks, strict=True):
+        repo.add_chunk(cid, data)
+        repo.flush()  # an index object per chunk
+    every = 1
+
+    class PrunesBeside(StorageWrapper):
+        rewrites = 0
+        reads = 0
+
+        def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+            nonlocal every
+            if name.startswith("index/"):
+                self.reads += 1
+                if self.rewrites < 8 and self.reads % 2 == 0:  # after one read each time
+                    self.rewrites += 1
+                    every = 3 - every  # other groupings: other names
+                    with open_repo(storage, None, index_every_packs=every) as other:
+                        rewrite_index(other)
+            return super().get(name, offset, length)
+
+    racing = PrunesBeside(storage)
+    with open_repo(racing, None) as again:
+        assert racing.rewrites == 8 and all(again.has_chunk(c) for c in ids)
+
+
 def _index_of(seed: int, count: int, *, packs_reversed: bool = False) -> ChunkIndex:
     index = ChunkIndex()
     for number in reversed(range(3)) if packs_reversed else ():

@@ -23,45 +23,61 @@ __all__ = [
 ]
 
 _SYNC_ATTEMPTS = 5
-"""Listings of ``index/`` before giving up when its objects keep changing under us."""
+"""Listings of ``index/`` in a row that read nothing before an object was gone, before
+giving up."""
 
 
 def sync_index(repo: Repository) -> None:
     """Load the cached chunk index and bring it up to date with ``index/``.
 
     An index object that is gone between listing and reading was replaced by a prune
-    running beside us (it writes the new objects before it deletes the old): list again.
+    running beside us (it writes the new objects before it deletes the old): list again
+    and read the objects not read yet. What was read stays (a prune that runs again and
+    again must not keep us from ever finishing); such an index holds more than the objects
+    listed now, which is safe for a holder of a lock taken before the listing (prune waits
+    for it before deleting those packs), and its cache names the gone objects, so no other
+    process trusts it.
     """
-    for attempt in range(_SYNC_ATTEMPTS):
-        try:
-            _sync_index_once(repo)
-            return
-        except ObjectNotFoundError:
-            if attempt == _SYNC_ATTEMPTS - 1:
-                raise
-
-
-def _sync_index_once(repo: Repository) -> None:
-    names = {obj.name for obj in repo.storage.list(F.INDEX_PREFIX)}
+    names = _listed(repo)
     cache_dir = repo._cache_dir
     cached = ChunkIndex.load(cache_dir) if cache_dir is not None else None
     index, covered = cached if cached is not None and cached[1] <= names else (ChunkIndex(), set())
-    missing = sorted(names - covered)
-    damaged: list[str] = []
-    for name in missing:
+    done, damaged = set(covered), set()
+    fruitless = 0
+    while True:
         try:
-            packs, entries = repo._read_index_object(name)
-        except DataDamagedError:
-            damaged.append(name)  # its packs look unindexed: `repair index` rebuilds
-            continue
-        numbers = [index.pack_number(p) for p in packs]
-        entries["pack"] = [numbers[n] for n in entries["pack"]]
-        index.add_entries(entries)
-    names -= set(damaged)  # not covered: read (and skipped) again at the next open
-    with repo._lock:
-        repo._index, repo._index_objects = index, names
+            for name in sorted(names - done - damaged):
+                if _add_index_object(repo, index, name):
+                    done.add(name)
+                else:
+                    damaged.add(name)  # its packs look unindexed: `repair index` rebuilds
+                fruitless = 0
+            break
+        except ObjectNotFoundError:
+            fruitless += 1
+            if fruitless == _SYNC_ATTEMPTS:
+                raise
+            names = _listed(repo)
+    with repo._lock:  # damaged objects are not covered: read (and skipped) at the next open
+        repo._index, repo._index_objects = index, done
         repo._cache_covers = set(cached[1]) if cached is not None else None  # what the file says
     repo._save_cache()  # when it covers other index objects than the cache did
+
+
+def _listed(repo: Repository) -> set[str]:
+    return {obj.name for obj in repo.storage.list(F.INDEX_PREFIX)}
+
+
+def _add_index_object(repo: Repository, index: ChunkIndex, name: str) -> bool:
+    """Add the entries of index object ``name`` to ``index``; False when it is damaged."""
+    try:
+        packs, entries = repo._read_index_object(name)
+    except DataDamagedError:
+        return False
+    numbers = [index.pack_number(p) for p in packs]
+    entries["pack"] = [numbers[n] for n in entries["pack"]]
+    index.add_entries(entries)
+    return True
 
 
 def damaged_index_names(repo: Repository) -> list[str]:
