@@ -42,7 +42,7 @@ def sync_index(repo: Repository) -> None:
     cache_dir = repo._cache_dir
     cached = ChunkIndex.load(cache_dir) if cache_dir is not None else None
     index, covered = cached if cached is not None and cached[1] <= names else (ChunkIndex(), set())
-    done, damaged = set(covered), set()
+    done, damaged = set(covered), set[str]()
     fruitless = 0
     while True:
         try:
