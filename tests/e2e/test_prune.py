@@ -164,6 +164,41 @@ def test_backup_running_beside_prune_keeps_its_data(storage: MemoryStorage, tmp_
         assert restored_digest(repo, result["id"], tmp_path / "out", src) == digest
 
 
+def test_a_reader_opened_before_prune_puts_planned_packs_back_still_finds_them(
+    storage: MemoryStorage, tmp_path: Path
+) -> None:
+    """A reader opens while a snapshot's packs are out of the index (a plan names them);
+    before it reads, the next prune puts them back into the index and drops the plan. The
+    reader's index lacks them and no plan names them any more: it must look again, not
+    report them missing (check and restore said "not in the index" beside prune)."""
+    src = tmp_path / "src"
+    digest = write_tree(src, 3)
+    with open_repo(storage, tmp_path / "c") as repo:
+        repo.remove_snapshot(backup(repo, src))  # its chunks are garbage now
+    pause = _PauseOnce()
+    result: dict[str, str] = {}
+
+    def run_backup() -> None:  # indexed before prune: deduplicates against planned packs
+        with open_repo(storage, tmp_path / "cb") as repo_b:
+            snap = backup_files(repo_b, BackupFilesOptions(paths=(src,), host="b"), cancel=pause)
+            result["id"] = snap.id
+
+    thread = threading.Thread(target=run_backup)
+    thread.start()
+    assert pause.paused.wait(30)
+    with open_repo(storage, tmp_path / "c") as repo:
+        assert prune(repo, max_unused=0.0).postponed  # out of the index, in a plan
+    pause.release.set()
+    thread.join(60)
+    snap = result["id"]
+    with open_repo(storage, None) as reader:
+        with open_repo(storage, tmp_path / "c") as repo:
+            done = prune(repo, max_unused=0.0)
+        assert done.finished[0].restored_packs and list(storage.list("gc/")) == []
+        assert restored_digest(reader, snap, tmp_path / "out", src) == digest
+        assert check_repository(reader, read_data=True).damages == []
+
+
 def test_backup_after_index_rewrite_does_not_reuse_planned_packs(
     storage: MemoryStorage, tmp_path: Path
 ) -> None:

@@ -61,6 +61,10 @@ __all__ = ["Repository"]
 
 Clock = Callable[[], float]
 
+LOOK_AGAIN_S = 1.0
+"""A chunk found nowhere makes the repository list the plans and the index again, at most
+this often (damage found by check or restore must not make it list them for every chunk)."""
+
 
 @dataclass(frozen=True, slots=True)
 class _Options:
@@ -103,6 +107,7 @@ class Repository:
         self._cache_covers: set[str] | None = None
         """The index objects the local cache file was last loaded or saved with."""
         self._pending: ChunkIndex | None = None
+        self._looked_again = -LOOK_AGAIN_S
         self._tree_windows = _reading.WindowCache()
         self._frames = FrameCache(FRAMES_CACHED)
         self._filling = OpenPacks(staging_folder(storage, cache_dir), options.pack_target_bytes)
@@ -316,7 +321,29 @@ class Repository:
             _locate_in(self._index, chunk_ids, located)
         if None in located:
             _locate_in(self._pending_index(), chunk_ids, located)
+        if None in located and self._look_again():
+            with self._lock:
+                _locate_in(self._index, chunk_ids, located)
+            _locate_in(self._pending_index(), chunk_ids, located)
         return located
+
+    def _look_again(self) -> bool:
+        """After a chunk was found neither in the index nor in packs a prune is deleting:
+        list the plans, then the index, again (at most once a second); whether it did.
+
+        A prune that puts packs back into the index (a backup beside an earlier prune used
+        them) writes their index object before it removes the plan: a reader that read the
+        index before the one and the plans after the other saw neither. Plans first, then
+        the index, is the order that cannot miss both.
+        """
+        now = time.monotonic()
+        with self._lock:
+            if now - self._looked_again < LOOK_AGAIN_S:
+                return False
+            self._looked_again, self._pending = now, None
+        self._pending_index()
+        self._resync_index()
+        return True
 
     def _not_found(self, chunk_id: bytes) -> ChunkNotFoundError:
         return ChunkNotFoundError(
