@@ -1,25 +1,42 @@
 """The command line: thin commands over the jobs layer."""
 
+from __future__ import annotations
+
 import atexit
 import os
 import sys
 import threading
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from stratavault.repo import DerivedKeys
 
 
-def run(argv: Sequence[str] | None = None, *, read_ahead: bool = False) -> int:
-    """Run the command line with ``argv``; return the exit code (``read_ahead``: see
-    :func:`stratavault.cli._app.main`)."""
+def run(
+    argv: Sequence[str] | None = None,
+    *,
+    read_ahead: bool = False,
+    derived_keys: DerivedKeys | None = None,
+) -> int:
+    """Run the command line with ``argv``; return the exit code (``read_ahead`` and
+    ``derived_keys``: see :func:`stratavault.cli._app.main`)."""
     from stratavault.cli._app import main as app_main
 
-    return app_main(argv, read_ahead=read_ahead)
+    return app_main(argv, read_ahead=read_ahead, derived_keys=derived_keys)
 
 
 def main() -> None:
-    """Entry point of the ``stratavault`` console script."""
+    """Entry point of the ``stratavault`` console script: the command runs in the host
+    agent when ``STRATAVAULT_AGENT`` names one that answers, else here."""
     try:
-        code = run(read_ahead=True)
+        code = None
+        if os.environ.get("STRATAVAULT_AGENT"):
+            from stratavault.cli._agent_client import forward
+
+            code = forward(sys.argv[1:])
+        if code is None:
+            code = run(read_ahead=True)
     except KeyboardInterrupt:  # Ctrl-C before the command set up its own handling
         print("stratavault: interrupted", file=sys.stderr)
         code = 130

@@ -9,10 +9,12 @@ import signal
 import sys
 from collections.abc import Sequence
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 from stratavault import __version__
 from stratavault._malloc import tune_malloc
 from stratavault.cli import (
+    _cmd_agent,
     _cmd_backup,
     _cmd_cat,
     _cmd_check,
@@ -37,6 +39,9 @@ from stratavault.cli import (
 from stratavault.cli._context import GlobalOptions, path_arg
 from stratavault.errors import EXIT_CODES, Interrupted, StratavaultError
 
+if TYPE_CHECKING:
+    from stratavault.repo import DerivedKeys
+
 __all__ = ["main"]
 
 COMMANDS: tuple[ModuleType, ...] = (
@@ -59,6 +64,7 @@ COMMANDS: tuple[ModuleType, ...] = (
     _cmd_cat,
     _cmd_key,
     _cmd_unlock,
+    _cmd_agent,
 )
 
 
@@ -137,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _options(ns: argparse.Namespace) -> GlobalOptions:
+def _options(ns: argparse.Namespace, derived_keys: DerivedKeys | None = None) -> GlobalOptions:
     return GlobalOptions(
         repository=ns.repository,
         password_file=ns.password_file,
@@ -148,14 +154,21 @@ def _options(ns: argparse.Namespace) -> GlobalOptions:
         quiet=ns.quiet,
         limit_upload_kib=ns.limit_upload_kib,
         limit_download_kib=ns.limit_download_kib,
+        derived_keys=derived_keys,
     )
 
 
-def main(argv: Sequence[str] | None = None, *, read_ahead: bool = False) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    read_ahead: bool = False,
+    derived_keys: DerivedKeys | None = None,
+) -> int:
     """Run the command line; return the exit code (documented in ``--help``).
 
     ``read_ahead`` (the console script): read ahead the files this command loaded last
     time, and list the ones it loads now (see :mod:`stratavault.cli._readahead`).
+    ``derived_keys``: the host agent's memory of key derivations (:mod:`._agent`).
     """
     # numpy's BLAS is never used: it need not start a thread per core when numpy loads
     # (25-30 ms of every disk command's start here). Set before anything imports numpy.
@@ -167,7 +180,7 @@ def main(argv: Sequence[str] | None = None, *, read_ahead: bool = False) -> int:
     except SystemExit as exc:  # --help, --version, or a usage error (already printed)
         return exc.code if isinstance(exc.code, int) else 2
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    options = _options(ns)
+    options = _options(ns, derived_keys)
     manifest = None
     if read_ahead:
         manifest = _readahead.manifest_path(options.effective_cache_dir, _command_name(ns))

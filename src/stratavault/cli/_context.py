@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +17,7 @@ from stratavault._defaults import default_cache_dir
 from stratavault.errors import NoPassphraseError, PassphraseError, UsageError
 
 if TYPE_CHECKING:  # imported where used: a command that needs no repository does not load them
-    from stratavault.repo import KdfParams, Repository
+    from stratavault.repo import DerivedKeys, KdfParams, Repository
     from stratavault.storage import Storage
 
 __all__ = [
@@ -48,6 +48,8 @@ class GlobalOptions:
     quiet: bool = False
     limit_upload_kib: int | None = None
     limit_download_kib: int | None = None
+    derived_keys: DerivedKeys | None = field(default=None, compare=False, repr=False)
+    """Key derivations remembered by the host agent running this command (else None)."""
 
     @property
     def repository_location(self) -> str:
@@ -225,6 +227,7 @@ def open_repo(
             before_derive=(lambda: _import_in_background(preload, after_s=_PRELOAD_AFTER_S))
             if preload
             else None,
+            derived=options.derived_keys,
         )
         from stratavault.repo import Repository
 

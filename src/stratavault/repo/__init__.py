@@ -11,7 +11,11 @@ from stratavault._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from stratavault.repo._collect import GcResult as GcResult
-    from stratavault.repo._crypto import ChunkSealer as ChunkSealer, KdfParams as KdfParams
+    from stratavault.repo._crypto import (
+        ChunkSealer as ChunkSealer,
+        DerivedKeys as DerivedKeys,
+        KdfParams as KdfParams,
+    )
     from stratavault.repo._gc import GcPlan as GcPlan, PendingDeletion as PendingDeletion
     from stratavault.repo._keys import KeyInfo as KeyInfo
     from stratavault.repo._locks import LockInfo as LockInfo

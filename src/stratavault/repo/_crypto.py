@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import blake3
 from cryptography.exceptions import InvalidTag
@@ -21,6 +21,7 @@ from stratavault.types import BlobKind, ChunkId
 __all__ = [
     "AuthenticationFailed",
     "ChunkSealer",
+    "DerivedKeys",
     "KdfParams",
     "MasterKeys",
     "compress",
@@ -30,6 +31,19 @@ __all__ = [
 
 class AuthenticationFailed(Exception):
     """Internal: an envelope did not authenticate (callers turn it into a named error)."""
+
+
+class DerivedKeys(Protocol):
+    """A memory of key derivations that opened a key slot (the host agent's, which spares
+    each command its ~0.1 s of Argon2id). It only saves recomputing a pure function of
+    its arguments: a changed or removed slot has another salt, so nothing it holds opens
+    a slot the passphrase no longer opens."""
+
+    def get(self, kdf: KdfParams, salt: bytes, passphrase: bytes) -> bytes | None:
+        """The key ``kdf`` derives from ``passphrase`` and ``salt``, if remembered."""
+
+    def put(self, kdf: KdfParams, salt: bytes, passphrase: bytes, key: bytes) -> None:
+        """Remember a derivation that opened a slot."""
 
 
 @dataclass(frozen=True, slots=True)

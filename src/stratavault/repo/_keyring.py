@@ -12,7 +12,7 @@ from stratavault.errors import (
     UsageError,
 )
 from stratavault.repo import _formats as F
-from stratavault.repo._crypto import KdfParams, MasterKeys
+from stratavault.repo._crypto import DerivedKeys, KdfParams, MasterKeys
 from stratavault.repo._keys import KeyInfo, KeySlot, make_key_file, parse_key_file
 from stratavault.storage import Storage
 
@@ -50,10 +50,11 @@ def unlock(
     passphrase: bytes,
     repo_id: str,
     before_derive: Callable[[], object] | None = None,
+    derived: DerivedKeys | None = None,
 ) -> tuple[MasterKeys, str]:
     """Try every slot; return the master keys and the name of the slot that opened
     (``before_derive``: called once, after the slots are read, before the first key
-    derivation).
+    derivation; ``derived``: see :meth:`KeySlot.unwrap`).
 
     PassphraseError when every slot is intact and none opens; KeyFileDamagedError
     when none opens and some slot is damaged (it may have been the right one).
@@ -64,7 +65,7 @@ def unlock(
     damaged = [s for s in slots if isinstance(s, KeyFileDamagedError)]
     for slot in slots:
         if isinstance(slot, KeySlot):
-            keys = slot.unwrap(passphrase, repo_id)
+            keys = slot.unwrap(passphrase, repo_id, derived)
             if keys is not None:
                 return keys, slot.name
     where = storage.properties.location

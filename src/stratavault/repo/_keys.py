@@ -16,7 +16,14 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from stratavault.errors import KeyFileDamagedError, UnsupportedFormatError
 from stratavault.repo import _formats as F
-from stratavault.repo._crypto import AuthenticationFailed, KdfParams, MasterKeys, seal, unseal
+from stratavault.repo._crypto import (
+    AuthenticationFailed,
+    DerivedKeys,
+    KdfParams,
+    MasterKeys,
+    seal,
+    unseal,
+)
 
 __all__ = ["KeyInfo", "KeySlot", "make_key_file", "parse_key_file"]
 
@@ -52,13 +59,21 @@ class KeySlot:
             current=current,
         )
 
-    def unwrap(self, passphrase: bytes, repo_id: str) -> MasterKeys | None:
-        """Return the master keys, or None if ``passphrase`` does not open this slot."""
-        wrapping = AESGCM(self.kdf.derive(passphrase, self.salt))
+    def unwrap(
+        self, passphrase: bytes, repo_id: str, derived: DerivedKeys | None = None
+    ) -> MasterKeys | None:
+        """Return the master keys, or None if ``passphrase`` does not open this slot
+        (``derived``: derivations remembered, and where to remember this one)."""
+        key = derived.get(self.kdf, self.salt, passphrase) if derived is not None else None
+        fresh = key is None
+        if key is None:
+            key = self.kdf.derive(passphrase, self.salt)
         try:
-            material = unseal(wrapping, self.wrapped, F.AD_KEY + repo_id.encode())
+            material = unseal(AESGCM(key), self.wrapped, F.AD_KEY + repo_id.encode())
         except AuthenticationFailed:
             return None
+        if fresh and derived is not None:
+            derived.put(self.kdf, self.salt, passphrase, key)
         return MasterKeys(material)
 
 

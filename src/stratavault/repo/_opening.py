@@ -18,7 +18,7 @@ from stratavault._defaults import default_cache_dir
 from stratavault.errors import ObjectExistsError, ObjectNotFoundError, RepositoryExistsError
 from stratavault.repo import _formats as F, _immutable, _keyring
 from stratavault.repo._config import new_config, read_config
-from stratavault.repo._crypto import KdfParams, MasterKeys
+from stratavault.repo._crypto import DerivedKeys, KdfParams, MasterKeys
 from stratavault.storage import Storage
 
 __all__ = ["Unlocked", "create_repository", "default_cache_dir", "unlock_repository"]
@@ -34,15 +34,20 @@ class Unlocked:
 
 
 def unlock_repository(
-    storage: Storage, passphrase: bytes, *, before_derive: Callable[[], object] | None = None
+    storage: Storage,
+    passphrase: bytes,
+    *,
+    before_derive: Callable[[], object] | None = None,
+    derived: DerivedKeys | None = None,
 ) -> Unlocked:
     """Read the config (applying its object-lock settings to ``storage``) and unlock a key
     slot with ``passphrase`` (``PassphraseError`` when none opens). ``before_derive`` is
     called once the key slots are read, just before the key derivation (~0.1 s of native
-    code without the GIL): a caller can start other work to run meanwhile."""
+    code without the GIL): a caller can start other work to run meanwhile. ``derived``:
+    key derivations remembered from earlier commands (the host agent's)."""
     config = read_config(storage)
     _immutable.apply(storage, _immutable.days(config, storage), creating=False)
-    keys, key_name = _keyring.unlock(storage, passphrase, config["id"], before_derive)
+    keys, key_name = _keyring.unlock(storage, passphrase, config["id"], before_derive, derived)
     return Unlocked(config, keys, key_name)
 
 
