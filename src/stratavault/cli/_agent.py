@@ -165,7 +165,7 @@ def serve(
                             log("the code on disk changed: ending (commands run without me)")
                             return 0
                     else:
-                        _read_keys(sel, key.fd, memory)
+                        _read_keys(sel, key.fd, memory, log)
                 memory.expire()
         except KeyboardInterrupt:
             log("ending")
@@ -309,11 +309,14 @@ def _answer(conn: socket.socket, reply: dict[str, Any]) -> None:
         conn.sendall(json.dumps(reply).encode() + b"\n")
 
 
-def _read_keys(sel: selectors.BaseSelector, fd: int, memory: KeyMemory) -> None:
+def _read_keys(
+    sel: selectors.BaseSelector, fd: int, memory: KeyMemory, log: Callable[[str], None]
+) -> None:
     """Take the derivations a command sends; close its pipe once it has ended."""
     data = os.read(fd, 64 * _RECORD)
     for at in range(0, len(data) - _RECORD + 1, _RECORD):
         memory.store(data[at : at + _RECORD])
+        log(f"remembering a key derivation for {memory.ttl_s:g} s ({len(memory)} kept)")
     if not data:
         sel.unregister(fd)
         os.close(fd)
@@ -381,7 +384,10 @@ def _pass_signals_on(conn: socket.socket, finished: threading.Event) -> None:
     """A thread that turns each signal the client passes on, and the client's end (EOF),
     into SIGINT here (the command stops as it does on Ctrl-C), until ``finished``."""
 
-    def watch() -> None:
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def watch() -> None:  # to the main thread itself: a wait there must wake up (EINTR)
         conn.settimeout(None)
         while not finished.is_set():
             try:
@@ -391,7 +397,7 @@ def _pass_signals_on(conn: socket.socket, finished: threading.Event) -> None:
             if finished.is_set():
                 return
             if not data or any(sig in FORWARDED_SIGNALS for sig in data):
-                signal.raise_signal(signal.SIGINT)
+                signal.pthread_kill(main, signal.SIGINT)
             if not data:
                 return
 

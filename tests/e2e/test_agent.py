@@ -1,0 +1,216 @@
+"""The host agent (``stratavault agent``): commands handed to it by clients that set
+STRATAVAULT_AGENT run as they do alone (output, exit codes, relative paths, Ctrl-C), its
+memory of key derivations never opens a slot the passphrase no longer opens, and without
+a usable agent a command simply runs in its client."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from stratavault.cli._agent import KeyMemory
+from stratavault.repo import KdfParams
+from tests.e2e.conftest import Cli
+from tests.e2e.test_prune import tree_digest, write_tree
+
+_EXE = str(Path(sys.executable).with_name("stratavault"))
+
+
+@dataclass
+class Agent:
+    socket: Path
+    log: Path
+    proc: subprocess.Popen[str]
+
+    def lines(self) -> list[str]:
+        return self.log.read_text().splitlines()
+
+    def pids(self, command: str) -> list[int]:
+        """Processes the agent forked for ``command`` (its log says so)."""
+        found = (re.search(rf"{command}.* in process (\d+)$", line) for line in self.lines())
+        return [int(m.group(1)) for m in found if m]
+
+
+def _start_agent(cli: Cli, folder: Path, *args: str) -> Agent:
+    folder.mkdir(mode=0o700, exist_ok=True)
+    sock, log = folder / "agent.sock", folder / "agent.log"
+    proc = subprocess.Popen(
+        [_EXE, "agent", "--socket", str(sock), "--json", *args],
+        env={**os.environ, **cli.env}, stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    ready = json.loads(proc.stdout.readline())  # once the modules are loaded
+    assert ready == {"message_type": "agent", "socket": str(sock)}
+    return Agent(sock, log, proc)
+
+
+@pytest.fixture
+def agent(cli: Cli, tmp_path: Path) -> Iterator[Agent]:
+    started = _start_agent(cli, tmp_path / "agent")
+    yield started
+    started.proc.send_signal(signal.SIGTERM)
+    assert started.proc.wait(30) == 0
+    assert not started.socket.exists()
+
+
+def _via(agent: Agent) -> dict[str, str]:
+    return {"STRATAVAULT_AGENT": str(agent.socket)}
+
+
+def test_commands_run_in_the_agent_as_they_do_alone(cli: Cli, agent: Agent, tmp_path: Path) -> None:
+    assert cli("init").code == 0
+    src = tmp_path / "src"
+    digest = write_tree(src, 1, files=5, size=70_000)
+    res = cli.subprocess("backup", "files", src, "--json", env=_via(agent))
+    assert res.code == 0, res.err
+    assert res.json_lines()[-1]["message_type"] == "summary"
+    assert agent.pids("backup files")
+    alone = cli.subprocess("snapshots", "--json")
+    served = cli.subprocess("snapshots", "--json", env=_via(agent))
+    assert served.out == alone.out and served.err == alone.err == ""
+    # The client's working folder: a relative target lands below it.
+    proc = subprocess.run(
+        [_EXE, "restore", "latest", "--target", "out"], cwd=tmp_path,
+        env={**os.environ, **cli.env, **_via(agent)}, capture_output=True, text=True,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert tree_digest(tmp_path / "out" / src.relative_to("/")) == digest
+    assert len(agent.pids("restore")) == 1
+    # Errors: the client's exit code and its stderr, nothing on stdout.
+    res = cli.subprocess("cat", "snapshot", "nonexistent", env=_via(agent))
+    assert res.code == 2 and res.out == "" and "expected 'latest'" in res.err
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not the passphrase\n")
+    res = cli.subprocess("snapshots", env={**_via(agent), "STRATAVAULT_PASSWORD_FILE": str(wrong)})
+    assert res.code == 3 and "wrong passphrase" in res.err
+
+
+def test_a_remembered_derivation_never_opens_a_changed_slot(
+    cli: Cli, agent: Agent, tmp_path: Path
+) -> None:
+    assert cli("init").code == 0
+    assert cli.subprocess("snapshots", env=_via(agent)).code == 0
+    remembered = [line for line in agent.lines() if "remembering a key derivation" in line]
+    assert len(remembered) == 1
+    assert cli.subprocess("snapshots", env=_via(agent)).code == 0  # the same passphrase: remembered
+    assert [line for line in agent.lines() if "remembering" in line] == remembered
+    new = tmp_path / "new-pass"
+    new.write_text("another passphrase\n")
+    res = cli.subprocess("key", "passwd", "--new-password-file", new, env=_via(agent))
+    assert res.code == 0, res.err
+    res = cli.subprocess(
+        "snapshots", env=_via(agent)
+    )  # the old passphrase, remembered by the agent
+    assert res.code == 3 and "wrong passphrase" in res.err
+    res = cli.subprocess("snapshots", env={**_via(agent), "STRATAVAULT_PASSWORD_FILE": str(new)})
+    assert res.code == 0, res.err
+
+
+def _slow_backup(cli: Cli, agent: Agent, tmp_path: Path) -> tuple[subprocess.Popen[str], int]:
+    """A backup (through the agent) held back by a 64 KiB/s upload limit, once it holds
+    its lock; the client and the agent's process running it."""
+    assert cli("init").code == 0
+    src = tmp_path / "big"
+    src.mkdir()
+    (src / "random").write_bytes(os.urandom(8 << 20))
+    client = subprocess.Popen(
+        [_EXE, "backup", "files", str(src), "--limit-upload", "64", "-q"],
+        env={**os.environ, **cli.env, **_via(agent)}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (agent.pids("backup files") and list((cli.repo / "locks").iterdir())):
+        assert time.monotonic() < deadline and client.poll() is None
+        time.sleep(0.05)
+    return client, agent.pids("backup files")[0]
+
+
+def _wait_gone(pid: int) -> None:
+    deadline = time.monotonic() + 60
+    while Path(f"/proc/{pid}").exists() and "Z" not in _state(pid):
+        assert time.monotonic() < deadline, f"process {pid} still runs"
+        time.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
+
+
+def test_ctrl_c_in_the_client_stops_the_command_cleanly(
+    cli: Cli, agent: Agent, tmp_path: Path
+) -> None:
+    client, pid = _slow_backup(cli, agent, tmp_path)
+    client.send_signal(signal.SIGINT)
+    _out, err = client.communicate(timeout=60)
+    assert client.returncode == 130, err
+    assert "interrupted" in err
+    _wait_gone(pid)
+    assert list((cli.repo / "locks").iterdir()) == []
+    assert cli("check").code == 0
+
+
+def test_a_killed_client_stops_its_command(cli: Cli, agent: Agent, tmp_path: Path) -> None:
+    client, pid = _slow_backup(cli, agent, tmp_path)
+    client.kill()
+    client.wait()
+    _wait_gone(pid)  # it saw the client's end as an interrupt, and stopped cleanly
+    assert list((cli.repo / "locks").iterdir()) == []
+    assert cli("check").code == 0
+
+
+def test_without_a_usable_agent_commands_run_in_the_client(
+    cli: Cli, agent: Agent, tmp_path: Path
+) -> None:
+    assert cli("init").code == 0
+    res = cli.subprocess("snapshots", env={"STRATAVAULT_AGENT": str(tmp_path / "none.sock")})
+    assert res.code == 0, res.err
+    # Another user cannot reach the agent (its folder is 0700): runs alone, as that user.
+    res = cli.subprocess("--version", env=_via(agent), as_user="nobody")
+    assert res.code == 0 and res.out.startswith("stratavault ")
+    assert not agent.pids("--version")
+    assert [line for line in agent.lines() if "in process" in line] == []
+
+
+def test_a_second_agent_on_the_same_socket_is_refused(cli: Cli, agent: Agent) -> None:
+    res = cli.subprocess("agent", "--socket", agent.socket)
+    assert res.code == 2 and "another agent is listening" in res.err
+    assert agent.proc.poll() is None
+
+
+def test_an_open_socket_folder_is_refused(cli: Cli, tmp_path: Path) -> None:
+    folder = tmp_path / "open"
+    folder.mkdir(mode=0o755)
+    folder.chmod(0o755)
+    res = cli.subprocess("agent", "--socket", folder / "agent.sock")
+    assert res.code == 2 and "closed to others" in res.err
+
+
+def test_key_memory_forgets_after_its_time_and_keeps_nothing_with_ttl_0() -> None:
+    now = [0.0]
+    memory = KeyMemory(10, clock=lambda: now[0])
+    kdf = KdfParams.fast()
+    tag = memory.tag(kdf, b"salt", b"pass")
+    assert tag != memory.tag(kdf, b"salt", b"pass2") != memory.tag(kdf, b"salt2", b"pass")
+    assert tag != KeyMemory(10).tag(kdf, b"salt", b"pass")  # a secret of each agent
+    memory.store(tag + b"k" * 32)
+    assert memory.lookup(tag) == b"k" * 32
+    now[0] = 10.0
+    assert memory.lookup(tag) is None
+    memory.expire()
+    assert len(memory) == 0
+    never = KeyMemory(0)
+    never.store(tag + b"k" * 32)
+    assert len(never) == 0
