@@ -108,9 +108,7 @@ def test_a_remembered_derivation_never_opens_a_changed_slot(
     new.write_text("another passphrase\n")
     res = cli.subprocess("key", "passwd", "--new-password-file", new, env=_via(agent))
     assert res.code == 0, res.err
-    res = cli.subprocess(
-        "snapshots", env=_via(agent)
-    )  # the old passphrase, remembered by the agent
+    res = cli.subprocess("snapshots", env=_via(agent))  # the old one, remembered
     assert res.code == 3 and "wrong passphrase" in res.err
     res = cli.subprocess("snapshots", env={**_via(agent), "STRATAVAULT_PASSWORD_FILE": str(new)})
     assert res.code == 0, res.err
