@@ -25,7 +25,11 @@ Each run, with fresh repositories:
    restic and borg back up the changed ``disk.raw`` again.
 5. restore: each tool restores the latest backup to a new file (checked with cmp).
 6. changed-only: stratavault restores the latest snapshot ``--onto`` a copy of the base
-   image ``--changed-only`` (checked with cmp against the changed image).
+   image ``--changed-only`` (checked with cmp against the changed image); changed-only-bitmap
+   restores it onto the qcow2 with the change reverted, whose bitmap marks what to write.
+6a. The full restore and both changed-only restores again through a host agent
+   (``stratavault agent``, which has run one command before: the passphrase's key
+   derivation is remembered, as in an agent in use): ``*-agent`` rows.
 7. sparse-64g: stratavault backs up (fresh repository) a 64 GiB sparse raw image holding the
    base image at its start and 24 MiB elsewhere; its peak memory is compared with the full
    backup of the 2 GiB image.
@@ -44,7 +48,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,17 +295,17 @@ def check_restore(ctx: RunContext, tool: Tool, target: Path) -> str:
     return "restore ok (cmp)"
 
 
-def changed_only(ctx: RunContext, sv: ImageStratavault) -> Measurement:
+def changed_only(ctx: RunContext, sv: ImageStratavault, phase: str = "changed-only") -> Measurement:
     """Restore the latest snapshot onto a copy of the base image, writing what differs."""
     onto = ctx.work / "onto.raw"
     subprocess.run(["cp", "--sparse=always", str(ctx.ds.base), str(onto)], check=True)
     cmd = [sv.executable(), "restore", "disk", "latest", "--onto", str(onto), "--changed-only"]
-    seconds, rss = timed(sv, cmd, "changed-only")
+    seconds, rss = timed(sv, cmd, phase)
     if not same_file(onto, ctx.raw):
-        raise BenchError("changed-only restore: the result differs from the changed image")
-    report = (sv.home / "changed-only.log").read_text().splitlines()[-1]
+        raise BenchError(f"{phase} restore: the result differs from the changed image")
+    report = (sv.home / f"{phase}.log").read_text().splitlines()[-1]
     onto.unlink()
-    return Measurement(sv.name, "changed-only", seconds, rss, du_bytes(sv.repo), report.strip())
+    return Measurement(sv.name, phase, seconds, rss, du_bytes(sv.repo), report.strip())
 
 
 def revert_change(ctx: RunContext) -> None:
@@ -322,21 +327,76 @@ def revert_change(ctx: RunContext) -> None:
         raise BenchError("reverting the change in the qcow2 did not give the base image")
 
 
-def changed_only_bitmap(ctx: RunContext, sv: ImageStratavault) -> Measurement:
+def changed_only_bitmap(
+    ctx: RunContext, sv: ImageStratavault, phase: str = "changed-only-bitmap"
+) -> Measurement:
     """The same delta restored onto the qcow2 that has the latest snapshot's bitmap: only
     what the bitmap marks is written, nothing is compared."""
     revert_change(ctx)
     cmd = [sv.executable(), "restore", "disk", "latest", "--onto", str(ctx.qcow2)]
-    seconds, rss = timed(sv, [*cmd, "--changed-only"], "changed-only-bitmap")
+    seconds, rss = timed(sv, [*cmd, "--changed-only"], phase)
     same = subprocess.run(
         ["qemu-img", "compare", str(ctx.qcow2), str(ctx.raw)], capture_output=True
     )
     if same.returncode != 0:
-        raise BenchError("changed-only restore with the bitmap: the result differs")
-    report = (sv.home / "changed-only-bitmap.log").read_text().strip().splitlines()
-    return Measurement(
-        sv.name, "changed-only-bitmap", seconds, rss, du_bytes(sv.repo), " / ".join(report[-2:])
-    )
+        raise BenchError(f"{phase} restore with the bitmap: the result differs")
+    report = (sv.home / f"{phase}.log").read_text().strip().splitlines()
+    return Measurement(sv.name, phase, seconds, rss, du_bytes(sv.repo), " / ".join(report[-2:]))
+
+
+@dataclass
+class AgentStratavault(ImageStratavault):
+    """The same stratavault, its commands run by a host agent (``stratavault agent``)."""
+
+    socket: Path = Path("agent.sock")
+
+    def env(self) -> dict[str, str]:
+        env = super().env()
+        env["STRATAVAULT_AGENT"] = str(self.socket)
+        return env
+
+
+@contextmanager
+def host_agent(sv: ImageStratavault) -> Iterator[AgentStratavault]:
+    """A host agent for ``sv``'s repository that has run one command already (as an agent
+    in use has: the passphrase's key derivation is remembered)."""
+    folder = sv.home / "agent"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    via = AgentStratavault(
+        sv.name, sv.home, images=sv.images, src=sv.src, chunk_kib=sv.chunk_kib,
+        socket=folder / "agent.sock",
+    )  # fmt: skip
+    with open(sv.home / "agent.log", "wb") as log:
+        agent = subprocess.Popen(
+            [sv.executable(), "agent", "--socket", str(via.socket)],
+            env=sv.env(), stdout=subprocess.PIPE, stderr=log,
+        )  # fmt: skip
+    try:
+        assert agent.stdout is not None
+        if not agent.stdout.readline().startswith(b"agent listening"):
+            raise BenchError(f"the agent did not start: see {sv.home / 'agent.log'}")
+        run_measured([via.executable(), "snapshots"], via.env(), sv.home, sv.home / "warm.log")
+        yield via
+    finally:
+        agent.terminate()
+        agent.wait(30)
+
+
+def through_agent(ctx: RunContext, sv: ImageStratavault) -> list[Measurement]:
+    """The full restore and both changed-only restores again, run by a host agent (peak
+    RSS is the client's only: the command runs in the agent's process)."""
+    with host_agent(sv) as via:
+        target = ctx.work / "restore-agent"
+        target.mkdir()
+        seconds, rss = timed(via, via.restore_cmd(target, 1), "restore-agent")
+        check_restore(ctx, via, target)
+        shutil.rmtree(target)
+        full = Measurement(sv.name, "restore-agent", seconds, rss, du_bytes(sv.repo), "cmp ok")
+        return [
+            full,
+            changed_only(ctx, via, "changed-only-agent"),
+            changed_only_bitmap(ctx, via, "changed-only-bitmap-agent"),
+        ]
 
 
 def sparse_64g(ctx: RunContext, sv: ImageStratavault) -> Measurement:
@@ -398,7 +458,10 @@ def one_run(
         for m in out:
             if m.tool == sv.name and m.phase == "incremental":
                 m.check = f"read {inc['bytes_read']} bytes (bitmap {inc['disks'][0]['bitmap']})"  # type: ignore[index]
-        extras = (changed_only(ctx, sv), changed_only_bitmap(ctx, sv), sparse_64g(ctx, sv))
+        extras = (
+            changed_only(ctx, sv), changed_only_bitmap(ctx, sv), *through_agent(ctx, sv),
+            sparse_64g(ctx, sv),
+        )  # fmt: skip
         for extra in extras:
             print(
                 f"  {extra.phase:<11} {sv.name:<12} {extra.seconds:8.2f} s "
@@ -441,6 +504,10 @@ RATIOS = (
      ("restore", SV, "seconds"), ("changed-only", SV, "seconds")),
     ("changed-only restore (qcow2 bitmap) >= 5x own full restore", 5.0,
      ("restore", SV, "seconds"), ("changed-only-bitmap", SV, "seconds")),
+    ("through the host agent: changed-only (compare) >= 5x full restore", 5.0,
+     ("restore-agent", SV, "seconds"), ("changed-only-agent", SV, "seconds")),
+    ("through the host agent: changed-only (qcow2 bitmap) >= 5x full restore", 5.0,
+     ("restore-agent", SV, "seconds"), ("changed-only-bitmap-agent", SV, "seconds")),
     ("peak RSS 64 GiB sparse <= 1.5x 2 GiB (ratio 2 GiB / 64 GiB >= 0.67)", 1 / 1.5,
      ("full", SV, "peak_rss_kib"), ("sparse-64g", SV, "peak_rss_kib")),
 )  # fmt: skip
