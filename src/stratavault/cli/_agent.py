@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
 
 from stratavault.cli._agent_client import FORWARDED_SIGNALS, peer_uid
 from stratavault.errors import UsageError
@@ -152,6 +152,7 @@ def serve(
         with suppress(Exception):
             importlib.import_module(name)
     _wait_for_one_thread(log)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # commands are reaped by the kernel
     memory = KeyMemory(key_ttl_s)
     fingerprint = code_fingerprint()
     with _listening(socket_path) as listener, selectors.DefaultSelector() as sel:
@@ -368,16 +369,19 @@ def _become_client(request: dict[str, Any]) -> None:
     os.environ.update({str(k): str(v) for k, v in request["env"].items()})
     tempfile.tempdir = None  # found again from this environment's TMPDIR
     time.tzset()
-    sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
-    sys.stdout = io.TextIOWrapper(
-        io.FileIO(1, "w", closefd=False), encoding="utf-8", line_buffering=os.isatty(1)
-    )
-    sys.stderr = io.TextIOWrapper(
-        io.FileIO(2, "w", closefd=False),
-        encoding="utf-8",
-        errors="backslashreplace",
-        line_buffering=True,
-    )
+    sys.stdin = _stream(sys.stdin, 0, "r")
+    sys.stdout = _stream(sys.stdout, 1, "w")
+    sys.stderr = _stream(sys.stderr, 2, "w")
+
+
+def _stream(like: TextIO, fd: int, mode: str) -> TextIO:
+    """A text stream on ``fd`` as the interpreter makes one at start-up: buffered,
+    line-buffered on a terminal (stderr always), with ``like``'s encoding and errors."""
+    opened = open(fd, mode, encoding=like.encoding, errors=like.errors, closefd=False)  # noqa: SIM115
+    stream = cast(io.TextIOWrapper, opened)
+    if fd == 2 or (mode == "w" and os.isatty(fd)):
+        stream.reconfigure(line_buffering=True)
+    return stream
 
 
 def _pass_signals_on(conn: socket.socket, finished: threading.Event) -> None:
