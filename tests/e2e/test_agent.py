@@ -145,7 +145,9 @@ def test_ctrl_c_in_the_client_stops_the_command_as_alone(
     client, pid = _serving(cli, agent, tmp_path)
     client.send_signal(signal.SIGINT)
     _out, err = client.communicate(timeout=60)
-    assert client.returncode == 0, err  # serve-nbd ends with 0 on Ctrl-C
+    # serve-nbd ends with 0 on Ctrl-C while it serves; 130 when the signal comes between
+    # printing its line and waiting (alone as well)
+    assert client.returncode in (0, 130), err
     _wait_gone(pid)
     assert not (tmp_path / "nbd.sock").exists()
     # A command that Ctrl-C interrupts (here in its password command) exits 130.

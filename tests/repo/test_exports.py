@@ -12,6 +12,7 @@ def test_public_names_are_pinned() -> None:
     assert sorted(stratavault.repo.__all__) == [
         "ChunkInfo",
         "ChunkSealer",
+        "DerivedKeys",
         "GcPlan",
         "GcResult",
         "KdfParams",
