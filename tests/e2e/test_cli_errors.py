@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import signal
@@ -169,10 +170,39 @@ def test_ctrl_c_leaves_consistent_repository_and_next_backup_reuses(
     assert proc.returncode == 130, err
     assert b"interrupted" in err
     assert cli("snapshots", "--json").json() == []
+    landed = sum(p.stat().st_size for p in (cli.repo / "data").rglob("*") if p.is_file())
     second = cli("backup", "files", src, "--json")
     assert second.code == 0, second.err
     summary = second.json_lines()[-1]
-    assert summary["bytes_added_stored"] < 130 << 20  # what landed before Ctrl-C was reused
+    # What landed before Ctrl-C (two packs at least) is reused; the rest is uploaded again.
+    assert summary["bytes_added_stored"] < (161 << 20) - landed < 140 << 20
+
+
+def test_ctrl_c_does_not_wait_for_an_upload_held_back_by_the_limit(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """8 MiB at 64 KiB/s: the pack's upload would take two minutes; Ctrl-C ends the
+    command at once (it used to flush first) and the next backup completes."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "random").write_bytes(os.urandom(8 << 20))
+    cli("init")
+    exe = Path(sys.executable).with_name("stratavault")
+    proc = subprocess.Popen(
+        [str(exe), "backup", "files", str(src), "--limit-upload", "64", "--json"],
+        env={**os.environ, **cli.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:  # progress lines: the file has been read once it is done
+        if json.loads(line).get("files_done") == 1:
+            break
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert not list((cli.repo / "locks").iterdir())
+    assert cli("check").code == 0
+    assert cli("backup", "files", src).code == 0
+    assert cli("check", "--read-data").code == 0
 
 
 def test_sigkill_mid_backup_then_resume(cli: Cli, tmp_path: Path) -> None:

@@ -351,9 +351,9 @@ def backup_disks(
         try:
             with Ticker(progress, run.state):
                 snapshot = _run_and_save(run, sources, parent, started, t0)
-        except BaseException:
+        except BaseException as exc:
             run.shutdown(cancel=True)
-            repo.flush()
+            repo.settle(exc)
             raise
     progress.done(run.state)
     return snapshot

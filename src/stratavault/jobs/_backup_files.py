@@ -204,7 +204,8 @@ def _run_and_save(
     """Walk, wait for the files, write the trees and the snapshot.
 
     On any failure or Ctrl-C the workers stop, and what was uploaded gets indexed,
-    so the next backup reuses it; no snapshot is written.
+    so the next backup reuses it (Ctrl-C does not wait for uploads in flight: see
+    ``Repository.abandon``); no snapshot is written.
     """
     try:
         dirs = _buildancestors(run, roots)
@@ -231,9 +232,9 @@ def _run_and_save(
         run.cancel.check()
         save_snapshot(run.repo, snapshot)
         run.listings.save(snapshot.id)
-    except BaseException:
+    except BaseException as exc:
         run.cancel.cancel()
         run.shutdown(cancel=True)
-        run.repo.flush()
+        run.repo.settle(exc)
         raise
     return snapshot

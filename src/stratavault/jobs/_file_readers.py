@@ -134,6 +134,9 @@ class FileReaders:
         If worker processes cannot run here (they failed to start or died), the batch
         and all later ones are read in threads of this process instead.
         """
+        if work.cancelled():  # Ctrl-C dropped it from the queue
+            _chain(work, batch.future)
+            return
         if isinstance(work.exception(), (BrokenProcessPool, OSError)):
             self._processes_failed = True
             redo = self._threads.submit(self._read, paths)

@@ -16,6 +16,7 @@ import numpy.typing as npt
 
 from stratavault.errors import (
     ChunkNotFoundError,
+    Interrupted,
     ObjectExistsError,
     StorageError,
 )
@@ -60,6 +61,9 @@ _Located = tuple[str, Entry, bytes | None]
 __all__ = ["Repository"]
 
 Clock = Callable[[], float]
+
+ABANDON_GRACE_S = 2.0
+"""How long Ctrl-C waits for the uploads in flight and the open packs (see ``abandon``)."""
 
 LOOK_AGAIN_S = 1.0
 """A chunk found nowhere makes the repository list the plans and the index again, at most
@@ -678,13 +682,42 @@ class Repository:
     def __enter__(self) -> Repository:
         return self
 
+    def abandon(self, grace_s: float = ABANDON_GRACE_S) -> None:
+        """Stop soon (Ctrl-C): flush as :meth:`close` does, but wait at most ``grace_s``
+        for it. What has not landed by then is not waited for (the uploads go on in
+        daemon threads until the process ends; a put is atomic): the next backup indexes
+        the packs that landed from their headers and uploads the rest again, as after a
+        crash. Flushing to the end took minutes at a low ``--limit-upload``."""
+        if self._closed:
+            return
+        self._closed = True
+
+        def finish() -> None:
+            with suppress(Exception):  # the command fails with the interrupt already
+                self.flush()
+
+        finisher = threading.Thread(target=finish, name="stratavault-abandon", daemon=True)
+        finisher.start()
+        finisher.join(grace_s)
+
+    def settle(self, failure: BaseException) -> None:
+        """After a job failed: on Ctrl-C :meth:`abandon`, else :meth:`flush` (what was
+        uploaded gets indexed, so the next backup reuses it)."""
+        if isinstance(failure, (KeyboardInterrupt, Interrupted)):
+            self.abandon()
+        else:
+            self.flush()
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        if isinstance(exc, (KeyboardInterrupt, Interrupted)):
+            self.abandon()
+        else:
+            self.close()
 
 
 def _locate_in(index: ChunkIndex, ids: Sequence[bytes], located: list[_Located | None]) -> None:
