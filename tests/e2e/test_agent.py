@@ -5,16 +5,19 @@ a usable agent a command simply runs in its client."""
 
 from __future__ import annotations
 
+import array
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -240,3 +243,113 @@ def test_key_memory_forgets_after_its_time_and_keeps_nothing_with_ttl_0() -> Non
     never = KeyMemory(0)
     never.store(tag + b"k" * 32)
     assert len(never) == 0
+
+
+def _client(cli: Cli, agent: Agent, *args: str | Path, **popen: Any) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [_EXE, *map(str, args)], env={**os.environ, **cli.env, **_via(agent)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen,
+    )  # fmt: skip
+
+
+def test_a_client_with_fewer_privileges_or_another_priority_runs_alone(
+    cli: Cli, agent: Agent
+) -> None:
+    """Same user, but without capabilities, or niced: the agent refuses (it would run the
+    command with its own), and the command runs in the client."""
+    assert cli("init").code == 0
+    for prefix, differs in (
+        (["setpriv", "--bounding-set=-all", "--inh-caps=-all"], "CapBnd"),
+        (["nice", "-n", "5"], "nice"),
+    ):
+        proc = subprocess.run(
+            [*prefix, _EXE, "snapshots", "--json"], env={**os.environ, **cli.env, **_via(agent)},
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0 and json.loads(proc.stdout) == [], proc.stderr
+        refused = [line for line in agent.lines() if "refused a command" in line]
+        assert refused and differs in refused[-1]
+    assert not agent.pids("snapshots")
+
+
+def test_bad_requests_do_not_end_the_agent(cli: Cli, agent: Agent) -> None:
+    for body in (b"[]", b'{"argv": [1, 2]}', b"[" * 100_000, b"\xff"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(agent.socket))
+        data = len(body).to_bytes(4, "big") + body
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
+        sock.recv(100)
+        sock.close()
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.connect(str(agent.socket))  # says nothing: dropped after 2 s
+    assert cli("init").code == 0
+    assert cli.subprocess("snapshots", env=_via(agent)).code == 0
+    silent.close()
+    assert agent.proc.poll() is None and agent.pids("snapshots")
+
+
+def test_exit_codes_descriptors_and_ignored_signals_as_alone(
+    cli: Cli, agent: Agent, tmp_path: Path
+) -> None:
+    assert cli("init").code == 0
+    # A write error on stdout is not lost.
+    with open("/dev/full", "w") as full:
+        alone = subprocess.run([_EXE, "snapshots"], env={**os.environ, **cli.env}, stdout=full)
+        served = subprocess.run(
+            [_EXE, "snapshots"], env={**os.environ, **cli.env, **_via(agent)}, stdout=full
+        )
+    assert alone.returncode != 0 and served.returncode != 0  # 1, or 120 at the final flush
+    # A descriptor besides the standard ones (a password file as /dev/fd/N).
+    read_end, write_end = os.pipe()
+    os.write(write_end, cli.password_file.read_bytes())
+    os.close(write_end)
+    proc = _client(
+        cli, agent, "snapshots", "--password-file", f"/dev/fd/{read_end}", pass_fds=(read_end,)
+    )
+    os.close(read_end)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    # A command killed by a signal: 128 + its number, as alone.
+    proc = _client(cli, agent, "snapshots", "--password-command", "kill -9 $PPID")
+    proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGKILL
+    # SIGHUP ignored by the client (nohup) is ignored by its command too.
+    script = tmp_path / "slow"
+    script.write_text(f"#!/bin/sh\nsleep 1\ncat {cli.password_file}\n")
+    script.chmod(0o755)
+    before = len(agent.pids("snapshots"))
+    proc = _client(
+        cli, agent, "snapshots", "--password-command", script,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while len(agent.pids("snapshots")) <= before:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGHUP)
+    os.kill(agent.pids("snapshots")[-1], signal.SIGHUP)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+
+
+def test_a_stopped_agent_leaves_the_command_to_its_client(cli: Cli, agent: Agent) -> None:
+    assert cli("init").code == 0
+    agent.proc.send_signal(signal.SIGSTOP)
+    try:
+        res = cli.subprocess("snapshots", "--json", env=_via(agent))
+        assert res.code == 0 and res.json() == [], res.err
+    finally:
+        agent.proc.send_signal(signal.SIGCONT)
+    time.sleep(0.5)  # it takes the abandoned request now, and runs nothing for it
+    assert cli.subprocess("snapshots", env=_via(agent)).code == 0
+
+
+def test_an_agent_ending_leaves_a_newer_agents_socket(cli: Cli, tmp_path: Path) -> None:
+    first = _start_agent(cli, tmp_path / "agent")
+    first.socket.unlink()
+    second = _start_agent(cli, tmp_path / "agent", "-q")
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.proc.wait(30) == 0
+    assert second.socket.exists()
+    second.proc.send_signal(signal.SIGTERM)
+    assert second.proc.wait(30) == 0 and not second.socket.exists()

@@ -15,15 +15,18 @@ passphrase, so a changed or removed slot is never opened by what it remembers. T
 kept in this process's memory only, under a tag (HMAC with a secret of this process), and
 go when the agent ends.
 
-Only the user that runs the agent is served (``SO_PEERCRED``); the socket's folder is
-``0700``. Commands are independent processes: ending the agent does not end them. An
-agent whose code changed on disk (an upgrade) refuses further commands, which then run in
-their clients, and ends.
+Only clients of the agent's own user, with its own privileges, confinement and
+scheduling (:mod:`._agent_context`), and from its own installation are served; the
+socket's folder is ``0700``. Commands are independent processes: ending the agent does
+not end them. An agent whose code changed on disk (an upgrade) refuses further commands,
+which then run in their clients, and ends. The derivations it remembers are in its memory
+and, while they run, in that of the commands it forked (copies made by ``fork``).
 """
 
 from __future__ import annotations
 
 import array
+import fcntl
 import hashlib
 import hmac
 import importlib
@@ -38,12 +41,19 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
 
-from stratavault.cli._agent_client import FORWARDED_SIGNALS, peer_uid
+from stratavault.cli._agent_client import (
+    FORWARDED_SIGNALS,
+    IGNORABLE_SIGNALS,
+    PACKAGE_ROOT,
+    peer_credentials,
+)
+from stratavault.cli._agent_context import process_context
 from stratavault.errors import UsageError
 
 if TYPE_CHECKING:
@@ -72,6 +82,10 @@ _RECORD = 2 * _KEY_BYTES
 """A remembered derivation sent from a command to the agent: tag, then key."""
 _MAX_REQUEST = 16 << 20
 _HEADER_BYTES = 4
+_MAX_FDS = 250
+_REQUEST_DEADLINE_S = 2.0
+"""A client sends its request as soon as it is connected: one that does not is dropped
+after this long (the agent serves one connection at a time)."""
 
 
 class KeyMemory:
@@ -116,7 +130,7 @@ class _CommandKeys:
     it was when the command was forked, and new derivations sent back through a pipe."""
 
     def __init__(self, memory: KeyMemory, pipe: int) -> None:
-        self._memory, self._pipe = memory, pipe
+        self._memory, self.pipe = memory, pipe
 
     def get(self, kdf: KdfParams, salt: bytes, passphrase: bytes) -> bytes | None:
         return self._memory.lookup(self._memory.tag(kdf, salt, passphrase))
@@ -124,7 +138,7 @@ class _CommandKeys:
     def put(self, kdf: KdfParams, salt: bytes, passphrase: bytes, key: bytes) -> None:
         if self._memory.ttl_s > 0 and len(key) == _KEY_BYTES:
             with suppress(OSError):  # the agent has ended: nothing to remember for
-                os.write(self._pipe, self._memory.tag(kdf, salt, passphrase) + key)
+                os.write(self.pipe, self._memory.tag(kdf, salt, passphrase) + key)
 
 
 def code_fingerprint() -> str:
@@ -152,25 +166,131 @@ def serve(
         with suppress(Exception):
             importlib.import_module(name)
     _wait_for_one_thread(log)
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # commands are reaped by the kernel
-    memory = KeyMemory(key_ttl_s)
-    fingerprint = code_fingerprint()
+    agent = _Agent(KeyMemory(key_ttl_s), run_command, log)
     with _listening(socket_path) as listener, selectors.DefaultSelector() as sel:
         sel.register(listener, selectors.EVENT_READ)
         on_ready(socket_path)
         try:
-            while True:
-                for key, _ in sel.select(timeout=60):
+            while agent.serving:
+                for key, _ in sel.select(timeout=1):
                     if key.fileobj is listener:
-                        if not _accept(listener, sel, memory, fingerprint, run_command, log):
-                            log("the code on disk changed: ending (commands run without me)")
-                            return 0
+                        agent.accept(listener, sel)
                     else:
-                        _read_keys(sel, key.fd, memory, log)
-                memory.expire()
+                        agent.read_keys(sel, key.fd)
+                agent.reap()
+                agent.memory.expire()
         except KeyboardInterrupt:
             log("ending")
-            return 0
+        agent.close()
+    return 0
+
+
+class _Agent:
+    """The agent's state between commands."""
+
+    def __init__(
+        self, memory: KeyMemory, run_command: Callable[..., int], log: Callable[[str], None]
+    ) -> None:
+        self.memory, self.run_command, self.log = memory, run_command, log
+        self.serving = True
+        self.context = process_context(os.getpid())
+        self.fingerprint = code_fingerprint()
+        self.running: dict[int, socket.socket] = {}
+        """Each command's process and the agent's end of its client's connection: a
+        command killed by a signal cannot answer, the agent answers for it."""
+
+    def accept(self, listener: socket.socket, sel: selectors.BaseSelector) -> None:
+        """Take one connection and start its command (or refuse it); a bad request is
+        logged and dropped, never the agent's end."""
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        try:
+            conn.settimeout(_REQUEST_DEADLINE_S)
+            refusal = self._refusal(conn)
+            if refusal is None:
+                request = _receive(conn, time.monotonic() + _REQUEST_DEADLINE_S)
+                refusal = self._request_refusal(request)
+            if refusal is not None:
+                _answer(conn, {"refused": refusal})
+                self.log(f"refused a command: {refusal}")
+                return
+            self._start(conn, request, listener, sel)
+        except Exception as exc:  # a client's bad request must never end the agent
+            self.log(f"dropped a connection: {exc!r}")
+        finally:
+            conn.close()
+
+    def _refusal(self, conn: socket.socket) -> str | None:
+        pid, uid = peer_credentials(conn)
+        if uid != os.getuid():
+            return "another user"
+        theirs = process_context(pid)
+        differ = sorted(k for k in self.context if theirs.get(k) != self.context[k])
+        return f"another context ({', '.join(differ)})" if differ else None
+
+    def _request_refusal(self, request: dict[str, Any]) -> str | None:
+        if request["package"] != PACKAGE_ROOT:
+            return f"another installation ({request['package']})"
+        if code_fingerprint() != self.fingerprint:
+            self.serving = False
+            return "the agent's code changed: it ends"
+        return None
+
+    def _start(
+        self,
+        conn: socket.socket,
+        request: dict[str, Any],
+        listener: socket.socket,
+        sel: selectors.BaseSelector,
+    ) -> None:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # a command that outlives the agent must not keep its socket
+            listener.close()
+            os.close(read_end)
+            _child(conn, request, _CommandKeys(self.memory, write_end), self.run_command)
+        os.close(write_end)
+        sel.register(read_end, selectors.EVENT_READ)
+        self.running[pid] = conn.dup()
+        self.log(f"{_words(request['argv'])} in process {pid}")
+
+    def read_keys(self, sel: selectors.BaseSelector, fd: int) -> None:
+        """Take the derivations a command sends; close its pipe once it has ended."""
+        data = os.read(fd, 64 * _RECORD)
+        for at in range(0, len(data) - _RECORD + 1, _RECORD):
+            self.memory.store(data[at : at + _RECORD])
+            ttl = self.memory.ttl_s
+            self.log(f"remembering a key derivation for {ttl:g} s ({len(self.memory)} kept)")
+        if not data:
+            sel.unregister(fd)
+            os.close(fd)
+
+    def reap(self) -> None:
+        """Collect ended commands; answer for one a signal killed (128 + its number)."""
+        for pid in list(self.running):
+            try:
+                done, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done, status = pid, 0
+            if done == 0:
+                continue
+            conn = self.running.pop(pid)
+            if os.WIFSIGNALED(status):
+                _answer(conn, {"exit": 128 + os.WTERMSIG(status)})
+            conn.close()
+
+    def close(self) -> None:
+        """Let go of the running commands' connections (they answer for themselves)."""
+        for conn in self.running.values():
+            conn.close()
+        self.running.clear()
+
+
+def _words(argv: list[str]) -> str:
+    """The command's first words, for the log (never its arguments' values)."""
+    return " ".join(word for word in argv[:3] if not word.startswith("-"))[:80]
 
 
 def _wait_for_one_thread(log: Callable[[str], None]) -> None:
@@ -187,7 +307,8 @@ def _wait_for_one_thread(log: Callable[[str], None]) -> None:
 
 @contextmanager
 def _listening(path: Path) -> Iterator[socket.socket]:
-    """A listening socket at ``path`` in a folder only its owner can enter."""
+    """A listening socket at ``path`` in a folder only its owner can enter; on the way
+    out the socket is removed if it is still the one bound here."""
     folder = path.parent
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = folder.stat()
@@ -197,16 +318,26 @@ def _listening(path: Path) -> Iterator[socket.socket]:
         )
     _remove_stale(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    bound: tuple[int, int] | None = None
     try:
         listener.bind(os.fspath(path))
+        bound = _identity(path)
         os.chmod(path, 0o600)
         listener.listen(64)
         yield listener
     finally:
         listener.close()
-        with suppress(FileNotFoundError):
-            if stat.S_ISSOCK(path.lstat().st_mode):
+        if bound is not None and _identity(path) == bound:
+            with suppress(FileNotFoundError):
                 path.unlink()
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def _remove_stale(path: Path) -> None:
@@ -228,81 +359,66 @@ def _remove_stale(path: Path) -> None:
     raise UsageError(f"agent: another agent is listening on {path}")
 
 
-def _accept(
-    listener: socket.socket,
-    sel: selectors.BaseSelector,
-    memory: KeyMemory,
-    fingerprint: str,
-    run_command: Callable[..., int],
-    log: Callable[[str], None],
-) -> bool:
-    """Take one connection and fork its command; False when the code changed."""
-    try:
-        conn, _ = listener.accept()
-    except OSError:
-        return True
-    with conn:
-        if peer_uid(conn) != os.getuid():
-            log("refused a connection from another user")
-            return True
-        conn.settimeout(10)
-        try:
-            request, fds = _receive(conn)
-        except (OSError, ValueError) as exc:
-            log(f"refused a malformed request: {exc}")
-            return True
-        try:
-            if code_fingerprint() != fingerprint:
-                _answer(conn, {"refused": "the agent's code changed"})
-                return False
-            read_end, write_end = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # a command that outlives the agent must not keep its socket
-                listener.close()
-                os.close(read_end)
-                _child(conn, fds, request, _CommandKeys(memory, write_end), run_command)
-            os.close(write_end)
-            sel.register(read_end, selectors.EVENT_READ)
-            log(f"{' '.join(request['argv'][:2])} in process {pid}")
-        finally:
-            for fd in fds:
-                os.close(fd)
-    return True
+def _receive(conn: socket.socket, deadline: float) -> dict[str, Any]:
+    """The request (its descriptors come later, to the command's process)."""
+    data = bytearray()
+    length = None
+    while length is None or len(data) < _HEADER_BYTES + length:
+        conn.settimeout(max(0.01, deadline - time.monotonic()))
+        more = conn.recv(1 << 16)
+        if not more:
+            raise ValueError("the request was cut short")
+        data += more
+        if length is None and len(data) >= _HEADER_BYTES:
+            length = int.from_bytes(data[:_HEADER_BYTES], "big")
+            if length > _MAX_REQUEST:
+                raise ValueError(f"a request of {length} bytes")
+    return _checked(json.loads(data[_HEADER_BYTES:]))
 
 
-def _receive(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
-    """The request and the three descriptors that came with it."""
+def _receive_fds(conn: socket.socket, count: int) -> list[int] | None:
+    """The client's descriptors (None: it has gone, or sent something else)."""
     fds = array.array("i")
-    data, ancdata, _flags, _addr = conn.recvmsg(
-        1 << 16, socket.CMSG_SPACE(3 * fds.itemsize), socket.MSG_CMSG_CLOEXEC
-    )
+    conn.settimeout(_REQUEST_DEADLINE_S)
+    try:
+        data, ancdata, _flags, _addr = conn.recvmsg(
+            1, socket.CMSG_SPACE(_MAX_FDS * fds.itemsize), socket.MSG_CMSG_CLOEXEC
+        )
+    except OSError:
+        return None
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    if len(fds) != 3:
-        for fd in fds:
-            os.close(fd)
-        raise ValueError(f"{len(fds)} descriptors instead of 3")
-    try:
-        if len(data) < _HEADER_BYTES:
-            raise ValueError("no request")
-        length = int.from_bytes(data[:_HEADER_BYTES], "big")
-        if length > _MAX_REQUEST:
-            raise ValueError(f"a request of {length} bytes")
-        body = bytearray(data[_HEADER_BYTES:])
-        while len(body) < length:
-            more = conn.recv(length - len(body))
-            if not more:
-                raise ValueError("the request was cut short")
-            body += more
-        request = json.loads(body)
-        if not isinstance(request.get("argv"), list) or not isinstance(request.get("env"), dict):
-            raise ValueError("the request has no argv or env")
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-    return request, list(fds)
+    if data != b"F" or len(fds) != count:
+        return None
+    return list(fds)
+
+
+def _checked(request: object) -> dict[str, Any]:
+    """``request`` if it has the shape the client sends, else ``ValueError``."""
+
+    def strings(value: object) -> bool:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+    def numbers(value: object) -> bool:
+        return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
+
+    ok = (
+        isinstance(request, dict)
+        and strings(request.get("argv"))
+        and isinstance(request.get("env"), dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in request["env"].items())
+        and isinstance(request.get("cwd"), str)
+        and type(request.get("umask")) is int
+        and numbers(request.get("fds"))
+        and len(request["fds"]) <= _MAX_FDS
+        and {0, 1, 2} <= set(request["fds"])
+        and numbers(request.get("ignored"))
+        and isinstance(request.get("package"), str)
+    )
+    if not ok:
+        raise ValueError("not a request")
+    return request  # type: ignore[return-value]
 
 
 def _answer(conn: socket.socket, reply: dict[str, Any]) -> None:
@@ -310,55 +426,86 @@ def _answer(conn: socket.socket, reply: dict[str, Any]) -> None:
         conn.sendall(json.dumps(reply).encode() + b"\n")
 
 
-def _read_keys(
-    sel: selectors.BaseSelector, fd: int, memory: KeyMemory, log: Callable[[str], None]
-) -> None:
-    """Take the derivations a command sends; close its pipe once it has ended."""
-    data = os.read(fd, 64 * _RECORD)
-    for at in range(0, len(data) - _RECORD + 1, _RECORD):
-        memory.store(data[at : at + _RECORD])
-        log(f"remembering a key derivation for {memory.ttl_s:g} s ({len(memory)} kept)")
-    if not data:
-        sel.unregister(fd)
-        os.close(fd)
-
-
 def _child(
     conn: socket.socket,
-    fds: list[int],
     request: dict[str, Any],
     keys: _CommandKeys,
     run_command: Callable[..., int],
 ) -> NoReturn:
-    """In the forked process: become the client's command, run it, answer, end (never
-    returns into the agent's code, whatever happens)."""
+    """In the forked process: take the client's descriptors, become its command, run it,
+    answer, end (never returns into the agent's code, whatever happens)."""
     code = 1
     finished = threading.Event()
     try:
+        _answer(conn, {"ready": os.getpid()})
+        fds = _receive_fds(conn, len(request["fds"]))
+        if fds is None:  # the client gave up waiting, or went: run nothing
+            os._exit(0)
         try:
             os.setsid()  # the agent's terminal and its signals are not the command's
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            for target, fd in enumerate(fds):
-                os.dup2(fd, target)
-                os.close(fd)
+            conn = _take_descriptors(conn, fds, request["fds"], keys)
+            _take_signals(request["ignored"])
             _become_client(request)
             _pass_signals_on(conn, finished)
             code = run_command(request["argv"], derived_keys=keys)
         except KeyboardInterrupt:
+            print("stratavault: interrupted", file=sys.stderr)
             code = 130
-        except BaseException as exc:  # the agent's own failure: say it where the user looks
+        except BaseException:  # as the interpreter would: a traceback, exit 1
             with suppress(Exception):
-                print(f"stratavault: the agent could not run the command: {exc}", file=sys.stderr)
+                traceback.print_exc()
+            code = 1
         finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # nothing may stop the answer now
             finished.set()
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            for stream in (sys.stdout, sys.stderr):
-                with suppress(Exception):
-                    stream.flush()
+            code = _flushed(code)
             _answer(conn, {"exit": code})
     finally:
         os._exit(0)
+
+
+def _take_descriptors(
+    conn: socket.socket, fds: list[int], targets: list[int], keys: _CommandKeys
+) -> socket.socket:
+    """Give the command the client's descriptors under the client's numbers and nothing
+    of the agent's but its connection and key pipe (moved out of the way). Returns the
+    connection's socket under its new number."""
+    high = max(targets) + 1
+    keep_conn = fcntl.fcntl(conn.fileno(), fcntl.F_DUPFD_CLOEXEC, high)
+    keys.pipe = fcntl.fcntl(keys.pipe, fcntl.F_DUPFD_CLOEXEC, high)
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, high) for fd in fds]
+    keep = {keep_conn, keys.pipe, *moved}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            with suppress(OSError):
+                os.close(fd)
+    for source, target in zip(moved, targets, strict=True):
+        os.dup2(source, target)  # inheritable, as in the client
+        os.close(source)
+    return socket.socket(fileno=keep_conn)
+
+
+def _take_signals(ignored: list[int]) -> None:
+    """The agent's dispositions reset, and the signals the client ignores ignored."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for sig in IGNORABLE_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for number in ignored:
+        if number in IGNORABLE_SIGNALS:
+            signal.signal(number, signal.SIG_IGN)
+
+
+def _flushed(code: int) -> int:
+    """Flush the standard streams as the interpreter's exit does: a failure (a full disk,
+    a closed pipe) turns success into 120."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            code = code or 120
+    return code
 
 
 def _become_client(request: dict[str, Any]) -> None:

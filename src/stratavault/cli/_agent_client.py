@@ -2,17 +2,20 @@
 
 The console script comes here before it imports anything else of its own: with
 ``STRATAVAULT_AGENT`` set (to ``1`` for the default socket, or to a socket's path), the
-command line, the environment, the working folder, the umask and the three standard
-streams (as file descriptors) go to the agent, which runs the command in a process
-forked from its warm one and answers with the exit code. Ctrl-C and SIGTERM/SIGHUP are
-passed on. Without a usable agent (none listening, another owner, an agent started from
-other code) the command runs here as always: an agent can only make a command faster.
+command line, the environment, the working folder, the umask, the signals it ignores and
+its inheritable file descriptors (standard streams, ``<(...)`` pipes) go to the agent,
+which runs the command in a process forked from its warm one and answers with the exit
+code. Ctrl-C, SIGTERM and SIGHUP are passed on. The command runs here as always when no
+agent answers within a second, when the agent refuses (another user, another context or
+another installation: see ``_agent``), and when this process has a controlling terminal
+(a command from a terminal may prompt on it, or be stopped with Ctrl-Z; the agent's
+commands have none): an agent can only make a command faster.
 
-The wire format (a unix stream socket, both ends checked to be the same user):
-``request length (u32 big endian) || request JSON``, the descriptors of stdin, stdout and
-stderr as ``SCM_RIGHTS`` with the first bytes; then the client sends one byte per signal
-to pass on, and the agent answers one JSON line: ``{"exit": CODE}``, or
-``{"refused": REASON}`` when the command should run in the client.
+The wire format (a unix stream socket): ``request length (u32 big endian) || request
+JSON``; the agent answers JSON lines: ``{"ready": PID}`` from the command's process (or
+``{"refused": REASON}``), upon which the client sends one byte with its descriptors
+(``SCM_RIGHTS``), and at the end ``{"exit": CODE}``. Meanwhile the client sends one byte
+per signal to pass on.
 """
 
 from __future__ import annotations
@@ -24,15 +27,29 @@ import signal
 import socket
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
-__all__ = ["ENV_AGENT", "FORWARDED_SIGNALS", "default_socket_path", "forward", "peer_uid"]
+__all__ = [
+    "ENV_AGENT",
+    "FORWARDED_SIGNALS",
+    "PACKAGE_ROOT",
+    "default_socket_path",
+    "forward",
+    "peer_credentials",
+]
 
 ENV_AGENT = "STRATAVAULT_AGENT"
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+IGNORABLE_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
+"""The installation this code runs from: an agent of another one refuses."""
 _HEADER = struct.Struct(">I")
+_CONNECT_TIMEOUT_S = 1.0
+_START_TIMEOUT_S = 5.0
+"""How long the agent may take to start the command before it runs here instead."""
 
 
 def default_socket_path() -> Path:
@@ -54,72 +71,114 @@ def socket_path_from_env() -> Path | None:
     return default_socket_path() if value == "1" else Path(value)
 
 
-def peer_uid(sock: socket.socket) -> int:
-    """The user id of the process at the other end of a unix socket."""
+def peer_credentials(sock: socket.socket) -> tuple[int, int]:
+    """``(pid, uid)`` of the process at the other end of a unix socket."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return int(struct.unpack("3i", creds)[1])
+    pid, uid, _gid = struct.unpack("3i", creds)
+    return pid, uid
+
+
+def _has_terminal() -> bool:
+    try:
+        os.close(os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC))
+    except OSError:
+        return False
+    return True
 
 
 def forward(argv: Sequence[str]) -> int | None:
     """Run ``argv`` in the agent ``STRATAVAULT_AGENT`` names and return its exit code;
-    None when it is to run here (no agent set or reachable, or the agent refused)."""
+    None when it is to run here instead (see the module docstring)."""
     path = socket_path_from_env()
-    if path is None or argv[:1] == ["agent"]:
+    if path is None or "agent" in argv or _has_terminal():
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
+        sock.settimeout(_CONNECT_TIMEOUT_S)
         sock.connect(os.fspath(path))
-        if peer_uid(sock) != os.getuid():
+        if peer_credentials(sock)[1] != os.getuid():
             return None  # not ours: it must not see our environment
-        _send_request(sock, argv)
-        return _wait(sock, path)
-    except OSError:
+        fds = _send_request(sock, argv)
+        return _wait(sock, path, fds)
+    except OSError:  # no agent, or it did not start the command in time
         return None
     finally:
         sock.close()
 
 
-def _send_request(sock: socket.socket, argv: Sequence[str]) -> None:
+def _inheritable_fds(exclude: int) -> list[int]:
+    """The descriptors a command started here would have (standard streams, pipes of
+    ``<(...)``), as the agent's command must have them too."""
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        with suppress(OSError):
+            if fd != exclude and (fd <= 2 or os.get_inheritable(fd)):
+                fds.append(fd)
+    return sorted(fds)
+
+
+def _send_request(sock: socket.socket, argv: Sequence[str]) -> list[int]:
+    """Send the request; return the descriptors it names (sent once the agent asks)."""
     umask = os.umask(0)
     os.umask(umask)
-    request = json.dumps(
-        {"argv": list(argv), "env": dict(os.environ), "cwd": os.getcwd(), "umask": umask}
-    ).encode()
-    data = _HEADER.pack(len(request)) + request
-    fds = array.array("i", [0, 1, 2])
-    sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-    sock.sendall(data[sent:])
+    fds = _inheritable_fds(sock.fileno())
+    ignored = [int(s) for s in IGNORABLE_SIGNALS if signal.getsignal(s) == signal.SIG_IGN]
+    request = {
+        "argv": list(argv), "env": dict(os.environ), "cwd": os.getcwd(), "umask": umask,
+        "fds": fds, "ignored": ignored, "package": PACKAGE_ROOT,
+    }  # fmt: skip
+    body = json.dumps(request).encode()
+    sock.sendall(_HEADER.pack(len(body)) + body)
+    return fds
 
 
-def _wait(sock: socket.socket, path: Path) -> int | None:
-    """Pass signals on until the agent answers; its exit code (None: refused)."""
+def _wait(sock: socket.socket, path: Path, fds: list[int]) -> int | None:
+    """Wait for the agent's process for the command, hand it the descriptors, then pass
+    signals on until it answers with the exit code (None: refused, or no answer in time).
+    The descriptors go only to a process that answered: sent with the request, they would
+    wait in a stopped agent's queue, and a pipe of ours would stay open there."""
+    replies = _lines(sock)
+    sock.settimeout(_START_TIMEOUT_S)
+    first = next(replies, None)
+    if first is None or "ready" not in first:
+        return None
+    sock.sendmsg([b"F"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+    sock.settimeout(None)
 
     def pass_on(signum: int, _frame: object) -> None:
         with suppress(OSError):
             sock.send(bytes([signum]))
 
-    previous = {sig: signal.signal(sig, pass_on) for sig in FORWARDED_SIGNALS}
+    handled = [s for s in FORWARDED_SIGNALS if signal.getsignal(s) != signal.SIG_IGN]
+    previous = {sig: signal.signal(sig, pass_on) for sig in handled}
     try:
-        reply = b""
-        while not reply.endswith(b"\n"):
-            try:
-                data = sock.recv(4096)
-            except InterruptedError:
-                continue
-            if not data:
-                break
-            reply += data
+        last = next(replies, None)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    try:
-        answer = json.loads(reply)
-    except ValueError:
+    if last is None or "exit" not in last:
         print(
             f"stratavault: the agent at {path} ended the command without an exit code",
             file=sys.stderr,
         )
         return 1
-    if "refused" in answer:
-        return None
-    return int(answer["exit"])
+    return int(last["exit"])
+
+
+def _lines(sock: socket.socket) -> Iterator[dict[str, Any]]:
+    """The agent's JSON replies, one per line, until it hangs up."""
+    buffered = b""
+    while True:
+        while b"\n" not in buffered:
+            data = sock.recv(4096)
+            if not data:
+                return
+            buffered += data
+        line, buffered = buffered.split(b"\n", 1)
+        try:
+            reply = json.loads(line)
+        except ValueError:
+            return
+        if isinstance(reply, dict):
+            yield reply

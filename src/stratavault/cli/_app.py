@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import select
 import signal
@@ -216,7 +217,16 @@ def _dispatch(ns: argparse.Namespace, options: GlobalOptions) -> int:
             return _EXIT_OUTPUT_CLOSED
         print("stratavault: broken pipe", file=sys.stderr)
         return 1
+    except OSError as exc:  # the jobs name their own: this is writing the output
+        if exc.errno not in _OUTPUT_ERRORS:
+            raise
+        print(f"stratavault: writing the output - {exc.strerror}", file=sys.stderr)
+        return 1
     return code
+
+
+_OUTPUT_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
+"""Errors writing standard output (a full disk, ``> /dev/full``): a message, exit 1."""
 
 
 _EXIT_OUTPUT_CLOSED = 141
