@@ -355,6 +355,16 @@ class AgentStratavault(ImageStratavault):
         env["STRATAVAULT_AGENT"] = str(self.socket)
         return env
 
+    def executable(self) -> str:
+        """A script that runs stratavault without a controlling terminal (the agent serves
+        no command from a terminal), should the benchmark be started from one."""
+        script = self.socket.parent / "stratavault-detached"
+        if not script.exists():
+            real = super().executable()
+            script.write_text(f'#!/bin/sh\nexec setsid -w {real} "$@" < /dev/null\n')
+            script.chmod(0o755)
+        return str(script)
+
 
 @contextmanager
 def host_agent(sv: ImageStratavault) -> Iterator[AgentStratavault]:
@@ -377,6 +387,9 @@ def host_agent(sv: ImageStratavault) -> Iterator[AgentStratavault]:
             raise BenchError(f"the agent did not start: see {sv.home / 'agent.log'}")
         run_measured([via.executable(), "snapshots"], via.env(), sv.home, sv.home / "warm.log")
         yield via
+        served = (sv.home / "agent.log").read_text().count(" in process ")
+        if served < 4:
+            raise BenchError(f"the agent ran {served} of the 4 commands: see agent.log")
     finally:
         agent.terminate()
         agent.wait(30)
