@@ -6,6 +6,7 @@ import hashlib
 import os
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -127,14 +128,12 @@ class _PauseOnce(Cancellation):
         super().check()
 
 
-def test_backup_running_beside_prune_keeps_its_data(storage: MemoryStorage, tmp_path: Path) -> None:
-    """The GC rule end to end: a backup that started before prune rewrote the index and
-    deduplicated against chunks prune planned to delete stays complete and restorable."""
-    src = tmp_path / "src"
-    digest = write_tree(src, 3)
-    with open_repo(storage, tmp_path / "c") as repo:
-        repo.remove_snapshot(backup(repo, src))  # its chunks are garbage now
-    packs = data_packs(storage)
+@contextmanager
+def _backup_paused_by_prune(
+    storage: MemoryStorage, tmp_path: Path, src: Path
+) -> Iterator[dict[str, str]]:
+    """A backup of ``src`` (another client) that has read the index and waits inside the
+    block, then finishes; its snapshot's id is in the yielded dict afterwards."""
     pause = _PauseOnce()
     result: dict[str, str] = {}
 
@@ -146,13 +145,27 @@ def test_backup_running_beside_prune_keeps_its_data(storage: MemoryStorage, tmp_
     thread = threading.Thread(target=run_backup)
     thread.start()
     assert pause.paused.wait(30)
+    try:
+        yield result
+    finally:
+        pause.release.set()
+        thread.join(60)
+
+
+def test_backup_running_beside_prune_keeps_its_data(storage: MemoryStorage, tmp_path: Path) -> None:
+    """The GC rule end to end: a backup that started before prune rewrote the index and
+    deduplicated against chunks prune planned to delete stays complete and restorable."""
+    src = tmp_path / "src"
+    digest = write_tree(src, 3)
     with open_repo(storage, tmp_path / "c") as repo:
-        first = prune(repo, max_unused=0.0)
-    assert first.postponed and first.deleted_packs == 0  # the backup's lock blocks deletion
-    assert data_packs(storage) == packs
-    assert len(list(storage.list("gc/"))) == 1
-    pause.release.set()
-    thread.join(60)
+        repo.remove_snapshot(backup(repo, src))  # its chunks are garbage now
+    packs = data_packs(storage)
+    with _backup_paused_by_prune(storage, tmp_path, src) as result:
+        with open_repo(storage, tmp_path / "c") as repo:
+            first = prune(repo, max_unused=0.0)
+        assert first.postponed and first.deleted_packs == 0  # its lock blocks deletion
+        assert data_packs(storage) == packs
+        assert len(list(storage.list("gc/"))) == 1
     with open_repo(storage, tmp_path / "c3") as repo:
         # The snapshot uses chunks that are out of the index but still there: readable now.
         assert check_repository(repo, read_data=True).damages == []
@@ -175,21 +188,12 @@ def test_a_reader_opened_before_prune_puts_planned_packs_back_still_finds_them(
     digest = write_tree(src, 3)
     with open_repo(storage, tmp_path / "c") as repo:
         repo.remove_snapshot(backup(repo, src))  # its chunks are garbage now
-    pause = _PauseOnce()
-    result: dict[str, str] = {}
-
-    def run_backup() -> None:  # indexed before prune: deduplicates against planned packs
-        with open_repo(storage, tmp_path / "cb") as repo_b:
-            snap = backup_files(repo_b, BackupFilesOptions(paths=(src,), host="b"), cancel=pause)
-            result["id"] = snap.id
-
-    thread = threading.Thread(target=run_backup)
-    thread.start()
-    assert pause.paused.wait(30)
-    with open_repo(storage, tmp_path / "c") as repo:
+    # The backup read the index before prune: it deduplicates against the planned packs.
+    with (
+        _backup_paused_by_prune(storage, tmp_path, src) as result,
+        open_repo(storage, tmp_path / "c") as repo,
+    ):
         assert prune(repo, max_unused=0.0).postponed  # out of the index, in a plan
-    pause.release.set()
-    thread.join(60)
     snap = result["id"]
     with open_repo(storage, None) as reader:
         with open_repo(storage, tmp_path / "c") as repo:

@@ -25,33 +25,31 @@ and, while they run, in that of the commands it forked (copies made by ``fork``)
 
 from __future__ import annotations
 
-import array
-import fcntl
 import hashlib
 import hmac
 import importlib
-import io
 import json
 import os
 import selectors
-import signal
 import socket
 import stat
-import sys
-import tempfile
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
+from typing import TYPE_CHECKING, Any
 
 from stratavault.cli._agent_client import (
-    FORWARDED_SIGNALS,
-    IGNORABLE_SIGNALS,
     PACKAGE_ROOT,
     peer_credentials,
+)
+from stratavault.cli._agent_command import (
+    KEY_BYTES,
+    MAX_FDS,
+    CommandKeys,
+    answer,
+    run_command_here,
 )
 from stratavault.cli._agent_context import process_context
 from stratavault.errors import UsageError
@@ -77,12 +75,10 @@ WARM_MODULES = (
 )
 """Loaded before the first command (a module that cannot load is left to the command)."""
 
-_KEY_BYTES = 32
-_RECORD = 2 * _KEY_BYTES
+_RECORD = 2 * KEY_BYTES
 """A remembered derivation sent from a command to the agent: tag, then key."""
 _MAX_REQUEST = 16 << 20
 _HEADER_BYTES = 4
-_MAX_FDS = 250
 _REQUEST_DEADLINE_S = 2.0
 """A client sends its request as soon as it is connected: one that does not is dropped
 after this long (the agent serves one connection at a time)."""
@@ -114,7 +110,7 @@ class KeyMemory:
     def store(self, record: bytes) -> None:
         """Remember a derivation sent by a command (a tag and a key)."""
         if self.ttl_s > 0 and len(record) == _RECORD:
-            self._keys[record[:_KEY_BYTES]] = (record[_KEY_BYTES:], self._clock() + self.ttl_s)
+            self._keys[record[:KEY_BYTES]] = (record[KEY_BYTES:], self._clock() + self.ttl_s)
 
     def expire(self) -> None:
         """Forget what has expired."""
@@ -123,22 +119,6 @@ class KeyMemory:
 
     def __len__(self) -> int:
         return len(self._keys)
-
-
-class _CommandKeys:
-    """The :class:`~stratavault.repo.DerivedKeys` of one command: the agent's memory as
-    it was when the command was forked, and new derivations sent back through a pipe."""
-
-    def __init__(self, memory: KeyMemory, pipe: int) -> None:
-        self._memory, self.pipe = memory, pipe
-
-    def get(self, kdf: KdfParams, salt: bytes, passphrase: bytes) -> bytes | None:
-        return self._memory.lookup(self._memory.tag(kdf, salt, passphrase))
-
-    def put(self, kdf: KdfParams, salt: bytes, passphrase: bytes, key: bytes) -> None:
-        if self._memory.ttl_s > 0 and len(key) == _KEY_BYTES:
-            with suppress(OSError):  # the agent has ended: nothing to remember for
-                os.write(self.pipe, self._memory.tag(kdf, salt, passphrase) + key)
 
 
 def code_fingerprint() -> str:
@@ -213,7 +193,7 @@ class _Agent:
                 request = _receive(conn, time.monotonic() + _REQUEST_DEADLINE_S)
                 refusal = self._request_refusal(request)
             if refusal is not None:
-                _answer(conn, {"refused": refusal})
+                answer(conn, {"refused": refusal})
                 self.log(f"refused a command: {refusal}")
                 return
             self._start(conn, request, listener, sel)
@@ -250,7 +230,7 @@ class _Agent:
         if pid == 0:  # a command that outlives the agent must not keep its socket
             listener.close()
             os.close(read_end)
-            _child(conn, request, _CommandKeys(self.memory, write_end), self.run_command)
+            run_command_here(conn, request, CommandKeys(self.memory, write_end), self.run_command)
         os.close(write_end)
         sel.register(read_end, selectors.EVENT_READ)
         self.running[pid] = conn.dup()
@@ -278,7 +258,7 @@ class _Agent:
                 continue
             conn = self.running.pop(pid)
             if os.WIFSIGNALED(status):
-                _answer(conn, {"exit": 128 + os.WTERMSIG(status)})
+                answer(conn, {"exit": 128 + os.WTERMSIG(status)})
             conn.close()
 
     def close(self) -> None:
@@ -376,24 +356,6 @@ def _receive(conn: socket.socket, deadline: float) -> dict[str, Any]:
     return _checked(json.loads(data[_HEADER_BYTES:]))
 
 
-def _receive_fds(conn: socket.socket, count: int) -> list[int] | None:
-    """The client's descriptors (None: it has gone, or sent something else)."""
-    fds = array.array("i")
-    conn.settimeout(_REQUEST_DEADLINE_S)
-    try:
-        data, ancdata, _flags, _addr = conn.recvmsg(
-            1, socket.CMSG_SPACE(_MAX_FDS * fds.itemsize), socket.MSG_CMSG_CLOEXEC
-        )
-    except OSError:
-        return None
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    if data != b"F" or len(fds) != count:
-        return None
-    return list(fds)
-
-
 def _checked(request: object) -> dict[str, Any]:
     """``request`` if it has the shape the client sends, else ``ValueError``."""
 
@@ -411,7 +373,7 @@ def _checked(request: object) -> dict[str, Any]:
         and isinstance(request.get("cwd"), str)
         and type(request.get("umask")) is int
         and numbers(request.get("fds"))
-        and len(request["fds"]) <= _MAX_FDS
+        and len(request["fds"]) <= MAX_FDS
         and {0, 1, 2} <= set(request["fds"])
         and numbers(request.get("ignored"))
         and isinstance(request.get("package"), str)
@@ -419,137 +381,3 @@ def _checked(request: object) -> dict[str, Any]:
     if not ok:
         raise ValueError("not a request")
     return request  # type: ignore[return-value]
-
-
-def _answer(conn: socket.socket, reply: dict[str, Any]) -> None:
-    with suppress(OSError):
-        conn.sendall(json.dumps(reply).encode() + b"\n")
-
-
-def _child(
-    conn: socket.socket,
-    request: dict[str, Any],
-    keys: _CommandKeys,
-    run_command: Callable[..., int],
-) -> NoReturn:
-    """In the forked process: take the client's descriptors, become its command, run it,
-    answer, end (never returns into the agent's code, whatever happens)."""
-    code = 1
-    finished = threading.Event()
-    try:
-        _answer(conn, {"ready": os.getpid()})
-        fds = _receive_fds(conn, len(request["fds"]))
-        if fds is None:  # the client gave up waiting, or went: run nothing
-            os._exit(0)
-        try:
-            os.setsid()  # the agent's terminal and its signals are not the command's
-            conn = _take_descriptors(conn, fds, request["fds"], keys)
-            _take_signals(request["ignored"])
-            _become_client(request)
-            _pass_signals_on(conn, finished)
-            code = run_command(request["argv"], derived_keys=keys)
-        except KeyboardInterrupt:
-            print("stratavault: interrupted", file=sys.stderr)
-            code = 130
-        except BaseException:  # as the interpreter would: a traceback, exit 1
-            with suppress(Exception):
-                traceback.print_exc()
-            code = 1
-        finally:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # nothing may stop the answer now
-            finished.set()
-            code = _flushed(code)
-            _answer(conn, {"exit": code})
-    finally:
-        os._exit(0)
-
-
-def _take_descriptors(
-    conn: socket.socket, fds: list[int], targets: list[int], keys: _CommandKeys
-) -> socket.socket:
-    """Give the command the client's descriptors under the client's numbers and nothing
-    of the agent's but its connection and key pipe (moved out of the way). Returns the
-    connection's socket under its new number."""
-    high = max(targets) + 1
-    keep_conn = fcntl.fcntl(conn.fileno(), fcntl.F_DUPFD_CLOEXEC, high)
-    keys.pipe = fcntl.fcntl(keys.pipe, fcntl.F_DUPFD_CLOEXEC, high)
-    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, high) for fd in fds]
-    keep = {keep_conn, keys.pipe, *moved}
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            with suppress(OSError):
-                os.close(fd)
-    for source, target in zip(moved, targets, strict=True):
-        os.dup2(source, target)  # inheritable, as in the client
-        os.close(source)
-    return socket.socket(fileno=keep_conn)
-
-
-def _take_signals(ignored: list[int]) -> None:
-    """The agent's dispositions reset, and the signals the client ignores ignored."""
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    for sig in IGNORABLE_SIGNALS:
-        signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for number in ignored:
-        if number in IGNORABLE_SIGNALS:
-            signal.signal(number, signal.SIG_IGN)
-
-
-def _flushed(code: int) -> int:
-    """Flush the standard streams as the interpreter's exit does: a failure (a full disk,
-    a closed pipe) turns success into 120."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            code = code or 120
-    return code
-
-
-def _become_client(request: dict[str, Any]) -> None:
-    """The client's working folder, umask, environment and standard streams."""
-    os.chdir(request["cwd"])
-    os.umask(int(request["umask"]))
-    os.environ.clear()
-    os.environ.update({str(k): str(v) for k, v in request["env"].items()})
-    tempfile.tempdir = None  # found again from this environment's TMPDIR
-    time.tzset()
-    sys.stdin = _stream(sys.stdin, 0, "r")
-    sys.stdout = _stream(sys.stdout, 1, "w")
-    sys.stderr = _stream(sys.stderr, 2, "w")
-
-
-def _stream(like: TextIO, fd: int, mode: str) -> TextIO:
-    """A text stream on ``fd`` as the interpreter makes one at start-up: buffered,
-    line-buffered on a terminal (stderr always), with ``like``'s encoding and errors."""
-    opened = open(fd, mode, encoding=like.encoding, errors=like.errors, closefd=False)  # noqa: SIM115
-    stream = cast(io.TextIOWrapper, opened)
-    if fd == 2 or (mode == "w" and os.isatty(fd)):
-        stream.reconfigure(line_buffering=True)
-    return stream
-
-
-def _pass_signals_on(conn: socket.socket, finished: threading.Event) -> None:
-    """A thread that turns each signal the client passes on, and the client's end (EOF),
-    into SIGINT here (the command stops as it does on Ctrl-C), until ``finished``."""
-
-    main = threading.main_thread().ident
-    assert main is not None
-
-    def watch() -> None:  # to the main thread itself: a wait there must wake up (EINTR)
-        conn.settimeout(None)
-        while not finished.is_set():
-            try:
-                data = conn.recv(64)
-            except OSError:
-                data = b""
-            if finished.is_set():
-                return
-            if not data or any(sig in FORWARDED_SIGNALS for sig in data):
-                signal.pthread_kill(main, signal.SIGINT)
-            if not data:
-                return
-
-    threading.Thread(target=watch, name="client-signals", daemon=True).start()
