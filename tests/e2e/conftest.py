@@ -60,8 +60,15 @@ class Cli:
         return Result(code, captured.out, captured.err)
 
     def subprocess(
-        self, *args: str | Path, env: dict[str, str] | None = None, as_user: str | None = None
+        self,
+        *args: str | Path,
+        env: dict[str, str] | None = None,
+        as_user: str | None = None,
+        detached: bool = False,
     ) -> Result:
+        """Run the console script; ``detached``: in a session of its own, without a
+        controlling terminal even when the tests have one (the host agent serves only
+        such commands)."""
         full_env = {**os.environ, **self.env, **(env or {})}
         exe = Path(sys.executable).with_name("stratavault")
         prefix = []
@@ -75,6 +82,7 @@ class Cli:
             text=True,
             timeout=300,
             check=False,
+            start_new_session=detached,
         )
         return Result(proc.returncode, proc.stdout, proc.stderr)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import array
 import json
 import os
+import pty
 import re
 import signal
 import socket
@@ -23,7 +24,7 @@ import pytest
 
 from stratavault.cli._agent import KeyMemory
 from stratavault.repo import KdfParams
-from tests.e2e.conftest import Cli
+from tests.e2e.conftest import Cli, Result
 from tests.e2e.test_prune import tree_digest, write_tree
 
 _EXE = str(Path(sys.executable).with_name("stratavault"))
@@ -70,31 +71,39 @@ def _via(agent: Agent) -> dict[str, str]:
     return {"STRATAVAULT_AGENT": str(agent.socket)}
 
 
+def _run(cli: Cli, *args: str | Path, env: dict[str, str]) -> Result:
+    """The console script without a controlling terminal (the agent serves no other)."""
+    return cli.subprocess(*args, env=env, detached=True)
+
+
 def test_commands_run_in_the_agent_as_they_do_alone(cli: Cli, agent: Agent, tmp_path: Path) -> None:
     assert cli("init").code == 0
     src = tmp_path / "src"
     digest = write_tree(src, 1, files=5, size=70_000)
-    res = cli.subprocess("backup", "files", src, "--json", env=_via(agent))
+    res = _run(cli, "backup", "files", src, "--json", env=_via(agent))
     assert res.code == 0, res.err
     assert res.json_lines()[-1]["message_type"] == "summary"
     assert agent.pids("backup files")
     alone = cli.subprocess("snapshots", "--json")
-    served = cli.subprocess("snapshots", "--json", env=_via(agent))
+    served = _run(cli, "snapshots", "--json", env=_via(agent))
     assert served.out == alone.out and served.err == alone.err == ""
     # The client's working folder: a relative target lands below it.
     proc = subprocess.run(
         [_EXE, "restore", "latest", "--target", "out"], cwd=tmp_path,
         env={**os.environ, **cli.env, **_via(agent)}, capture_output=True, text=True,
+        start_new_session=True,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert tree_digest(tmp_path / "out" / src.relative_to("/")) == digest
     assert len(agent.pids("restore")) == 1
     # Errors: the client's exit code and its stderr, nothing on stdout.
-    res = cli.subprocess("cat", "snapshot", "nonexistent", env=_via(agent))
+    res = _run(cli, "cat", "snapshot", "nonexistent", env=_via(agent))
     assert res.code == 2 and res.out == "" and "expected 'latest'" in res.err
     wrong = tmp_path / "wrong"
     wrong.write_text("not the passphrase\n")
-    res = cli.subprocess("snapshots", env={**_via(agent), "STRATAVAULT_PASSWORD_FILE": str(wrong)})
+    res = cli.subprocess(
+        "snapshots", env={**_via(agent), "STRATAVAULT_PASSWORD_FILE": str(wrong)}, detached=True
+    )
     assert res.code == 3 and "wrong passphrase" in res.err
 
 
@@ -102,18 +111,22 @@ def test_a_remembered_derivation_never_opens_a_changed_slot(
     cli: Cli, agent: Agent, tmp_path: Path
 ) -> None:
     assert cli("init").code == 0
-    assert cli.subprocess("snapshots", env=_via(agent)).code == 0
+    assert _run(cli, "snapshots", env=_via(agent)).code == 0
     remembered = [line for line in agent.lines() if "remembering a key derivation" in line]
     assert len(remembered) == 1
-    assert cli.subprocess("snapshots", env=_via(agent)).code == 0  # the same passphrase: remembered
+    assert _run(cli, "snapshots", env=_via(agent)).code == 0  # the same passphrase: remembered
     assert [line for line in agent.lines() if "remembering" in line] == remembered
     new = tmp_path / "new-pass"
     new.write_text("another passphrase\n")
-    res = cli.subprocess("key", "passwd", "--new-password-file", new, env=_via(agent))
+    res = cli.subprocess(
+        "key", "passwd", "--new-password-file", new, env=_via(agent), detached=True
+    )
     assert res.code == 0, res.err
-    res = cli.subprocess("snapshots", env=_via(agent))  # the old one, remembered
+    res = _run(cli, "snapshots", env=_via(agent))  # the old one, remembered
     assert res.code == 3 and "wrong passphrase" in res.err
-    res = cli.subprocess("snapshots", env={**_via(agent), "STRATAVAULT_PASSWORD_FILE": str(new)})
+    res = cli.subprocess(
+        "snapshots", env={**_via(agent), "STRATAVAULT_PASSWORD_FILE": str(new)}, detached=True
+    )
     assert res.code == 0, res.err
 
 
@@ -127,7 +140,7 @@ def _serving(cli: Cli, agent: Agent, tmp_path: Path) -> tuple[subprocess.Popen[s
     client = subprocess.Popen(
         [_EXE, "serve-nbd", "latest", "--socket", str(tmp_path / "nbd.sock"), "--json"],
         env={**os.environ, **cli.env, **_via(agent)}, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     assert client.stdout is not None
     assert json.loads(client.stdout.readline())["message_type"] == "serving"
@@ -161,7 +174,7 @@ def test_ctrl_c_in_the_client_stops_the_command_as_alone(
     client = subprocess.Popen(
         [_EXE, "snapshots", "--password-command", str(script)],
         env={**os.environ, **cli.env, **_via(agent)}, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
     deadline = time.monotonic() + 30
     while not _processes_with(marker):
@@ -204,7 +217,9 @@ def test_without_a_usable_agent_commands_run_in_the_client(
     cli: Cli, agent: Agent, tmp_path: Path
 ) -> None:
     assert cli("init").code == 0
-    res = cli.subprocess("snapshots", env={"STRATAVAULT_AGENT": str(tmp_path / "none.sock")})
+    res = cli.subprocess(
+        "snapshots", env={"STRATAVAULT_AGENT": str(tmp_path / "none.sock")}, detached=True
+    )
     assert res.code == 0, res.err
     # Another user cannot reach the agent (its folder is 0700): runs alone, as that user.
     res = cli.subprocess("--version", env=_via(agent), as_user="nobody")
@@ -248,7 +263,8 @@ def test_key_memory_forgets_after_its_time_and_keeps_nothing_with_ttl_0() -> Non
 def _client(cli: Cli, agent: Agent, *args: str | Path, **popen: Any) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [_EXE, *map(str, args)], env={**os.environ, **cli.env, **_via(agent)},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        **popen,
     )  # fmt: skip
 
 
@@ -264,7 +280,7 @@ def test_a_client_with_fewer_privileges_or_another_priority_runs_alone(
     ):
         proc = subprocess.run(
             [*prefix, _EXE, "snapshots", "--json"], env={**os.environ, **cli.env, **_via(agent)},
-            capture_output=True, text=True, check=False,
+            capture_output=True, text=True, check=False, start_new_session=True,
         )  # fmt: skip
         assert proc.returncode == 0 and json.loads(proc.stdout) == [], proc.stderr
         refused = [line for line in agent.lines() if "refused a command" in line]
@@ -283,7 +299,7 @@ def test_bad_requests_do_not_end_the_agent(cli: Cli, agent: Agent) -> None:
     silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     silent.connect(str(agent.socket))  # says nothing: dropped after 2 s
     assert cli("init").code == 0
-    assert cli.subprocess("snapshots", env=_via(agent)).code == 0
+    assert _run(cli, "snapshots", env=_via(agent)).code == 0
     silent.close()
     assert agent.proc.poll() is None and agent.pids("snapshots")
 
@@ -296,8 +312,9 @@ def test_exit_codes_descriptors_and_ignored_signals_as_alone(
     with open("/dev/full", "w") as full:
         alone = subprocess.run([_EXE, "snapshots"], env={**os.environ, **cli.env}, stdout=full)
         served = subprocess.run(
-            [_EXE, "snapshots"], env={**os.environ, **cli.env, **_via(agent)}, stdout=full
-        )
+            [_EXE, "snapshots"], env={**os.environ, **cli.env, **_via(agent)}, stdout=full,
+            start_new_session=True,
+        )  # fmt: skip
     assert alone.returncode != 0 and served.returncode != 0  # 1, or 120 at the final flush
     # A descriptor besides the standard ones (a password file as /dev/fd/N).
     read_end, write_end = os.pipe()
@@ -336,12 +353,12 @@ def test_a_stopped_agent_leaves_the_command_to_its_client(cli: Cli, agent: Agent
     assert cli("init").code == 0
     agent.proc.send_signal(signal.SIGSTOP)
     try:
-        res = cli.subprocess("snapshots", "--json", env=_via(agent))
+        res = _run(cli, "snapshots", "--json", env=_via(agent))
         assert res.code == 0 and res.json() == [], res.err
     finally:
         agent.proc.send_signal(signal.SIGCONT)
     time.sleep(0.5)  # it takes the abandoned request now, and runs nothing for it
-    assert cli.subprocess("snapshots", env=_via(agent)).code == 0
+    assert _run(cli, "snapshots", env=_via(agent)).code == 0
 
 
 def test_an_agent_ending_leaves_a_newer_agents_socket(cli: Cli, tmp_path: Path) -> None:
@@ -353,3 +370,24 @@ def test_an_agent_ending_leaves_a_newer_agents_socket(cli: Cli, tmp_path: Path) 
     assert second.socket.exists()
     second.proc.send_signal(signal.SIGTERM)
     assert second.proc.wait(30) == 0 and not second.socket.exists()
+
+
+def test_a_command_from_a_terminal_runs_in_its_client(cli: Cli, agent: Agent) -> None:
+    """It may prompt on its terminal or be stopped with Ctrl-Z: the agent's processes
+    have no terminal, so the client keeps it."""
+    assert cli("init").code == 0
+    main, tty = pty.openpty()
+    name = os.ttyname(tty)
+
+    def take_terminal() -> None:  # a session of its own whose controlling terminal is tty
+        os.setsid()
+        os.close(os.open(name, os.O_RDWR))
+
+    proc = subprocess.run(
+        [_EXE, "snapshots", "--json"], env={**os.environ, **cli.env, **_via(agent)},
+        capture_output=True, text=True, check=False, preexec_fn=take_terminal,
+    )  # fmt: skip
+    os.close(main)
+    os.close(tty)
+    assert proc.returncode == 0 and json.loads(proc.stdout) == [], proc.stderr
+    assert not agent.pids("snapshots")
