@@ -29,7 +29,8 @@ Each run, with fresh repositories:
    restores it onto the qcow2 with the change reverted, whose bitmap marks what to write.
 6a. The full restore and both changed-only restores again through a host agent
    (``stratavault agent``, which has run one command before: the passphrase's key
-   derivation is remembered, as in an agent in use): ``*-agent`` rows.
+   derivation is remembered, as in an agent in use), then new bytes into the same 496
+   blocks of the qcow2 and a bitmap incremental through it: ``*-agent`` rows.
 7. sparse-64g: stratavault backs up (fresh repository) a 64 GiB sparse raw image holding the
    base image at its start and 24 MiB elsewhere; its peak memory is compared with the full
    backup of the 2 GiB image.
@@ -395,9 +396,25 @@ def host_agent(sv: ImageStratavault) -> Iterator[AgentStratavault]:
         agent.wait(30)
 
 
+def second_change(ctx: RunContext) -> None:
+    """New bytes of the same kind in the same blocks of the qcow2 (through QEMU: its
+    bitmap records them), for a second bitmap incremental with as much new data."""
+    folder = ctx.work / "second"
+    folder.mkdir()
+    rng = random.Random(2)
+    cmd = ["qemu-io", "-f", "qcow2", str(ctx.qcow2)]
+    for i, offset in enumerate(ctx.ds.offsets):
+        block = folder / f"{i:04d}.bin"
+        block.write_bytes(generated_bytes(rng, BLOCK))
+        cmd += ["-c", f"write -q -s {block} {offset} {BLOCK}"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    shutil.rmtree(folder)
+
+
 def through_agent(ctx: RunContext, sv: ImageStratavault) -> list[Measurement]:
-    """The full restore and both changed-only restores again, run by a host agent (peak
-    RSS is the client's only: the command runs in the agent's process)."""
+    """The full restore, both changed-only restores and (after a second change of the
+    same size) a bitmap incremental again, run by a host agent (peak RSS is the client's
+    only: the command runs in the agent's process)."""
     with host_agent(sv) as via:
         target = ctx.work / "restore-agent"
         target.mkdir()
@@ -405,11 +422,19 @@ def through_agent(ctx: RunContext, sv: ImageStratavault) -> list[Measurement]:
         check_restore(ctx, via, target)
         shutil.rmtree(target)
         full = Measurement(sv.name, "restore-agent", seconds, rss, du_bytes(sv.repo), "cmp ok")
-        return [
+        rows = [
             full,
             changed_only(ctx, via, "changed-only-agent"),
             changed_only_bitmap(ctx, via, "changed-only-bitmap-agent"),
         ]
+        second_change(ctx)
+        seconds, rss = timed(via, via.backup_cmd([ctx.qcow2], 2), "incremental-agent")
+        done = last_json(sv.home / "incremental-agent.log")
+        check = f"read {done['bytes_read']} bytes, stored {done['bytes_added_stored']}"
+        rows.append(
+            Measurement(sv.name, "incremental-agent", seconds, rss, du_bytes(sv.repo), check)
+        )
+        return rows
 
 
 def sparse_64g(ctx: RunContext, sv: ImageStratavault) -> Measurement:
@@ -517,6 +542,8 @@ RATIOS = (
      ("restore", SV, "seconds"), ("changed-only", SV, "seconds")),
     ("changed-only restore (qcow2 bitmap) >= 5x own full restore", 5.0,
      ("restore", SV, "seconds"), ("changed-only-bitmap", SV, "seconds")),
+    ("through the host agent: bitmap incremental >= 10x restic's second backup", 10.0,
+     ("incremental", "restic", "seconds"), ("incremental-agent", SV, "seconds")),
     ("through the host agent: changed-only (compare) >= 5x full restore", 5.0,
      ("restore-agent", SV, "seconds"), ("changed-only-agent", SV, "seconds")),
     ("through the host agent: changed-only (qcow2 bitmap) >= 5x full restore", 5.0,
