@@ -55,13 +55,20 @@ def exit_now(code: int) -> NoReturn:
     others = [t for t in threading.enumerate() if t is not threading.main_thread()]
     if any(not t.daemon for t in others):
         sys.exit(code)
+    os._exit(wind_up(code))
+
+
+def wind_up(code: int) -> int:
+    """What the interpreter's exit does before the process ends: run the at-exit
+    handlers and flush the standard streams; ``code``, or 120 when the output cannot be
+    flushed (and the command had succeeded)."""
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):  # a closed pipe, or a stream closed by the command
             code = code or 120  # what the interpreter exits with when it cannot flush
-    os._exit(code)
+    return code
 
 
-__all__ = ["exit_now", "main", "run"]
+__all__ = ["exit_now", "main", "run", "wind_up"]

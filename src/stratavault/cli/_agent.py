@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from stratavault.cli._agent_client import (
     PACKAGE_ROOT,
+    REQUEST_HEADER,
     peer_credentials,
 )
 from stratavault.cli._agent_command import (
@@ -78,7 +79,6 @@ WARM_MODULES = (
 _RECORD = 2 * KEY_BYTES
 """A remembered derivation sent from a command to the agent: tag, then key."""
 _MAX_REQUEST = 16 << 20
-_HEADER_BYTES = 4
 _REQUEST_DEADLINE_S = 2.0
 """A client sends its request as soon as it is connected: one that does not is dropped
 after this long (the agent serves one connection at a time)."""
@@ -123,9 +123,8 @@ class KeyMemory:
 
 def code_fingerprint() -> str:
     """Names, sizes and times of this package's modules: changes when it is upgraded."""
-    root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted(Path(PACKAGE_ROOT).rglob("*.py")):
         info = path.stat()
         digest.update(f"{path}:{info.st_size}:{info.st_mtime_ns}\n".encode())
     return digest.hexdigest()
@@ -343,17 +342,18 @@ def _receive(conn: socket.socket, deadline: float) -> dict[str, Any]:
     """The request (its descriptors come later, to the command's process)."""
     data = bytearray()
     length = None
-    while length is None or len(data) < _HEADER_BYTES + length:
+    head = REQUEST_HEADER.size
+    while length is None or len(data) < head + length:
         conn.settimeout(max(0.01, deadline - time.monotonic()))
         more = conn.recv(1 << 16)
         if not more:
             raise ValueError("the request was cut short")
         data += more
-        if length is None and len(data) >= _HEADER_BYTES:
-            length = int.from_bytes(data[:_HEADER_BYTES], "big")
+        if length is None and len(data) >= head:
+            (length,) = REQUEST_HEADER.unpack_from(data)
             if length > _MAX_REQUEST:
                 raise ValueError(f"a request of {length} bytes")
-    return _checked(json.loads(data[_HEADER_BYTES:]))
+    return _checked(json.loads(data[head:]))
 
 
 def _checked(request: object) -> dict[str, Any]:

@@ -35,7 +35,9 @@ from typing import Any
 __all__ = [
     "ENV_AGENT",
     "FORWARDED_SIGNALS",
+    "IGNORABLE_SIGNALS",
     "PACKAGE_ROOT",
+    "REQUEST_HEADER",
     "default_socket_path",
     "forward",
     "peer_credentials",
@@ -46,7 +48,8 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 IGNORABLE_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 """The installation this code runs from: an agent of another one refuses."""
-_HEADER = struct.Struct(">I")
+REQUEST_HEADER = struct.Struct(">I")
+"""The request's length, before its JSON."""
 _CONNECT_TIMEOUT_S = 1.0
 _START_TIMEOUT_S = 5.0
 """How long the agent may take to start the command before it runs here instead."""
@@ -129,7 +132,7 @@ def _send_request(sock: socket.socket, argv: Sequence[str]) -> list[int]:
         "fds": fds, "ignored": ignored, "package": PACKAGE_ROOT,
     }  # fmt: skip
     body = json.dumps(request).encode()
-    sock.sendall(_HEADER.pack(len(body)) + body)
+    sock.sendall(REQUEST_HEADER.pack(len(body)) + body)
     return fds
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO, cast
 
+from stratavault.cli import wind_up
 from stratavault.cli._agent_client import FORWARDED_SIGNALS, IGNORABLE_SIGNALS
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ def _receive_fds(conn: socket.socket, count: int) -> list[int] | None:
 
 
 def answer(conn: socket.socket, reply: dict[str, Any]) -> None:
+    """Send one JSON line to the client (gone: nothing to tell)."""
     with suppress(OSError):
         conn.sendall(json.dumps(reply).encode() + b"\n")
 
@@ -106,8 +108,10 @@ def run_command_here(
         finally:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # nothing may stop the answer now
             finished.set()
-            code = _flushed(code)
-            answer(conn, {"exit": code})
+            for thread in threading.enumerate():  # as the interpreter's exit waits for them
+                if not thread.daemon and thread is not threading.main_thread():
+                    thread.join()
+            answer(conn, {"exit": wind_up(code)})
     finally:
         os._exit(0)
 
@@ -119,7 +123,9 @@ def _take_descriptors(
     of the agent's but its connection and key pipe (moved out of the way). Returns the
     connection's socket under its new number."""
     high = max(targets) + 1
-    keep_conn = fcntl.fcntl(conn.fileno(), fcntl.F_DUPFD_CLOEXEC, high)
+    # Detached first: the old socket object, when collected, must not close its number,
+    # which may be one of the client's by then.
+    keep_conn = fcntl.fcntl(conn.detach(), fcntl.F_DUPFD_CLOEXEC, high)
     keys.pipe = fcntl.fcntl(keys.pipe, fcntl.F_DUPFD_CLOEXEC, high)
     moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, high) for fd in fds]
     keep = {keep_conn, keys.pipe, *moved}
@@ -143,17 +149,6 @@ def _take_signals(ignored: list[int]) -> None:
     for number in ignored:
         if number in IGNORABLE_SIGNALS:
             signal.signal(number, signal.SIG_IGN)
-
-
-def _flushed(code: int) -> int:
-    """Flush the standard streams as the interpreter's exit does: a failure (a full disk,
-    a closed pipe) turns success into 120."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            code = code or 120
-    return code
 
 
 def _become_client(request: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ run their commands themselves.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 from collections.abc import Callable
@@ -82,8 +83,12 @@ def _ioprio(pid: int) -> int | None:
     number = _IOPRIO_GET.get(platform.machine())
     if number is None:
         return None
-    libc = ctypes.CDLL(None, use_errno=True)
-    value = int(libc.syscall(number, _IOPRIO_WHO_PROCESS, pid))
+    value = int(_libc().syscall(number, _IOPRIO_WHO_PROCESS, pid))
     if value < 0:
         raise OSError(ctypes.get_errno(), "ioprio_get")
     return value
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)

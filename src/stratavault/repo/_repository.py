@@ -322,14 +322,19 @@ class Repository:
                     pack, entry = found
                     name = f"(pack in memory #{pack.number})"
                     located.append((name, entry, pack.blob(chunk_id)))
+        self._locate_stored(chunk_ids, located)
+        if None in located and self._look_again():
+            self._locate_stored(chunk_ids, located)
+        return located
+
+    def _locate_stored(self, chunk_ids: Sequence[bytes], located: list[_Located | None]) -> None:
+        """Fill the ``None`` places of ``located`` from the index, then from the packs a
+        prune is about to delete. (A pack moves from the open packs into the index under
+        the lock, so a chunk not found open is found here.)"""
+        with self._lock:
             _locate_in(self._index, chunk_ids, located)
         if None in located:
             _locate_in(self._pending_index(), chunk_ids, located)
-        if None in located and self._look_again():
-            with self._lock:
-                _locate_in(self._index, chunk_ids, located)
-            _locate_in(self._pending_index(), chunk_ids, located)
-        return located
 
     def _look_again(self) -> bool:
         """After a chunk was found neither in the index nor in packs a prune is deleting:
@@ -703,7 +708,7 @@ class Repository:
     def settle(self, failure: BaseException) -> None:
         """After a job failed: on Ctrl-C :meth:`abandon`, else :meth:`flush` (what was
         uploaded gets indexed, so the next backup reuses it)."""
-        if isinstance(failure, (KeyboardInterrupt, Interrupted)):
+        if _interrupted(failure):
             self.abandon()
         else:
             self.flush()
@@ -714,10 +719,15 @@ class Repository:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if isinstance(exc, (KeyboardInterrupt, Interrupted)):
+        if exc is not None and _interrupted(exc):
             self.abandon()
         else:
             self.close()
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` is Ctrl-C (or SIGTERM) ending a job."""
+    return isinstance(exc, (KeyboardInterrupt, Interrupted))
 
 
 def _locate_in(index: ChunkIndex, ids: Sequence[bytes], located: list[_Located | None]) -> None:
